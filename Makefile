@@ -1,0 +1,34 @@
+# One-command set-up: `make demo` and `make test` create .venv and install everything on first use.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.spinefrac-installed
+export YOLO_OFFLINE := 1
+
+.PHONY: install demo test test-fast lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev,fast]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv and install spinefrac with its dev and fast-inference extras
+
+demo: $(STAMP)  ## synthesise, train, predict and evaluate end to end on the CPU
+	$(VENV)/bin/spinefrac demo --out demo_out
+
+test: $(STAMP)  ## the whole test suite
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)  ## everything but the slow (training) tests
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)  ## benchmarks: realism, decode speed, detection quality and speed, levels, aggregation
+	$(PY) -m benchmarks.run_all
+
+clean:
+	rm -rf demo_out .pytest_cache

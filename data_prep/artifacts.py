@@ -1,0 +1,115 @@
+"""Writing stage outputs safely: atomic files, JSON sidecars, run folders that never overwrite."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+SIDECAR_SUFFIX = ".meta.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """Write text to `path` atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
+    """Write an object as indented JSON to `path` atomically."""
+    return write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_csv_atomic(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    """Write a DataFrame as CSV (no index) to `path` atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+    return Path(path)
+
+
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Return a short stable hash of a (nested) config mapping."""
+    blob = json.dumps(config, sort_keys=True, default=_json_default).encode()
+    return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def library_versions() -> dict[str, str]:
+    """Return the versions of Python and the libraries whose behaviour shapes the outputs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("spinefrac", "numpy", "pandas", "pydicom", "nibabel", "opencv-python", "scikit-learn",
+                "torch", "ultralytics"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def write_sidecar(artifact: str | os.PathLike, *, kind: str, config: Mapping[str, Any] | None = None,
+                  inputs: Mapping[str, Any] | None = None, counts: Mapping[str, Any] | None = None,
+                  runtime_s: float | None = None, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write `<artifact>.meta.json` describing what made the artefact (version, config hash, inputs, counts)."""
+    artifact = Path(artifact)
+    meta: dict[str, Any] = {
+        "kind": kind,
+        "artifact": artifact.name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": library_versions(),
+    }
+    if config is not None:
+        meta["config_hash"] = config_hash(config)
+        meta["config"] = dict(config)
+    for key, value in (("inputs", inputs), ("counts", counts), ("extra", extra)):
+        if value is not None:
+            meta[key] = dict(value)
+    if runtime_s is not None:
+        meta["runtime_s"] = round(float(runtime_s), 3)
+    sidecar = artifact.with_name(artifact.name + SIDECAR_SUFFIX)
+    return write_json_atomic(sidecar, meta)
+
+
+def next_run_dir(base: str | os.PathLike, name: str = "run") -> Path:
+    """Return `base/name`, or `base/name2`, `base/name3`, ... : the first that does not exist yet."""
+    base = Path(base)
+    candidate = base / name
+    i = 2
+    while candidate.exists():
+        candidate = base / f"{name}{i}"
+        i += 1
+    return candidate
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")

@@ -1,0 +1,140 @@
+"""One merge path for every stage's settings: defaults < YAML file < `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the stage's documented defaults."""
+
+
+class Config(Mapping[str, Any]):
+    """A read-only nested config: `cfg.section.key` or `cfg["section"]["key"]`."""
+
+    def __init__(self, data: Mapping[str, Any], name: str = "config") -> None:
+        self._data = {k: Config(v, f"{name}.{k}") if isinstance(v, Mapping) else v for k, v in data.items()}
+        self._name = name
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __getattr__(self, key: str) -> Any:
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self._data[key]
+        except KeyError:
+            raise AttributeError(f"{self._name} has no key {key!r}{_suggest(key, self._data)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __repr__(self) -> str:
+        return f"Config({self.to_dict()!r})"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a plain nested dict copy (for YAML dumps and sidecars)."""
+        return {k: v.to_dict() if isinstance(v, Config) else copy.deepcopy(v) for k, v in self._data.items()}
+
+
+def default_config_path(stage: str) -> Path:
+    """Return the path of the packaged default YAML of a stage (configs/<stage>.yaml)."""
+    path = Path(str(resources.files("configs") / f"{stage}.yaml"))
+    if not path.is_file():
+        available = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"no default config for stage {stage!r} at {path}{_suggest(stage, available)}")
+    return path
+
+
+def load_config(stage: str, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a stage's defaults, merge a user YAML over them, then `key.sub=value` overrides; check keys/types."""
+    defaults = _read_yaml(default_config_path(stage))
+    merged = copy.deepcopy(defaults)
+    if path is not None:
+        user = _read_yaml(Path(path))
+        _merge(merged, user, defaults, source=str(path), prefix="")
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. train.epochs=5)")
+        value = yaml.safe_load(raw) if raw != "" else None
+        nested: dict[str, Any] = {}
+        cursor = nested
+        parts = key.split(".")
+        for part in parts[:-1]:
+            cursor = cursor.setdefault(part, {})
+        cursor[parts[-1]] = value
+        _merge(merged, nested, defaults, source=f"--set {item}", prefix="")
+    return Config(merged, stage)
+
+
+def dump_config(config: Config | Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """Write a resolved config as YAML (atomically) so a run folder records what made it."""
+    from data_prep.artifacts import write_text_atomic
+
+    data = config.to_dict() if isinstance(config, Config) else dict(config)
+    return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level, found {type(data).__name__}")
+    return data
+
+
+def _merge(target: dict[str, Any], update: Mapping[str, Any], defaults: Mapping[str, Any], *,
+           source: str, prefix: str) -> None:
+    for key, value in update.items():
+        dotted = f"{prefix}{key}"
+        if key not in defaults:
+            raise ConfigError(f"{source}: unknown key {dotted!r}{_suggest(key, defaults)}")
+        default = defaults[key]
+        if isinstance(default, Mapping):
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: {dotted!r} must be a section (mapping), found {value!r}")
+            _merge(target[key], value, default, source=source, prefix=dotted + ".")
+        else:
+            target[key] = _check_type(value, default, dotted, source)
+
+
+def _check_type(value: Any, default: Any, dotted: str, source: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {dotted!r} must be true or false, found {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, (list, tuple)):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {dotted!r} must be a list, found {value!r}")
+        return list(value)
+    if not isinstance(value, type(default)) or isinstance(value, bool):
+        raise ConfigError(f"{source}: {dotted!r} must be {type(default).__name__}, found {value!r}")
+    return value
+
+
+def _suggest(key: str, choices: Any) -> str:
+    matches = difflib.get_close_matches(str(key), [str(c) for c in choices], n=3)
+    return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""

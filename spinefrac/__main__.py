@@ -1,0 +1,3 @@
+from spinefrac.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,321 @@
+"""The `spinefrac` command: one subcommand per stage, each a thin shell over one library function.
+
+Heavy libraries (torch, ultralytics) are imported inside the handlers, so `spinefrac -h` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from spinefrac import __version__
+
+log = logging.getLogger("spinefrac")
+
+EXAMPLES = """\
+stages, in order:
+  spinefrac synth data/synth --studies 40 --seed 0            # synthetic studies in the Kaggle layout
+  spinefrac inspect data/synth/train_images/<uid>             # check a study before long work
+  spinefrac prepare-detector data/rsna --out work/det_ds      # YOLO dataset from train_bounding_boxes.csv
+  spinefrac train-detector work/det_ds/data.yaml --out runs/det
+  spinefrac detect data/rsna/test_images --weights runs/det/weights/best.pt --out work/detect
+  spinefrac train data/rsna --out models/m1                   # every stage, one model folder
+  spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
+  spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
+  spinefrac demo                                              # all of it on synthetic studies, CPU
+"""
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def _add_config_args(p: argparse.ArgumentParser, stage: str) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"YAML merged over the defaults in configs/{stage}.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override one config key, e.g. --set train.epochs=5 (repeatable)")
+
+
+def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
+    """Turn explicit convenience flags into config overrides (flags win over --set)."""
+    out = list(args.overrides)
+    for attr, key in mapping.items():
+        value = getattr(args, attr, None)
+        if value is not None:
+            out.append(f"{key}={value}")
+    return out
+
+
+def _sub(subparsers: argparse._SubParsersAction, name: str, help_: str, example: str,
+         handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
+                              formatter_class=_Formatter)
+    p.set_defaults(handler=handler)
+    return p
+
+
+# ---------------------------------------------------------------- handlers
+def _cmd_synth(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from data_prep.synth import synthesize
+
+    cfg = load_config("synth", args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
+    synthesize(args.out, n_studies=args.studies, seed=args.seed, split=args.split, config=cfg,
+               progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from data_prep.inspect import inspect_path
+
+    report = inspect_path(args.path, workers=args.workers)
+    print(report.format())
+    return 1 if report.has_errors and args.strict else 0
+
+
+def _cmd_prepare_detector(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from data_prep.yolo_dataset import prepare_detector_dataset
+
+    cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
+    prepare_detector_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
+                             progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_train_detector(args: argparse.Namespace, stage: str = "detector") -> int:
+    from data_prep.config import load_config
+    from detector.train import train_yolo
+
+    cfg = load_config(stage, args.config, _overrides(args, {
+        "epochs": "train.epochs", "imgsz": "render.imgsz", "batch": "train.batch", "device": "train.device",
+        "fold": "train.fold"}))
+    train_yolo(args.data_yaml, args.out, config=cfg, model=args.model, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_train_locator(args: argparse.Namespace) -> int:
+    return _cmd_train_detector(args, stage="locator")
+
+
+def _cmd_detect(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from detector.detect import detect_studies
+
+    cfg = load_config("detector", args.config, _overrides(args, {"conf": "detect.conf", "device": "train.device"}))
+    detect_studies(args.studies, weights=args.weights, out=args.out, config=cfg, labels=args.labels,
+                   locator=args.locator, workers=args.workers, progress=not args.no_progress,
+                   overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from detector.export import export_model
+
+    cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
+    path = export_model(args.weights, fmt=args.format, config=cfg)
+    print(path)
+    return 0
+
+
+def _cmd_prepare_locator(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from data_prep.yolo_dataset import prepare_locator_dataset
+
+    cfg = load_config("locator", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
+    prepare_locator_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
+                            progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from spinefrac.pipeline import train_all
+
+    cfg = load_config("pipeline", args.config, args.overrides)
+    train_all(args.data_root, args.out, config=cfg, workers=args.workers, progress=not args.no_progress,
+              clean=args.clean)
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from spinefrac.pipeline import predict_all
+
+    predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
+                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from aggregation.evaluate import evaluate_predictions
+
+    report = evaluate_predictions(args.predictions, labels=args.labels, out=args.out, boxes=args.boxes,
+                                  threshold=args.threshold)
+    print(report.format())
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from spinefrac.demo import run_demo
+
+    run_demo(args.out, config_path=args.config, overrides=args.overrides, progress=not args.no_progress,
+             clean=args.clean)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    """Build the `spinefrac` argument parser with one subcommand per stage."""
+    parser = argparse.ArgumentParser(
+        prog="spinefrac", description="Cervical-spine fracture detection on CT (RSNA 2022 Kaggle layout).",
+        epilog=EXAMPLES, formatter_class=_Formatter)
+    parser.add_argument("--version", action="version", version=f"spinefrac {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    common.add_argument("--no-progress", action="store_true", help="no progress bars (for cluster logs)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True,
+                                parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw))
+
+    p = _sub(sub, "synth", "write synthetic CT studies in the RSNA Kaggle layout",
+             "spinefrac synth data/synth --studies 40 --seed 0 --size 256", _cmd_synth)
+    p.add_argument("out", type=Path, help="dataset root to create")
+    p.add_argument("--studies", type=int, default=20, help="number of studies")
+    p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
+    p.add_argument("--split", choices=("train", "test"), default="train",
+                   help="train: train_images/ + labels; test: test_images/ + test.csv + truth/")
+    p.add_argument("--size", type=int, default=None, help="image rows=cols (config image.size)")
+    p.add_argument("--slices", type=int, default=None, help="approximate slices per study (config volume.slices)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing dataset root")
+    _add_config_args(p, "synth")
+
+    p = _sub(sub, "inspect", "summarise a study folder (or every study under a dataset root) and list problems",
+             "spinefrac inspect data/synth/train_images/1.2.826.0.1.3680043.90001", _cmd_inspect)
+    p.add_argument("path", type=Path, help="a study folder of .dcm files, or a folder of study folders")
+    p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
+    p.add_argument("--strict", action="store_true", help="exit 1 when any problem is an error")
+
+    p = _sub(sub, "prepare-detector", "build the YOLO fracture dataset from train_bounding_boxes.csv",
+             "spinefrac prepare-detector data/synth --out work/det_ds", _cmd_prepare_detector)
+    p.add_argument("data_root", type=Path, help="dataset root in the Kaggle layout")
+    p.add_argument("--out", type=Path, required=True, help="YOLO dataset folder to write")
+    p.add_argument("--imgsz", type=int, default=None, help="rendered image size (config render.imgsz)")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.add_argument("--overwrite", action="store_true", help="redo studies already written")
+    _add_config_args(p, "detector")
+
+    for name, stage, help_ in (
+            ("train-detector", "detector", "train the YOLO fracture detector (offline, CPU or GPU)"),
+            ("train-locator", "locator", "train the YOLO vertebra locator (seven classes C1-C7)")):
+        handler = _cmd_train_detector if stage == "detector" else _cmd_train_locator
+        p = _sub(sub, name, help_, f"spinefrac {name} work/{stage}_ds/data.yaml --out runs/{stage} --epochs 30",
+                 handler)
+        p.add_argument("data_yaml", type=Path, help="data.yaml written by prepare-" + stage)
+        p.add_argument("--out", type=Path, required=True, help="run folder (a new numbered one if it exists)")
+        p.add_argument("--model", default=None,
+                       help="model YAML name (e.g. yolov8n.yaml, built from scratch) or a local .pt to fine-tune")
+        p.add_argument("--epochs", type=int, default=None)
+        p.add_argument("--imgsz", type=int, default=None)
+        p.add_argument("--batch", type=int, default=None)
+        p.add_argument("--device", default=None, help="cpu, 0, or 0,1 for several GPUs")
+        p.add_argument("--fold", type=int, default=None, help="validation fold")
+        p.add_argument("--overwrite", action="store_true", help="write into --out even if it exists")
+        _add_config_args(p, stage)
+
+    p = _sub(sub, "detect", "find fracture boxes on every slice of every study in a folder",
+             "spinefrac detect data/synth/test_images --weights runs/det/weights/best.pt --out work/detect",
+             _cmd_detect)
+    p.add_argument("studies", type=Path, nargs="+",
+                   help="a folder of study folders (test_images/ layout), or study folders")
+    p.add_argument("--weights", type=Path, required=True, help=".pt, or an exported ONNX/OpenVINO model")
+    p.add_argument("--out", type=Path, required=True, help="output folder (boxes.csv, slices.csv, overlays/)")
+    p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: draw ground truth too")
+    p.add_argument("--locator", type=Path, default=None, help="locator weights: add vertebra levels")
+    p.add_argument("--conf", type=float, default=None, help="box score threshold (config detect.conf)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
+    p.add_argument("--overwrite", action="store_true", help="redo studies already finished")
+    _add_config_args(p, "detector")
+
+    p = _sub(sub, "export", "export detector weights for fast CPU inference",
+             "spinefrac export --weights runs/det/weights/best.pt --format openvino", _cmd_export)
+    p.add_argument("--weights", type=Path, required=True)
+    p.add_argument("--format", choices=("openvino", "onnx"), default="openvino")
+    p.add_argument("--imgsz", type=int, default=None)
+    _add_config_args(p, "detector")
+
+    p = _sub(sub, "prepare-locator", "build the YOLO vertebra-locator dataset from segmentations/",
+             "spinefrac prepare-locator data/synth --out work/loc_ds", _cmd_prepare_locator)
+    p.add_argument("data_root", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--imgsz", type=int, default=None)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true")
+    _add_config_args(p, "locator")
+
+    p = _sub(sub, "train", "run every training stage into one self-contained model folder",
+             "spinefrac train data/rsna --out models/m1", _cmd_train)
+    p.add_argument("data_root", type=Path)
+    p.add_argument("--out", type=Path, required=True, help="model folder")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--clean", action="store_true", help="recompute stages that are already done")
+    _add_config_args(p, "pipeline")
+
+    p = _sub(sub, "predict", "study-level C1-C7 and patient_overall probabilities for DICOM study folders",
+             "spinefrac predict data/rsna/test_images --model models/m1 --out work/pred --test-csv data/rsna/test.csv",
+             _cmd_predict)
+    p.add_argument("studies", type=Path, nargs="+")
+    p.add_argument("--model", type=Path, required=True, help="model folder written by `spinefrac train`")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--test-csv", type=Path, default=None, help="Kaggle test.csv: submission rows to produce")
+    p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: ground truth on overlays")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--overwrite", action="store_true")
+
+    p = _sub(sub, "evaluate", "score predictions with the competition metric, AUCs and baselines",
+             "spinefrac evaluate work/pred/predictions.csv --labels data/synth_test/truth/train.csv", _cmd_evaluate)
+    p.add_argument("predictions", type=Path, help="predictions.csv (one row per study) or submission.csv")
+    p.add_argument("--labels", type=Path, required=True, help="train.csv-style labels")
+    p.add_argument("--out", type=Path, default=None, help="folder for metrics.json, ROC and calibration PNGs")
+    p.add_argument("--boxes", type=Path, default=None,
+                   help="boxes.csv with levels: adds the max-box-score baseline")
+    p.add_argument("--threshold", type=float, default=0.5, help="threshold for sensitivity/specificity")
+
+    p = _sub(sub, "demo", "synthesise, train, predict and evaluate end to end on the CPU",
+             "spinefrac demo --out demo_out", _cmd_demo)
+    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--clean", action="store_true", help="start from scratch")
+    _add_config_args(p, "pipeline")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `spinefrac` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    from data_prep.errors import SpinefracError
+
+    try:
+        return int(args.handler(args) or 0)
+    except SpinefracError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; finished studies are kept and a rerun resumes")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

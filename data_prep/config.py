@@ -12,8 +12,10 @@ from typing import Any
 
 import yaml
 
+from data_prep.errors import SpinefracError
 
-class ConfigError(ValueError):
+
+class ConfigError(SpinefracError, ValueError):
     """A config file or override that does not match the stage's documented defaults."""
 
 

@@ -1,0 +1,43 @@
+"""Atomic writes never leave partial files; sidecars describe their artefact; run dirs never collide."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from data_prep.artifacts import atomic_path, next_run_dir, write_csv_atomic, write_sidecar
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
+    target = tmp_path / "boxes.csv"
+    target.write_text("old\n")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["boxes.csv"]
+
+
+def test_csv_and_sidecar(tmp_path):
+    df = pd.DataFrame({"StudyInstanceUID": ["a", "b"], "score": [0.1, 0.9]})
+    path = write_csv_atomic(tmp_path / "sub" / "t.csv", df)
+    pd.testing.assert_frame_equal(pd.read_csv(path, dtype={"StudyInstanceUID": str}), df)
+    meta_path = write_sidecar(path, kind="test", config={"a": 1}, counts={"rows": 2}, runtime_s=1.23456)
+    meta = json.loads(meta_path.read_text())
+    assert meta_path.name == "t.csv.meta.json"
+    assert meta["kind"] == "test" and meta["counts"] == {"rows": 2} and meta["runtime_s"] == 1.235
+    assert len(meta["config_hash"]) == 12 and "numpy" in meta["versions"]
+    other = json.loads(write_sidecar(path, kind="test", config={"a": 2}).read_text())
+    assert other["config_hash"] != meta["config_hash"]
+
+
+def test_next_run_dir_numbers_like_ultralytics(tmp_path):
+    first = next_run_dir(tmp_path, "train")
+    assert first == tmp_path / "train"
+    first.mkdir()
+    second = next_run_dir(tmp_path, "train")
+    assert second == tmp_path / "train2"
+    second.mkdir()
+    assert next_run_dir(tmp_path, "train") == tmp_path / "train3"

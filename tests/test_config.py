@@ -1,0 +1,74 @@
+"""Config merging: defaults < YAML < --set, with type checks and suggestions for typos."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from data_prep.config import ConfigError, load_config
+
+
+@pytest.fixture
+def stage(tmp_path, monkeypatch):
+    """A throwaway stage 'toy' with known defaults, found through a patched default path."""
+    defaults = {"render": {"imgsz": 384, "window_level": 400.0, "recipe": "2.5d", "flip": True},
+                "train": {"epochs": 30, "device": "cpu", "windows": [[1, 2]]}}
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(defaults))
+    monkeypatch.setattr("data_prep.config.default_config_path", lambda name: path)
+    return "toy"
+
+
+def test_defaults_then_file_then_overrides(stage, tmp_path):
+    user = tmp_path / "user.yaml"
+    user.write_text("train:\n  epochs: 5\nrender:\n  imgsz: 256\n")
+    cfg = load_config(stage, user, ["train.epochs=7", "render.window_level=300"])
+    assert cfg.train.epochs == 7          # --set wins over the file
+    assert cfg.render.imgsz == 256        # the file wins over the default
+    assert cfg.render.window_level == 300.0 and isinstance(cfg.render.window_level, float)
+    assert cfg.train.device == "cpu"      # untouched default survives
+    assert cfg.to_dict()["render"]["recipe"] == "2.5d"
+
+
+def test_unknown_key_is_an_error_with_a_suggestion(stage):
+    with pytest.raises(ConfigError, match=r"unknown key 'train.epoch'.*did you mean 'epochs'"):
+        load_config(stage, None, ["train.epoch=3"])
+
+
+def test_type_mismatch_names_the_key_and_source(stage, tmp_path):
+    user = tmp_path / "bad.yaml"
+    user.write_text("render:\n  imgsz: big\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: 'render.imgsz' must be int, found 'big'"):
+        load_config(stage, user)
+    with pytest.raises(ConfigError, match="true or false"):
+        load_config(stage, None, ["render.flip=1"])
+    with pytest.raises(ConfigError, match="must be a section"):
+        load_config(stage, None, ["render=3"])
+
+
+def test_override_syntax_and_missing_file(stage, tmp_path):
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(stage, None, ["train.epochs"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(stage, tmp_path / "nope.yaml")
+
+
+def test_config_is_read_only(stage):
+    cfg = load_config(stage)
+    with pytest.raises(TypeError):
+        cfg["train"] = {}  # type: ignore[index]
+    with pytest.raises(AttributeError, match="did you mean"):
+        _ = cfg.train.epoch
+
+
+def test_every_packaged_config_loads():
+    """Each configs/*.yaml parses and is a mapping of sections (a broken default file fails here)."""
+    from importlib import resources
+    from pathlib import Path
+
+    folder = Path(str(resources.files("configs")))
+    stages = sorted(p.stem for p in folder.glob("*.yaml"))
+    assert "detector" in stages
+    for name in stages:
+        cfg = load_config(name)
+        assert len(cfg) > 0, name

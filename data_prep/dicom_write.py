@@ -1,0 +1,196 @@
+"""Writing an axial CT series as one DICOM file per slice, in the layout and variety of the RSNA files."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import UID, CTImageStorage, generate_uid
+
+from data_prep import registry
+from data_prep.artifacts import atomic_path
+from data_prep.errors import SpinefracError
+
+log = logging.getLogger("data_prep")
+
+INSTANCE_ORDERS: tuple[str, ...] = ("head_first", "feet_first")
+"""head_first: InstanceNumber 1 is the most superior slice; feet_first: 1 is the most inferior."""
+
+WRITABLE_SYNTAXES: tuple[str, ...] = (
+    registry.TS_EXPLICIT_LE, registry.TS_JPEG_LOSSLESS_SV1, registry.TS_RLE, registry.TS_JPEG2000_LOSSLESS)
+"""Transfer syntaxes `write_series` can produce (all lossless, so HU survive exactly)."""
+
+AXIAL_ORIENTATION: tuple[float, ...] = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+"""ImageOrientationPatient of an axial slice: rows along +x (L), columns along +y (P)."""
+
+BITS_ALLOCATED = 16
+UNSIGNED_DEFAULT_INTERCEPT = -1024.0
+"""RescaleIntercept used with PixelRepresentation 0 (uint16 stored values), as many CT scanners do."""
+SIGNED_DEFAULT_INTERCEPT = 0.0
+"""RescaleIntercept used with PixelRepresentation 1 (int16 stored values), as in the real test1.dcm."""
+RESCALE_SLOPE = 1.0
+MAX_UID_LENGTH = 64
+DISPLAY_WINDOW = (500.0, 2500.0)
+"""WindowCenter/WindowWidth written for viewers (the values of the real RSNA files)."""
+IMPLEMENTATION_VERSION = "SPINEFRAC_WRITE"
+
+
+class DicomWriteError(SpinefracError):
+    """A series that cannot be written as asked (bad arguments or a missing encoder)."""
+
+
+def write_series(out_dir: Path, hu: np.ndarray, *, study_uid: str, pixel_spacing: tuple[float, float],
+                 slice_thickness: float, z_top_mm: float = 0.0,
+                 origin_xy_mm: tuple[float, float] = (0.0, 0.0), instance_order: str = "head_first",
+                 transfer_syntax: str = registry.TS_EXPLICIT_LE, pixel_representation: int = 1,
+                 rescale_intercept: float | None = None, bits_stored: int = BITS_ALLOCATED,
+                 series_uid: str | None = None, modality: str | None = None) -> list[Path]:
+    """Write `hu` (n, rows, cols; index 0 most superior) as `<InstanceNumber>.dcm` files; return their paths."""
+    hu = np.asarray(hu)
+    if hu.ndim != 3 or min(hu.shape) < 1:
+        raise DicomWriteError(f"{out_dir}: expected a non-empty (slices, rows, cols) array, got shape {hu.shape}")
+    if instance_order not in INSTANCE_ORDERS:
+        raise DicomWriteError(f"{out_dir}: instance_order {instance_order!r} is not one of {INSTANCE_ORDERS}")
+    if transfer_syntax not in WRITABLE_SYNTAXES:
+        raise DicomWriteError(f"{out_dir}: cannot write transfer syntax {transfer_syntax}; "
+                              f"choose one of {', '.join(WRITABLE_SYNTAXES)}")
+    if pixel_representation not in (0, 1):
+        raise DicomWriteError(f"{out_dir}: pixel_representation must be 0 (unsigned) or 1 (signed)")
+    if not 8 < bits_stored <= BITS_ALLOCATED:
+        raise DicomWriteError(f"{out_dir}: bits_stored must be in 9..{BITS_ALLOCATED}, got {bits_stored}")
+    if rescale_intercept is None:
+        rescale_intercept = SIGNED_DEFAULT_INTERCEPT if pixel_representation else UNSIGNED_DEFAULT_INTERCEPT
+    stored = _to_stored(hu, pixel_representation, rescale_intercept, bits_stored)
+    series_uid = series_uid or _derived_uid(study_uid, "1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n = hu.shape[0]
+    paths = []
+    for k in range(n):
+        instance = k + 1 if instance_order == "head_first" else n - k
+        z = z_top_mm - k * slice_thickness
+        ds = _slice_dataset(stored[k], study_uid=study_uid, series_uid=series_uid, instance=instance,
+                            position=(origin_xy_mm[0], origin_xy_mm[1], z), pixel_spacing=pixel_spacing,
+                            slice_thickness=slice_thickness, pixel_representation=pixel_representation,
+                            rescale_intercept=rescale_intercept, bits_stored=bits_stored, modality=modality)
+        path = out_dir / f"{instance}.dcm"
+        _save(ds, path, transfer_syntax)
+        paths.append(path)
+    log.debug("wrote %d slices of %s to %s (%s)", n, study_uid, out_dir, transfer_syntax)
+    return paths
+
+
+def _to_stored(hu: np.ndarray, pixel_representation: int, intercept: float, bits_stored: int) -> np.ndarray:
+    """Round HU to integers, subtract the intercept and clip to what the stored bits can hold."""
+    if pixel_representation:
+        lo, hi, dtype = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1, np.int16
+    else:
+        lo, hi, dtype = 0, 2 ** bits_stored - 1, np.uint16
+    values = np.rint((hu.astype(np.float64) - intercept) / RESCALE_SLOPE)
+    return np.clip(values, lo, hi).astype(dtype)
+
+
+def _derived_uid(study_uid: str, *parts: str) -> str:
+    """Return a UID derived deterministically from the study UID (dotted suffix, or hashed when too long)."""
+    uid = ".".join((study_uid, *parts))
+    if len(uid) <= MAX_UID_LENGTH and UID(uid).is_valid:
+        return uid
+    return generate_uid(prefix=None, entropy_srcs=[study_uid, *parts])
+
+
+def _slice_dataset(pixels: np.ndarray, *, study_uid: str, series_uid: str, instance: int,
+                   position: tuple[float, float, float], pixel_spacing: tuple[float, float],
+                   slice_thickness: float, pixel_representation: int, rescale_intercept: float,
+                   bits_stored: int, modality: str | None) -> Dataset:
+    sop_uid = _derived_uid(series_uid, str(instance))
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = registry.TS_EXPLICIT_LE
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = sop_uid
+    if modality is not None:
+        ds.Modality = modality
+    patient = study_uid.rsplit(".", 1)[-1]
+    ds.PatientName = patient
+    ds.PatientID = patient
+    ds.SliceThickness = _ds(slice_thickness)
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = series_uid
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [_ds(v) for v in position]
+    ds.ImageOrientationPatient = [_ds(v) for v in AXIAL_ORIENTATION]
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.Rows, ds.Columns = int(pixels.shape[0]), int(pixels.shape[1])
+    ds.PixelSpacing = [_ds(pixel_spacing[0]), _ds(pixel_spacing[1])]
+    ds.BitsAllocated = BITS_ALLOCATED
+    ds.BitsStored = bits_stored
+    ds.HighBit = bits_stored - 1
+    ds.PixelRepresentation = pixel_representation
+    ds.WindowCenter = _ds(DISPLAY_WINDOW[0])
+    ds.WindowWidth = _ds(DISPLAY_WINDOW[1])
+    ds.RescaleIntercept = _ds(rescale_intercept)
+    ds.RescaleSlope = _ds(RESCALE_SLOPE)
+    ds.PixelData = np.ascontiguousarray(pixels).astype(pixels.dtype.newbyteorder("<")).tobytes()
+    return ds
+
+
+def _ds(value: float) -> str:
+    """Format a number for a DS element (at most 16 characters, no float noise)."""
+    text = f"{float(value):.6g}"
+    return text if len(text) <= 16 else f"{float(value):.10g}"[:16]
+
+
+def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
+    """Encode the pixel data in `transfer_syntax` and write `ds` to `path` atomically."""
+    if transfer_syntax == registry.TS_JPEG_LOSSLESS_SV1:
+        _encode_jpeg_lossless(ds, path)
+    elif transfer_syntax != registry.TS_EXPLICIT_LE:
+        try:
+            ds.compress(transfer_syntax)
+        except (RuntimeError, ValueError) as exc:
+            hint = " (install pylibjpeg-openjpeg)" if "2.4.9" in transfer_syntax else ""
+            raise DicomWriteError(f"{path}: cannot encode {transfer_syntax}{hint}: {exc}") from None
+    with atomic_path(path) as tmp:
+        ds.save_as(tmp, enforce_file_format=True)
+
+
+def _encode_jpeg_lossless(ds: Dataset, path: Path) -> None:
+    """Replace the pixel data of `ds` by JPEG Lossless SV1 (.70) fragments encoded with python-gdcm."""
+    try:
+        import gdcm
+    except ImportError:
+        raise DicomWriteError(f"{path}: writing JPEG Lossless (.70) needs python-gdcm "
+                              "(pip install python-gdcm); pydicom cannot encode it") from None
+    with tempfile.TemporaryDirectory(prefix="spinefrac_jpeg_") as tmp_dir:
+        plain, packed = Path(tmp_dir) / "plain.dcm", Path(tmp_dir) / "jpeg.dcm"
+        ds.save_as(plain, enforce_file_format=True)
+        reader = gdcm.ImageReader()
+        reader.SetFileName(str(plain))
+        change = gdcm.ImageChangeTransferSyntax()
+        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+        ok = reader.Read()
+        if ok:
+            change.SetInput(reader.GetImage())
+            ok = change.Change()
+        if ok:
+            writer = gdcm.ImageWriter()
+            writer.SetFileName(str(packed))
+            writer.SetFile(reader.GetFile())
+            writer.SetImage(change.GetOutput())
+            ok = writer.Write()
+        if not ok:
+            raise DicomWriteError(f"{path}: python-gdcm failed to encode JPEG Lossless")
+        encoded = pydicom.dcmread(packed)
+        ds.PixelData = encoded.PixelData
+    ds["PixelData"].VR = "OB"
+    ds["PixelData"].is_undefined_length = True
+    ds.file_meta.TransferSyntaxUID = registry.TS_JPEG_LOSSLESS_SV1

@@ -1,0 +1,584 @@
+"""YOLO datasets from the Kaggle layout: fracture boxes (prepare-detector) and vertebra levels (prepare-locator).
+
+Layout (docs/contracts.md "YOLO datasets"):
+    DIR/data.yaml, DIR/images/{train,val}/<uid>_<slice_number>.png, DIR/labels/{train,val}/<uid>_<n>.txt,
+    DIR/index.csv, DIR/splits.json
+Each study is one job in a process pool. A study is finished when its marker DIR/.done/<uid>.json exists
+(written last, it lists the study's index rows and files); a rerun skips finished studies unless
+`overwrite`, and index.csv is rebuilt from the markers. Images and labels are written atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from data_prep.artifacts import (
+    config_hash,
+    write_csv_atomic,
+    write_json_atomic,
+    write_sidecar,
+    write_text_atomic,
+)
+from data_prep.config import ConfigError
+from data_prep.errors import InputError
+from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
+
+log = logging.getLogger("data_prep")
+
+DATA_YAML = "data.yaml"
+INDEX_CSV = "index.csv"
+SPLITS_JSON = "splits.json"
+DONE_DIR = ".done"
+IMAGES_DIR = "images"
+LABELS_DIR = "labels"
+TRAIN, VAL = "train", "val"
+IMAGE_EXT = ".png"
+LABEL_EXT = ".txt"
+TRAIN_CSV = "train.csv"
+BOXES_CSV = "train_bounding_boxes.csv"
+TRAIN_IMAGES = "train_images"
+SEGMENTATIONS = "segmentations"
+SEG_EXT = ".nii"
+NEGATIVE_STRATUM = "negative"
+SEGMENTED_STRATUM = "segmented"
+MIN_FOLDS = 2
+LABEL_DECIMALS = 6
+"""Decimals of the normalised YOLO label values (1e-6 of a 512 px image is 0.0005 px)."""
+
+# index.csv `kind` values
+KIND_BOXED = "boxed"            # detector: a slice with at least one fracture box
+KIND_NEGATIVE = "negative"      # detector: background slice of a negative study (patient_overall = 0)
+KIND_FAR = "far"                # detector: background slice of a boxed study, beyond the margin of every run
+KIND_LEVELS = "levels"          # locator: a sampled slice with at least one C1-C7 box
+KIND_EMPTY = "empty"            # locator: a sampled slice without any cervical vertebra
+
+INDEX_COLUMNS: tuple[str, ...] = ("image", "split", STUDY_COL, "slice_number", "slice_index", "n_boxes",
+                                  "scale_x", "scale_y", "kind", "fold")
+
+
+@dataclass(frozen=True)
+class SliceLabel:
+    """One slice to write: canonical index, its kind, and its boxes (class, x, y, width, height; original px)."""
+
+    slice_index: int
+    kind: str
+    boxes: tuple[tuple[int, float, float, float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class StudyTask:
+    """Everything one worker needs for one study (picklable)."""
+
+    uid: str
+    study_dir: Path
+    out: Path
+    split: str
+    fold: int
+    render: dict[str, Any]
+    prepare: dict[str, Any]
+    boxes: tuple[tuple[float, float, float, float, int], ...] = ()   # x, y, width, height, slice_number
+    n_background: int = 0
+    negative: bool = False
+    segmentation: Path | None = None
+
+
+@dataclass
+class StudyOutcome:
+    """What a worker did for one study: its index rows, files written, warnings to log, or an error."""
+
+    uid: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+# ---------------------------------------------------------------- public API
+def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
+                             studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
+                             overwrite: bool = False) -> Path:
+    """Build the YOLO fracture dataset from train.csv + train_bounding_boxes.csv; return the data.yaml path."""
+    t0 = time.perf_counter()
+    data_root, out = Path(data_root), Path(out)
+    prep = _section(config, "prepare")
+    render = _section(config, "render")
+    train = _read_csv(data_root / TRAIN_CSV, (STUDY_COL, PATIENT, *LEVELS))
+    boxes = _read_csv(data_root / BOXES_CSV, (STUDY_COL, "x", "y", "width", "height", "slice_number"))
+    train[STUDY_COL] = train[STUDY_COL].astype(str)
+    boxes[STUDY_COL] = boxes[STUDY_COL].astype(str)
+    uids = _available_studies(data_root / TRAIN_IMAGES, train[STUDY_COL], studies)
+    labels = train.set_index(STUDY_COL)
+    boxed = set(boxes[STUDY_COL]) & set(uids)
+    negatives = {u for u in uids if int(labels.at[u, PATIENT]) == 0}
+    unboxed_positive = sorted(set(uids) - boxed - negatives)
+    if unboxed_positive:
+        log.info("%d fractured studies have no boxes in %s: left out (their slices are neither boxes nor "
+                 "background)", len(unboxed_positive), BOXES_CSV)
+    positive_without_label = sorted(boxed - {u for u in uids if int(labels.at[u, PATIENT]) == 1})
+    for uid in positive_without_label:
+        log.warning("%s: study %s has boxes but patient_overall = 0 in %s; its boxes are used",
+                    data_root / BOXES_CSV, uid, TRAIN_CSV)
+    selected = sorted(boxed | negatives)
+    if not selected:
+        raise InputError(data_root, "no study with boxes or patient_overall = 0 to build a detector dataset from")
+    _check_stale(out, selected, overwrite=overwrite)
+    strata = {u: _level_stratum(labels.loc[u]) if u in boxed else NEGATIVE_STRATUM for u in selected}
+    folds = _load_or_make_splits(out / SPLITS_JSON, strata, n_folds=int(prep["n_folds"]), seed=int(prep["seed"]),
+                                 overwrite=overwrite)
+
+    sel_boxes = boxes[boxes[STUDY_COL].isin(boxed)]
+    boxed_slices = sel_boxes.groupby(STUDY_COL)["slice_number"].nunique()
+    ratio, share = float(prep["background_ratio"]), float(prep["negative_share"])
+    n_neg_total = int(round(ratio * share * int(boxed_slices.sum())))
+    neg_counts = _spread(sorted(negatives, key=_uid_hash), n_neg_total)
+    by_uid = {u: g for u, g in sel_boxes.groupby(STUDY_COL)}
+    tasks = []
+    for uid in selected:
+        fold = folds[uid]
+        split = VAL if fold == int(prep["val_fold"]) else TRAIN
+        if uid in boxed:
+            g = by_uid[uid]
+            rows = tuple((float(r.x), float(r.y), float(r.width), float(r.height), int(r.slice_number))
+                         for r in g.itertuples(index=False))
+            n_bg = int(round(ratio * (1.0 - share) * int(boxed_slices[uid])))
+            tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
+                                   prep.copy(), boxes=rows, n_background=n_bg))
+        else:
+            tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
+                                   prep.copy(), n_background=neg_counts.get(uid, 0), negative=True))
+    done = _run_tasks(tasks, _detector_study, out, workers=workers, progress=progress, overwrite=overwrite,
+                      desc="prepare-detector")
+    return _finish(out, kind="detector", names=FRACTURE_NAMES, config=config, selected=selected,
+                   inputs={"data_root": str(data_root), "train_csv": str(data_root / TRAIN_CSV),
+                           "boxes_csv": str(data_root / BOXES_CSV)},
+                   extra={"done_now": done, "left_out_unboxed_positive": len(unboxed_positive)},
+                   overwrite=overwrite, t0=t0)
+
+
+def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
+                            studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
+                            overwrite: bool = False) -> Path:
+    """Build the YOLO vertebra-locator dataset (classes C1..C7) from segmentations/*.nii; return data.yaml."""
+    t0 = time.perf_counter()
+    data_root, out = Path(data_root), Path(out)
+    prep = _section(config, "prepare")
+    render = _section(config, "render")
+    seg_dir = data_root / SEGMENTATIONS
+    if not seg_dir.is_dir():
+        raise InputError(seg_dir, "no segmentations folder: the locator is trained on segmented studies")
+    segs = {p.name[: -len(SEG_EXT)] if p.name.endswith(SEG_EXT) else p.name[: -len(SEG_EXT + ".gz")]: p
+            for p in sorted(seg_dir.iterdir()) if p.name.endswith((SEG_EXT, SEG_EXT + ".gz"))}
+    uids = _available_studies(data_root / TRAIN_IMAGES, pd.Series(sorted(segs)), studies)
+    if not uids:
+        raise InputError(seg_dir, f"no segmentation has a study folder under {data_root / TRAIN_IMAGES}")
+    _check_stale(out, uids, overwrite=overwrite)
+    folds = _load_or_make_splits(out / SPLITS_JSON, dict.fromkeys(uids, SEGMENTED_STRATUM),
+                                 n_folds=int(prep["n_folds"]), seed=int(prep["seed"]), overwrite=overwrite)
+    tasks = [StudyTask(uid, data_root / TRAIN_IMAGES / uid, out,
+                       VAL if folds[uid] == int(prep["val_fold"]) else TRAIN, folds[uid], render.copy(),
+                       prep.copy(), segmentation=segs[uid]) for uid in uids]
+    done = _run_tasks(tasks, _locator_study, out, workers=workers, progress=progress, overwrite=overwrite,
+                      desc="prepare-locator")
+    return _finish(out, kind="locator", names=LOCATOR_NAMES, config=config, selected=uids,
+                   inputs={"data_root": str(data_root), "segmentations": str(seg_dir)},
+                   extra={"done_now": done}, overwrite=overwrite, t0=t0)
+
+
+def read_index(dataset_dir: str | os.PathLike) -> pd.DataFrame:
+    """Read DIR/index.csv of a prepared dataset (StudyInstanceUID as str)."""
+    path = Path(dataset_dir) / INDEX_CSV
+    if not path.is_file():
+        raise InputError(path, "no index.csv: run prepare-detector / prepare-locator first")
+    return pd.read_csv(path, dtype={STUDY_COL: str})
+
+
+def make_folds(strata: Mapping[str, str], *, n_folds: int, seed: int) -> dict[str, int]:
+    """Assign each study one fold, stratified by its stratum label (scikit-learn StratifiedKFold)."""
+    from sklearn.model_selection import StratifiedKFold
+
+    uids = sorted(strata)
+    if n_folds < MIN_FOLDS:
+        raise ConfigError(f"prepare.n_folds must be at least {MIN_FOLDS} (one validation fold), found {n_folds}")
+    if len(uids) < n_folds:
+        raise InputError(None, f"{len(uids)} studies cannot fill {n_folds} folds; lower prepare.n_folds")
+    labels = np.array([strata[u] for u in uids])
+    values, counts = np.unique(labels, return_counts=True)
+    rare = set(values[counts < n_folds])
+    if rare:   # strata too small to spread over every fold are pooled
+        labels = np.array(["rare" if lab in rare else lab for lab in labels])
+    skf = StratifiedKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+    folds: dict[str, int] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)   # a pooled stratum may still be smaller than n_folds
+        for k, (_, test) in enumerate(skf.split(np.zeros(len(uids)), labels)):
+            for i in test:
+                folds[uids[i]] = k
+    return folds
+
+
+# ---------------------------------------------------------------- per-study workers (run in the pool)
+def _detector_study(task: StudyTask) -> StudyOutcome:
+    from data_prep.dicom_io import scan_study
+
+    outcome = StudyOutcome(task.uid)
+    geometry = scan_study(task.study_dir)
+    rows, cols = int(geometry.shape[0]), int(geometry.shape[1])
+    n = len(geometry.paths)
+    per_slice: dict[int, list[tuple[int, float, float, float, float]]] = {}
+    min_px = float(task.prepare["min_box_px"])
+    for x, y, w, h, number in task.boxes:
+        index = _index_of(geometry, number)
+        if index is None:
+            outcome.warnings.append(f"{task.uid}: box on slice_number {number} but the study has no slice with "
+                                    f"that InstanceNumber (slices {min(geometry.instance_numbers)}-"
+                                    f"{max(geometry.instance_numbers)}); box skipped")
+            continue
+        x1, y1 = min(max(x, 0.0), cols), min(max(y, 0.0), rows)
+        x2, y2 = min(max(x + w, 0.0), cols), min(max(y + h, 0.0), rows)
+        if x2 - x1 < min_px or y2 - y1 < min_px:
+            outcome.warnings.append(f"{task.uid}: box ({x}, {y}, {w}, {h}) on slice_number {number} is smaller "
+                                    f"than {min_px} px inside the {cols}x{rows} image; box skipped")
+            continue
+        per_slice.setdefault(index, []).append((0, x1, y1, x2 - x1, y2 - y1))
+    if task.boxes and not per_slice:
+        outcome.warnings.append(f"{task.uid}: none of its boxes could be placed; the study gives no background "
+                                f"either (its fractured slices are unknown)")
+        return outcome
+    boxed = np.array(sorted(per_slice), dtype=int)
+    if task.negative:
+        candidates = np.arange(n)
+        kind = KIND_NEGATIVE
+    else:
+        margin = int(task.prepare["margin_slices"])
+        distance = np.abs(np.arange(n)[:, None] - boxed[None, :]).min(axis=1)
+        candidates = np.flatnonzero(distance > margin)
+        kind = KIND_FAR
+    rng = np.random.default_rng([int(task.prepare["seed"]), _uid_hash(task.uid)])
+    n_bg = min(task.n_background, candidates.size)
+    background = sorted(rng.choice(candidates, size=n_bg, replace=False).tolist()) if n_bg else []
+    jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in boxed]
+    jobs += [SliceLabel(int(i), kind) for i in background]
+    _write_slices(task, geometry, jobs, outcome)
+    return outcome
+
+
+def _locator_study(task: StudyTask) -> StudyOutcome:
+    from data_prep.dicom_io import scan_study
+    from data_prep.segmentation import load_axial_mask, slice_level_table
+
+    outcome = StudyOutcome(task.uid)
+    geometry = scan_study(task.study_dir)
+    mask = load_axial_mask(task.segmentation, geometry)
+    table = slice_level_table(mask, geometry)
+    del mask
+    table = table[table["level"].isin(LEVELS) & (table["area_px"] >= int(task.prepare["min_area_px"]))]
+    by_index = {int(i): g for i, g in table.groupby("slice_index")}
+    jobs = []
+    for i in range(0, len(geometry.paths), int(task.prepare["every_k"])):
+        g = by_index.get(i)
+        if g is None:
+            if bool(task.prepare["keep_empty"]):
+                jobs.append(SliceLabel(i, KIND_EMPTY))
+            continue
+        jobs.append(SliceLabel(i, KIND_LEVELS, tuple(
+            (LEVELS.index(r.level), float(r.x), float(r.y), float(r.width), float(r.height))
+            for r in g.itertuples(index=False))))
+    _write_slices(task, geometry, jobs, outcome)
+    return outcome
+
+
+class _SliceReader:
+    """Decode single slices on demand (only the chosen slices and their neighbours), keeping each once."""
+
+    def __init__(self, geometry: Any) -> None:
+        self.paths = geometry.paths
+        self.cache: dict[int, np.ndarray] = {}
+
+    def get(self, index: int) -> np.ndarray:
+        from data_prep.dicom_io import read_slice_hu
+
+        index = min(max(int(index), 0), len(self.paths) - 1)
+        if index not in self.cache:
+            self.cache[index] = read_slice_hu(self.paths[index])
+        return self.cache[index]
+
+    def forget_below(self, index: int) -> None:
+        """Drop cached slices below `index` (jobs are written in increasing slice order)."""
+        for i in [i for i in self.cache if i < index]:
+            del self.cache[i]
+
+
+def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], outcome: StudyOutcome) -> None:
+    """Render the chosen slices (decoding only them and their neighbours) and write image + label atomically."""
+    import cv2
+
+    from detector.render import context_slices, render_slices, xywh_to_yolo
+
+    if not jobs:
+        return
+    shape = (int(geometry.shape[0]), int(geometry.shape[1]))
+    image_dir = task.out / IMAGES_DIR / task.split
+    label_dir = task.out / LABELS_DIR / task.split
+    image_dir.mkdir(parents=True, exist_ok=True)
+    label_dir.mkdir(parents=True, exist_ok=True)
+    reader = _SliceReader(geometry)
+    context = context_slices(geometry, task.render)
+    for job in sorted(jobs, key=lambda j: j.slice_index):
+        index = job.slice_index
+        reader.forget_below(index - context)
+        (image,), (sx, sy) = render_slices(reader, [index], geometry, render=task.render)
+        number = int(geometry.instance_numbers[index])
+        stem = f"{task.uid}_{number}"
+        image_path = image_dir / f"{stem}{IMAGE_EXT}"
+        tmp = image_dir / f".{stem}.{os.getpid()}.tmp{IMAGE_EXT}"   # cv2 picks the format from the suffix
+        if not cv2.imwrite(str(tmp), image):
+            raise OSError(f"{tmp}: OpenCV could not write the image")
+        os.replace(tmp, image_path)
+        label_path = label_dir / f"{stem}{LABEL_EXT}"
+        write_text_atomic(label_path, _label_text(job.boxes, shape, xywh_to_yolo))
+        outcome.files += [str(image_path.relative_to(task.out)), str(label_path.relative_to(task.out))]
+        outcome.rows.append({
+            "image": str(image_path.relative_to(task.out)), "split": task.split, STUDY_COL: task.uid,
+            "slice_number": number, "slice_index": index, "n_boxes": len(job.boxes),
+            "scale_x": sx, "scale_y": sy, "kind": job.kind, "fold": task.fold})
+
+
+def _label_text(boxes: Sequence[tuple[int, float, float, float, float]], shape: tuple[int, int],
+                to_yolo: Callable[[np.ndarray, Sequence[int]], np.ndarray]) -> str:
+    if not boxes:
+        return ""
+    classes = [b[0] for b in boxes]
+    yolo = to_yolo(np.array([b[1:] for b in boxes], dtype=np.float64), shape)
+    return "".join(f"{c} " + " ".join(f"{v:.{LABEL_DECIMALS}f}" for v in row) + "\n"
+                   for c, row in zip(classes, yolo, strict=True))
+
+
+def _run_one(worker: Callable[[StudyTask], StudyOutcome], task: StudyTask) -> StudyOutcome:
+    """Run a worker on one study, turning any failure into an outcome with the reason (the batch goes on)."""
+    try:
+        outcome = worker(task)
+    except Exception as exc:   # noqa: BLE001 - one bad study must not stop the dataset
+        return StudyOutcome(task.uid, error=f"{type(exc).__name__}: {exc}")
+    write_json_atomic(_marker(task.out, task.uid), {
+        STUDY_COL: task.uid, "split": task.split, "fold": task.fold, "rows": outcome.rows, "files": outcome.files,
+        "warnings": outcome.warnings})
+    return outcome
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)   # one process per core already
+
+
+# ---------------------------------------------------------------- orchestration
+def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOutcome], out: Path, *,
+               workers: int, progress: bool, overwrite: bool, desc: str) -> int:
+    from tqdm.auto import tqdm
+
+    todo = []
+    for task in tasks:
+        marker = _marker(out, task.uid)
+        if marker.is_file():
+            if not overwrite:
+                continue
+            _remove_study(out, task.uid)
+        todo.append(task)
+    skipped = len(tasks) - len(todo)
+    if skipped:
+        log.info("%s: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
+                 desc, skipped, len(tasks), out)
+    failed = []
+    with tqdm(total=len(todo), desc=desc, unit="study", disable=not progress) as bar:
+        if workers > 1 and len(todo) > 1:
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
+                                     initializer=_init_worker) as pool:
+                futures = [pool.submit(_run_one, worker, t) for t in todo]
+                for fut in as_completed(futures):
+                    failed += _report(fut.result())
+                    bar.update()
+        else:
+            for task in todo:
+                failed += _report(_run_one(worker, task))
+                bar.update()
+    if failed:
+        log.warning("%s: %d studies failed and were left out (a rerun retries them): %s", desc, len(failed),
+                    "; ".join(failed))
+    if todo and len(failed) == len(todo):
+        raise InputError(out, f"every study failed; first: {failed[0]}")
+    return len(todo) - len(failed)
+
+
+def _report(outcome: StudyOutcome) -> list[str]:
+    for message in outcome.warnings:
+        log.warning("%s", message)
+    if outcome.error:
+        log.warning("study %s failed: %s", outcome.uid, outcome.error)
+        return [f"{outcome.uid} ({outcome.error})"]
+    return []
+
+
+def _finish(out: Path, *, kind: str, names: Mapping[int, str], config: Mapping[str, Any], selected: Sequence[str],
+            inputs: Mapping[str, Any], extra: Mapping[str, Any], overwrite: bool, t0: float) -> Path:
+    """Rebuild index.csv from the markers, write data.yaml and the sidecar; return data.yaml."""
+    import json
+
+    from detector.render import render_summary
+
+    selected_set = set(selected)
+    rows: list[dict[str, Any]] = []
+    for marker in _markers(out):
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        if str(data[STUDY_COL]) in selected_set:
+            rows += data["rows"]
+    index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS)).sort_values([STUDY_COL, "slice_index"])
+    write_csv_atomic(out / INDEX_CSV, index)
+    cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    render = render_summary(_section(config, "render"))
+    prep = _section(config, "prepare")
+    if not (index["split"] == VAL).any():
+        log.warning("%s: the validation fold %d holds no image; Ultralytics needs one (more studies or "
+                    "another prepare.val_fold)", out, prep["val_fold"])
+    data = {"path": str(out.resolve()), TRAIN: f"{IMAGES_DIR}/{TRAIN}", VAL: f"{IMAGES_DIR}/{VAL}",
+            "names": dict(names),
+            "spinefrac": {"kind": kind, **render, "fold": int(prep["val_fold"]), "n_folds": int(prep["n_folds"]),
+                          "config_hash": config_hash(cfg)}}
+    (out / IMAGES_DIR / TRAIN).mkdir(parents=True, exist_ok=True)
+    (out / IMAGES_DIR / VAL).mkdir(parents=True, exist_ok=True)
+    data_yaml = write_text_atomic(out / DATA_YAML, yaml.safe_dump(data, sort_keys=False))
+    counts = {"studies": int(index[STUDY_COL].nunique()), "images": len(index),
+              **{f"images_{s}": int((index["split"] == s).sum()) for s in (TRAIN, VAL)},
+              **{f"kind_{k}": int(v) for k, v in index["kind"].value_counts().items()},
+              "boxes": int(index["n_boxes"].sum())}
+    write_sidecar(out / INDEX_CSV, kind=f"yolo_dataset_{kind}", config=cfg, inputs=inputs, counts=counts,
+                  runtime_s=time.perf_counter() - t0, extra=dict(extra))
+    log.info("%s dataset in %s: %s", kind, out, counts)
+    return data_yaml
+
+
+def _check_stale(out: Path, selected: Sequence[str], *, overwrite: bool) -> None:
+    """Refuse (or, with overwrite, remove) finished studies in `out` that are not in the current selection."""
+    selected_set = set(selected)
+    stale = sorted(m.stem for m in _markers(out) if m.stem not in selected_set)
+    if not stale:
+        return
+    if not overwrite:
+        raise InputError(out, f"{len(stale)} finished studies in this folder are not in the current selection "
+                              f"(e.g. {stale[0]}); use a new folder, or --overwrite to remove them")
+    for uid in stale:
+        _remove_study(out, uid)
+    log.warning("removed %d studies outside the current selection from %s", len(stale), out)
+
+
+def _markers(out: Path) -> list[Path]:
+    return sorted((out / DONE_DIR).glob("*.json")) if (out / DONE_DIR).is_dir() else []
+
+
+def _load_or_make_splits(path: Path, strata: Mapping[str, str], *, n_folds: int, seed: int,
+                         overwrite: bool) -> dict[str, int]:
+    """Reuse splits.json when it covers every study with the same fold count; else make it (once)."""
+    import json
+
+    if path.is_file():
+        data = json.loads(path.read_text(encoding="utf-8"))
+        folds = {str(k): int(v) for k, v in data.get("folds", {}).items()}
+        missing = sorted(set(strata) - set(folds))
+        if int(data.get("n_folds", -1)) == n_folds and not missing:
+            return folds
+        reason = (f"n_folds {data.get('n_folds')} != {n_folds}" if int(data.get("n_folds", -1)) != n_folds
+                  else f"{len(missing)} studies are not in it (e.g. {missing[0]})")
+        if not overwrite:
+            raise InputError(path, f"existing folds do not fit this run: {reason}; use a new folder or --overwrite")
+        log.warning("%s: remaking the folds (%s)", path, reason)
+    folds = make_folds(strata, n_folds=n_folds, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {"n_folds": n_folds, "seed": seed, "folds": folds})
+    return folds
+
+
+def _remove_study(out: Path, uid: str) -> None:
+    import json
+
+    marker = _marker(out, uid)
+    if marker.is_file():
+        for rel in json.loads(marker.read_text(encoding="utf-8")).get("files", []):
+            (out / rel).unlink(missing_ok=True)
+        marker.unlink()
+
+
+def _marker(out: Path, uid: str) -> Path:
+    return out / DONE_DIR / f"{uid}.json"
+
+
+def _index_of(geometry: Any, instance_number: int) -> int | None:
+    try:
+        index = geometry.index_of_instance(int(instance_number))
+    except (KeyError, ValueError, IndexError):
+        return None
+    return None if index is None else int(index)
+
+
+def _available_studies(images_root: Path, uids: pd.Series, studies: Iterable[str] | None) -> list[str]:
+    """Studies listed in the labels that have a folder, restricted to `studies` when given."""
+    if not images_root.is_dir():
+        raise InputError(images_root, "no study folders (expected the Kaggle train_images/ layout)")
+    listed = [str(u) for u in uids.astype(str).unique()]
+    present = [u for u in listed if (images_root / u).is_dir()]
+    if len(present) < len(listed):
+        log.warning("%s: %d labelled studies have no folder and are left out", images_root, len(listed) - len(present))
+    if studies is not None:
+        wanted = {str(s) for s in studies}
+        unknown = wanted - set(listed)
+        if unknown:
+            log.warning("%d requested studies are not in the labels (e.g. %s)", len(unknown), sorted(unknown)[0])
+        present = [u for u in present if u in wanted]
+    return sorted(present)
+
+
+def _level_stratum(row: pd.Series) -> str:
+    """Stratum of a fractured study: its most cranial fractured level (C1..C7), else 'positive'."""
+    for level in LEVELS:
+        if int(row[level]) == 1:
+            return level
+    return "positive"
+
+
+def _spread(uids: Sequence[str], total: int) -> dict[str, int]:
+    """Split `total` background slices as evenly as possible over `uids` (earlier ones get the remainder)."""
+    if not uids:
+        return {}
+    base, extra = divmod(max(total, 0), len(uids))
+    return {u: base + (1 if i < extra else 0) for i, u in enumerate(uids)}
+
+
+def _uid_hash(uid: str) -> int:
+    return zlib.crc32(uid.encode("utf-8"))
+
+
+def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
+    section = config[name]
+    return section.to_dict() if hasattr(section, "to_dict") else dict(section)
+
+
+def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(path, "file not found")
+    df = pd.read_csv(path, dtype={STUDY_COL: str})
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise InputError(path, f"missing columns {missing}; found {list(df.columns)}")
+    return df

@@ -1,0 +1,685 @@
+"""Reading one CT study folder into a canonical axial volume in HU (index 0 = most superior).
+
+`scan_study` reads headers only and fixes the canonical order from ImagePositionPatient projected on
+the slice normal; `read_volume` and `iter_chunks` decode the pixels (optionally in parallel) and apply
+RescaleSlope/RescaleIntercept. Every problem names the file and the reason (see docs/contracts.md).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import logging
+import multiprocessing
+import os
+import struct
+import warnings
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pydicom.pixels
+from pydicom.errors import BytesLengthException, InvalidDicomError
+from pydicom.uid import UID
+
+from data_prep import registry
+from data_prep.errors import DicomReadError, GeometryError, InputError, MissingDecoderError
+
+log = logging.getLogger("data_prep")
+
+# --- named constants -------------------------------------------------------------------------------
+POSITION_TOLERANCE_MM = 1e-3
+"""Two slices closer than this along the normal are duplicates."""
+GAP_FACTOR = 1.5
+"""A step between neighbouring slices larger than GAP_FACTOR x the median step is reported as missing slices."""
+ORIENTATION_TOLERANCE = 1e-3
+"""Largest difference between two slices' ImageOrientationPatient values still counted as the same."""
+SPACING_TOLERANCE_MM = 1e-3
+"""Largest difference between two slices' PixelSpacing values still counted as the same."""
+EXPECTED_MODALITY = "CT"
+PIXEL_DATA_TAG = 0x7FE00010
+SEQUENCE_DELIMITER = b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"
+"""(FFFE,E0DD) with length 0: ends encapsulated (compressed) pixel data; a file without it is cut short."""
+DELIMITER_SEARCH_BYTES = 4096
+"""How far from the end of a compressed file the sequence delimiter is looked for."""
+UNDEFINED_LENGTH = 0xFFFFFFFF
+PREAMBLE_BYTES = 128 + 4 + 12
+"""Preamble, 'DICM' and the (0002,0000) group-length element that precede the rest of the file meta."""
+LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR")
+EXECUTORS = ("process", "thread")
+DEFAULT_EXECUTOR = "process"
+PREFETCH_CHUNKS = 1
+"""iter_chunks decodes this many chunks ahead of the one being consumed (bounded memory)."""
+
+PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
+    registry.TS_JPEG_LOSSLESS_SV1: ("gdcm", "pylibjpeg"),  # gdcm measured faster (shared/MEASURED.md)
+    "1.2.840.10008.1.2.4.57": ("gdcm", "pylibjpeg"),  # JPEG Lossless (process 14)
+    registry.TS_RLE: ("pylibjpeg", "gdcm", "pydicom"),
+    registry.TS_JPEG2000_LOSSLESS: ("pylibjpeg", "gdcm", "pillow"),
+    registry.TS_JPEG2000: ("pylibjpeg", "gdcm", "pillow"),
+}
+"""Decoding plugins to try per transfer syntax, fastest first; others use pydicom's default choice."""
+
+INSTALL_HINTS: dict[str, str] = {
+    registry.TS_JPEG_LOSSLESS_SV1: "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.57": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.50": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.51": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    registry.TS_JPEG2000_LOSSLESS: "pip install pylibjpeg pylibjpeg-openjpeg  (or: pip install python-gdcm)",
+    registry.TS_JPEG2000: "pip install pylibjpeg pylibjpeg-openjpeg  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.80": "pip install pyjpegls  (or: pip install python-gdcm)",
+    "1.2.840.10008.1.2.4.81": "pip install pyjpegls  (or: pip install python-gdcm)",
+    registry.TS_RLE: "pip install pylibjpeg pylibjpeg-rle",
+}
+
+
+# --- specific errors (all DicomReadError/GeometryError subclasses, so they name the file) ----------
+class NotDicomError(DicomReadError):
+    """A file that is not DICOM at all (a stray file in a study folder)."""
+
+
+class TruncatedDicomError(DicomReadError):
+    """A DICOM file cut short (interrupted copy or download)."""
+
+
+class NoPixelDataError(DicomReadError):
+    """A DICOM file without a Pixel Data element (not an image)."""
+
+
+class EmptyStudyError(DicomReadError):
+    """A study folder holding no readable CT slice."""
+
+
+class InconsistentSlicesError(GeometryError):
+    """Slices of one study that differ in size, orientation or pixel spacing."""
+
+
+class DuplicatePositionError(GeometryError):
+    """Two slices at the same position along the slice normal."""
+
+
+class UnknownInstanceError(InputError, KeyError):
+    """An InstanceNumber (slice_number) that the study does not hold."""
+
+    def __str__(self) -> str:
+        return Exception.__str__(self)
+
+
+# --- geometry --------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class StudyGeometry:
+    """Headers of one study in canonical order (index 0 = most superior); no pixels."""
+
+    study_uid: str
+    study_dir: Path
+    paths: tuple[Path, ...]
+    instance_numbers: np.ndarray
+    z_mm: np.ndarray
+    positions: np.ndarray
+    orientation: np.ndarray
+    pixel_spacing: tuple[float, float]
+    slice_thickness: float
+    shape: tuple[int, int]
+    transfer_syntaxes: tuple[str, ...]
+    instance_order_reversed: bool
+    warnings: tuple[str, ...] = ()
+    _index: dict[int, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        index: dict[int, int] = {}
+        for i, n in enumerate(self.instance_numbers):
+            index.setdefault(int(n), i)
+        object.__setattr__(self, "_index", index)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def index_of_instance(self, instance_number: int) -> int:
+        """Return the canonical slice_index of the file with this InstanceNumber (slice_number)."""
+        try:
+            return self._index[int(instance_number)]
+        except KeyError:
+            raise UnknownInstanceError(self.study_dir, f"study {self.study_uid} has no slice with InstanceNumber "
+                                       f"{instance_number} (it holds {min(self._index)}..{max(self._index)})"
+                                       ) from None
+
+    def affine(self) -> np.ndarray:
+        """Return the 4x4 matrix mapping canonical voxel (slice_index, row, col, 1) to LPS mm."""
+        row_dir, col_dir = self.orientation[:3], self.orientation[3:]
+        out = np.eye(4)
+        n = len(self)
+        if n > 1:
+            out[:3, 0] = (self.positions[-1] - self.positions[0]) / (n - 1)
+        else:
+            out[:3, 0] = -_normal(self.orientation) * self.slice_thickness
+        out[:3, 1] = col_dir * self.pixel_spacing[0]  # moving down one row
+        out[:3, 2] = row_dir * self.pixel_spacing[1]  # moving right one column
+        out[:3, 3] = self.positions[0]
+        return out
+
+
+@dataclass
+class Chunk:
+    """Consecutive canonical slices [start, stop) plus `context` neighbours each side, held as [lo, hi)."""
+
+    start: int
+    stop: int
+    lo: int
+    hi: int
+    hu: np.ndarray
+    n_slices: int
+
+    def get(self, index: int) -> np.ndarray:
+        """Return the HU slice at canonical `index`, clamped to the study and to what this chunk holds."""
+        index = min(max(int(index), 0, self.lo), self.n_slices - 1, self.hi - 1)
+        return self.hu[index - self.lo]
+
+    def indices(self) -> range:
+        """Return the canonical indices of the centre slices."""
+        return range(self.start, self.stop)
+
+
+@dataclass
+class ScanResult:
+    """Everything learnt from a study's headers: the geometry (None if unusable), errors and warnings."""
+
+    study_dir: Path
+    geometry: StudyGeometry | None
+    errors: list[DicomReadError]
+    warnings: list[str]
+
+
+@dataclass
+class SliceHeader:
+    """What one file's header says about its slice (no pixels)."""
+
+    path: Path
+    instance: int | None
+    position: np.ndarray | None
+    orientation: np.ndarray | None
+    spacing: tuple[float, float] | None
+    thickness: float | None
+    shape: tuple[int, int]
+    ts: str
+    modality: str | None
+
+
+# --- public API ------------------------------------------------------------------------------------
+def scan_study(study_dir: str | os.PathLike) -> StudyGeometry:
+    """Read the headers of one study folder and return its canonical geometry; raise on the first error."""
+    result = check_study(study_dir)
+    if result.errors:
+        first = result.errors[0]
+        if len(result.errors) > 1:
+            log.error("%s: %d problems; first: %s", result.study_dir, len(result.errors), first)
+        raise first
+    assert result.geometry is not None
+    return result.geometry
+
+
+def check_study(study_dir: str | os.PathLike) -> ScanResult:
+    """Read the headers of one study folder and collect every problem instead of stopping at the first."""
+    study_dir = Path(study_dir)
+    errors: list[DicomReadError] = []
+    notes: list[str] = []
+    if not study_dir.is_dir():
+        return ScanResult(study_dir, None, [EmptyStudyError(study_dir, "is not a folder")], notes)
+    headers: list[SliceHeader] = []
+    for path in sorted((p for p in study_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=_natural_key):
+        try:
+            headers.append(read_header(path))
+        except (NotDicomError, NoPixelDataError) as exc:
+            _warn(notes, f"{exc}; skipped")
+        except DicomReadError as exc:
+            errors.append(exc)
+    if not headers:
+        if not errors:
+            errors.append(EmptyStudyError(study_dir, "holds no DICOM image files"))
+        return ScanResult(study_dir, None, errors, notes)
+    for h in headers:
+        if h.modality is not None and h.modality.strip().upper() != EXPECTED_MODALITY:
+            _warn(notes, f"{h.path}: Modality is {h.modality!r}, not CT; HU values may not be meaningful")
+            break
+    geometry = None
+    try:
+        geometry = _build_geometry(study_dir, headers, notes)
+    except DicomReadError as exc:
+        errors.append(exc)
+    return ScanResult(study_dir, geometry, errors, notes)
+
+
+def read_header(path: str | os.PathLike) -> SliceHeader:
+    """Read one file's header (no pixels) and check that its pixel data is present and complete."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fp, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(fp, stop_before_pixels=True)
+            eof = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
+            if eof:
+                raise TruncatedDicomError(path, f"file is cut short ({eof[0]})")
+            _check_pixel_element(fp, ds, path)
+    except InvalidDicomError:
+        raise NotDicomError(path, "not a DICOM file (no 'DICM' preamble)") from None
+    except DicomReadError:
+        raise
+    except (EOFError, OSError, struct.error, BytesLengthException) as exc:
+        raise TruncatedDicomError(path, f"file is cut short or damaged inside the header ({exc})") from None
+    except Exception as exc:  # pydicom raises many types for damaged headers
+        raise DicomReadError(path, f"cannot parse the DICOM header: {type(exc).__name__}: {exc}") from None
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise DicomReadError(path, "has pixel data but no Rows/Columns") from None
+    ts = str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE))
+    return SliceHeader(
+        path=path,
+        instance=_int_or_none(ds.get("InstanceNumber")),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        spacing=_pair(ds.get("PixelSpacing")),
+        thickness=_float_or_none(ds.get("SliceThickness")),
+        shape=(rows, cols),
+        ts=ts,
+        modality=str(ds.Modality) if "Modality" in ds else None,
+    )
+
+
+def read_slice_hu(path: str | os.PathLike) -> np.ndarray:
+    """Decode one DICOM slice and return it in HU (RescaleSlope/Intercept applied) as float32."""
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(path)
+    except InvalidDicomError:
+        raise NotDicomError(path, "not a DICOM file (no 'DICM' preamble)") from None
+    except Exception as exc:
+        raise TruncatedDicomError(path, f"cannot parse the file ({type(exc).__name__}: {exc})") from None
+    if "PixelData" not in ds:
+        read_header(path)  # tells a cut-short file from one that never had pixels
+        raise NoPixelDataError(path, "has no Pixel Data element (not an image)")
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE)))
+    plugin = _choose_plugin(ts, path)
+    try:
+        if plugin:
+            ds.pixel_array_options(decoding_plugin=plugin)
+        stored = ds.pixel_array
+    except ValueError as exc:
+        if "less than expected" in str(exc) or "truncat" in str(exc).lower():
+            raise TruncatedDicomError(path, f"pixel data is cut short ({exc})") from None
+        raise DicomReadError(path, f"cannot decode {ts.name} pixel data: {exc}") from None
+    except Exception as exc:
+        raise DicomReadError(path, f"cannot decode {ts.name} pixel data"
+                                   f"{' with ' + plugin if plugin else ''}: {type(exc).__name__}: {exc}"
+                             ) from None
+    if stored.ndim != 2:
+        raise DicomReadError(path, f"expected one 2D frame, found pixel array of shape {stored.shape}")
+    slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
+    intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
+    return (stored * slope + intercept).astype(np.float32)
+
+
+def read_volume(geometry: StudyGeometry, *, workers: int = 1, executor: str = DEFAULT_EXECUTOR) -> np.ndarray:
+    """Decode every slice of a study into a float32 HU volume (n, rows, cols) in canonical order."""
+    out = np.empty((len(geometry), *geometry.shape), dtype=np.float32)
+    for i, hu in _decode_in_order(geometry, range(len(geometry)), workers, executor):
+        out[i] = hu
+    return out
+
+
+def iter_chunks(geometry: StudyGeometry, *, chunk_size: int = 16, context: int = 0, workers: int = 1,
+                executor: str = DEFAULT_EXECUTOR) -> Iterator[Chunk]:
+    """Stream canonical slices in chunks of `chunk_size`, each with `context` neighbours on both sides."""
+    if chunk_size < 1 or context < 0:
+        raise ValueError(f"chunk_size must be >= 1 and context >= 0, got {chunk_size}, {context}")
+    n = len(geometry)
+    bounds = []
+    for start in range(0, n, chunk_size):
+        stop = min(start + chunk_size, n)
+        bounds.append((start, stop, max(0, start - context), min(n, stop + context)))
+    order = [i for _, _, lo, hi in bounds for i in range(lo, hi)]
+    order = list(dict.fromkeys(order))  # each slice decoded once, in the order chunks need them
+    ahead = (PREFETCH_CHUNKS + 1) * (chunk_size + 2 * context)
+    cache: dict[int, np.ndarray] = {}
+    decoded = _decode_in_order(geometry, order, workers, executor, ahead=ahead)
+    for start, stop, lo, hi in bounds:
+        while any(i not in cache for i in range(lo, hi)):
+            i, hu = next(decoded)
+            cache[i] = hu
+        for i in [i for i in cache if i < lo]:
+            del cache[i]
+        yield Chunk(start=start, stop=stop, lo=lo, hi=hi, hu=np.stack([cache[i] for i in range(lo, hi)]),
+                    n_slices=n)
+
+
+# --- decoding --------------------------------------------------------------------------------------
+def _decode_worker(path: str) -> np.ndarray | tuple[type, str, str]:
+    """Decode in a worker; return the failure as (class, path, reason) because InputError cannot be pickled."""
+    try:
+        return read_slice_hu(path)
+    except DicomReadError as exc:
+        return (type(exc), str(exc.path), exc.reason)
+
+
+def _unwrap(result: np.ndarray | tuple[type, str, str]) -> np.ndarray:
+    if isinstance(result, tuple):
+        cls, path, reason = result
+        raise cls(path, reason)
+    return result
+
+
+def _decode_in_order(geometry: StudyGeometry, indices: Sequence[int], workers: int, executor: str,
+                     ahead: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield (index, HU slice) in the given order, decoding up to `ahead` slices in advance in a pool."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, got {executor!r}")
+    if workers <= 1 or len(indices) <= 1:
+        for i in indices:
+            yield i, read_slice_hu(geometry.paths[i])
+        return
+    pool = _pool(workers, executor)
+    ahead = ahead or len(indices)
+    pending: dict[int, Future] = {}
+    queue = iter(indices)
+    with contextlib.ExitStack() as stack:
+        stack.callback(lambda: [f.cancel() for f in pending.values()])
+        submitted = []
+        for i in queue:
+            pending[i] = pool.submit(_decode_worker, str(geometry.paths[i]))
+            submitted.append(i)
+            if len(submitted) >= ahead:
+                break
+        pos = 0
+        while pos < len(submitted):
+            i = submitted[pos]
+            pos += 1
+            result = pending.pop(i).result()
+            nxt = next(queue, None)
+            if nxt is not None:
+                pending[nxt] = pool.submit(_decode_worker, str(geometry.paths[nxt]))
+                submitted.append(nxt)
+            yield i, _unwrap(result)
+
+
+_POOLS: dict[tuple[str, int], Executor] = {}
+
+
+def _pool(workers: int, executor: str) -> Executor:
+    """Return a long-lived pool (one per kind and size), so a batch of studies pays the start-up once."""
+    key = (executor, workers)
+    if key not in _POOLS:
+        if executor == "thread":
+            _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dicom-decode")
+        else:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["data_prep.dicom_io"])
+            _POOLS[key] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    return _POOLS[key]
+
+
+@atexit.register
+def shutdown_pools() -> None:
+    """Stop the decoding worker pools (called at exit; safe to call any time)."""
+    for pool in _POOLS.values():
+        pool.shutdown(wait=False, cancel_futures=True)
+    _POOLS.clear()
+
+
+def _choose_plugin(ts: UID, path: Path) -> str:
+    """Return the fastest installed decoding plugin for `ts` ('' = pydicom's own choice or uncompressed)."""
+    if not ts.is_compressed:
+        return ""
+    available = _available_plugins(ts)
+    if available is None:
+        raise MissingDecoderError(path, f"pydicom has no decoder at all for {ts.name} ({ts}); convert the file "
+                                        "to an uncompressed syntax first (e.g. gdcmconv --raw)")
+    if not available:
+        hint = INSTALL_HINTS.get(str(ts), "pip install pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg python-gdcm")
+        raise MissingDecoderError(path, f"compressed with {ts.name} ({ts}) and no decoder for it is installed; "
+                                        f"install one: {hint}")
+    for plugin in PREFERRED_PLUGINS.get(str(ts), ()):
+        if plugin in available:
+            return plugin
+    return ""
+
+
+def _available_plugins(ts: UID) -> tuple[str, ...] | None:
+    """Return the installed pydicom decoding plugins for `ts`, or None when pydicom has no decoder for it."""
+    try:
+        decoder = pydicom.pixels.get_decoder(ts)
+    except NotImplementedError:
+        return None
+    return tuple(decoder.available_plugins)
+
+
+# --- header helpers --------------------------------------------------------------------------------
+def _check_pixel_element(fp, ds: pydicom.Dataset, path: Path) -> None:
+    """With `fp` just before the pixel data, check the element exists and the file holds all of it."""
+    start = fp.tell()
+    head = fp.read(12)
+    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE)))
+    little = ts.is_little_endian if ts.is_transfer_syntax else True
+    implicit = ts.is_implicit_VR if ts.is_transfer_syntax else False
+    end = "<" if little else ">"
+    if 0 < len(head) < 8:
+        raise TruncatedDicomError(path, f"file ends inside an element header at byte {start}")
+    if not head:
+        _check_header_complete(ds, path, os.fstat(fp.fileno()).st_size)
+        sop_class = UID(str(ds.file_meta.get("MediaStorageSOPClassUID", ds.get("SOPClassUID", ""))))
+        if sop_class.name.endswith("Image Storage"):
+            raise TruncatedDicomError(path, f"{sop_class.name} file ends before its Pixel Data (cut short?)")
+        raise NoPixelDataError(path, "has no Pixel Data element (not an image)")
+    group, elem = struct.unpack(end + "HH", head[:4])
+    if (group << 16 | elem) != PIXEL_DATA_TAG:
+        raise TruncatedDicomError(path, f"header parsing stopped at byte {start} before any Pixel Data "
+                                        f"(element ({group:04X},{elem:04X}) is incomplete)")
+    if implicit:
+        length, header_len = struct.unpack(end + "I", head[4:8])[0], 8
+    elif head[4:6] in LONG_VRS:
+        if len(head) < 12:
+            raise TruncatedDicomError(path, "file ends inside the Pixel Data element header")
+        length, header_len = struct.unpack(end + "I", head[8:12])[0], 12
+    else:
+        length, header_len = struct.unpack(end + "H", head[6:8])[0], 8
+    size = os.fstat(fp.fileno()).st_size
+    if length == UNDEFINED_LENGTH:
+        fp.seek(max(start, size - DELIMITER_SEARCH_BYTES))
+        if SEQUENCE_DELIMITER not in fp.read():
+            raise TruncatedDicomError(path, "compressed pixel data has no end delimiter: the file is cut short")
+    elif start + header_len + length > size:
+        raise TruncatedDicomError(path, f"pixel data is cut short: {size - start - header_len} of {length} bytes "
+                                        "present")
+
+
+def _check_header_complete(ds: pydicom.Dataset, path: Path, size: int) -> None:
+    """Raise TruncatedDicomError when a header without pixel data ends inside an element (pydicom is silent)."""
+    meta = ds.file_meta
+    meta_len = meta.get("FileMetaInformationGroupLength")
+    if "TransferSyntaxUID" not in meta or (meta_len is not None and size < PREAMBLE_BYTES + int(meta_len)):
+        raise TruncatedDicomError(path, "file ends inside the file meta information")
+    if len(ds) == 0:
+        end = PREAMBLE_BYTES + int(meta_len) if meta_len is not None else size
+        if size > end:
+            raise TruncatedDicomError(path, f"file ends inside the first element header (byte {end})")
+        return
+    last = ds.get_item(max(ds.keys()))
+    length = getattr(last, "length", None)
+    value_tell = getattr(last, "value_tell", None)
+    if length is None or value_tell is None or length == UNDEFINED_LENGTH:
+        return
+    if value_tell + length > size:
+        raise TruncatedDicomError(path, f"file ends inside element {last.tag} ({size - value_tell} of {length} "
+                                        "bytes present), before the Pixel Data")
+    if value_tell + length < size:
+        raise TruncatedDicomError(path, f"file ends inside the element header after {last.tag} "
+                                        f"(byte {value_tell + length}), before the Pixel Data")
+
+
+def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str]) -> StudyGeometry:
+    """Check that the slices fit together and sort them into canonical order."""
+    ref = _majority(headers, lambda h: h.shape)
+    odd = [h for h in headers if h.shape != ref.shape]
+    if odd:
+        raise InconsistentSlicesError(odd[0].path, f"slice size {odd[0].shape[0]}x{odd[0].shape[1]} differs from "
+                                                   f"the study's {ref.shape[0]}x{ref.shape[1]} "
+                                                   f"({len(odd)} file(s) differ, e.g. {_names(odd)})")
+    with_orient = [h for h in headers if h.orientation is not None]
+    if with_orient:
+        ref_o = _majority(with_orient, lambda h: tuple(np.round(h.orientation, 3)))
+        odd = [h for h in with_orient if np.abs(h.orientation - ref_o.orientation).max() > ORIENTATION_TOLERANCE]
+        if odd:
+            raise InconsistentSlicesError(odd[0].path, f"ImageOrientationPatient {odd[0].orientation.tolist()} "
+                                                       f"differs from the study's {ref_o.orientation.tolist()} "
+                                                       f"({len(odd)} file(s), e.g. {_names(odd)})")
+        orientation = ref_o.orientation
+        if len(with_orient) < len(headers):
+            _warn(notes, f"{study_dir}: {len(headers) - len(with_orient)} file(s) lack ImageOrientationPatient; "
+                         "using the other slices' value")
+    else:
+        orientation = np.array([1.0, 0, 0, 0, 1.0, 0])
+        _warn(notes, f"{study_dir}: no ImageOrientationPatient in any file; assuming axial [1,0,0,0,1,0]")
+    with_spacing = [h for h in headers if h.spacing is not None]
+    if with_spacing:
+        ref_s = _majority(with_spacing, lambda h: tuple(np.round(h.spacing, 3)))
+        odd = [h for h in with_spacing if max(abs(a - b) for a, b in zip(h.spacing, ref_s.spacing, strict=True))
+               > SPACING_TOLERANCE_MM]
+        if odd:
+            raise InconsistentSlicesError(odd[0].path, f"PixelSpacing {list(odd[0].spacing)} differs from the "
+                                                       f"study's {list(ref_s.spacing)} ({len(odd)} file(s))")
+        spacing = ref_s.spacing
+    else:
+        spacing = (1.0, 1.0)
+        _warn(notes, f"{study_dir}: no PixelSpacing in any file; assuming 1 x 1 mm")
+    normal = _normal(orientation)
+    if abs(normal[2]) < 0.5:
+        _warn(notes, f"{study_dir}: slices are not axial (normal {np.round(normal, 3).tolist()}); "
+                     "the canonical order runs along the slice normal")
+    if normal[2] < 0:
+        normal = -normal  # orient towards superior (+z in LPS)
+
+    instances = [h.instance for h in headers]
+    if all(h.position is not None for h in headers):
+        positions = np.stack([h.position for h in headers])
+        z = positions @ normal
+        tie = np.array([n if n is not None else 0 for n in instances])
+        order = np.lexsort((tie, -z))  # z descending (superior first), InstanceNumber breaks ties
+    else:
+        missing = [h for h in headers if h.position is None]
+        if any(n is None for n in instances):
+            raise GeometryError(missing[0].path, "neither ImagePositionPatient nor InstanceNumber: cannot order "
+                                                 f"the slices ({len(missing)} file(s) without a position)")
+        _warn(notes, f"{study_dir}: {len(missing)} file(s) lack ImagePositionPatient (e.g. {_names(missing)}); "
+                     "ordering by InstanceNumber, assuming 1 = most superior")
+        order = np.argsort(np.array(instances), kind="stable")
+        thickness0 = _majority_value([h.thickness for h in headers if h.thickness]) or 1.0
+        z = np.empty(len(headers))
+        z[order] = -np.arange(len(headers)) * thickness0
+        positions = np.stack([h.position if h.position is not None else np.array([0.0, 0.0, zz])
+                              for h, zz in zip(headers, z, strict=True)])
+    headers = [headers[i] for i in order]
+    positions, z = positions[order], z[order]
+
+    steps = -np.diff(z)
+    dup = np.flatnonzero(steps < POSITION_TOLERANCE_MM)
+    if dup.size:
+        a, b = headers[dup[0]], headers[dup[0] + 1]
+        raise DuplicatePositionError(b.path, f"same position as {a.path.name} (z = {z[dup[0]]:.3f} mm along the "
+                                             f"slice normal); {dup.size} duplicate pair(s) in {study_dir.name}")
+    if steps.size:
+        median = float(np.median(steps))
+        for g in np.flatnonzero(steps > GAP_FACTOR * median):
+            a, b = headers[g], headers[g + 1]
+            _warn(notes, f"{study_dir}: missing slices between {a.path.name} (z={z[g]:.2f} mm) and {b.path.name} "
+                         f"(z={z[g + 1]:.2f} mm): gap {steps[g]:.2f} mm, usual step {median:.2f} mm "
+                         f"(about {round(steps[g] / median) - 1} slice(s) missing)")
+
+    if any(n is None for n in instances):
+        _warn(notes, f"{study_dir}: some files lack InstanceNumber; using the file name stem instead")
+    numbers = np.array([h.instance if h.instance is not None else _stem_number(h.path) for h in headers])
+    if len(set(numbers.tolist())) != len(numbers):
+        _warn(notes, f"{study_dir}: InstanceNumber is not unique; index_of_instance uses the first match")
+    thicknesses = [h.thickness for h in headers if h.thickness]
+    thickness = _majority_value(thicknesses)
+    if thickness is None:
+        thickness = float(np.median(steps)) if steps.size else 1.0
+        _warn(notes, f"{study_dir}: no SliceThickness; using the slice step {thickness:.3f} mm")
+    elif any(abs(t - thickness) > SPACING_TOLERANCE_MM for t in thicknesses):
+        _warn(notes, f"{study_dir}: SliceThickness varies ({min(thicknesses)}..{max(thicknesses)} mm)")
+    reversed_ = bool(len(numbers) > 1 and numbers[-1] < numbers[0])
+    return StudyGeometry(
+        study_uid=study_dir.name, study_dir=study_dir, paths=tuple(h.path for h in headers),
+        instance_numbers=numbers.astype(np.int64), z_mm=z.astype(np.float64), positions=positions,
+        orientation=np.asarray(orientation, dtype=np.float64), pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        shape=headers[0].shape, slice_thickness=float(thickness),
+        transfer_syntaxes=tuple(sorted({h.ts for h in headers})), instance_order_reversed=reversed_,
+        warnings=tuple(notes))
+
+
+def _normal(orientation: np.ndarray) -> np.ndarray:
+    n = np.cross(orientation[:3], orientation[3:])
+    return n / (np.linalg.norm(n) or 1.0)
+
+
+def _warn(notes: list[str], message: str) -> None:
+    log.warning("%s", message)
+    notes.append(message)
+
+
+def _majority(headers: list[SliceHeader], key):
+    counts: dict = {}
+    for h in headers:
+        counts.setdefault(key(h), []).append(h)
+    return max(counts.values(), key=len)[0]
+
+
+def _majority_value(values: list[float]) -> float | None:
+    if not values:
+        return None
+    rounded = [round(v, 3) for v in values]
+    return max(set(rounded), key=rounded.count)
+
+
+def _names(headers: list[SliceHeader], limit: int = 3) -> str:
+    names = [h.path.name for h in headers[:limit]]
+    return ", ".join(names) + (", ..." if len(headers) > limit else "")
+
+
+def _natural_key(path: Path) -> tuple:
+    stem = path.stem
+    return (0, int(stem), path.name) if stem.isdigit() else (1, 0, path.name)
+
+
+def _stem_number(path: Path) -> int:
+    return int(path.stem) if path.stem.isdigit() else -1
+
+
+def _int_or_none(value) -> int | None:
+    try:
+        return int(value) if value is not None and str(value) != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _float_or_none(value) -> float | None:
+    try:
+        return float(value) if value is not None and str(value) != "" else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _floats(value, n: int) -> np.ndarray | None:
+    try:
+        arr = np.array([float(v) for v in value], dtype=np.float64)
+    except (TypeError, ValueError):
+        return None
+    return arr if arr.shape == (n,) and np.isfinite(arr).all() else None
+
+
+def _pair(value) -> tuple[float, float] | None:
+    arr = _floats(value, 2)
+    return (float(arr[0]), float(arr[1])) if arr is not None else None

@@ -1,0 +1,312 @@
+"""Study x level features from detection outputs (boxes.csv + slices.csv), and per-study patient features.
+
+Inputs follow docs/contracts.md "Detection outputs". A box is *on* level L when its overlap weight
+`w_L >= features.min_level_weight` (when boxes.csv has only a `level` column, the weight is 1 on that
+level). Every feature is described in `FEATURES` (study x level rows) and `PATIENT_FEATURES` (one row
+per study); names with `{t}` expand to one feature per configured threshold, `{unit}` to the area unit.
+The same registries give the model its feature lists and the documentation its table
+(`features_markdown`). Studies without any box still get rows, with zero detection features.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from data_prep import registry
+from data_prep.errors import InputError
+
+logger = logging.getLogger("aggregation")
+
+
+LEVEL_COL = "level"
+WEIGHT_COLS: tuple[str, ...] = tuple(f"w_{lv}" for lv in registry.LEVELS)
+PRESENCE_COLS: tuple[str, ...] = tuple(f"p_{lv}" for lv in registry.LEVELS)
+BOX_REQUIRED: tuple[str, ...] = (registry.STUDY_COL, "slice_index", "width", "height", "score")
+SLICE_REQUIRED: tuple[str, ...] = (registry.STUDY_COL, "slice_index", *PRESENCE_COLS)
+AREA_UNITS: dict[str, str] = {"px": "px", "mm": "mm2"}
+PRED_PREFIX = "pred_"
+
+FEATURES: dict[str, str] = {
+    "level_idx": "0-based index of the level (C1=0 .. C7=6); a categorical feature of the shared model",
+    "max_score": "highest detector score among the boxes on the level; 0 when there is none",
+    "top_k_mean": "mean of the features.top_k best scores on the level, missing ones counted as 0",
+    "n_boxes_ge_{t}": "number of boxes on the level scoring >= t (one feature per features.score_thresholds)",
+    "n_slices_ge_{t}": "number of distinct slices holding a box on the level that scores >= t",
+    "score_mass": "sum over all the study's boxes of score x w_L (overlap-weighted detection mass of the level)",
+    "box_area_{unit}": "mean area of the boxes on the level weighted by score x w_L; px^2 when "
+                       "features.area_unit=px (boxes.csv has no pixel spacing), mm^2 when area_unit=mm; 0 without boxes",
+    "longest_run": "longest run of consecutive slice_index values with a box on the level scoring >= "
+                   "features.run_min_score",
+    "level_slices": "slices on which the level is present (slices.csv p_L > features.presence_threshold)",
+    "det_slice_frac": "n_slices_ge at the lowest score threshold divided by level_slices (0 when level_slices is 0)",
+    "above_max": "max_score of the neighbouring level above (cranial, L-1); 0 for C1",
+    "below_max": "max_score of the neighbouring level below (caudal, L+1); 0 for C7",
+    "study_max_score": "highest score of any box in the study, whatever its level",
+    "study_mass": "sum of the scores of all boxes in the study (overall detection mass)",
+    "study_n_boxes": "number of boxes in the study",
+    "study_longest_run": "longest run of consecutive slices holding any box scoring >= features.run_min_score",
+    "study_n_slices": "number of slices of the study (rows of slices.csv)",
+}
+"""Study x level features (rows of features.csv), name -> description."""
+
+PATIENT_FEATURES: dict[str, str] = {
+    "level_max": "max over C1..C7 of the level max_score",
+    "n_levels_ge_{t}": "number of levels whose max_score >= t (one feature per features.patient_thresholds)",
+    "study_max_score": FEATURES["study_max_score"],
+    "study_mass": FEATURES["study_mass"],
+    "study_n_boxes": FEATURES["study_n_boxes"],
+    "study_longest_run": FEATURES["study_longest_run"],
+    "study_n_slices": FEATURES["study_n_slices"],
+}
+"""Per-study features of the patient_overall model, name -> description."""
+
+LEVEL_PREDICTION_FEATURES: dict[str, str] = {
+    **{f"{PRED_PREFIX}{lv}": f"the level model's probability for {lv} (out-of-fold when training)"
+       for lv in registry.LEVELS},
+    "pred_max": "max over levels of the level model's probabilities",
+    "pred_noisy_or": "1 - prod(1 - p_L): chance of at least one fractured level if levels were independent",
+}
+"""Features the StudyAggregator adds to PATIENT_FEATURES from its own level model."""
+
+
+def _section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
+    """Return the `features` section from a whole aggregation config (or the section itself)."""
+    if config is None:
+        from data_prep.config import load_config
+
+        config = load_config("aggregation")
+    return config.get("features", config)
+
+
+def _fmt(t: float) -> str:
+    return f"{float(t):g}"
+
+
+def _expand(templates: Mapping[str, str], cfg: Mapping[str, Any], thresholds_key: str) -> dict[str, str]:
+    unit = AREA_UNITS.get(cfg["area_unit"])
+    if unit is None:
+        raise ValueError(f"features.area_unit must be one of {', '.join(AREA_UNITS)}, found {cfg['area_unit']!r}")
+    out: dict[str, str] = {}
+    for name, desc in templates.items():
+        if "{t}" in name:
+            for t in cfg[thresholds_key]:
+                out[name.format(t=_fmt(t))] = desc.replace(">= t", f">= {_fmt(t)}")
+        else:
+            out[name.format(unit=unit)] = desc
+    return out
+
+
+def level_feature_descriptions(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Return the expanded study x level feature names -> descriptions for a config."""
+    cfg = _section(config)
+    return _expand(FEATURES, cfg, "score_thresholds")
+
+
+def patient_feature_descriptions(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Return the expanded per-study patient feature names -> descriptions (without level predictions)."""
+    cfg = _section(config)
+    return _expand(PATIENT_FEATURES, cfg, "patient_thresholds")
+
+
+def level_feature_names(config: Mapping[str, Any] | None = None) -> list[str]:
+    """Return the study x level feature columns, in order, for a config."""
+    return list(level_feature_descriptions(config))
+
+
+def patient_feature_names(config: Mapping[str, Any] | None = None) -> list[str]:
+    """Return the per-study patient feature columns, in order, for a config."""
+    return list(patient_feature_descriptions(config))
+
+
+def features_markdown(config: Mapping[str, Any] | None = None) -> str:
+    """Return a Markdown table documenting every feature (for docs and `features.csv` readers)."""
+    lines = ["| table | feature | meaning |", "|---|---|---|"]
+    for table, desc in (("features.csv (study x level)", level_feature_descriptions(config)),
+                        ("patient", patient_feature_descriptions(config)),
+                        ("patient (added by the model)", LEVEL_PREDICTION_FEATURES)):
+        lines += [f"| {table} | `{name}` | {text} |" for name, text in desc.items()]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- computation
+def longest_run(indices: Iterable[int]) -> int:
+    """Return the length of the longest run of consecutive integers in `indices` (duplicates ignored)."""
+    a = np.unique(np.asarray(list(indices), dtype=np.int64))
+    if a.size == 0:
+        return 0
+    breaks = np.flatnonzero(np.diff(a) != 1)
+    return int(np.diff(np.r_[-1, breaks, a.size - 1]).max())
+
+
+def _check_columns(df: pd.DataFrame, required: Sequence[str], what: str, path: str | os.PathLike | None) -> None:
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(path, f"{what} lacks column(s) {', '.join(missing)} (see docs/contracts.md)")
+
+
+def level_weights(boxes: pd.DataFrame, path: str | os.PathLike | None = None) -> np.ndarray:
+    """Return the (n_boxes, 7) level weights: w_C1..w_C7 when present, else one-hot of `level` (unknown = 0)."""
+    if all(c in boxes.columns for c in WEIGHT_COLS):
+        return np.nan_to_num(boxes[list(WEIGHT_COLS)].to_numpy(dtype=float))
+    if LEVEL_COL in boxes.columns:
+        names = boxes[LEVEL_COL].astype("string").to_numpy()
+        return np.stack([(names == lv) for lv in registry.LEVELS], axis=1).astype(float) if len(names) else \
+            np.zeros((0, len(registry.LEVELS)))
+    if boxes.empty:
+        return np.zeros((0, len(registry.LEVELS)))
+    raise InputError(path, "boxes table has neither w_C1..w_C7 nor a level column; run detection with levels "
+                           "(e.g. `spinefrac detect --locator ...`)")
+
+
+def _box_areas(boxes: pd.DataFrame, unit: str, spacing: Mapping[str, tuple[float, float]] | None) -> np.ndarray:
+    area = boxes["width"].to_numpy(dtype=float) * boxes["height"].to_numpy(dtype=float)
+    if unit == "px":
+        return area
+    if spacing is None:
+        raise InputError(None, "features.area_unit=mm needs a pixel spacing per study (spacing=...)")
+    uids = boxes[registry.STUDY_COL].astype(str)
+    absent = sorted(set(uids) - set(spacing))
+    if absent:
+        raise InputError(None, f"features.area_unit=mm: no pixel spacing for {len(absent)} studies, "
+                               f"e.g. {absent[0]}")
+    scale = np.array([float(spacing[u][0]) * float(spacing[u][1]) for u in uids])
+    return area * scale
+
+
+def _level_rows(score: np.ndarray, sl: np.ndarray, area: np.ndarray, w: np.ndarray, level_slices: np.ndarray,
+                cfg: Mapping[str, Any]) -> list[dict[str, float]]:
+    """Return the seven feature dicts (C1..C7) of one study from its box arrays."""
+    min_w, k = float(cfg["min_level_weight"]), int(cfg["top_k"])
+    thresholds = [float(t) for t in cfg["score_thresholds"]]
+    unit = AREA_UNITS[cfg["area_unit"]]
+    rows: list[dict[str, float]] = []
+    for j in range(len(registry.LEVELS)):
+        on = w[:, j] >= min_w
+        s_on = score[on]
+        top = np.sort(s_on)[::-1][:k]
+        row: dict[str, float] = {
+            "level_idx": j,
+            "max_score": float(s_on.max()) if s_on.size else 0.0,
+            "top_k_mean": float(top.sum() / k) if k > 0 else 0.0,
+        }
+        for t in thresholds:
+            row[f"n_boxes_ge_{_fmt(t)}"] = int((s_on >= t).sum())
+        for t in thresholds:
+            row[f"n_slices_ge_{_fmt(t)}"] = int(np.unique(sl[on & (score >= t)]).size)
+        row["score_mass"] = float((score * w[:, j]).sum())
+        ww = score[on] * w[on, j]
+        row[f"box_area_{unit}"] = float((ww * area[on]).sum() / ww.sum()) if ww.sum() > 0 else 0.0
+        row["longest_run"] = longest_run(sl[on & (score >= float(cfg["run_min_score"]))])
+        row["level_slices"] = int(level_slices[j])
+        first = row[f"n_slices_ge_{_fmt(thresholds[0])}"] if thresholds else 0
+        row["det_slice_frac"] = float(first / level_slices[j]) if level_slices[j] > 0 else 0.0
+        rows.append(row)
+    for j, row in enumerate(rows):
+        row["above_max"] = rows[j - 1]["max_score"] if j > 0 else 0.0
+        row["below_max"] = rows[j + 1]["max_score"] if j + 1 < len(rows) else 0.0
+    return rows
+
+
+def build_features(boxes: pd.DataFrame, slices: pd.DataFrame, *, config: Mapping[str, Any] | None = None,
+                   studies: Iterable[str] | None = None, spacing: Mapping[str, tuple[float, float]] | None = None,
+                   progress: bool = False) -> pd.DataFrame:
+    """Return one row per study x level (long format: StudyInstanceUID, level, then FEATURES) from detection tables.
+
+    `studies` fixes the studies (and their order); by default those of slices.csv then boxes.csv.
+    `spacing` maps StudyInstanceUID -> (row_mm, col_mm) and is needed only when features.area_unit is "mm".
+    """
+    cfg = _section(config)
+    if not len(boxes.columns):
+        boxes = pd.DataFrame(columns=list(BOX_REQUIRED))
+    _check_columns(boxes, BOX_REQUIRED, "boxes table", None)
+    _check_columns(slices, SLICE_REQUIRED, "slices table", None)
+    names = level_feature_names(cfg)
+    unit = AREA_UNITS[cfg["area_unit"]]
+    w_all = level_weights(boxes)
+    if studies is None:
+        uids = list(dict.fromkeys([*slices[registry.STUDY_COL].astype(str), *boxes[registry.STUDY_COL].astype(str)]))
+    else:
+        uids = [str(u) for u in studies]
+    box_uid = boxes[registry.STUDY_COL].astype(str).to_numpy()
+    score_all = boxes["score"].to_numpy(dtype=float)
+    sl_all = boxes["slice_index"].to_numpy(dtype=np.int64) if len(boxes) else np.zeros(0, np.int64)
+    area_all = _box_areas(boxes, cfg["area_unit"], spacing) if len(boxes) else np.zeros(0)
+    presence = slices[list(PRESENCE_COLS)].to_numpy(dtype=float) > float(cfg["presence_threshold"])
+    slice_uid = slices[registry.STUDY_COL].astype(str).to_numpy()
+    box_groups = pd.Series(np.arange(len(box_uid))).groupby(box_uid).indices if len(box_uid) else {}
+    slice_groups = pd.Series(np.arange(len(slice_uid))).groupby(slice_uid).indices if len(slice_uid) else {}
+    run_min = float(cfg["run_min_score"])
+    out: list[dict[str, Any]] = []
+    for uid in tqdm(uids, desc="features", unit="study", disable=not progress):
+        bi = box_groups.get(uid, np.zeros(0, dtype=np.int64))
+        si = slice_groups.get(uid, np.zeros(0, dtype=np.int64))
+        if si.size == 0:
+            logger.warning("study %s has no rows in slices.csv: level_slices and study_n_slices are 0", uid)
+        score, sl = score_all[bi], sl_all[bi]
+        rows = _level_rows(score, sl, area_all[bi], w_all[bi], presence[si].sum(axis=0), cfg)
+        study = {
+            "study_max_score": float(score.max()) if score.size else 0.0,
+            "study_mass": float(score.sum()),
+            "study_n_boxes": int(score.size),
+            "study_longest_run": longest_run(sl[score >= run_min]),
+            "study_n_slices": int(si.size),
+        }
+        for lv, row in zip(registry.LEVELS, rows, strict=True):
+            out.append({registry.STUDY_COL: uid, LEVEL_COL: lv, **row, **study})
+    df = pd.DataFrame(out, columns=[registry.STUDY_COL, LEVEL_COL, *names])
+    logger.debug("features: %d studies x %d levels, %d features (area in %s)", len(uids), len(registry.LEVELS),
+                 len(names), unit)
+    return df
+
+
+def build_patient_features(level_features: pd.DataFrame, *, config: Mapping[str, Any] | None = None,
+                           path: str | os.PathLike | None = None) -> pd.DataFrame:
+    """Return one row per study (StudyInstanceUID, then PATIENT_FEATURES) from the long study x level table."""
+    cfg = _section(config)
+    _check_columns(level_features, (registry.STUDY_COL, LEVEL_COL, "max_score", *[
+        c for c in PATIENT_FEATURES if c.startswith("study_")]), "features table", path)
+    counts = level_features.groupby(registry.STUDY_COL, sort=False)[LEVEL_COL].nunique()
+    short = counts[counts != len(registry.LEVELS)]
+    if len(short):
+        raise InputError(path, f"features table: study {short.index[0]} has {short.iloc[0]} of the "
+                               f"{len(registry.LEVELS)} levels")
+    g = level_features.groupby(registry.STUDY_COL, sort=False)
+    out = pd.DataFrame({"level_max": g["max_score"].max()})
+    for t in cfg["patient_thresholds"]:
+        out[f"n_levels_ge_{_fmt(t)}"] = g["max_score"].agg(lambda s, t=float(t): int((s >= t).sum()))
+    for c in PATIENT_FEATURES:
+        if c.startswith("study_"):
+            out[c] = g[c].first()
+    out = out.reset_index()
+    return out[[registry.STUDY_COL, *patient_feature_names(cfg)]]
+
+
+# ---------------------------------------------------------------- reading tables
+def read_csv_table(path: str | os.PathLike, required: Sequence[str], what: str) -> pd.DataFrame:
+    """Read a CSV with StudyInstanceUID as text; raise InputError naming the file when it is absent or lacks columns."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"{what} not found")
+    try:
+        df = pd.read_csv(path, dtype={registry.STUDY_COL: str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"{what} is not a readable CSV: {exc}") from None
+    _check_columns(df, required, what, path)
+    return df
+
+
+def load_detection_tables(boxes: str | os.PathLike, slices: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read boxes.csv and slices.csv, checking the columns the features need (levels included)."""
+    b = read_csv_table(boxes, BOX_REQUIRED, "boxes table")
+    if len(b):
+        level_weights(b, boxes)
+    s = read_csv_table(slices, SLICE_REQUIRED, "slices table")
+    return b, s

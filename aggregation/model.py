@@ -1,0 +1,336 @@
+"""StudyAggregator: calibrated gradient boosting from study x level features to C1-C7 and patient_overall.
+
+- Level model: one `HistGradientBoostingClassifier` shared by the seven levels, with `level_idx` as a
+  categorical feature (model.level_mode "shared", the default), or one model per level ("per_level").
+- Patient model: the per-study `PATIENT_FEATURES` plus the level model's probabilities
+  (`LEVEL_PREDICTION_FEATURES`). While fitting, those probabilities are out-of-fold (folds by study), so the
+  patient model sees level predictions as noisy as at inference.
+- Each model is wrapped in `CalibratedClassifierCV` (sigmoid or isotonic, internal stratified CV). On tiny data
+  the folds shrink to the minority-class count; with fewer than two per class the booster is used
+  uncalibrated, and with a single class a smoothed constant is predicted (never exactly 0 or 1).
+- `patient_overall` is never below the largest level probability: a fracture at any level is a fracture.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import joblib
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.calibration import CalibratedClassifierCV
+from sklearn.ensemble import HistGradientBoostingClassifier
+from sklearn.model_selection import GroupKFold, StratifiedKFold
+
+from data_prep import registry
+from data_prep.artifacts import atomic_path, library_versions, write_json_atomic
+from data_prep.errors import InputError
+
+from .features import (
+    LEVEL_COL,
+    LEVEL_PREDICTION_FEATURES,
+    PRED_PREFIX,
+    build_patient_features,
+    level_feature_names,
+    patient_feature_names,
+)
+
+logger = logging.getLogger("aggregation")
+
+MODEL_FILE = "aggregator.joblib"
+META_FILE = "aggregator.json"
+FORMAT_VERSION = 1
+LEVEL_IDX = "level_idx"
+LEVEL_MODES = ("shared", "per_level")
+CALIBRATION_METHODS = ("sigmoid", "isotonic", "none")
+MIN_CALIBRATION_FOLDS = 2
+CONSTANT_SMOOTHING = 0.5
+"""Pseudo-count added to each class when a model sees a single class (Jeffreys-style smoothing)."""
+
+
+class FeatureMismatchError(InputError):
+    """Features given to (or expected by) a saved aggregator differ from those it was trained with."""
+
+
+class ConstantClassifier(ClassifierMixin, BaseEstimator):
+    """Predicts the smoothed training rate for every row; used when a fold holds a single class."""
+
+    def fit(self, X: np.ndarray, y: np.ndarray) -> ConstantClassifier:
+        """Store the smoothed positive rate of `y`."""
+        y = np.asarray(y, dtype=float)
+        self.rate_ = float((y.sum() + CONSTANT_SMOOTHING) / (y.size + 2 * CONSTANT_SMOOTHING))
+        self.classes_ = np.array([0, 1])
+        return self
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """Return [1 - rate, rate] for every row."""
+        n = len(X)
+        return np.column_stack([np.full(n, 1.0 - self.rate_), np.full(n, self.rate_)])
+
+
+def _model_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    return config["model"]
+
+
+def fit_binary(X: np.ndarray, y: np.ndarray, *, categorical: np.ndarray | None,
+               config: Mapping[str, Any]) -> Any:
+    """Fit one calibrated HistGradientBoostingClassifier on (X, y), degrading gracefully on tiny data."""
+    m = _model_section(config)
+    y = np.asarray(y, dtype=int)
+    counts = np.bincount(y, minlength=2)
+    if counts.min() == 0:
+        logger.warning("a model sees a single class (%d rows, %d positive): predicting a smoothed constant",
+                       y.size, counts[1])
+        return ConstantClassifier().fit(X, y)
+    booster = HistGradientBoostingClassifier(
+        learning_rate=float(m["learning_rate"]), max_iter=int(m["max_iter"]),
+        max_leaf_nodes=int(m["max_leaf_nodes"]), max_depth=m["max_depth"],
+        min_samples_leaf=int(m["min_samples_leaf"]), l2_regularization=float(m["l2_regularization"]),
+        categorical_features=categorical if categorical is not None and categorical.any() else None,
+        early_stopping=False, random_state=int(m["random_state"]))
+    method = m["calibration"]
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"model.calibration must be one of {', '.join(CALIBRATION_METHODS)}, found {method!r}")
+    folds = min(int(m["calibration_folds"]), int(counts.min()))
+    if method == "none":
+        return booster.fit(X, y)
+    if folds < MIN_CALIBRATION_FOLDS:
+        logger.warning("only %d rows of the minority class: boosting without calibration", counts.min())
+        return booster.fit(X, y)
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(m["random_state"]))
+    return CalibratedClassifierCV(booster, method=method, cv=cv).fit(X, y)
+
+
+def _positive_proba(model: Any, X: np.ndarray) -> np.ndarray:
+    proba = model.predict_proba(X)
+    return proba[:, list(model.classes_).index(1)] if proba.shape[1] > 1 else np.zeros(len(X))
+
+
+class StudyAggregator:
+    """Study-level fracture probabilities (C1..C7, patient_overall) from the long features table."""
+
+    def __init__(self, config: Mapping[str, Any] | None = None) -> None:
+        if config is None:
+            from data_prep.config import load_config
+
+            config = load_config("aggregation")
+        self.config: dict[str, Any] = config.to_dict() if hasattr(config, "to_dict") else _plain(config)
+        mode = self.config["model"]["level_mode"]
+        if mode not in LEVEL_MODES:
+            raise ValueError(f"model.level_mode must be one of {', '.join(LEVEL_MODES)}, found {mode!r}")
+        self.level_features: list[str] = level_feature_names(self.config)
+        self.patient_features: list[str] = [*patient_feature_names(self.config), *LEVEL_PREDICTION_FEATURES]
+        self.level_models_: dict[str, Any] | None = None
+        self.patient_model_: Any = None
+        self.training_: dict[str, Any] = {}
+
+    # ------------------------------------------------------------ fitting
+    def fit(self, features: pd.DataFrame, labels: pd.DataFrame) -> StudyAggregator:
+        """Fit the level and patient models on the long features table and train.csv-style labels."""
+        self._check_features(features)
+        features = _str_uids(features)
+        y_wide = _labels_for(features, labels)
+        self.level_models_ = self._fit_levels(features, y_wide)
+        oof = self._oof_level_predictions(features, y_wide)
+        xp = self._patient_matrix(features, oof)
+        y_patient = y_wide.loc[xp[registry.STUDY_COL], registry.PATIENT].to_numpy(dtype=int)
+        self.patient_model_ = fit_binary(xp[self.patient_features].to_numpy(dtype=float), y_patient,
+                                         categorical=None, config=self.config)
+        self.training_ = {"n_studies": int(len(y_wide)),
+                          "positives": {t: int(y_wide[t].sum()) for t in registry.TARGETS}}
+        logger.info("aggregator fitted on %d studies (%d patient positives)", len(y_wide),
+                    self.training_["positives"][registry.PATIENT])
+        return self
+
+    def _level_matrix(self, df: pd.DataFrame, *, with_level: bool) -> tuple[np.ndarray, np.ndarray]:
+        cols = self.level_features if with_level else [c for c in self.level_features if c != LEVEL_IDX]
+        return df[cols].to_numpy(dtype=float), np.array([c == LEVEL_IDX for c in cols])
+
+    def _fit_levels(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> dict[str, Any]:
+        y = _level_targets(features, y_wide)
+        if self.config["model"]["level_mode"] == "shared":
+            X, cat = self._level_matrix(features, with_level=True)
+            return {"shared": fit_binary(X, y, categorical=cat, config=self.config)}
+        models = {}
+        for lv in registry.LEVELS:
+            rows = (features[LEVEL_COL] == lv).to_numpy()
+            X, _ = self._level_matrix(features[rows], with_level=False)
+            models[lv] = fit_binary(X, y[rows], categorical=None, config=self.config)
+        return models
+
+    def _predict_levels(self, models: Mapping[str, Any], features: pd.DataFrame) -> pd.DataFrame:
+        """Return a wide (StudyInstanceUID, C1..C7) table of level probabilities."""
+        p = np.zeros(len(features))
+        if "shared" in models:
+            X, _ = self._level_matrix(features, with_level=True)
+            p = _positive_proba(models["shared"], X)
+        else:
+            for lv in registry.LEVELS:
+                rows = (features[LEVEL_COL] == lv).to_numpy()
+                if rows.any():
+                    X, _ = self._level_matrix(features[rows], with_level=False)
+                    p[rows] = _positive_proba(models[lv], X)
+        long = pd.DataFrame({registry.STUDY_COL: features[registry.STUDY_COL].to_numpy(),
+                             LEVEL_COL: features[LEVEL_COL].to_numpy(), "p": p})
+        wide = long.pivot(index=registry.STUDY_COL, columns=LEVEL_COL, values="p")
+        order = pd.unique(features[registry.STUDY_COL])
+        return wide.loc[order, list(registry.LEVELS)].reset_index()
+
+    def _oof_level_predictions(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> pd.DataFrame:
+        """Return level probabilities for the training studies, each from a model that never saw the study."""
+        assert self.level_models_ is not None
+        uids = features[registry.STUDY_COL].to_numpy()
+        n_studies = len(pd.unique(uids))
+        folds = min(int(self.config["model"]["patient_oof_folds"]), n_studies)
+        if folds < MIN_CALIBRATION_FOLDS:
+            logger.warning("patient model learns from in-sample level predictions (patient_oof_folds=%d, %d studies)",
+                           folds, n_studies)
+            return self._predict_levels(self.level_models_, features)
+        parts = []
+        splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=int(self.config["model"]["random_state"]))
+        for train_idx, val_idx in splitter.split(features, groups=uids):
+            tr = features.iloc[train_idx]
+            models = self._fit_levels(tr, y_wide.loc[pd.unique(tr[registry.STUDY_COL])])
+            parts.append(self._predict_levels(models, features.iloc[val_idx]))
+        oof = pd.concat(parts).set_index(registry.STUDY_COL)
+        return oof.loc[pd.unique(uids)].reset_index()
+
+    def _patient_matrix(self, features: pd.DataFrame, level_pred: pd.DataFrame) -> pd.DataFrame:
+        pf = build_patient_features(features, config=self.config)
+        lp = level_pred.set_index(registry.STUDY_COL)[list(registry.LEVELS)]
+        lp = lp.loc[pf[registry.STUDY_COL]]
+        for lv in registry.LEVELS:
+            pf[f"{PRED_PREFIX}{lv}"] = lp[lv].to_numpy()
+        p = lp.to_numpy(dtype=float)
+        pf["pred_max"] = p.max(axis=1)
+        pf["pred_noisy_or"] = 1.0 - np.prod(1.0 - p, axis=1)
+        return pf
+
+    # ------------------------------------------------------------ prediction
+    def predict_proba(self, features: pd.DataFrame) -> pd.DataFrame:
+        """Return StudyInstanceUID, C1..C7, patient_overall probabilities, one row per study of `features`."""
+        if self.level_models_ is None or self.patient_model_ is None:
+            raise RuntimeError("StudyAggregator is not fitted: call fit() or load() first")
+        self._check_features(features)
+        features = _str_uids(features)
+        levels = self._predict_levels(self.level_models_, features)
+        xp = self._patient_matrix(features, levels)
+        patient = _positive_proba(self.patient_model_, xp[self.patient_features].to_numpy(dtype=float))
+        out = levels.set_index(registry.STUDY_COL).loc[xp[registry.STUDY_COL]].reset_index()
+        out[registry.PATIENT] = np.maximum(patient, out[list(registry.LEVELS)].max(axis=1).to_numpy())
+        return out[[registry.STUDY_COL, *registry.TARGETS]]
+
+    def _check_features(self, features: pd.DataFrame, path: str | os.PathLike | None = None) -> None:
+        given = [c for c in features.columns if c not in (registry.STUDY_COL, LEVEL_COL)]
+        missing = [c for c in self.level_features if c not in given]
+        extra = [c for c in given if c not in self.level_features]
+        for key in (registry.STUDY_COL, LEVEL_COL):
+            if key not in features.columns:
+                raise FeatureMismatchError(path, f"features table lacks the key column {key}")
+        if missing or extra:
+            raise FeatureMismatchError(path, _mismatch_text(missing, extra, "the features table"))
+
+    # ------------------------------------------------------------ persistence
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write aggregator.joblib and aggregator.json (features, label order, config, versions) into `directory`."""
+        if self.level_models_ is None:
+            raise RuntimeError("StudyAggregator is not fitted: nothing to save")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        with atomic_path(directory / MODEL_FILE) as tmp:
+            joblib.dump({"level_models": self.level_models_, "patient_model": self.patient_model_}, tmp)
+        write_json_atomic(directory / META_FILE, {
+            "format_version": FORMAT_VERSION,
+            "targets": list(registry.TARGETS),
+            "level_mode": self.config["model"]["level_mode"],
+            "level_features": self.level_features,
+            "patient_features": self.patient_features,
+            "config": self.config,
+            "training": self.training_,
+            "versions": library_versions(),
+        })
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> StudyAggregator:
+        """Load a saved aggregator; raise FeatureMismatchError when its features differ from this code's."""
+        import json
+
+        directory = Path(directory)
+        meta_path, model_path = directory / META_FILE, directory / MODEL_FILE
+        for p in (meta_path, model_path):
+            if not p.is_file():
+                raise InputError(p, "aggregator file not found (write it with StudyAggregator.save / spinefrac train)")
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise InputError(meta_path, f"not valid JSON: {exc}") from None
+        if meta.get("format_version") != FORMAT_VERSION or meta.get("targets") != list(registry.TARGETS):
+            raise InputError(meta_path, f"format {meta.get('format_version')} / targets {meta.get('targets')} "
+                                        f"differ from this code ({FORMAT_VERSION}, {list(registry.TARGETS)})")
+        agg = cls(meta["config"])
+        for kind, saved, current in (("level", meta["level_features"], agg.level_features),
+                                     ("patient", meta["patient_features"], agg.patient_features)):
+            missing = [c for c in saved if c not in current]
+            extra = [c for c in current if c not in saved]
+            if missing or extra or saved != current:
+                raise FeatureMismatchError(meta_path, f"{kind} features: " + _mismatch_text(
+                    missing, extra, "this code", order_only=not (missing or extra)))
+        versions = library_versions()
+        for lib in ("scikit-learn", "numpy"):
+            if meta["versions"].get(lib) != versions.get(lib):
+                logger.warning("%s: trained with %s %s, running %s", meta_path, lib, meta["versions"].get(lib),
+                               versions.get(lib))
+        bundle = joblib.load(model_path)
+        agg.level_models_, agg.patient_model_ = bundle["level_models"], bundle["patient_model"]
+        agg.training_ = meta.get("training", {})
+        return agg
+
+
+def _mismatch_text(missing: list[str], extra: list[str], where: str, order_only: bool = False) -> str:
+    if order_only:
+        return f"same features as the model but in another order in {where}"
+    parts = []
+    if missing:
+        parts.append(f"missing in {where}: {', '.join(missing)}")
+    if extra:
+        parts.append(f"not known to the model (extra): {', '.join(extra)}")
+    return "feature mismatch with the trained aggregator; " + "; ".join(parts)
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return list(obj)
+    return obj
+
+
+def _str_uids(df: pd.DataFrame) -> pd.DataFrame:
+    return df.assign(**{registry.STUDY_COL: df[registry.STUDY_COL].astype(str)}).reset_index(drop=True)
+
+
+def _labels_for(features: pd.DataFrame, labels: pd.DataFrame) -> pd.DataFrame:
+    """Return the labels (indexed by study) of the studies in `features`, raising when one is missing."""
+    missing = [c for c in (registry.STUDY_COL, *registry.TARGETS) if c not in labels.columns]
+    if missing:
+        raise InputError(None, f"labels lack column(s) {', '.join(missing)}")
+    lab = labels.assign(**{registry.STUDY_COL: labels[registry.STUDY_COL].astype(str)})
+    lab = lab.drop_duplicates(registry.STUDY_COL).set_index(registry.STUDY_COL)[list(registry.TARGETS)]
+    uids = pd.unique(features[registry.STUDY_COL].astype(str))
+    absent = [u for u in uids if u not in lab.index]
+    if absent:
+        raise InputError(None, f"{len(absent)} studies of the features table have no labels, e.g. {absent[0]}")
+    return lab.loc[uids].astype(int)
+
+
+def _level_targets(features: pd.DataFrame, y_wide: pd.DataFrame) -> np.ndarray:
+    """Return the 0/1 label of every study x level row of `features`."""
+    sub = y_wide.loc[features[registry.STUDY_COL].astype(str).to_numpy(), list(registry.LEVELS)].to_numpy()
+    col = np.array([registry.level_index(lv) for lv in features[LEVEL_COL]])
+    return sub[np.arange(len(features)), col].astype(int)

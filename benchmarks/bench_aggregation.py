@@ -1,0 +1,154 @@
+"""Does the StudyAggregator beat the constant prior and the max-box-score rule on held-out studies?
+
+Two sources of detection outputs:
+- default: simulated boxes.csv / slices.csv tables (`simulate_detections`): every study has seven levels
+  in anatomical order over its slices (neighbours overlap by a slice or two); a fractured level gets a run
+  of boxes with noisy, mostly higher scores (some fractures are missed); every study gets scattered false
+  positives with lower scores. Label rates follow the real train.csv.
+- `--boxes --slices --labels`: real pipeline outputs (e.g. `spinefrac detect` on synthetic studies with
+  their train.csv); studies are split into train/test by StudyInstanceUID.
+
+Prints both metric variants and the mean AUC for the model, the prior and the max-score baseline.
+    python -m benchmarks.bench_aggregation --studies 600 --seed 0
+    python -m benchmarks.bench_aggregation --boxes work/detect/boxes.csv --slices work/detect/slices.csv \
+        --labels data/synth/train.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import train_test_split
+
+from aggregation.evaluate import max_score_baseline, score_predictions
+from aggregation.features import build_features, load_detection_tables, read_csv_table
+from aggregation.model import StudyAggregator
+from aggregation.submission import prior_predictions, training_prior
+from data_prep import registry
+from data_prep.config import load_config
+
+# Simulation settings (real train.csv: 961 of 2019 positive; level positives C1..C7 = 146,285,73,108,162,277,393).
+PATIENT_RATE = 0.476
+LEVEL_SHARE = np.array([146, 285, 73, 108, 162, 277, 393], dtype=float)
+MEAN_EXTRA_LEVELS = 0.6          # fractured levels beyond the first, Poisson mean
+SLICES_RANGE = (60, 140)         # slices per study
+LEVEL_OVERLAP = 2                # slices shared by neighbouring levels
+FRACTURE_RUN_MEAN = 5.0          # boxed slices per fracture, Poisson mean (+1)
+MISS_RATE = 0.2                  # fractures the detector misses entirely
+HIT_SCORE = (0.55, 0.2)          # score of a detected fracture box: normal(mean, sd), clipped
+FALSE_POSITIVES_MEAN = 1.5       # false-positive boxes per study, Poisson mean
+FP_SCORE_BETA = (2.0, 5.0)       # their scores: Beta(a, b)
+BOX_SIDE_PX = (40.0, 120.0)      # box width/height range (px)
+IMAGE_PX = 512
+
+
+def simulate_detections(n_studies: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Return (boxes, slices, labels) tables in the contract's formats for `n_studies` simulated studies."""
+    rng = np.random.default_rng(seed)
+    boxes, slices, labels = [], [], []
+    n_lv = len(registry.LEVELS)
+    for s in range(n_studies):
+        uid = f"1.2.826.0.1.3680043.sim.{seed}.{s}"
+        n = int(rng.integers(*SLICES_RANGE))
+        edges = np.linspace(0, n, n_lv + 1).round().astype(int)
+        presence = np.zeros((n, n_lv))
+        for j in range(n_lv):
+            lo, hi = max(0, edges[j] - LEVEL_OVERLAP // 2), min(n, edges[j + 1] + LEVEL_OVERLAP // 2)
+            presence[lo:hi, j] = 1.0
+        y = np.zeros(n_lv, dtype=int)
+        if rng.random() < PATIENT_RATE:
+            k = min(n_lv, 1 + rng.poisson(MEAN_EXTRA_LEVELS))
+            y[rng.choice(n_lv, size=k, replace=False, p=LEVEL_SHARE / LEVEL_SHARE.sum())] = 1
+        labels.append({registry.STUDY_COL: uid, registry.PATIENT: int(y.any()),
+                       **{lv: int(v) for lv, v in zip(registry.LEVELS, y, strict=True)}})
+        cand: list[tuple[int, float]] = []
+        for j in np.flatnonzero(y):
+            if rng.random() < MISS_RATE:
+                continue
+            run = 1 + rng.poisson(FRACTURE_RUN_MEAN)
+            lo, hi = edges[j], max(edges[j] + 1, edges[j + 1] - run)
+            start = int(rng.integers(lo, hi))
+            cand += [(i, float(np.clip(rng.normal(*HIT_SCORE), 0.05, 0.99))) for i in range(start, min(n, start + run))]
+        for _ in range(rng.poisson(FALSE_POSITIVES_MEAN)):
+            cand.append((int(rng.integers(0, n)), float(rng.beta(*FP_SCORE_BETA))))
+        z = -np.arange(n, dtype=float)
+        for i, score in cand:
+            w = presence[i] / presence[i].sum()
+            wh = rng.uniform(*BOX_SIDE_PX, size=2)
+            boxes.append({registry.STUDY_COL: uid, "slice_number": i + 1, "slice_index": i, "z_mm": z[i],
+                          "x": float(rng.uniform(0, IMAGE_PX - wh[0])), "y": float(rng.uniform(0, IMAGE_PX - wh[1])),
+                          "width": wh[0], "height": wh[1], "score": score,
+                          "level": registry.LEVELS[int(w.argmax())],
+                          **{f"w_{lv}": float(v) for lv, v in zip(registry.LEVELS, w, strict=True)}})
+        max_score, n_boxes = np.zeros(n), np.zeros(n, dtype=int)
+        for i, score in cand:
+            max_score[i], n_boxes[i] = max(max_score[i], score), n_boxes[i] + 1
+        for i in range(n):
+            slices.append({registry.STUDY_COL: uid, "slice_number": i + 1, "slice_index": i, "z_mm": z[i],
+                           "max_score": float(max_score[i]), "n_boxes": int(n_boxes[i]),
+                           **{f"p_{lv}": float(v) for lv, v in zip(registry.LEVELS, presence[i], strict=True)}})
+    return pd.DataFrame(boxes), pd.DataFrame(slices), pd.DataFrame(labels)
+
+
+def run(boxes: pd.DataFrame, slices: pd.DataFrame, labels: pd.DataFrame, *, test_fraction: float,
+        seed: int) -> pd.DataFrame:
+    """Fit on a train split of studies, score model and baselines on the rest; return the table."""
+    cfg = load_config("aggregation")
+    labels = labels.assign(**{registry.STUDY_COL: labels[registry.STUDY_COL].astype(str)})
+    uids = [u for u in pd.unique(slices[registry.STUDY_COL].astype(str)) if u in set(labels[registry.STUDY_COL])]
+    lab = labels.set_index(registry.STUDY_COL).loc[uids].reset_index()
+    tr, te = train_test_split(uids, test_size=test_fraction, random_state=seed, stratify=lab[registry.PATIENT])
+    t0 = time.perf_counter()
+    feats = build_features(boxes, slices, config=cfg, studies=uids)
+    t_feat = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model = StudyAggregator(cfg).fit(feats[feats[registry.STUDY_COL].isin(tr)], lab[lab[registry.STUDY_COL].isin(tr)])
+    t_fit = time.perf_counter() - t0
+    preds = model.predict_proba(feats[feats[registry.STUDY_COL].isin(te)])
+    y = lab.set_index(registry.STUDY_COL).loc[te, list(registry.TARGETS)].to_numpy(dtype=float)
+    cands = {"model": preds,
+             "prior (train split)": prior_predictions(training_prior(lab[lab[registry.STUDY_COL].isin(tr)]), te),
+             "max box score": max_score_baseline(boxes, te)}
+    rows = []
+    for name, df in cands.items():
+        p = df.set_index(registry.STUDY_COL).loc[te, list(registry.TARGETS)].to_numpy(dtype=float)
+        s = score_predictions(y, p, threshold=0.5)
+        aucs = [v for v in s["auc"].values() if not np.isnan(v)]
+        rows.append({"predictor": name, "loss_per_study": s["competition_loss"], "loss_global": s["global_loss"],
+                     "mean_auc": float(np.mean(aucs)) if aucs else float("nan"),
+                     "auc_patient": s["auc"][registry.PATIENT]})
+    print(f"{len(tr)} train / {len(te)} test studies; features {t_feat:.2f} s, fit {t_fit:.2f} s")
+    return pd.DataFrame(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry: simulated outputs by default, or real pipeline outputs with --boxes/--slices/--labels."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--studies", type=int, default=600, help="simulated studies")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--test-fraction", type=float, default=0.3, help="share of studies held out")
+    ap.add_argument("--boxes", type=Path, default=None)
+    ap.add_argument("--slices", type=Path, default=None)
+    ap.add_argument("--labels", type=Path, default=None)
+    args = ap.parse_args(argv)
+    given = [args.boxes, args.slices, args.labels]
+    if any(given) and not all(given):
+        ap.error("--boxes, --slices and --labels go together")
+    if all(given):
+        boxes, slices = load_detection_tables(args.boxes, args.slices)
+        labels = read_csv_table(args.labels, (registry.STUDY_COL, *registry.TARGETS), "labels file")
+        source = f"pipeline outputs {args.boxes.parent}"
+    else:
+        boxes, slices, labels = simulate_detections(args.studies, args.seed)
+        source = f"simulated detector outputs ({args.studies} studies, seed {args.seed})"
+    print(source)
+    table = run(boxes, slices, labels, test_fraction=args.test_fraction, seed=args.seed)
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Review overlays per study: the top-scoring slices with their boxes, a contact sheet, a score profile.
+
+Written into OUT/overlays/<uid>/ by `spinefrac detect` (config `detect.overlays`):
+    NN_slice<slice_number>.png   top-N slices by maximum box score, predicted boxes with scores,
+                                 ground-truth boxes in a second colour when labels are given
+    contact_sheet.png            those slices side by side
+    score_profile.png            slice position (z, mm) against the slice's maximum box score
+Slices are shown in a display window, stretched to a square `display_size` like the model input; all
+text uses OpenCV's built-in Hershey font (no font files).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from data_prep.artifacts import atomic_path
+from data_prep.registry import STUDY_COL
+
+log = logging.getLogger("detector")
+
+CONTACT_SHEET = "contact_sheet.png"
+SCORE_PROFILE = "score_profile.png"
+FONT = cv2.FONT_HERSHEY_SIMPLEX
+TEXT_COLOR = (255, 255, 255)          # BGR white: captions, never a box colour
+TEXT_MARGIN = 4                       # px between a box and its score text, and around captions
+BOX_LINE = cv2.LINE_8                 # exact, non-blended box edges
+PNG_EXT = ".png"
+
+
+def display_box(xywh: Sequence[float], shape: Sequence[int], size: int) -> tuple[int, int, int, int]:
+    """Map an original-pixel [x, y, width, height] box to integer display corners (x1, y1, x2, y2)."""
+    rows, cols = float(shape[0]), float(shape[1])
+    sx, sy = size / cols, size / rows
+    x, y, w, h = (float(v) for v in xywh)
+    x1, y1 = int(round(x * sx)), int(round(y * sy))
+    x2, y2 = int(round((x + w) * sx)) - 1, int(round((y + h) * sy)) - 1
+    clip = size - 1
+    return min(max(x1, 0), clip), min(max(y1, 0), clip), min(max(x2, 0), clip), min(max(y2, 0), clip)
+
+
+def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir: str | os.PathLike, *,
+                   labels: pd.DataFrame | None = None, config: Mapping[str, Any]) -> list[Path]:
+    """Write the top-N slice PNGs, a contact sheet and a score profile for one study; return the paths."""
+    from data_prep.dicom_io import read_slice_hu, scan_study
+    from detector.render import apply_window, resize_to
+
+    cfg = config.get("overlays", config)   # the overlays section, or a whole detector config
+    geometry = scan_study(study) if isinstance(study, (str, os.PathLike)) else study
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for old in out_dir.glob(f"*{PNG_EXT}"):      # a redo must not leave slices of an earlier run behind
+        old.unlink()
+    shape = (int(geometry.shape[0]), int(geometry.shape[1]))
+    size = int(cfg["display_size"])
+    n = len(geometry.paths)
+    numbers = np.asarray(geometry.instance_numbers)
+    shown = boxes[boxes["score"] >= float(cfg["min_score"])] if len(boxes) else boxes
+    top = _top_slices(shown, int(cfg["top_n"]))
+    truth = _truth_by_index(labels, geometry) if labels is not None else {}
+    written: list[Path] = []
+    tiles: list[np.ndarray] = []
+    for rank, index in enumerate(top, start=1):
+        hu = read_slice_hu(geometry.paths[index])
+        gray = apply_window(resize_to(hu, size), float(cfg["window_level"]), float(cfg["window_width"]))
+        image = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+        for xywh in truth.get(index, []):
+            _draw_box(image, display_box(xywh, shape, size), tuple(cfg["truth_color"]), None, cfg)
+        slice_boxes = shown[shown["slice_index"] == index].nlargest(int(cfg["max_boxes"]), "score")
+        for r in slice_boxes.itertuples(index=False):
+            _draw_box(image, display_box((r.x, r.y, r.width, r.height), shape, size), tuple(cfg["box_color"]),
+                      float(r.score), cfg)
+        caption = f"slice {int(numbers[index])} (#{index}) z {float(geometry.z_mm[index]):.1f} mm"
+        _caption(image, caption, cfg)
+        path = out_dir / f"{rank:02d}_slice{int(numbers[index])}{PNG_EXT}"
+        _imwrite(path, image)
+        written.append(path)
+        tiles.append(image)
+    uid = getattr(geometry, "study_uid", None) or Path(geometry.paths[0]).parent.name
+    written.append(_contact_sheet(tiles, out_dir / CONTACT_SHEET, cfg, empty_text=f"{uid}: no box >= "
+                                  f"{float(cfg['min_score']):.2f}"))
+    written.append(_score_profile(boxes, geometry, n, top, truth, out_dir / SCORE_PROFILE, cfg, uid))
+    return written
+
+
+def _top_slices(boxes: pd.DataFrame, top_n: int) -> list[int]:
+    """Slice indices of the top-N maximum box scores, best first."""
+    if not len(boxes) or top_n <= 0:
+        return []
+    best = boxes.groupby("slice_index")["score"].max().sort_values(ascending=False, kind="stable")
+    return [int(i) for i in best.index[:top_n]]
+
+
+def _truth_by_index(labels: pd.DataFrame, geometry: Any) -> dict[int, list[tuple[float, float, float, float]]]:
+    """Ground-truth boxes of this study keyed by canonical slice index (unknown slice numbers are skipped)."""
+    uid = getattr(geometry, "study_uid", None)
+    rows = labels[labels[STUDY_COL].astype(str) == str(uid)] if uid is not None and STUDY_COL in labels else labels
+    out: dict[int, list[tuple[float, float, float, float]]] = {}
+    for r in rows.itertuples(index=False):
+        try:
+            index = int(geometry.index_of_instance(int(r.slice_number)))
+        except (KeyError, ValueError):
+            log.warning("labels: study %s has no slice_number %s; ground-truth box not drawn", uid, r.slice_number)
+            continue
+        out.setdefault(index, []).append((float(r.x), float(r.y), float(r.width), float(r.height)))
+    return out
+
+
+def _draw_box(image: np.ndarray, corners: tuple[int, int, int, int], color: tuple[int, ...], score: float | None,
+              cfg: Mapping[str, Any]) -> None:
+    x1, y1, x2, y2 = corners
+    color = tuple(int(c) for c in color)
+    cv2.rectangle(image, (x1, y1), (x2, y2), color, int(cfg["line_thickness"]), lineType=BOX_LINE)
+    if score is not None:
+        scale = float(cfg["font_scale"])
+        (_, th), _ = cv2.getTextSize(f"{score:.2f}", FONT, scale, 1)
+        y_text = y1 - TEXT_MARGIN if y1 - TEXT_MARGIN - th >= 0 else y2 + TEXT_MARGIN + th
+        cv2.putText(image, f"{score:.2f}", (x1, y_text), FONT, scale, color, 1, cv2.LINE_AA)
+
+
+def _caption(image: np.ndarray, text: str, cfg: Mapping[str, Any]) -> None:
+    scale = float(cfg["font_scale"])
+    (_, th), _ = cv2.getTextSize(text, FONT, scale, 1)
+    cv2.putText(image, text, (TEXT_MARGIN, image.shape[0] - TEXT_MARGIN), FONT, scale, TEXT_COLOR, 1, cv2.LINE_AA)
+
+
+def _contact_sheet(tiles: list[np.ndarray], path: Path, cfg: Mapping[str, Any], *, empty_text: str) -> Path:
+    tile = int(cfg["sheet_tile"])
+    columns = max(1, int(cfg["sheet_columns"]))
+    if not tiles:
+        sheet = np.zeros((tile, tile * columns, 3), dtype=np.uint8)
+        cv2.putText(sheet, empty_text, (TEXT_MARGIN, tile // 2), FONT, float(cfg["font_scale"]), TEXT_COLOR, 1,
+                    cv2.LINE_AA)
+        _imwrite(path, sheet)
+        return path
+    n_rows = -(-len(tiles) // columns)
+    sheet = np.zeros((n_rows * tile, min(columns, len(tiles)) * tile, 3), dtype=np.uint8)
+    for k, image in enumerate(tiles):
+        r, c = divmod(k, columns)
+        sheet[r * tile:(r + 1) * tile, c * tile:(c + 1) * tile] = cv2.resize(image, (tile, tile),
+                                                                           interpolation=cv2.INTER_AREA)
+    _imwrite(path, sheet)
+    return path
+
+
+def _score_profile(boxes: pd.DataFrame, geometry: Any, n: int, top: Sequence[int],
+                   truth: Mapping[int, Any], path: Path, cfg: Mapping[str, Any], uid: str) -> Path:
+    """Plot slice z (mm) against the slice's maximum box score with matplotlib's Agg canvas (no pyplot)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    z = np.asarray(geometry.z_mm, dtype=float)
+    best = np.zeros(n)
+    if len(boxes):
+        np.maximum.at(best, boxes["slice_index"].to_numpy(dtype=int), boxes["score"].to_numpy(dtype=float))
+    width, height = (float(v) for v in cfg["profile_size"])
+    fig = Figure(figsize=(width, height), dpi=int(cfg["profile_dpi"]))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(z, best, color="tab:blue", linewidth=1, label="max box score")
+    if truth:
+        idx = np.array(sorted(truth), dtype=int)
+        ax.plot(z[idx], np.full(len(idx), -0.03), "|", color=_rgb(cfg["truth_color"]), markersize=8,
+                label="ground-truth slices")
+    if len(top):
+        t = np.asarray(top, dtype=int)
+        ax.plot(z[t], best[t], "o", color=_rgb(cfg["box_color"]), markersize=4, label="overlay slices")
+    ax.axhline(float(cfg["min_score"]), color="grey", linewidth=0.5, linestyle="--")
+    ax.set_xlabel("z (mm, superior to the right)")
+    ax.set_ylabel("max box score")
+    ax.set_ylim(-0.06, 1.02)
+    ax.set_title(uid, fontsize=8)
+    ax.legend(loc="upper left", fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png")
+    return path
+
+
+def _rgb(bgr: Sequence[int]) -> tuple[float, float, float]:
+    b, g, r = (float(c) / 255.0 for c in bgr)
+    return r, g, b
+
+
+def _imwrite(path: Path, image: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{PNG_EXT}")   # cv2 picks the format from the suffix
+    if not cv2.imwrite(str(tmp), image):
+        raise OSError(f"{tmp}: OpenCV could not write the image")
+    os.replace(tmp, path)

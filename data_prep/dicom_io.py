@@ -357,6 +357,31 @@ def iter_chunks(geometry: StudyGeometry, *, chunk_size: int = 16, context: int =
                     n_slices=n)
 
 
+def decode_slices(paths: Sequence[Path], *, workers: int = 1, executor: str = DEFAULT_EXECUTOR
+                  ) -> Iterator[tuple[Path, np.ndarray | DicomReadError]]:
+    """Decode files in order and yield (path, HU slice or the DicomReadError it raised); never stops early."""
+    if workers <= 1 or len(paths) <= 1:
+        for path in paths:
+            try:
+                yield Path(path), read_slice_hu(path)
+            except DicomReadError as exc:
+                yield Path(path), exc
+        return
+    pool = _pool(workers, executor)
+    futures = [pool.submit(_decode_worker, str(p)) for p in paths]
+    try:
+        for path, future in zip(paths, futures, strict=True):
+            result = future.result()
+            if isinstance(result, tuple):
+                cls, where, reason = result
+                yield Path(path), cls(where, reason)
+            else:
+                yield Path(path), result
+    finally:
+        for future in futures:
+            future.cancel()
+
+
 # --- decoding --------------------------------------------------------------------------------------
 def _decode_worker(path: str) -> np.ndarray | tuple[type, str, str]:
     """Decode in a worker; return the failure as (class, path, reason) because InputError cannot be pickled."""

@@ -133,6 +133,17 @@ def interpolate_evidence(sampled: np.ndarray, evidence: np.ndarray, n_slices: in
                     axis=1)
 
 
+def decode_sampled(evidence: np.ndarray, sampled: np.ndarray, n_slices: int, *,
+                   config: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Decode (m, 7) evidence on sampled slices into every slice: (presence bool (n, 7), confidence (n, 7)).
+
+    The evidence is interpolated linearly to all slices, then decoded with its log-odds scaled by m / n,
+    so the total weight of the evidence does not depend on the sampling step.
+    """
+    full = interpolate_evidence(sampled, evidence, n_slices)
+    return _decode(full, config, weight=len(sampled) / n_slices)
+
+
 # ---------------------------------------------------------------- from locator detections
 def detections_evidence(detections: pd.DataFrame, sampled: np.ndarray, *, config: Any) -> np.ndarray:
     """Return (len(sampled), 7) presence probabilities from raw detections (best conf per slice and level)."""
@@ -169,8 +180,7 @@ def locate_study(detections: pd.DataFrame, n_slices: int, sampled: np.ndarray, *
     if sampled[0] < 0 or sampled[-1] >= n_slices:
         raise ValueError(f"sampled slice indices {sampled[0]}..{sampled[-1]} outside 0..{n_slices - 1}")
     evidence = detections_evidence(detections, sampled, config=config)
-    full = interpolate_evidence(sampled, evidence, n_slices)
-    present, conf = _decode(full, config, weight=len(sampled) / n_slices)
+    present, conf = decode_sampled(evidence, sampled, n_slices, config=config)
 
     slice_levels = pd.DataFrame({"slice_index": np.arange(n_slices)})
     if slice_numbers is not None:

@@ -174,3 +174,53 @@ def test_slice_level_table_boxes_and_presence(tmp_path):
     partial = slice_presence(table, 4)
     assert partial["slice_number"].isna().tolist() == [False, False, True, False]
     assert isinstance(partial, pd.DataFrame)
+
+
+# ---------------------------------------------------------------- with the real reader on written series
+def write_study(tmp_path: Path, labels: np.ndarray, order: str, syntax: str):
+    """Write a tiny DICOM series (HU = 100 * label) and return its scanned StudyGeometry."""
+    from data_prep.dicom_io import scan_study
+    from data_prep.dicom_write import INSTANCE_ORDERS, write_series
+
+    folder = tmp_path / f"1.2.826.0.1.3680043.77{INSTANCE_ORDERS.index(order) + 1}"
+    write_series(folder, labels.astype(np.float32) * 100, study_uid=folder.name, pixel_spacing=(0.8, 0.8),
+                 slice_thickness=1.25, z_top_mm=30.0, origin_xy_mm=(-12.0, -10.0), instance_order=order,
+                 transfer_syntax=syntax)
+    return scan_study(folder)
+
+
+def kaggle_convention(nii_path: Path, geometry) -> np.ndarray:
+    """The competitors' reading: mask.transpose(1,0,2)[::-1,:,::-1], slices in InstanceNumber order -> canonical."""
+    k = np.asanyarray(nib.load(str(nii_path)).dataobj).transpose(1, 0, 2)[::-1, :, ::-1]
+    by_instance = np.argsort(np.argsort(geometry.instance_numbers))  # rank of each canonical slice's number
+    return np.ascontiguousarray(k[:, :, by_instance].transpose(2, 0, 1)).astype(np.uint8)
+
+
+@pytest.mark.parametrize(("order", "syntax"), [("head_first", "1.2.840.10008.1.2.1"),
+                                               ("feet_first", "1.2.840.10008.1.2.1"),
+                                               ("feet_first", "1.2.840.10008.1.2.4.70")])
+def test_written_series_with_reader_and_kaggle_convention(tmp_path, order, syntax):
+    from data_prep.dicom_io import read_volume
+
+    rng = np.random.default_rng(1)
+    canon = np.zeros((10, 24, 20), np.uint8)
+    for j in range(7):  # levels stacked head to feet with overlaps, each at its own place in the plane
+        canon[j + 1:j + 4, 3 + 2 * j:9 + 2 * j, 2 + j:7 + j] = j + 1
+    canon[rng.random(canon.shape) < 0.02] = 9  # a few thoracic voxels
+    geo = write_study(tmp_path, canon, order, syntax)
+    assert geo.instance_order_reversed == (order == "feet_first")
+    # the image itself tells where each label is: the mapped mask must sit on the same voxels
+    write_kaggle_style_nifti(tmp_path / "seg.nii", canon, geo)
+    mask = load_axial_mask(tmp_path / "seg.nii", geo)
+    np.testing.assert_array_equal(mask, np.rint(read_volume(geo) / 100).astype(np.uint8))
+    kaggle = kaggle_convention(tmp_path / "seg.nii", geo)
+    if order == "head_first":
+        np.testing.assert_array_equal(kaggle, mask)
+    else:
+        assert not np.array_equal(kaggle, mask)
+        np.testing.assert_array_equal(kaggle, mask[::-1])  # upside down: levels in reverse order
+    table = slice_level_table(mask, geo)
+    c3 = table[table.level == "C3"]
+    assert list(c3.slice_index) == [3, 4, 5]
+    assert list(c3.slice_number) == [int(geo.instance_numbers[i]) for i in (3, 4, 5)]
+    assert (c3.x.iloc[0], c3.y.iloc[0], c3.width.iloc[0], c3.height.iloc[0]) == (4, 7, 5, 6)

@@ -1,0 +1,433 @@
+"""Batch fracture detection over study folders: stream slices through the model, write boxes and slice tables.
+
+Outputs in OUT (docs/contracts.md "Detection outputs"):
+    boxes.csv, slices.csv, errors.csv (+ .meta.json sidecars), done/<uid>.json, overlays/<uid>/
+Per study, results go to parts/<uid>.boxes.csv and parts/<uid>.slices.csv first, then done/<uid>.json is
+written last. The combined CSVs are rebuilt (atomically) only from studies with a done marker, so an
+interrupted run never leaves a half study in them, and a rerun skips finished studies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import pandas as pd
+
+from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.errors import InputError
+from data_prep.registry import LEVELS, STUDY_COL
+
+log = logging.getLogger("detector")
+
+BOXES_CSV = "boxes.csv"
+SLICES_CSV = "slices.csv"
+ERRORS_CSV = "errors.csv"
+DONE_DIR = "done"
+PARTS_DIR = "parts"
+ERRORS_DIR = "errors"
+OVERLAYS_DIR = "overlays"
+BOXES_SUFFIX = ".boxes.csv"
+SLICES_SUFFIX = ".slices.csv"
+DICOM_GLOB = "*.dcm"
+DEFAULT_LOCATE_EVERY_K = 4
+"""Locator stride when configs/locator.yaml has no `locate.every_k`."""
+DEFAULT_LOCATE_IOU = 0.5
+DEFAULT_LOCATE_MAX_DET = 2 * len(LEVELS)
+"""Locator NMS settings used when configs/locator.yaml `locate:` does not give iou / max_det."""
+
+BOX_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
+                                "score")
+SLICE_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes")
+ERROR_COLUMNS: tuple[str, ...] = (STUDY_COL, "path", "stage", "error")
+LEVEL_BOX_COLUMNS: tuple[str, ...] = ("level", *(f"w_{lv}" for lv in LEVELS))
+LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
+TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate")
+
+
+class Predictor(Protocol):
+    """What detector.backends.load_predictor returns: batched uint8 images in, (k, 6) boxes per image out."""
+
+    backend: str
+
+    def predict(self, images: np.ndarray) -> list[np.ndarray]: ...
+
+
+@dataclass
+class Locator:
+    """The vertebra locator at inference: predictor, its config (locator.yaml) and the levels config (levels.yaml)."""
+
+    predictor: Predictor
+    config: Mapping[str, Any]
+    levels_config: Mapping[str, Any]
+
+    @property
+    def every_k(self) -> int:
+        """Run the locator on every k-th slice."""
+        locate = self.config.get("locate") or {}
+        return int(locate.get("every_k", DEFAULT_LOCATE_EVERY_K))
+
+
+@dataclass
+class StudyDetections:
+    """One study's detection: its box and slice tables (contract columns), timings (s) and slice count."""
+
+    uid: str
+    boxes: pd.DataFrame
+    slices: pd.DataFrame
+    n_slices: int
+    timings: dict[str, float] = field(default_factory=dict)
+    geometry: Any = None
+
+
+@dataclass
+class DetectResult:
+    """What a `detect_studies` run did: output paths, finished/skipped/failed studies, summed timings (s)."""
+
+    out: Path
+    boxes_csv: Path
+    slices_csv: Path
+    errors_csv: Path
+    finished: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    n_slices: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- public API
+def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
+    """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder that does."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    studies: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.is_dir():
+            raise InputError(path, "not a folder (expected a study folder or a folder of study folders)")
+        if any(path.glob(DICOM_GLOB)):
+            studies.append(path)
+            continue
+        subs = [p for p in sorted(path.iterdir()) if p.is_dir()]
+        found = [p for p in subs if any(p.glob(DICOM_GLOB))]
+        if not found:
+            raise InputError(path, "holds no .dcm files and no study folders with .dcm files")
+        if len(found) < len(subs):
+            log.warning("%s: %d sub-folders hold no .dcm files and are ignored", path, len(subs) - len(found))
+        studies += found
+    uids = [s.name for s in studies]
+    if len(set(uids)) != len(uids):
+        dup = sorted({u for u in uids if uids.count(u) > 1})
+        raise InputError(None, f"study folder names must be unique (they are the StudyInstanceUID): {dup[:3]}")
+    return studies
+
+
+def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
+                 levels_config: Mapping[str, Any] | None = None, device: Any = None,
+                 backend: str = "auto") -> Locator:
+    """Load the vertebra-locator weights with its configs (configs/locator.yaml, configs/levels.yaml by default)."""
+    from data_prep.config import load_config
+    from detector.backends import load_predictor
+
+    cfg = config if config is not None else load_config("locator")
+    lcfg = levels_config if levels_config is not None else load_config("levels")
+    locate = cfg.get("locate") or {}
+    predictor = load_predictor(Path(weights), imgsz=int(cfg["render"]["imgsz"]), device=device, backend=backend,
+                               conf=float(lcfg["locate"]["min_conf"]),
+                               iou=float(locate.get("iou", DEFAULT_LOCATE_IOU)),
+                               max_det=int(locate.get("max_det", DEFAULT_LOCATE_MAX_DET)))
+    return Locator(predictor, cfg, lcfg)
+
+
+def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: Mapping[str, Any],
+                 locator: Locator | None = None, workers: int = 2) -> StudyDetections:
+    """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns)."""
+    from data_prep.dicom_io import iter_chunks, scan_study
+    from detector.render import context_slices, image_xyxy_to_original, render_slices
+
+    study_dir = Path(study_dir)
+    uid = study_dir.name
+    render = config["render"]
+    det = config["detect"]
+    conf = float(det["conf"])
+    timings = dict.fromkeys(TIMING_KEYS, 0.0)
+    geometry = scan_study(study_dir)
+    n = len(geometry.paths)
+    shape = (int(geometry.shape[0]), int(geometry.shape[1]))
+    z = np.asarray(geometry.z_mm, dtype=float)
+    numbers = np.asarray(geometry.instance_numbers)
+    context = context_slices(geometry, render)
+    if locator is not None:
+        context = max(context, context_slices(geometry, locator.config["render"]))
+    chunks = prefetch(iter_chunks(geometry, chunk_size=int(det["batch"]), context=context, workers=workers),
+                      depth=int(det["prefetch"]))
+    box_parts: list[np.ndarray] = []      # rows: slice_index, x, y, w, h, score
+    loc_slices: list[int] = []
+    loc_dets: list[np.ndarray] = []       # rows: slice_index, x, y, w, h, conf, cls (original px)
+    for chunk in _timed(chunks, timings, "decode"):
+        indices = list(range(chunk.start, chunk.stop))
+        t = time.perf_counter()
+        images, scale = render_slices(chunk, indices, geometry, render=render)
+        timings["preprocess"] += time.perf_counter() - t
+        t = time.perf_counter()
+        preds = predictor.predict(images)
+        timings["model"] += time.perf_counter() - t
+        t = time.perf_counter()
+        for index, p in zip(indices, preds, strict=True):
+            p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
+            p = p[p[:, 4] >= conf]
+            if len(p):
+                xywh = image_xyxy_to_original(p[:, :4], scale, shape)
+                box_parts.append(np.column_stack([np.full(len(p), index), xywh, p[:, 4]]))
+        timings["postprocess"] += time.perf_counter() - t
+        if locator is not None:
+            t = time.perf_counter()
+            sampled = [i for i in indices if i % locator.every_k == 0]
+            if sampled:
+                loc_images, loc_scale = render_slices(chunk, sampled, geometry, render=locator.config["render"])
+                for index, p in zip(sampled, locator.predictor.predict(loc_images), strict=True):
+                    p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
+                    loc_slices.append(index)
+                    loc_dets.append(np.column_stack([np.full(len(p), index),
+                                                     image_xyxy_to_original(p[:, :4], loc_scale, shape), p[:, 4:]]))
+            timings["locate"] += time.perf_counter() - t
+    t = time.perf_counter()
+    arr = np.concatenate(box_parts) if box_parts else np.zeros((0, 6))
+    idx = arr[:, 0].astype(int)
+    boxes = pd.DataFrame({STUDY_COL: uid, "slice_number": numbers[idx].astype(int), "slice_index": idx,
+                          "z_mm": z[idx], "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3], "height": arr[:, 4],
+                          "score": arr[:, 5]}, columns=list(BOX_COLUMNS))
+    boxes = boxes.sort_values(["slice_index", "score"], ascending=[True, False], kind="stable").reset_index(drop=True)
+    max_score = np.zeros(n)
+    n_boxes = np.zeros(n, dtype=int)
+    if len(boxes):
+        np.maximum.at(max_score, idx, arr[:, 5])
+        np.add.at(n_boxes, idx, 1)
+    slices = pd.DataFrame({STUDY_COL: uid, "slice_number": numbers.astype(int), "slice_index": np.arange(n),
+                           "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}, columns=list(SLICE_COLUMNS))
+    timings["postprocess"] += time.perf_counter() - t
+    if locator is not None:
+        t = time.perf_counter()
+        boxes, slices = _add_levels(boxes, slices, loc_dets, loc_slices, locator, uid=uid, numbers=numbers)
+        timings["locate"] += time.perf_counter() - t
+    model_timings = getattr(predictor, "timings", None)
+    if isinstance(model_timings, Mapping):
+        timings.update({f"model_{k}": float(v) for k, v in model_timings.items() if isinstance(v, (int, float))})
+    return StudyDetections(uid, boxes, slices, n, timings, geometry)
+
+
+def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, weights: str | os.PathLike,
+                   out: str | os.PathLike, config: Mapping[str, Any], labels: str | os.PathLike | None = None,
+                   locator: str | os.PathLike | None = None, workers: int = 2, progress: bool = True,
+                   overwrite: bool = False) -> DetectResult:
+    """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays."""
+    from tqdm.auto import tqdm
+
+    from detector.backends import load_predictor
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    study_dirs = find_studies(studies)
+    label_table = _read_labels(labels) if labels is not None else None
+    det = config["detect"]
+    device = (config.get("train") or {}).get("device") or "cpu"
+    predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
+                               backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),
+                               max_det=int(det["max_det"]))
+    loc = load_locator(locator, device=device, backend=str(det["backend"])) if locator is not None else None
+    result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
+                          timings=dict.fromkeys(TIMING_KEYS, 0.0))
+    for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    rebuild_every = max(1, int(det["rebuild_every"]))
+    todo = []
+    for study in study_dirs:
+        if _done_marker(out, study.name).is_file() and not overwrite:
+            result.skipped.append(study.name)
+        else:
+            todo.append(study)
+    if result.skipped:
+        log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
+                 len(result.skipped), len(study_dirs), out)
+    try:
+        for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
+            _run_study(study, predictor, out=out, config=config, locator=loc, labels=label_table, workers=workers,
+                       result=result)
+            if k % rebuild_every == 0:
+                rebuild_outputs(out, config=config)
+    finally:
+        rebuild_outputs(out, config=config, runtime_s=time.perf_counter() - t0,
+                        extra={"weights": str(weights), "backend": getattr(predictor, "backend", None),
+                               "locator": str(locator) if locator else None,
+                               "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
+                                            "failed": len(result.failed), "slices": result.n_slices,
+                                            "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}})
+    if result.failed:
+        log.warning("detect: %d studies failed, see %s", len(result.failed), result.errors_csv)
+    return result
+
+
+def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
+                    runtime_s: float | None = None, extra: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """Rebuild boxes.csv, slices.csv and errors.csv from finished studies' parts; return (finished, failed)."""
+    out = Path(out)
+    uids = sorted(p.stem for p in (out / DONE_DIR).glob("*.json")) if (out / DONE_DIR).is_dir() else []
+    boxes = [pd.read_csv(out / PARTS_DIR / f"{u}{BOXES_SUFFIX}", dtype={STUDY_COL: str}) for u in uids]
+    slices = [pd.read_csv(out / PARTS_DIR / f"{u}{SLICES_SUFFIX}", dtype={STUDY_COL: str}) for u in uids]
+    errors = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / ERRORS_DIR).glob("*.json"))] \
+        if (out / ERRORS_DIR).is_dir() else []
+    box_df = _concat(boxes, BOX_COLUMNS)
+    slice_df = _concat(slices, SLICE_COLUMNS)
+    err_df = pd.DataFrame(errors, columns=list(ERROR_COLUMNS))
+    cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config is not None else None)
+    for path, df, kind in ((out / BOXES_CSV, box_df, "detect_boxes"), (out / SLICES_CSV, slice_df, "detect_slices"),
+                           (out / ERRORS_CSV, err_df, "detect_errors")):
+        write_csv_atomic(path, df)
+        write_sidecar(path, kind=kind, config=cfg, counts={"rows": len(df), "studies_finished": len(uids),
+                                                           "studies_failed": len(err_df)},
+                      runtime_s=runtime_s, extra=extra)
+    return len(uids), len(err_df)
+
+
+# ---------------------------------------------------------------- internals
+def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[str, Any], locator: Locator | None,
+               labels: pd.DataFrame | None, workers: int, result: DetectResult) -> None:
+    """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
+    uid = study.name
+    marker = _done_marker(out, uid)
+    marker.unlink(missing_ok=True)        # overwrite: the study is not finished until it is redone
+    error_file = out / ERRORS_DIR / f"{uid}.json"
+    stage = "detect"
+    t0 = time.perf_counter()
+    try:
+        found = detect_study(study, predictor, config=config, locator=locator, workers=workers)
+        stage = "write"
+        write_csv_atomic(out / PARTS_DIR / f"{uid}{BOXES_SUFFIX}", found.boxes)
+        write_csv_atomic(out / PARTS_DIR / f"{uid}{SLICES_SUFFIX}", found.slices)
+    except Exception as exc:   # noqa: BLE001 - one failed study must not stop the batch
+        log.warning("study %s failed (%s): %s", uid, stage, exc)
+        log.debug("%s", traceback.format_exc())
+        write_json_atomic(error_file, {STUDY_COL: uid, "path": str(study), "stage": stage,
+                                       "error": f"{type(exc).__name__}: {exc}"})
+        result.failed.append(uid)
+        return
+    if bool(config["detect"]["overlays"]):
+        try:
+            from detector.overlays import write_overlays
+
+            study_labels = labels[labels[STUDY_COL] == uid] if labels is not None else None
+            write_overlays(found.geometry, found.boxes, out / OVERLAYS_DIR / uid, labels=study_labels,
+                           config=config["overlays"])
+        except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
+            log.warning("study %s: overlays failed: %s", uid, exc)
+    error_file.unlink(missing_ok=True)
+    write_json_atomic(marker, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
+                               "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - t0, 3),
+                               "timings_s": {k: round(v, 4) for k, v in found.timings.items()}})
+    result.finished.append(uid)
+    result.n_slices += found.n_slices
+    for k, v in found.timings.items():
+        result.timings[k] = result.timings.get(k, 0.0) + v
+
+
+def _add_levels(boxes: pd.DataFrame, slices: pd.DataFrame, loc_dets: list[np.ndarray], loc_slices: list[int],
+                locator: Locator, *, uid: str, numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode levels from the locator's sampled detections; add p_C* to slices and level, w_C* to boxes."""
+    from detector.levels import assign_boxes, locate_study
+
+    arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
+    dets = pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
+                         "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
+    slice_levels, level_boxes = locate_study(dets, len(slices), np.asarray(loc_slices), config=locator.levels_config,
+                                             study_uid=uid, slice_numbers=numbers)
+    slices = slices.copy()
+    for col in LEVEL_SLICE_COLUMNS:
+        slices[col] = slice_levels[col].to_numpy(dtype=float)
+    boxes = assign_boxes(boxes, level_boxes, slice_levels, config=locator.levels_config)
+    return boxes, slices
+
+
+def _timed(iterable: Iterable[Any], timings: dict[str, float], key: str) -> Iterator[Any]:
+    """Yield from `iterable`, adding the time spent waiting for each item to timings[key]."""
+    it = iter(iterable)
+    while True:
+        t = time.perf_counter()
+        try:
+            item = next(it)
+        except StopIteration:
+            timings[key] += time.perf_counter() - t
+            return
+        timings[key] += time.perf_counter() - t
+        yield item
+
+
+def prefetch(iterable: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Produce items of `iterable` in a background thread, `depth` ahead (decode overlaps the model)."""
+    if depth <= 0:
+        yield from iterable
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in iterable:
+                while not stop.is_set():
+                    try:
+                        q.put(("item", item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(("end", done))
+        except BaseException as exc:   # noqa: BLE001 - re-raised in the consumer
+            q.put(("error", exc))
+
+    thread = threading.Thread(target=work, daemon=True)
+    thread.start()
+    try:
+        while True:
+            kind, item = q.get()
+            if kind == "item":
+                yield item
+            elif kind == "error":
+                raise item
+            else:
+                return
+    finally:
+        stop.set()
+
+
+def _read_labels(path: str | os.PathLike) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "labels file not found (expected train_bounding_boxes.csv)")
+    df = pd.read_csv(path, dtype={STUDY_COL: str})
+    missing = [c for c in (STUDY_COL, "x", "y", "width", "height", "slice_number") if c not in df.columns]
+    if missing:
+        raise InputError(path, f"missing columns {missing}; found {list(df.columns)}")
+    return df
+
+
+def _concat(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=list(columns))
+    df = pd.concat(frames, ignore_index=True)
+    return df.sort_values([STUDY_COL, "slice_index"], kind="stable").reset_index(drop=True)
+
+
+def _done_marker(out: Path, uid: str) -> Path:
+    return out / DONE_DIR / f"{uid}.json"

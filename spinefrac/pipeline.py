@@ -1,0 +1,346 @@
+"""`spinefrac train` and `spinefrac predict`: every stage in order, into and out of one model folder.
+
+Model folder (see docs/contracts.md "Model folder"):
+    model.json        format version, library versions, stages done with their metrics and runtimes
+    config.yaml       the resolved pipeline config; detector.yaml, locator.yaml, levels.yaml,
+                      aggregation.yaml: the resolved config of each stage (what predict uses)
+    splits.json       which labelled studies trained the detector and which the aggregator
+    prior.json        the training prior of the eight targets (for failed studies)
+    detector/         YOLO run folder: weights/best.pt, results.csv, args.yaml, train.meta.json
+    locator/          the same for the vertebra locator (absent when trained without segmentations)
+    aggregator/       aggregator.joblib + aggregator.json
+    work/             intermediate datasets and detections (resumable; not needed to predict)
+Copy the folder without work/ to another machine and `spinefrac predict` works there.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_prep import registry
+from data_prep.artifacts import library_versions, write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.config import Config, dump_config, load_config
+from data_prep.errors import InputError
+
+log = logging.getLogger("spinefrac")
+
+FORMAT_VERSION = 1
+MODEL_JSON = "model.json"
+STAGE_CONFIGS = ("detector", "locator", "levels", "aggregation")
+TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
+    "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
+WEIGHTS = Path("weights") / "best.pt"
+EVIDENCE_TOP = 3  # boxes listed per level in evidence.csv
+
+
+@dataclass(frozen=True)
+class ModelFolder:
+    """A trained model folder opened for prediction."""
+
+    root: Path
+    configs: dict[str, Config]
+    detector_weights: Path
+    locator_weights: Path | None
+    prior: dict[str, float]
+    meta: dict[str, Any]
+
+
+# ---------------------------------------------------------------- configs
+def stage_configs(config: Config) -> dict[str, Config]:
+    """Resolve each stage's config from the pipeline config (defaults < <stage>.config < <stage>.set)."""
+    return {stage: load_config(stage, config[stage]["config"], list(config[stage]["set"]))
+            for stage in STAGE_CONFIGS}
+
+
+# ---------------------------------------------------------------- train
+def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Config, workers: int = 2,
+              progress: bool = True, clean: bool = False) -> Path:
+    """Run every training stage into one self-contained model folder; a rerun skips the stages already done."""
+    from aggregation.splits import (
+        aggregator_train_studies,
+        assert_no_leakage,
+        detector_train_studies,
+        load_or_create_splits,
+    )
+    from aggregation.submission import training_prior
+
+    t0 = time.perf_counter()
+    data_root, out = Path(data_root), Path(out)
+    labels = _read_table(data_root / TRAIN_CSV, (registry.STUDY_COL, *registry.TARGETS))
+    boxes = _read_table(data_root / BOXES_CSV, (registry.STUDY_COL, "slice_number"))
+    if clean and out.exists():
+        log.info("--clean: removing %s", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cfgs = stage_configs(config)
+    _save_configs(out, config, cfgs)
+    meta = _read_meta(out)
+
+    splits = load_or_create_splits(out / "splits.json", labels, set(boxes[registry.STUDY_COL]),
+                                   config=cfgs["aggregation"])
+    det_studies = detector_train_studies(splits)
+    agg_studies = aggregator_train_studies(splits)
+    assert_no_leakage(splits, detector_train=det_studies, aggregator_train=agg_studies)
+    write_json_atomic(out / "prior.json", training_prior(labels))
+
+    def stage(name: str, fn: Callable[[], dict[str, Any]], outputs: Sequence[Path]) -> None:
+        done = meta["stages"].get(name)
+        if done and all(p.exists() for p in outputs):
+            log.info("stage %s: done already (%s), skipped", name, ", ".join(str(p) for p in outputs))
+            return
+        log.info("stage %s ...", name)
+        s0 = time.perf_counter()
+        info = fn() or {}
+        meta["stages"][name] = {"runtime_s": round(time.perf_counter() - s0, 1), **info}
+        _write_meta(out, meta)
+
+    work = out / "work"
+    det_ds = work / "detector_dataset" / "data.yaml"
+    loc_ds = work / "locator_dataset" / "data.yaml"
+    agg_detect = work / "aggregator_detect"
+    segmented = _segmented_studies(data_root)
+    use_locator = bool(config.locator.enabled) and bool(segmented)
+    if config.locator.enabled and not segmented:
+        log.warning("%s: no segmentations; levels come from relative z position (no locator)",
+                    data_root / SEGMENTATIONS)
+
+    stage("prepare-detector", lambda: _prepare(data_root, det_ds.parent, cfgs["detector"], det_studies, workers,
+                                               progress, kind="detector"), [det_ds])
+    stage("train-detector", lambda: _train(det_ds, out / "detector", cfgs["detector"]), [out / "detector" / WEIGHTS])
+    if use_locator:
+        stage("prepare-locator", lambda: _prepare(data_root, loc_ds.parent, cfgs["locator"], None, workers,
+                                                  progress, kind="locator"), [loc_ds])
+        stage("train-locator", lambda: _train(loc_ds, out / "locator", cfgs["locator"]), [out / "locator" / WEIGHTS])
+    locator_weights = out / "locator" / WEIGHTS if use_locator else None
+    studies = [data_root / TRAIN_IMAGES / uid for uid in agg_studies]
+    stage("detect-aggregator-studies",
+          lambda: _detect(studies, out / "detector" / WEIGHTS, locator_weights, agg_detect, cfgs, workers=workers,
+                          progress=progress, labels=None, overlays=False),
+          [agg_detect / "boxes.csv", agg_detect / "slices.csv"])
+    stage("train-aggregator", lambda: _fit_aggregator(agg_detect, labels, agg_studies, out / "aggregator",
+                                                      cfgs["aggregation"]),
+          [out / "aggregator" / "aggregator.json"])
+    meta["locator"] = use_locator
+    meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    _write_meta(out, meta)
+    log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
+    return out
+
+
+def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | None, workers: int, progress: bool,
+             *, kind: str) -> dict[str, Any]:
+    from data_prep.yolo_dataset import prepare_detector_dataset, prepare_locator_dataset
+
+    fn = prepare_detector_dataset if kind == "detector" else prepare_locator_dataset
+    data_yaml = fn(data_root, out, config=cfg, studies=studies, workers=workers, progress=progress)
+    index = pd.read_csv(Path(data_yaml).parent / "index.csv")
+    return {"images": int(len(index)), "studies": int(index[registry.STUDY_COL].nunique())}
+
+
+def _train(data_yaml: Path, out: Path, cfg: Config) -> dict[str, Any]:
+    from detector.train import train_yolo
+
+    run = train_yolo(data_yaml, out, config=cfg, overwrite=True)
+    meta_path = run / "train.meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"epochs": meta.get("counts", {}).get("epochs_run"),
+            "metrics": meta.get("extra", {}).get("final_metrics", {})}
+
+
+def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: Path, cfgs: Mapping[str, Config], *,
+            workers: int, progress: bool, labels: Path | None, overlays: bool, overwrite: bool = False
+            ) -> dict[str, Any]:
+    from detector.detect import detect_studies
+
+    det_cfg = cfgs["detector"]
+    if not overlays:
+        det_cfg = load_config("detector", None, [*_flatten(det_cfg), "detect.overlays=false"])
+    result = detect_studies(studies, weights=weights, out=out, config=det_cfg, labels=labels, locator=locator,
+                            locator_config=cfgs["locator"], levels_config=cfgs["levels"], workers=workers,
+                            progress=progress, overwrite=overwrite)
+    return {"finished": len(result.finished) + len(result.skipped), "failed": len(result.failed),
+            "slices": result.n_slices, "backend": _backend_name(out)}
+
+
+def _fit_aggregator(detect_dir: Path, labels: pd.DataFrame, studies: Sequence[str], out: Path, cfg: Config
+                    ) -> dict[str, Any]:
+    from aggregation.features import build_features, load_detection_tables
+    from aggregation.metric import competition_loss
+    from aggregation.model import StudyAggregator
+
+    boxes, slices = load_detection_tables(detect_dir / "boxes.csv", detect_dir / "slices.csv")
+    done = set(slices[registry.STUDY_COL].astype(str))
+    usable = [u for u in studies if u in done]
+    if len(usable) < len(studies):
+        log.warning("aggregator: %d of %d studies have no detections (failed, see %s) and are left out",
+                    len(studies) - len(usable), len(studies), detect_dir / "errors.csv")
+    features = build_features(boxes, slices, config=cfg, studies=usable)
+    write_csv_atomic(detect_dir / "features.csv", features)
+    model = StudyAggregator(cfg).fit(features, labels)
+    model.save(out)
+    fitted = model.predict_proba(features)
+    in_sample = competition_loss(labels[labels[registry.STUDY_COL].isin(usable)], fitted)
+    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4)}
+
+
+# ---------------------------------------------------------------- predict
+def open_model(model_dir: str | os.PathLike) -> ModelFolder:
+    """Open a model folder written by `train_all`, checking that everything predict needs is there."""
+    root = Path(model_dir)
+    meta_path = root / MODEL_JSON
+    if not meta_path.is_file():
+        raise InputError(root, f"not a spinefrac model folder (no {MODEL_JSON}; make one with `spinefrac train`)")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise InputError(meta_path, f"model format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    configs = {stage: load_config(stage, root / f"{stage}.yaml") for stage in STAGE_CONFIGS}
+    detector = root / "detector" / WEIGHTS
+    locator = root / "locator" / WEIGHTS
+    for needed in (detector, root / "aggregator" / "aggregator.json", root / "prior.json"):
+        if not needed.exists():
+            raise InputError(needed, "missing from the model folder: training did not finish (rerun spinefrac train)")
+    prior = json.loads((root / "prior.json").read_text(encoding="utf-8"))
+    return ModelFolder(root, configs, detector, locator if meta.get("locator") and locator.is_file() else None,
+                       prior, meta)
+
+
+def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
+                test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
+                workers: int = 2, progress: bool = True, overwrite: bool = False) -> Path:
+    """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays."""
+    from aggregation.features import build_features, load_detection_tables
+    from aggregation.model import StudyAggregator
+    from aggregation.submission import (
+        complete_predictions,
+        make_submission,
+        write_predictions,
+        write_submission,
+    )
+    from detector.detect import find_studies
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    model = open_model(model_dir)
+    study_dirs = find_studies(studies)
+    uids = [s.name for s in study_dirs]
+    info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs, workers=workers,
+                   progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite)
+    boxes, slices = load_detection_tables(out / "boxes.csv", out / "slices.csv")
+    errors = pd.read_csv(out / "errors.csv", dtype={registry.STUDY_COL: str})
+    failed = set(errors[registry.STUDY_COL]) & set(uids)
+    finished = [u for u in uids if u not in failed and u in set(slices[registry.STUDY_COL].astype(str))]
+    aggregator = StudyAggregator.load(model.root / "aggregator")
+    if finished:
+        features = build_features(boxes, slices, config=model.configs["aggregation"], studies=finished)
+        write_csv_atomic(out / "features.csv", features)
+        probs = aggregator.predict_proba(features)
+    else:
+        probs = pd.DataFrame(columns=[registry.STUDY_COL, *registry.TARGETS])
+    predictions = complete_predictions(probs, studies=uids, prior=model.prior, failed=failed)
+    write_predictions(predictions, out / "predictions.csv")
+    submission = make_submission(predictions, test_csv=Path(test_csv) if test_csv else None, prior=model.prior,
+                                 failed=failed)
+    write_submission(submission, out / "submission.csv")
+    write_csv_atomic(out / "evidence.csv", evidence_table(boxes, predictions))
+    runtime = time.perf_counter() - t0
+    write_sidecar(out / "predictions.csv", kind="predictions", inputs={"model": str(model.root),
+                                                                      "studies": len(uids)},
+                  counts={"studies": len(uids), "failed": len(failed), "boxes": len(boxes)}, runtime_s=runtime,
+                  extra={"detect": info})
+    log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
+             out / "predictions.csv")
+    return out
+
+
+def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EVIDENCE_TOP) -> pd.DataFrame:
+    """Per study and level: the probability and the top boxes (slice_number:score) assigned to that level."""
+    rows = []
+    by_uid = {str(u): g for u, g in boxes.groupby(registry.STUDY_COL)} if len(boxes) else {}
+    for rec in predictions.itertuples(index=False):
+        uid = str(getattr(rec, registry.STUDY_COL))
+        g = by_uid.get(uid)
+        for level in registry.LEVELS:
+            entry = {registry.STUDY_COL: uid, "level": level, "probability": float(getattr(rec, level)),
+                     "n_boxes": 0, "max_score": 0.0, "top_boxes": ""}
+            if g is not None and f"w_{level}" in g.columns:
+                on = g[g[f"w_{level}"] > 0].assign(weighted=lambda d, lv=level: d["score"] * d[f"w_{lv}"])
+                on = on.sort_values("weighted", ascending=False)
+                if len(on):
+                    entry.update(n_boxes=int(len(on)), max_score=float(on["score"].max()),
+                                 top_boxes=";".join(f"slice {int(r.slice_number)}: {r.score:.2f} x w {r.weighted / max(r.score, 1e-9):.2f}"
+                                                    for r in on.head(top).itertuples(index=False)))
+            rows.append(entry)
+    return pd.DataFrame(rows, columns=[registry.STUDY_COL, "level", "probability", "n_boxes", "max_score",
+                                       "top_boxes"])
+
+
+# ---------------------------------------------------------------- helpers
+def _read_table(path: Path, required: Sequence[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise InputError(path, "not found (expected the Kaggle layout: train.csv, train_bounding_boxes.csv, "
+                               "train_images/)")
+    df = pd.read_csv(path, dtype={registry.STUDY_COL: str})
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(path, f"lacks column(s) {', '.join(missing)}")
+    return df
+
+
+def _segmented_studies(data_root: Path) -> list[str]:
+    seg = data_root / SEGMENTATIONS
+    if not seg.is_dir():
+        return []
+    return sorted(p.name.split(".nii")[0] for p in seg.iterdir() if ".nii" in p.name)
+
+
+def _save_configs(out: Path, config: Config, cfgs: Mapping[str, Config]) -> None:
+    dump_config(config, out / "config.yaml")
+    for stage, cfg in cfgs.items():
+        dump_config(cfg, out / f"{stage}.yaml")
+
+
+def _read_meta(out: Path) -> dict[str, Any]:
+    path = out / MODEL_JSON
+    if path.is_file():
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if meta.get("format_version") == FORMAT_VERSION:
+            meta["versions"] = library_versions()
+            return meta
+    return {"format_version": FORMAT_VERSION, "versions": library_versions(), "stages": {}}
+
+
+def _write_meta(out: Path, meta: Mapping[str, Any]) -> None:
+    write_json_atomic(out / MODEL_JSON, meta)
+
+
+def _flatten(cfg: Config, prefix: str = "") -> list[str]:
+    """Return key=value overrides that reproduce a resolved config (to derive a variant of it)."""
+    items = []
+    for key, value in cfg.items():
+        if isinstance(value, Config):
+            items += _flatten(value, f"{prefix}{key}.")
+        else:
+            items.append(f"{prefix}{key}={json.dumps(value)}")
+    return items
+
+
+def _backend_name(detect_dir: Path) -> str | None:
+    meta = detect_dir / "boxes.csv.meta.json"
+    if meta.is_file():
+        return json.loads(meta.read_text()).get("extra", {}).get("backend")
+    return None
+
+
+def _as_array(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=float)

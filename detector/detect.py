@@ -53,6 +53,8 @@ ERROR_COLUMNS: tuple[str, ...] = (STUDY_COL, "path", "stage", "error")
 LEVEL_BOX_COLUMNS: tuple[str, ...] = ("level", *(f"w_{lv}" for lv in LEVELS))
 LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
 TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate")
+MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
+"""Stage timers a predictor may keep itself; reported per study as model_<stage> (inside `model`)."""
 
 
 class Predictor(Protocol):
@@ -166,6 +168,7 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     shape = (int(geometry.shape[0]), int(geometry.shape[1]))
     z = np.asarray(geometry.z_mm, dtype=float)
     numbers = np.asarray(geometry.instance_numbers)
+    before = _stage_seconds(predictor)
     context = context_slices(geometry, render)
     if locator is not None:
         context = max(context, context_slices(geometry, locator.config["render"]))
@@ -220,9 +223,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         t = time.perf_counter()
         boxes, slices = _add_levels(boxes, slices, loc_dets, loc_slices, locator, uid=uid, numbers=numbers)
         timings["locate"] += time.perf_counter() - t
-    model_timings = getattr(predictor, "timings", None)
-    if isinstance(model_timings, Mapping):
-        timings.update({f"model_{k}": float(v) for k, v in model_timings.items() if isinstance(v, (int, float))})
+    after = _stage_seconds(predictor)
+    timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
     return StudyDetections(uid, boxes, slices, n, timings, geometry)
 
 
@@ -355,6 +357,20 @@ def _add_levels(boxes: pd.DataFrame, slices: pd.DataFrame, loc_dets: list[np.nda
         slices[col] = slice_levels[col].to_numpy(dtype=float)
     boxes = assign_boxes(boxes, level_boxes, slice_levels, config=locator.levels_config)
     return boxes, slices
+
+
+def _stage_seconds(predictor: Predictor) -> dict[str, float]:
+    """The predictor's own cumulative stage timers (preprocess, model, postprocess), when it keeps them."""
+    timers = getattr(predictor, "timings", None)
+    if timers is None:
+        return {}
+    get = timers.get if isinstance(timers, Mapping) else (lambda k, d=None: getattr(timers, k, d))
+    out = {}
+    for stage in MODEL_STAGES:
+        value = get(stage, None)
+        if isinstance(value, (int, float)):
+            out[stage] = float(value)
+    return out
 
 
 def _timed(iterable: Iterable[Any], timings: dict[str, float], key: str) -> Iterator[Any]:

@@ -50,7 +50,11 @@ PREAMBLE_BYTES = 128 + 4 + 12
 """Preamble, 'DICM' and the (0002,0000) group-length element that precede the rest of the file meta."""
 LONG_VRS = (b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR")
 EXECUTORS = ("process", "thread")
-DEFAULT_EXECUTOR = "process"
+DEFAULT_EXECUTOR = "thread"
+"""Threads: no pool start-up and no copying of decoded slices between processes. Measured with
+benchmarks/bench_decode.py on the shared 2-core machine, 2 threads were as fast as or faster than
+2 processes for uncompressed, RLE and JPEG 2000 (processes pay ~1 MB of IPC per 512x512 slice);
+re-measure on a quiet machine before changing this."""
 PREFETCH_CHUNKS = 1
 """iter_chunks decodes this many chunks ahead of the one being consumed (bounded memory)."""
 

@@ -342,8 +342,8 @@ def test_syntax_pydicom_cannot_decode(tmp_path, volume):
         read_slice_hu(path)
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_corrupt_compressed_data_is_named_even_from_workers(tmp_path, volume, workers):
+@pytest.mark.parametrize(("workers", "executor"), [(1, "thread"), (2, "thread"), (2, "process")])
+def test_corrupt_compressed_data_is_named_even_from_workers(tmp_path, volume, workers, executor):
     study = _write(tmp_path, volume, transfer_syntax=registry.TS_RLE)
     path = study / "7.dcm"
     data = bytearray(path.read_bytes())
@@ -352,7 +352,7 @@ def test_corrupt_compressed_data_is_named_even_from_workers(tmp_path, volume, wo
     path.write_bytes(bytes(data))
     geom = scan_study(study)
     with pytest.raises(DicomReadError, match="7.dcm"):
-        read_volume(geom, workers=workers)
+        read_volume(geom, workers=workers, executor=executor)
 
 
 def test_unknown_instance_number(tmp_path, volume):

@@ -26,6 +26,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import GroupKFold, StratifiedKFold
+from threadpoolctl import threadpool_limits
 
 from data_prep import registry
 from data_prep.artifacts import atomic_path, library_versions, write_json_atomic
@@ -130,8 +131,16 @@ class StudyAggregator:
         self.training_: dict[str, Any] = {}
 
     # ------------------------------------------------------------ fitting
+    def _threads(self) -> Any:
+        """Limit OpenMP threads while boosting (model.threads; null = library default)."""
+        return threadpool_limits(limits=self.config["model"]["threads"])
+
     def fit(self, features: pd.DataFrame, labels: pd.DataFrame) -> StudyAggregator:
         """Fit the level and patient models on the long features table and train.csv-style labels."""
+        with self._threads():
+            return self._fit(features, labels)
+
+    def _fit(self, features: pd.DataFrame, labels: pd.DataFrame) -> StudyAggregator:
         self._check_features(features)
         features = _str_uids(features)
         y_wide = _labels_for(features, labels)
@@ -216,6 +225,10 @@ class StudyAggregator:
         """Return StudyInstanceUID, C1..C7, patient_overall probabilities, one row per study of `features`."""
         if self.level_models_ is None or self.patient_model_ is None:
             raise RuntimeError("StudyAggregator is not fitted: call fit() or load() first")
+        with self._threads():
+            return self._predict(features)
+
+    def _predict(self, features: pd.DataFrame) -> pd.DataFrame:
         self._check_features(features)
         features = _str_uids(features)
         levels = self._predict_levels(self.level_models_, features)

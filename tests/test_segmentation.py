@@ -224,3 +224,48 @@ def test_written_series_with_reader_and_kaggle_convention(tmp_path, order, synta
     assert list(c3.slice_index) == [3, 4, 5]
     assert list(c3.slice_number) == [int(geo.instance_numbers[i]) for i in (3, 4, 5)]
     assert (c3.x.iloc[0], c3.y.iloc[0], c3.width.iloc[0], c3.height.iloc[0]) == (4, 7, 5, 6)
+
+
+# ---------------------------------------------------------------- synthetic studies with known truth
+@pytest.fixture(scope="module")
+def synth_root(tmp_path_factory):
+    synth = pytest.importorskip("data_prep.synth", reason="data_prep.synth not written yet")
+    from data_prep.config import load_config
+
+    root = tmp_path_factory.mktemp("synth") / "data"
+    cfg = load_config("synth", overrides=["image.size=64", "volume.slices=24"])
+    synth.synthesize(root, n_studies=6, seed=0, split="train", config=cfg, progress=False, overwrite=False)
+    return root
+
+
+def test_synthetic_masks_equal_the_truth(synth_root):
+    from data_prep.dicom_io import scan_study
+
+    truth_slices = pd.read_csv(synth_root / "truth" / "slice_levels.csv")
+    truth_boxes = pd.read_csv(synth_root / "truth" / "level_boxes.csv")
+    segs = sorted((synth_root / "segmentations").glob("*.nii*"))
+    assert segs, "synth wrote no segmentations"
+    orders, syntaxes = set(), set()
+    for nii in segs:
+        uid = nii.name.split(".nii")[0]
+        geo = scan_study(synth_root / "train_images" / uid)
+        orders.add(bool(geo.instance_order_reversed))
+        syntaxes.update(geo.transfer_syntaxes)
+        mask = load_axial_mask(nii, geo)
+        table = slice_level_table(mask, geo)
+        pres = slice_presence(table, len(geo), slice_numbers=geo.instance_numbers)
+        want = truth_slices[truth_slices.StudyInstanceUID == uid].sort_values("slice_index")
+        np.testing.assert_array_equal(pres["slice_number"].to_numpy(), want["slice_number"].to_numpy())
+        np.testing.assert_array_equal(pres[list(LEVELS)].to_numpy(), want[list(LEVELS)].to_numpy())
+        boxes = truth_boxes[truth_boxes.StudyInstanceUID == uid]
+        got = table.merge(boxes, on=["slice_index", "level"], suffixes=("", "_t"), how="outer", indicator=True)
+        assert (got["_merge"] == "both").all(), f"{uid}: level boxes on different slices than the truth"
+        for c in ("x", "y", "width", "height"):
+            np.testing.assert_allclose(got[c], got[f"{c}_t"], atol=1e-6, err_msg=f"{uid} {c}")
+        kaggle = kaggle_convention(nii, geo)
+        if geo.instance_order_reversed:
+            assert not np.array_equal(kaggle, mask), f"{uid}: feet-first, yet the Kaggle reading agrees"
+        else:
+            np.testing.assert_array_equal(kaggle, mask)
+    assert orders == {False, True}, "the synthetic set should hold head-first and feet-first studies"
+    assert "1.2.840.10008.1.2.4.70" in syntaxes, "the synthetic set should hold JPEG Lossless studies"

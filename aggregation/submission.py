@@ -50,6 +50,8 @@ def complete_predictions(predictions: pd.DataFrame, *, studies: Iterable[str], p
     missing_t = [t for t in registry.TARGETS if t not in prior]
     if missing_t:
         raise ValueError(f"prior lacks target(s) {', '.join(missing_t)}")
+    if predictions.empty and not len(predictions.columns):      # nothing predicted at all: every study gets the prior
+        predictions = pd.DataFrame(columns=[registry.STUDY_COL, *registry.TARGETS])
     cols = [c for c in (registry.STUDY_COL, *registry.TARGETS) if c not in predictions.columns]
     if cols:
         raise InputError(None, f"predictions lack column(s) {', '.join(cols)}")
@@ -97,7 +99,8 @@ def make_submission(predictions: pd.DataFrame, *, test_csv: Path | None, prior: 
         table = full.set_index(registry.STUDY_COL)
         values = [float(table.at[u, t]) for u, t in zip(test["_uid"], test["_target"], strict=True)]
         return pd.DataFrame({ROW_ID: test[ROW_ID].to_numpy(), FRACTURED: values})
-    studies = list(dict.fromkeys([*predictions[registry.STUDY_COL].astype(str), *sorted(map(str, failed))]))
+    predicted = predictions[registry.STUDY_COL].astype(str) if registry.STUDY_COL in predictions.columns else []
+    studies = list(dict.fromkeys([*predicted, *sorted(map(str, failed))]))
     full = complete_predictions(predictions, studies=studies, prior=prior, failed=failed)
     return submission_from_predictions(full)
 

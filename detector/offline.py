@@ -39,6 +39,12 @@ SOURCE_FONT = "DejaVuSans.ttf"  # bundled with matplotlib
 _OFF_SETTINGS = ("sync", "clearml", "comet", "dvc", "mlflow", "raytune", "tensorboard", "wandb",
                  "vscode_msg", "openvino_msg")
 
+OFFLINE_ENV = {
+    "YOLO_OFFLINE": "1",
+    "YOLO_AUTOINSTALL": "0",
+    "CI": "true",  # openvino-telemetry: declined in CI, nothing sent, no consent file under $HOME
+}
+
 _configured_home: Path | None = None
 
 
@@ -57,39 +63,37 @@ def configure_ultralytics(home: Path | None = None) -> None:
         return
     config_dir = home / ULTRALYTICS_SUBDIR
     mpl_dir = home / MATPLOTLIB_SUBDIR
+    os.environ.update(OFFLINE_ENV)
+    os.environ.setdefault("YOLO_VERBOSE", "False")  # no banners on import; set_ultralytics_verbosity(True) for -v
+    if "ultralytics" in sys.modules:
+        from ultralytics.utils import USER_CONFIG_DIR
+
+        active = Path(USER_CONFIG_DIR)
+        if active != config_dir / ULTRALYTICS_APP_DIR:
+            # Imported earlier (elsewhere, or configured with another home): its folders are fixed for this
+            # process. Leave them and the new home alone, but make sure train()/val() never fetch a font.
+            level = logging.WARNING if _configured_home is None else logging.DEBUG
+            log.log(level, "ultralytics was imported before configure_ultralytics(%s); it keeps its settings "
+                           "in %s", home, active)
+            _install_fonts(active)
+            _configured_home = home
+            return
     for folder in (config_dir / ULTRALYTICS_APP_DIR, mpl_dir):
         folder.mkdir(parents=True, exist_ok=True)
-    imported_before = "ultralytics" in sys.modules
-    os.environ.update({
-        "YOLO_OFFLINE": "1",
-        "YOLO_AUTOINSTALL": "0",
-        "YOLO_CONFIG_DIR": str(config_dir),
-        "MPLCONFIGDIR": str(mpl_dir),
-        "CI": "true",  # openvino-telemetry: declined in CI, nothing sent, no consent file under $HOME
-    })
-    os.environ.setdefault("YOLO_VERBOSE", "False")  # no banners on import; set_ultralytics_verbosity(True) for -v
+    os.environ.update({"YOLO_CONFIG_DIR": str(config_dir), "MPLCONFIGDIR": str(mpl_dir)})
     _install_fonts(config_dir / ULTRALYTICS_APP_DIR)
 
     # The first import of ultralytics reads the environment set above.
     from ultralytics.utils import SETTINGS, USER_CONFIG_DIR
 
-    active = Path(USER_CONFIG_DIR)
-    if active != config_dir / ULTRALYTICS_APP_DIR:
-        # Imported earlier (elsewhere, or configured with another home): its folder is fixed for this process.
-        # Leave its settings alone, but make sure train()/val() still never fetch a font.
-        level = logging.WARNING if imported_before and _configured_home is None else logging.DEBUG
-        log.log(level, "ultralytics was imported before configure_ultralytics(%s); it keeps its settings in %s",
-                home, active)
-        _install_fonts(active)
-    else:
-        updates = {key: False for key in _OFF_SETTINGS if SETTINGS.get(key) is not False}
-        for key, sub in (("datasets_dir", "datasets"), ("weights_dir", "weights"), ("runs_dir", "runs")):
-            if SETTINGS.get(key) != str(home / sub):
-                updates[key] = str(home / sub)
-        if updates:
-            SETTINGS.update(updates)
+    updates = {key: False for key in _OFF_SETTINGS if SETTINGS.get(key) is not False}
+    for key, sub in (("datasets_dir", "datasets"), ("weights_dir", "weights"), ("runs_dir", "runs")):
+        if SETTINGS.get(key) != str(home / sub):
+            updates[key] = str(home / sub)
+    if updates:
+        SETTINGS.update(updates)
     _configured_home = home
-    log.debug("ultralytics configured offline; settings in %s", active)
+    log.debug("ultralytics configured offline; settings in %s", USER_CONFIG_DIR)
 
 
 def _install_fonts(folder: Path) -> None:

@@ -405,7 +405,9 @@ def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOu
     failed = []
     with tqdm(total=len(todo), desc=desc, unit="study", disable=not progress) as bar:
         if workers > 1 and len(todo) > 1:
-            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=get_context("spawn"),
+            ctx = get_context("forkserver")       # like the reader's pools: no fork after threads started
+            ctx.set_forkserver_preload(["data_prep.yolo_dataset", "detector.render"])
+            with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
                                      initializer=_init_worker) as pool:
                 futures = [pool.submit(_run_one, worker, t) for t in todo]
                 for fut in as_completed(futures):

@@ -17,6 +17,10 @@ class InputError(SpinefracError):
         self.reason = reason
         super().__init__(f"{path}: {reason}" if path is not None else reason)
 
+    def __reduce__(self):
+        """Pickle with (path, reason) so the error survives a process pool."""
+        return (type(self), (self.path, self.reason))
+
 
 class DicomReadError(InputError):
     """A DICOM file or study that cannot be read as a CT slice/volume."""

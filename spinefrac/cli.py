@@ -72,7 +72,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from data_prep.inspect import inspect_path
 
-    report = inspect_path(args.path, workers=args.workers)
+    report = inspect_path(args.path, workers=args.workers, progress=not args.no_progress)
     print(report.format())
     return 1 if report.has_errors and args.strict else 0
 

@@ -41,3 +41,14 @@ def test_next_run_dir_numbers_like_ultralytics(tmp_path):
     assert second == tmp_path / "train2"
     second.mkdir()
     assert next_run_dir(tmp_path, "train") == tmp_path / "train3"
+
+
+def test_input_errors_survive_a_process_pool():
+    """Errors raised in worker processes must unpickle with their file and reason intact."""
+    import pickle
+
+    from data_prep.errors import DicomReadError
+
+    err = pickle.loads(pickle.dumps(DicomReadError("/data/1.dcm", "file is truncated")))
+    assert isinstance(err, DicomReadError)
+    assert str(err) == "/data/1.dcm: file is truncated" and err.reason == "file is truncated"

@@ -157,9 +157,9 @@ def level_weights(boxes: pd.DataFrame, path: str | os.PathLike | None = None) ->
     if all(c in boxes.columns for c in WEIGHT_COLS):
         return np.nan_to_num(boxes[list(WEIGHT_COLS)].to_numpy(dtype=float))
     if LEVEL_COL in boxes.columns:
-        names = boxes[LEVEL_COL].astype("string").to_numpy()
-        return np.stack([(names == lv) for lv in registry.LEVELS], axis=1).astype(float) if len(names) else \
-            np.zeros((0, len(registry.LEVELS)))
+        names = boxes[LEVEL_COL].astype("string").fillna("").to_numpy(dtype=object)
+        return np.array([[name == lv for lv in registry.LEVELS] for name in names], dtype=float).reshape(
+            len(names), len(registry.LEVELS))
     if boxes.empty:
         return np.zeros((0, len(registry.LEVELS)))
     raise InputError(path, "boxes table has neither w_C1..w_C7 nor a level column; run detection with levels "
@@ -287,6 +287,19 @@ def build_patient_features(level_features: pd.DataFrame, *, config: Mapping[str,
             out[c] = g[c].first()
     out = out.reset_index()
     return out[[registry.STUDY_COL, *patient_feature_names(cfg)]]
+
+
+def write_features(features: pd.DataFrame, path: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
+                   inputs: Mapping[str, Any] | None = None) -> Path:
+    """Write features.csv atomically with its `.meta.json` sidecar (config, inputs, counts, feature docs)."""
+    from data_prep.artifacts import write_csv_atomic, write_sidecar
+
+    cfg = _section(config)
+    out = write_csv_atomic(path, features)
+    write_sidecar(out, kind="features", config=dict(cfg), inputs=inputs,
+                  counts={"studies": int(features[registry.STUDY_COL].nunique()), "rows": len(features)},
+                  extra={"features": level_feature_descriptions(cfg)})
+    return out
 
 
 # ---------------------------------------------------------------- reading tables

@@ -38,10 +38,10 @@ MEAN_EXTRA_LEVELS = 0.6          # fractured levels beyond the first, Poisson me
 SLICES_RANGE = (60, 140)         # slices per study
 LEVEL_OVERLAP = 2                # slices shared by neighbouring levels
 FRACTURE_RUN_MEAN = 5.0          # boxed slices per fracture, Poisson mean (+1)
-MISS_RATE = 0.2                  # fractures the detector misses entirely
-HIT_SCORE = (0.55, 0.2)          # score of a detected fracture box: normal(mean, sd), clipped
-FALSE_POSITIVES_MEAN = 1.5       # false-positive boxes per study, Poisson mean
-FP_SCORE_BETA = (2.0, 5.0)       # their scores: Beta(a, b)
+MISS_RATE = 0.25                 # fractures the detector misses entirely
+HIT_SCORE = (0.45, 0.22)         # score of a detected fracture box: normal(mean, sd), clipped
+FALSE_POSITIVES_MEAN = 3.0       # false-positive boxes per study, Poisson mean
+FP_SCORE_BETA = (2.0, 4.0)       # their scores: Beta(a, b)
 BOX_SIDE_PX = (40.0, 120.0)      # box width/height range (px)
 IMAGE_PX = 512
 
@@ -134,6 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--boxes", type=Path, default=None)
     ap.add_argument("--slices", type=Path, default=None)
     ap.add_argument("--labels", type=Path, default=None)
+    ap.add_argument("--save-sim", type=Path, default=None,
+                    help="also write the simulated boxes.csv, slices.csv, train.csv into this folder")
     args = ap.parse_args(argv)
     given = [args.boxes, args.slices, args.labels]
     if any(given) and not all(given):
@@ -145,6 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     else:
         boxes, slices, labels = simulate_detections(args.studies, args.seed)
         source = f"simulated detector outputs ({args.studies} studies, seed {args.seed})"
+        if args.save_sim is not None:
+            args.save_sim.mkdir(parents=True, exist_ok=True)
+            for name, df in (("boxes", boxes), ("slices", slices), ("train", labels)):
+                df.to_csv(args.save_sim / f"{name}.csv", index=False)
     print(source)
     table = run(boxes, slices, labels, test_fraction=args.test_fraction, seed=args.seed)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))

@@ -196,3 +196,26 @@ def test_every_feature_is_documented():
                                                 ([9, 3, 4, 5, 6, 1], 4), (np.array([0, 2, 4]), 1)])
 def test_longest_run(idx, expected):
     assert longest_run(idx) == expected
+
+
+def test_boxes_without_a_level_count_only_study_wide():
+    b = _boxes().drop(columns=[f"w_{lv}" for lv in LEVELS])
+    b.loc[0, "level"] = None            # b1 (0.9) outside C1-C7, e.g. a thoracic level
+    b.loc[1, "level"] = "T1"
+    f = build_features(b, _slices(), config=_cfg())
+    c1 = _row(f, "s1", "C1")
+    assert c1["max_score"] == pytest.approx(0.6) and c1["n_boxes_ge_0.1"] == 1
+    assert c1["study_max_score"] == pytest.approx(0.9) and c1["study_n_boxes"] == 5
+
+
+def test_features_csv_round_trip_with_sidecar(tmp_path):
+    import json
+
+    from aggregation.features import write_features
+
+    f = build_features(_boxes(), _slices(), config=_cfg())
+    write_features(f, tmp_path / "features.csv", config=_cfg(), inputs={"boxes": "boxes.csv"})
+    back = pd.read_csv(tmp_path / "features.csv", dtype={STUDY_COL: str})
+    pd.testing.assert_frame_equal(back, f, check_dtype=False)
+    meta = json.loads((tmp_path / "features.csv.meta.json").read_text())
+    assert meta["counts"] == {"studies": 2, "rows": 14} and "longest_run" in meta["extra"]["features"]

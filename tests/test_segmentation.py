@@ -233,7 +233,8 @@ def synth_root(tmp_path_factory):
     from data_prep.config import load_config
 
     root = tmp_path_factory.mktemp("synth") / "data"
-    cfg = load_config("synth", overrides=["image.size=64", "volume.slices=24"])
+    cfg = load_config("synth", overrides=["image.size=64", "volume.slices=24", "labels.segmentation_fraction=1.0",
+                                          "files.jpeg_lossless_fraction=0.5"])
     synth.synthesize(root, n_studies=6, seed=0, split="train", config=cfg, progress=False, overwrite=False)
     return root
 

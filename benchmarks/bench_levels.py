@@ -38,6 +38,8 @@ PRESENT_SCORE = 0.8
 CLEAN_GAP = 2
 """Truth cleaning: gaps of at most this many slices inside a level's run are closed; the longest run is kept."""
 SEED = 0
+SYNTH_SLICES = 150
+"""Slices per synthetic study of the oracle run (about 1.3 mm thick, real studies 0.5-1.25 mm)."""
 
 
 @dataclass(frozen=True)
@@ -355,7 +357,8 @@ def make_synthetic(root: Path, n_studies: int, seed: int) -> Path:
     """Write a small held-out synthetic set (split test, so truth/ holds the hidden labels)."""
     from data_prep.synth import synthesize
 
-    synth_cfg = load_config("synth", overrides=["image.size=96", "volume.slices=48"])
+    synth_cfg = load_config("synth", overrides=["image.size=96", f"volume.slices={SYNTH_SLICES}",
+                                                "labels.box_fraction=1.0"])
     synthesize(root, n_studies=n_studies, seed=seed, split="test", config=synth_cfg, progress=False, overwrite=True)
     return root
 
@@ -374,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--truth-dir", type=Path, default=None, help="synthetic dataset root with truth/ (held out)")
     p.add_argument("--pred-slices", type=Path, default=None, help="slices.csv of the locator pipeline (p_C1..p_C7)")
     p.add_argument("--pred-level-boxes", type=Path, default=None, help="level boxes table of the locator pipeline")
-    p.add_argument("--oracle-studies", type=int, default=8, help="synthetic studies for the oracle run (0 = skip)")
+    p.add_argument("--oracle-studies", type=int, default=12, help="synthetic studies for the oracle run (0 = skip)")
     p.add_argument("--oracle-k", type=int, default=4, help="oracle: locator every k-th slice")
     p.add_argument("--skip-real", action="store_true", help="skip the real-table section")
     args = p.parse_args(argv)

@@ -44,6 +44,7 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     train_cfg = config.train
     model_spec = str(model if model is not None else train_cfg.model)
     from_scratch = _check_model_spec(model_spec)
+    args = _ultralytics_args(train_cfg)
     out = Path(out)
     run_dir = out if overwrite or not out.exists() else next_run_dir(out.parent, out.name)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +60,6 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     yolo = YOLO(model_spec)
     for event in THREAD_EVENTS:
         yolo.add_callback(event, lambda _owner: restore_threads(threads))
-    args = _ultralytics_args(train_cfg)
     log.info("training %s on %s: %d epochs at imgsz %d, device %s -> %s", model_spec, data_used,
              args["epochs"], config.render.imgsz, train_cfg.device if train_cfg.device is not None else "auto",
              run_dir)

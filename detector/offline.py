@@ -127,5 +127,9 @@ def restore_threads(threads: int | None = None) -> int:
 
 
 def set_ultralytics_verbosity(verbose: bool) -> None:
-    """Show Ultralytics' own INFO messages only when `verbose`; warnings always get through."""
-    logging.getLogger("ultralytics").setLevel(logging.INFO if verbose else logging.WARNING)
+    """Show Ultralytics' own INFO messages only when `verbose`; its warnings always get through."""
+    level = logging.INFO if verbose else logging.WARNING
+    logger = logging.getLogger("ultralytics")
+    logger.setLevel(level)
+    for handler in logger.handlers:  # Ultralytics sets its stdout handler to ERROR when YOLO_VERBOSE is off
+        handler.setLevel(level)

@@ -60,6 +60,7 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     yolo = YOLO(model_spec)
     for event in THREAD_EVENTS:
         yolo.add_callback(event, lambda _owner: restore_threads(threads))
+    yolo.add_callback("on_fit_epoch_end", _log_epoch)
     log.info("training %s on %s: %d epochs at imgsz %d, device %s -> %s", model_spec, data_used,
              args["epochs"], config.render.imgsz, train_cfg.device if train_cfg.device is not None else "auto",
              run_dir)
@@ -86,6 +87,19 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     log.info("trained %d epochs in %.0f s: %s; best weights %s", epochs_run, runtime, summary or "no metrics",
              best)
     return run_dir
+
+
+def _log_epoch(trainer: Any) -> None:
+    """One INFO line per epoch, and one for the final validation of best.pt (Ultralytics is quiet unless -v)."""
+    metrics = {k.split("/")[-1].replace("(B)", ""): float(v) for k, v in (trainer.metrics or {}).items()
+               if k.startswith("metrics/") and _is_number(v)}
+    text = ", ".join(f"{k} {v:.3f}" for k, v in metrics.items()) or "no validation"
+    if trainer.epoch + 1 > trainer.epochs:  # final_eval() reports with epoch + 1
+        log.info("best.pt: %s", text)
+        return
+    losses = trainer.label_loss_items(trainer.tloss, prefix="train") if trainer.tloss is not None else {}
+    loss_text = ", ".join(f"{k.split('/')[-1]} {float(v):.3f}" for k, v in losses.items())
+    log.info("epoch %d/%d: %s; %s", trainer.epoch + 1, trainer.epochs, loss_text, text)
 
 
 def _check_model_spec(spec: str) -> bool:

@@ -136,7 +136,7 @@ def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list
 
 def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
                  levels_config: Mapping[str, Any] | None = None, device: Any = None,
-                 backend: str = "auto") -> Locator:
+                 backend: str = "auto", threads: int | None = None) -> Locator:
     """Load the vertebra-locator weights with its configs (configs/locator.yaml, configs/levels.yaml by default)."""
     from data_prep.config import load_config
     from detector.backends import load_predictor
@@ -147,7 +147,7 @@ def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None
     predictor = load_predictor(Path(weights), imgsz=int(cfg["render"]["imgsz"]), device=device, backend=backend,
                                conf=float(lcfg["locate"]["min_conf"]),
                                iou=float(locate.get("iou", DEFAULT_LOCATE_IOU)),
-                               max_det=int(locate.get("max_det", DEFAULT_LOCATE_MAX_DET)))
+                               max_det=int(locate.get("max_det", DEFAULT_LOCATE_MAX_DET)), threads=threads)
     return Locator(predictor, cfg, lcfg)
 
 
@@ -242,11 +242,14 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     study_dirs = find_studies(studies)
     label_table = _read_labels(labels) if labels is not None else None
     det = config["detect"]
-    device = (config.get("train") or {}).get("device") or "cpu"
+    train = config.get("train") or {}
+    device = train.get("device") or "cpu"
+    threads = train.get("threads") or None
     predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
                                backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),
-                               max_det=int(det["max_det"]))
-    loc = load_locator(locator, device=device, backend=str(det["backend"])) if locator is not None else None
+                               max_det=int(det["max_det"]), threads=threads)
+    loc = load_locator(locator, device=device, backend=str(det["backend"]), threads=threads) \
+        if locator is not None else None
     result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
                           timings=dict.fromkeys(TIMING_KEYS, 0.0))
     for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):

@@ -363,7 +363,7 @@ class Rendered:
     labels: np.ndarray
     fracture_boxes: list[dict[int, tuple[int, int, int, int]]]
     """Per fracture: slice_index -> (row0, row1, col0, col1) inclusive box of the fractured elements, on
-    every slice where the lucent line cuts bone."""
+    every slice where the lucent line cuts bone or the shifted fragment moves bone."""
 
 
 # ---------------------------------------------------------------- building the anatomy
@@ -790,25 +790,27 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
         rel = tuple(slice(a.start - b.start, a.stop - b.start) for a, b in zip(sbox, box, strict=True))
         u, v, w = part.frame.to_local(*grid.coords(sbox))
         d = sh.sdf(u, v, w)
+        intact = d <= 0
         gap = np.zeros_like(d)
         hits = [(i, f) for i, f in fractures if sh.element in f.elements]
-        own_gaps = {}
+        own_gaps, own_moves = {}, {}
         for i, f in hits:
             dist = (u - f.point[0]) * f.normal[0] + (v - f.point[1]) * f.normal[1] + (w - f.point[2]) * f.normal[2]
             lo_w, hi_w = f.window
             taper = np.clip(np.minimum(w - lo_w, hi_w - w) / TAPER_MM, 0.0, 1.0)
             moved = sh.sdf(u - taper * f.shift[0], v - taper * f.shift[1], w - taper * f.shift[2])
             d = np.where(dist > 0, moved, d)
+            own_moves[i] = (dist > 0) & ((moved <= 0) != intact)
             inside = (w >= lo_w) & (w <= hi_w)
             own_gaps[i] = np.clip(0.5 - (np.abs(dist) - f.gap_mm / 2) / s, 0.0, 1.0) * inside
             gap = np.maximum(gap, own_gaps[i])
         f_shape = np.clip(0.5 - d / s, 0.0, 1.0)
         for i, g in own_gaps.items():
-            elem = f_shape >= 0.5
+            elem = (f_shape >= 0.5) | intact
             m = elem_masks.setdefault(i, np.zeros(shape, dtype=bool))
             m[rel] |= elem
             seen = gap_seen.setdefault(i, np.zeros(shape, dtype=bool))
-            seen[rel] |= elem & (g >= 0.5)
+            seen[rel] |= (elem & (g >= 0.5)) | own_moves[i]
         np.minimum(sdf_all[rel], d, out=sdf_all[rel])
         np.maximum(bone[rel], f_shape * (1.0 - gap), out=bone[rel])
 

@@ -45,6 +45,8 @@ SIGNED_PADDING_HU = -2048.0
 HU_MAX = 3071.0
 FLOAT_DECIMALS = 5
 RNG_STUDY, RNG_PLAN = 1, 2
+MAX_RENDER_ATTEMPTS = 4
+"""Fractures are re-drawn (and the study re-rendered) when a labelled level shows no break on any slice."""
 KINDS_KEY = {"C1": "kinds_c1", "C2": "kinds_c2"}
 SEG_DIR, TRUTH_DIR = "segmentations", "truth"
 
@@ -236,8 +238,16 @@ def build_study(plan: StudyPlan, *, seed: int, split: str, config: Config) -> Bu
     rng = np.random.default_rng([seed, SPLITS[split], RNG_STUDY, plan.index])
     anatomy = phantom.build_anatomy(rng, config["anatomy"])
     grid = make_grid(rng, anatomy, config)
-    fractures = _sample_fractures(rng, anatomy, plan.levels, grid, config["fracture"])
-    rendered = phantom.render(anatomy, fractures, grid, config["hu"], rng)
+    for attempt in range(1, MAX_RENDER_ATTEMPTS + 1):
+        fractures = _sample_fractures(rng, anatomy, plan.levels, grid, config["fracture"])
+        rendered = phantom.render(anatomy, fractures, grid, config["hu"], rng)
+        seen = {f.level for f, boxes in zip(fractures, rendered.fracture_boxes, strict=True) if boxes}
+        hidden = sorted(set(plan.levels) - seen)
+        if not hidden:
+            break
+        log.log(logging.WARNING if attempt == MAX_RENDER_ATTEMPTS else logging.DEBUG,
+                "%s: fractured level(s) %s cut no bone on any slice (attempt %d of %d)", plan.uid,
+                ", ".join(hidden), attempt, MAX_RENDER_ATTEMPTS)
     hu = _to_file_range(rendered.hu, grid, plan, config)
     # patient coordinates = body coordinates + a table offset (the body frame never reaches the files)
     table = np.round(np.array([*rng.uniform(*config["image"]["table_xy_mm"], size=2),
@@ -258,7 +268,7 @@ def study_tables(built: BuiltStudy) -> StudyResult:
     per_slice: dict[int, list[int]] = {}
     for i, (frac, boxes) in enumerate(zip(built.fractures, built.fracture_boxes, strict=True)):
         if not boxes:
-            log.warning("%s: %s %s fracture cuts no bone on any slice", plan.uid, frac.level, frac.kind)
+            log.debug("%s: one %s %s plane cuts no bone on any slice", plan.uid, frac.level, frac.kind)
             continue
         ks = sorted(boxes)
         result.fractures.append({STUDY_COL: plan.uid, "level": frac.level,

@@ -268,3 +268,44 @@ def test_threads_default_to_every_core():
 
     assert resolve_threads(None) == resolve_threads(0) == (os.cpu_count() or 1)
     assert resolve_threads(3) == 3
+
+
+def test_cli_export_writes_beside_the_weights_with_config_imgsz(weights, tmp_path, capsys):
+    import shutil
+
+    from spinefrac.cli import main
+
+    w = tmp_path / "best.pt"
+    shutil.copyfile(weights, w)
+    assert main(["export", "-q", "--weights", str(w), "--format", "onnx", "--imgsz", str(IMGSZ)]) == 0
+    onnx = tmp_path / "best.onnx"
+    assert capsys.readouterr().out.strip() == str(onnx)
+    meta = json.loads((tmp_path / "best.onnx.meta.json").read_text())
+    assert meta["extra"]["imgsz"] == IMGSZ and meta["extra"]["format"] == "onnx"
+    import onnxruntime
+
+    shape = onnxruntime.InferenceSession(str(onnx)).get_inputs()[0].shape
+    assert shape[1] == 3 and all(isinstance(d, str) for d in (shape[0], shape[2], shape[3]))  # dynamic
+
+
+def test_failed_export_leaves_the_previous_export_and_no_temp_files(weights, tmp_path, monkeypatch):
+    import shutil
+
+    from ultralytics.engine.model import Model
+
+    from detector.export import export_weights
+
+    w = tmp_path / "best.pt"
+    shutil.copyfile(weights, w)
+    good = export_weights(w, fmt="onnx", imgsz=IMGSZ)
+    before = good.read_bytes()
+
+    def broken(self, **kwargs):
+        Path(str(self.ckpt_path).replace(".pt", ".onnx")).write_bytes(b"half-written")
+        raise RuntimeError("exporter crashed")
+
+    monkeypatch.setattr(Model, "export", broken)
+    with pytest.raises(RuntimeError, match="crashed"):
+        export_weights(w, fmt="onnx", imgsz=IMGSZ)
+    assert good.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.onnx", "best.onnx.meta.json", "best.pt"]

@@ -77,7 +77,7 @@ FORAMEN_MAGNUM_R = 17.0
 MANDIBLE_R, MANDIBLE_HALF_WIDTH, MANDIBLE_FRONT = 5.0, 45.0, 62.0
 RIB_R = 4.0
 PREVERTEBRAL_MM = 7.0           # soft tissue between the body front and the airway
-NECK_BEHIND_BODY = 20.0         # neck outline centre anterior of the body centre
+NECK_CENTRE_AHEAD = -12.0       # neck outline centre anterior of the body centre (negative: behind it)
 HEAD_MARGIN = 8.0               # scalp outside the skull
 SHOULDER_WIDEN = (1.7, 1.15)    # neck outline growth below C7 (lateral, AP)
 AIRWAY_AXES = {"pharynx": (13.0, 7.0), "larynx": (8.0, 6.5), "trachea": (9.0, 8.0)}
@@ -582,7 +582,7 @@ def _tissue_keypoints(rng: np.random.Generator, cfg: Mapping[str, Any], vertebra
     ay = np.array([neck[1] * SHOULDER_WIDEN[1], neck[1] * (1 + SHOULDER_WIDEN[1]) / 2, neck[1], neck[1],
                    skull_r[1] + HEAD_MARGIN, skull_r[1] + HEAD_MARGIN])
     spine_y = lambda q: np.interp(q, z, y)  # noqa: E731
-    cy = np.array([spine_y(q) - NECK_BEHIND_BODY for q in oz[:4]] + [skull_centre[1]] * 2)
+    cy = np.array([spine_y(q) - NECK_CENTRE_AHEAD for q in oz[:4]] + [skull_centre[1]] * 2)
     cx = np.array([np.interp(q, z, x) for q in oz[:4]] + [skull_centre[0]] * 2)
     # airway: pharynx behind the mouth, larynx, trachea
     c4z = vertebrae["C4"].frame.origin[2]

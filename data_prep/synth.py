@@ -213,7 +213,7 @@ def make_grid(rng: np.random.Generator, anatomy: phantom.Anatomy, config: Config
     jit = float(img["origin_jitter_mm"])
     half = (size - 1) / 2 * spacing
     origin = (round(c4[0] - half + float(rng.uniform(-jit, jit)), 3),
-              round(c4[1] - half + float(rng.uniform(-jit, jit)), 3))
+              round(c4[1] + float(img["centre_behind_body_mm"]) - half + float(rng.uniform(-jit, jit)), 3))
     return phantom.Grid(n=n, rows=size, cols=size, spacing=spacing, thickness=thickness, origin_xy=origin,
                         z_top=round(anatomy.top_z, 3))
 

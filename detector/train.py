@@ -45,19 +45,23 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     model_spec = str(model if model is not None else train_cfg.model)
     from_scratch = _check_model_spec(model_spec)
     args = _ultralytics_args(train_cfg)
-    out = Path(out)
-    run_dir = out if overwrite or not out.exists() else next_run_dir(out.parent, out.name)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    data_used = _fold_data_yaml(data_yaml, train_cfg.fold, run_dir)
-    dump_config(config, run_dir / CONFIG_NAME)
 
     configure_ultralytics()
     verbose = log.isEnabledFor(logging.DEBUG)
     set_ultralytics_verbosity(verbose)
     from ultralytics import YOLO
 
+    try:
+        yolo = YOLO(model_spec)
+    except FileNotFoundError as exc:  # an architecture YAML that neither exists here nor ships with Ultralytics
+        raise InputError(model_spec, f"model not found ({exc}); use e.g. yolov8n.yaml or a local .pt") from None
+
+    out = Path(out)
+    run_dir = out if overwrite or not out.exists() else next_run_dir(out.parent, out.name)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data_used = _fold_data_yaml(data_yaml, train_cfg.fold, run_dir)
+    dump_config(config, run_dir / CONFIG_NAME)
     threads = train_cfg.threads
-    yolo = YOLO(model_spec)
     for event in THREAD_EVENTS:
         yolo.add_callback(event, lambda _owner: restore_threads(threads))
     yolo.add_callback("on_fit_epoch_end", _log_epoch)

@@ -176,3 +176,12 @@ def test_train_sections_hold_ct_safe_augmentation():
         assert train.hsv_h == train.hsv_s == train.hsv_v == 0.0, stage
         assert train.flipud == 0.0 and train.fliplr > 0 and train.degrees > 0, stage
         assert str(train.model).endswith(".yaml"), stage
+
+
+def test_unknown_architecture_yaml_is_an_input_error(yolo_home, tmp_path):
+    from detector.train import train_yolo
+
+    data = make_yolo_dataset(tmp_path / "ds")
+    with pytest.raises(InputError, match="yolov99z.yaml"):
+        train_yolo(data, tmp_path / "run", config=load_config("detector", overrides=FAST), model="yolov99z.yaml")
+    assert not (tmp_path / "run").exists()

@@ -452,9 +452,13 @@ def _finish(out: Path, *, kind: str, names: Mapping[int, str], config: Mapping[s
     cfg = config.to_dict() if hasattr(config, "to_dict") else dict(config)
     render = render_summary(_section(config, "render"))
     prep = _section(config, "prepare")
-    if not (index["split"] == VAL).any():
+    val = index[index["split"] == VAL]
+    if not len(val):
         log.warning("%s: the validation fold %d holds no image; Ultralytics needs one (more studies or "
                     "another prepare.val_fold)", out, prep["val_fold"])
+    elif not (val["n_boxes"] > 0).any():
+        log.warning("%s: the validation fold %d holds no box, so validation metrics (and best.pt) mean nothing; "
+                    "use more studies, fewer prepare.n_folds or another prepare.val_fold", out, prep["val_fold"])
     data = {"path": str(out.resolve()), TRAIN: f"{IMAGES_DIR}/{TRAIN}", VAL: f"{IMAGES_DIR}/{VAL}",
             "names": dict(names),
             "spinefrac": {"kind": kind, **render, "fold": int(prep["val_fold"]), "n_folds": int(prep["n_folds"]),

@@ -91,9 +91,10 @@ def time_variants(rows: list[tuple[str, str, Path, dict]], imgsz: int, batch: in
     det = load_config("detector").detect
     images = np.random.default_rng(SEED).integers(0, PIXEL_LEVELS, (batch, imgsz, imgsz, 3), dtype=np.uint8)
     preds = []
-    for _backend, _variant, path, kwargs in rows:
-        pred = load_predictor(path, imgsz=imgsz, backend="auto", conf=float(det.conf), iou=float(det.iou),
+    for backend, _variant, path, kwargs in rows:
+        pred = load_predictor(path, imgsz=imgsz, backend=backend, conf=float(det.conf), iou=float(det.iou),
                               max_det=int(det.max_det), **kwargs)
+        assert pred.backend == backend, f"asked for {backend}, got {pred.backend}"
         pred.predict(images)  # warm-up
         preds.append(pred)
     samples: list[dict[str, list[float]]] = [

@@ -152,8 +152,13 @@ def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None
 
 
 def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: Mapping[str, Any],
-                 locator: Locator | None = None, workers: int = 2) -> StudyDetections:
-    """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns)."""
+                 locator: Locator | None = None, levels_config: Mapping[str, Any] | None = None,
+                 workers: int = 2) -> StudyDetections:
+    """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns).
+
+    Levels come from `locator` when given; else, with `levels_config`, from relative z position alone
+    (configs/levels.yaml `relative_z`); else the tables carry no level columns.
+    """
     from data_prep.dicom_io import iter_chunks, scan_study
     from detector.render import context_slices, image_xyxy_to_original, render_slices
 
@@ -223,6 +228,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         t = time.perf_counter()
         boxes, slices = _add_levels(boxes, slices, loc_dets, loc_slices, locator, uid=uid, numbers=numbers)
         timings["locate"] += time.perf_counter() - t
+    elif levels_config is not None:
+        boxes, slices = _add_relative_levels(boxes, slices, levels_config)
     after = _stage_seconds(predictor)
     timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
     return StudyDetections(uid, boxes, slices, n, timings, geometry)
@@ -230,9 +237,14 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
 
 def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, weights: str | os.PathLike,
                    out: str | os.PathLike, config: Mapping[str, Any], labels: str | os.PathLike | None = None,
-                   locator: str | os.PathLike | None = None, workers: int = 2, progress: bool = True,
+                   locator: str | os.PathLike | None = None, locator_config: Mapping[str, Any] | None = None,
+                   levels_config: Mapping[str, Any] | None = None, workers: int = 2, progress: bool = True,
                    overwrite: bool = False) -> DetectResult:
-    """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays."""
+    """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays.
+
+    `locator_config`/`levels_config` default to configs/locator.yaml and configs/levels.yaml; a model
+    folder passes its own. Without a locator but with `levels_config`, levels come from relative z.
+    """
     from tqdm.auto import tqdm
 
     from detector.backends import load_predictor
@@ -248,8 +260,8 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
                                backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),
                                max_det=int(det["max_det"]), threads=threads)
-    loc = load_locator(locator, device=device, backend=str(det["backend"]), threads=threads) \
-        if locator is not None else None
+    loc = load_locator(locator, config=locator_config, levels_config=levels_config, device=device,
+                       backend=str(det["backend"]), threads=threads) if locator is not None else None
     result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
                           timings=dict.fromkeys(TIMING_KEYS, 0.0))
     for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
@@ -266,8 +278,8 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                  len(result.skipped), len(study_dirs), out)
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
-            _run_study(study, predictor, out=out, config=config, locator=loc, labels=label_table, workers=workers,
-                       result=result)
+            _run_study(study, predictor, out=out, config=config, locator=loc, levels_config=levels_config,
+                       labels=label_table, workers=workers, result=result)
             if k % rebuild_every == 0:
                 rebuild_outputs(out, config=config)
     finally:
@@ -306,7 +318,8 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
 
 # ---------------------------------------------------------------- internals
 def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[str, Any], locator: Locator | None,
-               labels: pd.DataFrame | None, workers: int, result: DetectResult) -> None:
+               levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None, workers: int,
+               result: DetectResult) -> None:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
     uid = study.name
     marker = _done_marker(out, uid)
@@ -315,7 +328,8 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
     stage = "detect"
     t0 = time.perf_counter()
     try:
-        found = detect_study(study, predictor, config=config, locator=locator, workers=workers)
+        found = detect_study(study, predictor, config=config, locator=locator, levels_config=levels_config,
+                             workers=workers)
         stage = "write"
         write_csv_atomic(out / PARTS_DIR / f"{uid}{BOXES_SUFFIX}", found.boxes)
         write_csv_atomic(out / PARTS_DIR / f"{uid}{SLICES_SUFFIX}", found.slices)
@@ -359,6 +373,19 @@ def _add_levels(boxes: pd.DataFrame, slices: pd.DataFrame, loc_dets: list[np.nda
     for col in LEVEL_SLICE_COLUMNS:
         slices[col] = slice_levels[col].to_numpy(dtype=float)
     boxes = assign_boxes(boxes, level_boxes, slice_levels, config=locator.levels_config)
+    return boxes, slices
+
+
+def _add_relative_levels(boxes: pd.DataFrame, slices: pd.DataFrame, levels_config: Mapping[str, Any]
+                         ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Levels without a locator: presence from mean fractional level extents, boxes by their slice's levels."""
+    from detector.levels import assign_boxes, relative_z_levels
+
+    presence = relative_z_levels(len(slices), config=levels_config).astype(float)
+    slices = slices.copy()
+    for j, col in enumerate(LEVEL_SLICE_COLUMNS):
+        slices[col] = presence[:, j]
+    boxes = assign_boxes(boxes, pd.DataFrame(columns=["level"]), slices, config=levels_config)
     return boxes, slices
 
 

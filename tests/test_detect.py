@@ -193,6 +193,28 @@ def test_locator_adds_levels_to_boxes_and_slices(studies, config):
     assert p[N // 2].argmax() == LEVELS.index("C3") and p.mean(axis=0).argmax() == LEVELS.index("C3")
 
 
+def test_without_locator_levels_come_from_relative_z(studies, config):
+    """No locator: slice presence follows configs/levels.yaml relative_z fractions; boxes take their slice's levels."""
+    levels_cfg = load_config("levels")
+    found = detect_study(studies / "2.1", FakePredictor(), config=config, levels_config=levels_cfg, workers=1)
+    start = np.asarray(levels_cfg.relative_z.start)
+    end = np.asarray(levels_cfg.relative_z.end)
+    for k in range(N):
+        centre = (k + 0.5) / N                      # the slice centre as a fraction of the scan, 0 = top
+        expected = (centre >= start) & (centre < end)
+        got = found.slices.loc[found.slices.slice_index == k, [f"p_{lv}" for lv in LEVELS]].to_numpy()[0]
+        np.testing.assert_array_equal(got, expected.astype(float))
+    for box in found.boxes.itertuples(index=False):
+        on_slice = [lv for lv, s, e in zip(LEVELS, start, end, strict=True)
+                    if s <= (box.slice_index + 0.5) / N < e]
+        weights = {lv: getattr(box, f"w_{lv}") for lv in LEVELS}
+        if on_slice:
+            assert {lv for lv, w in weights.items() if w > 0} == set(on_slice)
+            assert box.level_source == "slice"
+        else:                                        # above C1 or below C7: the nearest slice with a level
+            assert box.level_source == "nearest"
+
+
 @pytest.mark.slow
 def test_tiny_trained_model_end_to_end(tmp_path, monkeypatch):
     """Prepare -> train 1 epoch at imgsz 64 (CPU) -> detect with the real predictor: outputs complete."""

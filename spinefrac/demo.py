@@ -24,10 +24,10 @@ log = logging.getLogger("spinefrac")
 
 
 def demo_config(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Return the pipeline config with the demo's extra detector/locator overrides folded into their `set` lists."""
+    """Return the pipeline config with the demo's extra per-stage overrides folded into each stage's `set` list."""
     base = load_config("pipeline", config_path, overrides)
     folded = [f"{stage}.set={json.dumps([*base[stage]['set'], *base.demo[f'{stage}_set']])}"
-              for stage in ("detector", "locator")]
+              for stage in ("detector", "locator", "levels", "aggregation")]
     return load_config("pipeline", config_path, [*overrides, *folded])
 
 

@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.spinefrac-installed
 export YOLO_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint bench clean
+.PHONY: install demo test test-fast lint bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,11 @@ test-fast: $(STAMP)  ## everything but the slow (training) tests
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)  ## benchmarks: realism, decode speed, detection quality and speed, levels, aggregation
-	$(PY) -m benchmarks.run_all
+bench: $(STAMP)  ## every benchmark, full size (about 1.5 h on 2 cores; tables in bench_out/)
+	$(PY) -m benchmarks.run_all --out bench_out
+
+bench-quick: $(STAMP)  ## every benchmark, small versions (about 10 min)
+	$(PY) -m benchmarks.run_all --out bench_out --quick
 
 clean:
 	rm -rf demo_out .pytest_cache

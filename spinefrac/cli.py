@@ -14,6 +14,7 @@ from pathlib import Path
 from spinefrac import __version__
 
 log = logging.getLogger("spinefrac")
+NOISY_LOGGERS = ("matplotlib", "PIL")
 
 EXAMPLES = """\
 stages, in order:
@@ -298,6 +299,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    for noisy in NOISY_LOGGERS:  # their DEBUG output (font scans, plugin lists) would drown ours under -v
+        logging.getLogger(noisy).setLevel(max(level, logging.INFO))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

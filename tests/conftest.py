@@ -10,6 +10,19 @@ import pytest
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def spinefrac_home(tmp_path_factory):
+    """Point SPINEFRAC_HOME (Ultralytics settings, fonts, matplotlib cache) at a temp folder for the session."""
+    home = tmp_path_factory.mktemp("spinefrac_home")
+    old = os.environ.get("SPINEFRAC_HOME")
+    os.environ["SPINEFRAC_HOME"] = str(home)
+    yield home
+    if old is None:
+        os.environ.pop("SPINEFRAC_HOME", None)
+    else:
+        os.environ["SPINEFRAC_HOME"] = old
+
+
 @pytest.fixture
 def realdata():
     """Return a function name -> Path of a real file in ../shared/realdata, skipping when absent."""

@@ -1,0 +1,115 @@
+"""`spinefrac train` then `spinefrac predict` through the CLI on a tiny synthetic dataset."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from data_prep.registry import STUDY_COL, TARGETS
+from spinefrac.cli import main
+
+TINY = ["image.size=96", "volume.slices=40", "labels.box_fraction=1.0", "labels.segmentation_fraction=0.5"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Synthesise train/test sets and train every stage once (tiny, 1 epoch) for the tests of this module."""
+    root = tmp_path_factory.mktemp("pipeline")
+    sets = [f"--set={s}" for s in TINY]
+    assert main(["synth", str(root / "data"), "--studies", "12", "--seed", "21", "--no-progress", *sets]) == 0
+    assert main(["synth", str(root / "test"), "--studies", "4", "--seed", "22", "--split", "test", "--no-progress",
+                 *sets]) == 0
+    cfg = root / "pipeline.yaml"
+    cfg.write_text(
+        'detector:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n'
+        'locator:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n')
+    assert main(["train", str(root / "data"), "--out", str(root / "model"), "--config", str(cfg),
+                 "--no-progress"]) == 0
+    return root
+
+
+@pytest.mark.slow
+def test_model_folder_is_self_describing(trained):
+    model = trained / "model"
+    meta = json.loads((model / "model.json").read_text())
+    assert set(meta["stages"]) >= {"prepare-detector", "train-detector", "prepare-locator", "train-locator",
+                                   "detect-aggregator-studies", "train-aggregator"}
+    assert meta["locator"] is True and "torch" in meta["versions"] and "ultralytics" in meta["versions"]
+    for name in ("config.yaml", "detector.yaml", "locator.yaml", "levels.yaml", "aggregation.yaml", "splits.json",
+                 "prior.json", "detector/weights/best.pt", "detector/results.csv", "locator/weights/best.pt",
+                 "aggregator/aggregator.joblib", "aggregator/aggregator.json"):
+        assert (model / name).exists(), name
+    # no study trains both the detector and the aggregator
+    roles = json.loads((model / "splits.json").read_text())["roles"]
+    det_index = pd.read_csv(model / "work" / "detector_dataset" / "index.csv", dtype={STUDY_COL: str})
+    agg_features = pd.read_csv(model / "work" / "aggregator_detect" / "features.csv", dtype={STUDY_COL: str})
+    assert set(det_index[STUDY_COL]).isdisjoint(agg_features[STUDY_COL])
+    assert {roles[u] for u in det_index[STUDY_COL]} == {"detector"}
+    assert {roles[u] for u in agg_features[STUDY_COL]} == {"aggregator"}
+
+
+@pytest.mark.slow
+def test_rerun_of_train_skips_finished_stages(trained, caplog):
+    before = json.loads((trained / "model" / "model.json").read_text())["stages"]
+    caplog.set_level("INFO")
+    assert main(["train", str(trained / "data"), "--out", str(trained / "model"), "--config",
+                 str(trained / "pipeline.yaml"), "--no-progress"]) == 0
+    after = json.loads((trained / "model" / "model.json").read_text())["stages"]
+    assert after == before
+    assert caplog.text.count("done already") == len(before)
+
+
+@pytest.mark.slow
+def test_predict_complete_submission_errors_and_overlays(trained, tmp_path):
+    test = trained / "test"
+    studies = sorted(p for p in (test / "test_images").iterdir())
+    broken = studies[0]
+    victim = sorted(broken.glob("*.dcm"))[len(list(broken.glob("*.dcm"))) // 2]
+    data = victim.read_bytes()
+    victim.write_bytes(data[: len(data) // 2])          # a truncated slice: the study cannot be read
+    out = tmp_path / "pred"
+    assert main(["predict", str(test / "test_images"), "--model", str(trained / "model"), "--out", str(out),
+                 "--test-csv", str(test / "test.csv"), "--labels", str(test / "truth" / "train_bounding_boxes.csv"),
+                 "--no-progress"]) == 0
+
+    errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})
+    assert list(errors[STUDY_COL]) == [broken.name]
+    assert victim.name in errors["error"].iloc[0]
+
+    test_csv = pd.read_csv(test / "test.csv")
+    submission = pd.read_csv(out / "submission.csv")
+    assert list(submission["row_id"]) == list(test_csv["row_id"])
+    assert submission["fractured"].between(0, 1).all() and submission["fractured"].notna().all()
+
+    predictions = pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)
+    assert len(predictions) == len(studies)
+    prior = json.loads((trained / "model" / "prior.json").read_text())
+    assert predictions.loc[broken.name, "failed"] == 1
+    assert predictions.loc[broken.name, list(TARGETS)].tolist() == pytest.approx([prior[t] for t in TARGETS])
+    assert (predictions.drop(index=broken.name)["failed"] == 0).all()
+
+    slices = pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str})
+    assert set(slices[STUDY_COL]) == {s.name for s in studies[1:]}
+    assert {f"p_{lv}" for lv in TARGETS[:7]} <= set(slices.columns)
+    evidence = pd.read_csv(out / "evidence.csv", dtype={STUDY_COL: str})
+    assert len(evidence) == 7 * len(studies)
+    for study in studies[1:]:
+        folder = out / "overlays" / study.name
+        assert (folder / "score_profile.png").is_file() and (folder / "contact_sheet.png").is_file()
+
+    # the metric is computed on the hidden labels, beside the baselines
+    assert main(["evaluate", str(out / "predictions.csv"), "--labels", str(test / "truth" / "train.csv"),
+                 "--out", str(tmp_path / "eval"), "--boxes", str(out / "boxes.csv")]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    loss = metrics["scores"]["model"]["competition_loss"]
+    assert 0 < loss < 5 and metrics["n_failed"] == 1
+
+
+@pytest.mark.slow
+def test_predict_rejects_a_folder_that_is_not_a_model(tmp_path, trained, caplog):
+    rc = main(["predict", str(trained / "test" / "test_images"), "--model", str(tmp_path), "--out",
+               str(tmp_path / "p"), "--no-progress"])
+    assert rc == 2
+    assert "not a spinefrac model folder" in caplog.text

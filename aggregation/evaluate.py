@@ -61,12 +61,14 @@ class EvalReport:
     threshold: float
     scores: dict[str, dict[str, Any]]
     files: list[Path] = field(default_factory=list)
+    prior_source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         """Return a JSON-ready dict (NaN AUCs become null)."""
         return _nan_to_none({"predictions": str(self.predictions), "labels": str(self.labels),
                              "n_studies": self.n_studies, "n_failed": self.n_failed, "threshold": self.threshold,
-                             "scores": self.scores, "files": [str(f) for f in self.files]})
+                             "prior_source": self.prior_source, "scores": self.scores,
+                             "files": [str(f) for f in self.files]})
 
     def format(self) -> str:
         """Return a human-readable table of every metric, model beside baselines."""
@@ -74,7 +76,8 @@ class EvalReport:
         width = 12
         head = f"{'':<24}" + "".join(f"{n:>{width}}" for n in names)
         lines = [f"evaluated {self.n_studies} studies: {self.predictions} vs {self.labels}"
-                 + (f" ({self.n_failed} failed, given the prior)" if self.n_failed else ""), head]
+                 + (f" ({self.n_failed} failed, given the prior)" if self.n_failed else ""),
+                 f"prior baseline: {self.prior_source}", head]
 
         def row(label: str, get: Any) -> str:
             vals = [get(self.scores[n]) for n in names]
@@ -165,8 +168,13 @@ def _matrix(df: pd.DataFrame, studies: list[str]) -> np.ndarray:
 
 
 def evaluate_predictions(predictions: Path, *, labels: Path, out: Path | None = None, boxes: Path | None = None,
-                         threshold: float = 0.5, config: Mapping[str, Any] | None = None) -> EvalReport:
-    """Score predictions.csv or submission.csv against train.csv-style labels, with baselines and optional plots."""
+                         threshold: float = 0.5, prior: Path | None = None,
+                         config: Mapping[str, Any] | None = None) -> EvalReport:
+    """Score predictions.csv or submission.csv against train.csv-style labels, with baselines and optional plots.
+
+    The constant-prior baseline uses `prior` (a model folder's prior.json: the training positive rates)
+    when given; otherwise the positive rates of `labels` themselves, which flatters that baseline.
+    """
     predictions, labels = Path(predictions), Path(labels)
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], found {threshold}")
@@ -180,7 +188,8 @@ def evaluate_predictions(predictions: Path, *, labels: Path, out: Path | None = 
                                       f"e.g. {', '.join(unlabelled[:3])}")
     y = _matrix(lab, studies)
     n_failed = int(pred[FAILED_COL].astype(int).sum()) if FAILED_COL in pred.columns else 0
-    candidates = {MODEL: pred, PRIOR: prior_predictions(training_prior(lab), studies)}
+    prior_rates = _read_prior(Path(prior)) if prior is not None else training_prior(lab)
+    candidates = {MODEL: pred, PRIOR: prior_predictions(prior_rates, studies)}
     if boxes is not None:
         boxes = Path(boxes)
         b = read_csv_table(boxes, (registry.STUDY_COL, "score"), "boxes table")
@@ -188,7 +197,8 @@ def evaluate_predictions(predictions: Path, *, labels: Path, out: Path | None = 
     probs = {name: _matrix(df, studies) for name, df in candidates.items()}
     scores = {name: score_predictions(y, p, threshold) for name, p in probs.items()}
     report = EvalReport(predictions=predictions, labels=labels, n_studies=len(studies), n_failed=n_failed,
-                        threshold=threshold, scores=scores)
+                        threshold=threshold, scores=scores,
+                        prior_source=str(prior) if prior is not None else "the labels' own positive rates")
     if out is not None:
         out = Path(out)
         cfg = config
@@ -201,6 +211,20 @@ def evaluate_predictions(predictions: Path, *, labels: Path, out: Path | None = 
     logger.info("evaluated %d studies: per-study loss %.4f (prior %.4f)", len(studies),
                 scores[MODEL]["competition_loss"], scores[PRIOR]["competition_loss"])
     return report
+
+
+def _read_prior(path: Path) -> dict[str, float]:
+    """Read a prior.json ({target: positive rate} for the eight targets)."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"cannot read the prior: {exc}") from None
+    missing = [t for t in registry.TARGETS if t not in data]
+    if missing:
+        raise InputError(path, f"prior lacks target(s) {', '.join(missing)}")
+    return {t: float(data[t]) for t in registry.TARGETS}
 
 
 def plot_curves(y: np.ndarray, probs: Mapping[str, np.ndarray], out: Path, *, n_bins: int) -> list[Path]:

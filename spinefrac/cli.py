@@ -156,7 +156,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from aggregation.evaluate import evaluate_predictions
 
     report = evaluate_predictions(args.predictions, labels=args.labels, out=args.out, boxes=args.boxes,
-                                  threshold=args.threshold)
+                                  threshold=args.threshold, prior=args.prior)
     print(report.format())
     return 0
 
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--boxes", type=Path, default=None,
                    help="boxes.csv with levels: adds the max-box-score baseline")
     p.add_argument("--threshold", type=float, default=0.5, help="threshold for sensitivity/specificity")
+    p.add_argument("--prior", type=Path, default=None,
+                   help="MODEL_DIR/prior.json: the constant-prior baseline uses the training positive rates "
+                        "(default: the labels' own rates, which flatters the baseline)")
 
     p = _sub(sub, "demo", "synthesise, train, predict and evaluate end to end on the CPU",
              "spinefrac demo --out demo_out", _cmd_demo)

@@ -68,7 +68,8 @@ def run_demo(out: str | os.PathLike = "demo_out", *, config_path: str | os.PathL
                                                 progress=progress))
     report = timed("evaluate", lambda: evaluate_predictions(pred / "predictions.csv",
                                                             labels=test / "truth" / "train.csv",
-                                                            out=out / "eval", boxes=pred / "boxes.csv"))
+                                                            out=out / "eval", boxes=pred / "boxes.csv",
+                                                            prior=model / "prior.json"))
     total = time.perf_counter() - t0
     print(report.format())
     print(f"\ndemo finished in {total / 60:.1f} min ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())})")

@@ -62,6 +62,24 @@ def test_perfect_predictor_beats_the_prior(tmp_path):
     assert "loss (per study)" in text and "AUC patient_overall" in text and "prior" in text
 
 
+def test_prior_baseline_can_use_the_training_prior(tmp_path):
+    """With --prior, the constant baseline predicts the training rates, not the evaluated labels' own rates."""
+    labels = _labels()
+    pred_path, lab_path = _write(tmp_path, labels, _perfect(labels))
+    train_rates = dict.fromkeys(TARGETS, 0.2)
+    (tmp_path / "prior.json").write_text(json.dumps(train_rates))
+    report = evaluate_predictions(pred_path, labels=lab_path, prior=tmp_path / "prior.json")
+    y = labels[list(TARGETS)].to_numpy()
+    w = np.where(y == 1, 2.0, 1.0)
+    w[:, 7] *= 7
+    expected = log_loss(y.ravel(), np.full(y.size, 0.2), sample_weight=w.ravel())
+    assert report.scores["prior"]["global_loss"] == pytest.approx(expected, rel=1e-9)
+    assert "prior.json" in report.format()
+    (tmp_path / "bad.json").write_text(json.dumps({"C1": 0.1}))
+    with pytest.raises(InputError, match="bad.json: prior lacks target"):
+        evaluate_predictions(pred_path, labels=lab_path, prior=tmp_path / "bad.json")
+
+
 def test_sensitivity_and_specificity_at_the_threshold(tmp_path):
     labels = _labels()
     preds = _perfect(labels)

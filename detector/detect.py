@@ -39,6 +39,8 @@ ERRORS_DIR = "errors"
 OVERLAYS_DIR = "overlays"
 BOXES_SUFFIX = ".boxes.csv"
 SLICES_SUFFIX = ".slices.csv"
+LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
+LEVEL_BOXES_CSV = "level_boxes.csv"
 DICOM_GLOB = "*.dcm"
 DEFAULT_LOCATE_EVERY_K = 4
 """Locator stride when configs/locator.yaml has no `locate.every_k`."""
@@ -90,6 +92,7 @@ class StudyDetections:
     n_slices: int
     timings: dict[str, float] = field(default_factory=dict)
     geometry: Any = None
+    level_boxes: pd.DataFrame | None = None   # located vertebra boxes per slice (with a locator)
 
 
 @dataclass
@@ -224,15 +227,17 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     slices = pd.DataFrame({STUDY_COL: uid, "slice_number": numbers.astype(int), "slice_index": np.arange(n),
                            "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}, columns=list(SLICE_COLUMNS))
     timings["postprocess"] += time.perf_counter() - t
+    level_boxes = None
     if locator is not None:
         t = time.perf_counter()
-        boxes, slices = _add_levels(boxes, slices, loc_dets, loc_slices, locator, uid=uid, numbers=numbers)
+        boxes, slices, level_boxes = _add_levels(boxes, slices, loc_dets, loc_slices, locator, uid=uid,
+                                                 numbers=numbers)
         timings["locate"] += time.perf_counter() - t
     elif levels_config is not None:
         boxes, slices = _add_relative_levels(boxes, slices, levels_config)
     after = _stage_seconds(predictor)
     timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
-    return StudyDetections(uid, boxes, slices, n, timings, geometry)
+    return StudyDetections(uid, boxes, slices, n, timings, geometry, level_boxes)
 
 
 def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, weights: str | os.PathLike,
@@ -307,8 +312,13 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
     slice_df = _concat(slices, SLICE_COLUMNS)
     err_df = pd.DataFrame(errors, columns=list(ERROR_COLUMNS))
     cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config is not None else None)
-    for path, df, kind in ((out / BOXES_CSV, box_df, "detect_boxes"), (out / SLICES_CSV, slice_df, "detect_slices"),
-                           (out / ERRORS_CSV, err_df, "detect_errors")):
+    tables = [(out / BOXES_CSV, box_df, "detect_boxes"), (out / SLICES_CSV, slice_df, "detect_slices"),
+              (out / ERRORS_CSV, err_df, "detect_errors")]
+    level_parts = [out / PARTS_DIR / f"{u}{LEVEL_BOXES_SUFFIX}" for u in uids]
+    if any(p.is_file() for p in level_parts):
+        frames = [pd.read_csv(p, dtype={STUDY_COL: str}) for p in level_parts if p.is_file()]
+        tables.append((out / LEVEL_BOXES_CSV, pd.concat(frames, ignore_index=True), "detect_level_boxes"))
+    for path, df, kind in tables:
         write_csv_atomic(path, df)
         write_sidecar(path, kind=kind, config=cfg, counts={"rows": len(df), "studies_finished": len(uids),
                                                            "studies_failed": len(err_df)},
@@ -333,6 +343,8 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
         stage = "write"
         write_csv_atomic(out / PARTS_DIR / f"{uid}{BOXES_SUFFIX}", found.boxes)
         write_csv_atomic(out / PARTS_DIR / f"{uid}{SLICES_SUFFIX}", found.slices)
+        if found.level_boxes is not None:
+            write_csv_atomic(out / PARTS_DIR / f"{uid}{LEVEL_BOXES_SUFFIX}", found.level_boxes)
     except Exception as exc:   # noqa: BLE001 - one failed study must not stop the batch
         log.warning("study %s failed (%s): %s", uid, stage, exc)
         log.debug("%s", traceback.format_exc())
@@ -360,8 +372,11 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
 
 
 def _add_levels(boxes: pd.DataFrame, slices: pd.DataFrame, loc_dets: list[np.ndarray], loc_slices: list[int],
-                locator: Locator, *, uid: str, numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Decode levels from the locator's sampled detections; add p_C* to slices and level, w_C* to boxes."""
+                locator: Locator, *, uid: str, numbers: np.ndarray
+                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Decode levels from the locator's sampled detections; add p_C* to slices and level, w_C* to boxes.
+
+    Also return the located vertebra boxes (level_boxes.csv rows of this study)."""
     from detector.levels import assign_boxes, locate_study
 
     arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
@@ -373,7 +388,7 @@ def _add_levels(boxes: pd.DataFrame, slices: pd.DataFrame, loc_dets: list[np.nda
     for col in LEVEL_SLICE_COLUMNS:
         slices[col] = slice_levels[col].to_numpy(dtype=float)
     boxes = assign_boxes(boxes, level_boxes, slice_levels, config=locator.levels_config)
-    return boxes, slices
+    return boxes, slices, level_boxes
 
 
 def _add_relative_levels(boxes: pd.DataFrame, slices: pd.DataFrame, levels_config: Mapping[str, Any]

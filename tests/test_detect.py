@@ -186,6 +186,10 @@ def test_locator_adds_levels_to_boxes_and_slices(studies, config):
     found = detect_study(studies / "2.1", FakePredictor(), config=config, locator=locator, workers=1)
     assert (found.boxes["level"] == "C3").all()
     np.testing.assert_allclose(found.boxes["w_C3"], 1.0)
+    # the located vertebra boxes: C3 over the whole image, mapped back to original pixels
+    assert set(found.level_boxes["level"]) == {"C3"}
+    np.testing.assert_allclose(found.level_boxes[["x", "y", "width", "height"]].to_numpy(dtype=float),
+                               np.tile([0.0, 0.0, COLS, ROWS], (len(found.level_boxes), 1)), atol=1e-6)
     assert found.boxes[[f"w_{lv}" for lv in LEVELS]].sum(axis=1).round(9).eq(1.0).all()
     p = found.slices[[f"p_{lv}" for lv in LEVELS]].to_numpy()
     assert p.shape == (N, len(LEVELS)) and ((p >= 0) & (p <= 1)).all()

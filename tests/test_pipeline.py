@@ -93,6 +93,9 @@ def test_predict_complete_submission_errors_and_overlays(trained, tmp_path):
     slices = pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str})
     assert set(slices[STUDY_COL]) == {s.name for s in studies[1:]}
     assert {f"p_{lv}" for lv in TARGETS[:7]} <= set(slices.columns)
+    level_boxes = pd.read_csv(out / "level_boxes.csv", dtype={STUDY_COL: str})
+    assert set(level_boxes[STUDY_COL]) <= {s.name for s in studies[1:]}
+    assert set(level_boxes["level"]) <= set(TARGETS[:7])
     evidence = pd.read_csv(out / "evidence.csv", dtype={STUDY_COL: str})
     assert len(evidence) == 7 * len(studies)
     for study in studies[1:]:

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thresholds", type=float, nargs="+", default=list(DEFAULT_THRESHOLDS))
     p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a temp folder)")
     p.add_argument("--set", dest="overrides", action="append", default=[], help="detector config override")
+    p.add_argument("--synth-set", dest="synth_overrides", action="append", default=[],
+                   help="synth config override, e.g. labels.box_fraction=1.0 (repeatable)")
     args = p.parse_args(argv)
 
     from data_prep.config import load_config
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     synth_set = [f"image.size={args.size}"] if args.size else []
     synth_set += [f"volume.slices={args.slices}"] if args.slices else []
+    synth_set += list(args.synth_overrides)
     times: dict[str, float] = {}
 
     t = time.perf_counter()

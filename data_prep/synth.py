@@ -96,8 +96,12 @@ def study_uid(seed: int, split: str, index: int) -> str:
 
 
 def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", config: Config | None = None,
-               progress: bool = True, overwrite: bool = False) -> Path:
-    """Write `n_studies` synthetic studies in the Kaggle layout under `out`; return `out`."""
+               progress: bool = True, overwrite: bool = False, workers: int = 2) -> Path:
+    """Write `n_studies` synthetic studies in the Kaggle layout under `out`; return `out`.
+
+    Studies are built in `workers` processes; each is seeded by its own plan, so the output does not
+    depend on the worker count.
+    """
     t0 = time.perf_counter()
     out = Path(out)
     cfg = config if config is not None else load_config("synth")
@@ -110,8 +114,8 @@ def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", co
                   extra={"status": "incomplete", "seed": seed, "split": split, "n_studies": n_studies})
     plans = plan_studies(n_studies, seed=seed, split=split, config=cfg)
     images = out / ("train_images" if split == "train" else "test_images")
-    results = [synthesize_study(plan, images, out, seed=seed, split=split, config=cfg)
-               for plan in tqdm(plans, desc="synth studies", unit="study", disable=not progress)]
+    results = _synthesize_all(plans, images, out, seed=seed, split=split, config=cfg, progress=progress,
+                              workers=workers)
     counts = _write_tables(out, results, split, cfg)
     counts.update(slices=int(sum(r.n_slices for r in results)),
                   transfer_syntaxes=_count(p.transfer_syntax for p in plans),
@@ -293,6 +297,31 @@ def study_tables(built: BuiltStudy) -> StudyResult:
         if plan.boxed:
             result.boxes.append(row)
     return result
+
+
+def _synthesize_all(plans: Sequence[StudyPlan], images: Path, root: Path, *, seed: int, split: str, config: Config,
+                    progress: bool, workers: int) -> list[StudyResult]:
+    """Run `synthesize_study` over the plans, in order, in up to `workers` processes."""
+    bar = tqdm(total=len(plans), desc="synth studies", unit="study", disable=not progress)
+    if workers <= 1 or len(plans) <= 1:
+        results = []
+        for plan in plans:
+            results.append(synthesize_study(plan, images, root, seed=seed, split=split, config=config))
+            bar.update()
+        bar.close()
+        return results
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    ctx = multiprocessing.get_context("forkserver")
+    with ProcessPoolExecutor(max_workers=min(workers, len(plans)), mp_context=ctx) as pool:
+        futures = [pool.submit(synthesize_study, plan, images, root, seed=seed, split=split, config=config)
+                   for plan in plans]
+        for future in futures:
+            future.result()
+            bar.update()
+    bar.close()
+    return [f.result() for f in futures]
 
 
 def synthesize_study(plan: StudyPlan, images: Path, root: Path, *, seed: int, split: str,

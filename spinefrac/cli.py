@@ -66,7 +66,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
     cfg = load_config("synth", args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
     synthesize(args.out, n_studies=args.studies, seed=args.seed, split=args.split, config=cfg,
-               progress=not args.no_progress, overwrite=args.overwrite)
+               progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers)
     return 0
 
 
@@ -193,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="image rows=cols (config image.size)")
     p.add_argument("--slices", type=int, default=None, help="approximate slices per study (config volume.slices)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset root")
+    p.add_argument("--workers", type=int, default=2, help="studies built in parallel processes")
     _add_config_args(p, "synth")
 
     p = _sub(sub, "inspect", "summarise a study folder (or every study under a dataset root) and list problems",

@@ -839,8 +839,10 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
     for i, mask in elem_masks.items():
         seen_k = np.nonzero(gap_seen[i].any(axis=(1, 2)))[0]
         for k in seen_k:
-            rows = np.nonzero(mask[k].any(axis=1))[0]
-            cols = np.nonzero(mask[k].any(axis=0))[0]
+            # the element and the pixels the break changed (a moved fragment can leave a slice element-free)
+            region = mask[k] | gap_seen[i][k]
+            rows = np.nonzero(region.any(axis=1))[0]
+            cols = np.nonzero(region.any(axis=0))[0]
             bbox = (rows[0] + box[1].start, rows[-1] + box[1].start, cols[0] + box[2].start, cols[-1] + box[2].start)
             kk = int(k + box[0].start)
             old = boxes[i].get(kk)

@@ -283,3 +283,23 @@ def test_cli_maps_size_and_slices(tmp_path):
     assert 16 <= len(list(d.glob("*.dcm"))) <= 36
     assert main(["synth", str(out), "--studies", "1", "--size", "64", "--slices", "24", "--overwrite",
                  "--no-progress"]) == 0
+
+
+def test_fragment_that_leaves_a_slice_still_gets_a_box():
+    """Regression: a displaced fragment can leave a slice without element pixels; its box must still be made.
+
+    Study 57 of the demo's training set (seed 0) crashed the renderer before the fix (IndexError).
+    """
+    from data_prep.synth import study_tables
+
+    demo_set = ["image.size=256", "volume.slices=112", "labels.box_fraction=1.0", "fracture.gap_mm=[1.5, 2.5]",
+                "fracture.shift_mm=[1.5, 3.0]"]
+    cfg = load_config("synth", None, demo_set)
+    plan = plan_studies(64, seed=0, split="train", config=cfg)[57]
+    built = build_study(plan, seed=0, split="train", config=cfg)
+    tables = study_tables(built)
+    size = cfg.image.size
+    assert tables.fracture_boxes, "the fractured study has no fracture boxes"
+    for box in tables.fracture_boxes:
+        assert box["x"] >= 0 and box["y"] >= 0 and box["width"] > 0 and box["height"] > 0
+        assert box["x"] + box["width"] <= size and box["y"] + box["height"] <= size

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from data_prep import registry
@@ -340,7 +339,3 @@ def _backend_name(detect_dir: Path) -> str | None:
     if meta.is_file():
         return json.loads(meta.read_text()).get("extra", {}).get("backend")
     return None
-
-
-def _as_array(values: Any) -> np.ndarray:
-    return np.asarray(values, dtype=float)

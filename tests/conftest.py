@@ -35,3 +35,15 @@ def realdata():
         return path
 
     return get
+
+
+@pytest.fixture(scope="module")
+def yolo_home(tmp_path_factory):
+    """Point the project folder (Ultralytics settings, fonts, matplotlib cache) at a temp folder, configured."""
+    home = tmp_path_factory.mktemp("yolo_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SPINEFRAC_HOME", str(home))
+        from detector.offline import configure_ultralytics
+
+        configure_ultralytics(home)
+        yield home

@@ -31,18 +31,6 @@ HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 
 
-@pytest.fixture(scope="module")
-def yolo_home(tmp_path_factory):
-    """Point the project folder (Ultralytics settings, fonts, matplotlib cache) at a temp folder."""
-    home = tmp_path_factory.mktemp("spinefrac_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPINEFRAC_HOME", str(home))
-        from detector.offline import configure_ultralytics
-
-        configure_ultralytics(home)
-        yield home
-
-
 def _random_weights(path: Path, seed: int) -> Path:
     """Save an untrained 1-class yolov8n with input-dependent outputs to `path`."""
     import torch

@@ -20,18 +20,6 @@ N_FOLDS = 3
 FAST = [f"render.imgsz={IMGSZ}", "train.batch=4", "train.device=cpu", "train.plots=false"]
 
 
-@pytest.fixture(scope="module")
-def yolo_home(tmp_path_factory):
-    """Point the project folder (Ultralytics settings, fonts, matplotlib cache) at a temp folder."""
-    home = tmp_path_factory.mktemp("spinefrac_home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SPINEFRAC_HOME", str(home))
-        from detector.offline import configure_ultralytics
-
-        configure_ultralytics(home)
-        yield home
-
-
 def make_yolo_dataset(root: Path, *, n_train: int = N_TRAIN, n_val: int = N_VAL, size: int = IMGSZ,
                       seed: int = 0) -> Path:
     """Write a tiny YOLO dataset (one filled rectangle per image), an index.csv with folds; return data.yaml."""

@@ -13,13 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
-import yaml
+from helpers import IMGSZ, make_yolo_dataset
 
-IMGSZ = 64
-N_TRAIN, N_VAL = 8, 2
 SUBPROCESS_TIMEOUT_S = 300
 
 PRELUDE = r'''
@@ -98,27 +94,6 @@ except Exception as exc:  # reported, then asserted on by the test
 report["attempts"] = attempts
 Path(args["report"]).write_text(json.dumps(report))
 '''
-
-
-def make_yolo_dataset(root: Path, *, n_train: int = N_TRAIN, n_val: int = N_VAL, size: int = IMGSZ,
-                      seed: int = 0) -> Path:
-    """Write a tiny YOLO dataset: one filled rectangle per image and its label; return data.yaml."""
-    rng = np.random.default_rng(seed)
-    for split, n in (("train", n_train), ("val", n_val)):
-        (root / "images" / split).mkdir(parents=True)
-        (root / "labels" / split).mkdir(parents=True)
-        for i in range(n):
-            img = rng.integers(0, 30, (size, size, 3), dtype=np.uint8)
-            w, h = (int(v) for v in rng.integers(size // 4, size // 2, 2))
-            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-            cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), (255, 255, 255), -1)
-            cv2.imwrite(str(root / "images" / split / f"{i}.png"), img)
-            (root / "labels" / split / f"{i}.txt").write_text(
-                f"0 {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}\n")
-    data = root / "data.yaml"
-    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
-                                    "names": {0: "fracture"}}))
-    return data
 
 
 def _run(script: str, args: dict, fake_home: Path, cwd: Path) -> dict:

@@ -1,0 +1,43 @@
+"""Small builders shared by the tests (imported as a module: pytest puts tests/ on sys.path)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import cv2
+import numpy as np
+import yaml
+
+IMGSZ = 64
+N_TRAIN, N_VAL = 8, 2
+N_FOLDS = 3
+
+
+def make_yolo_dataset(root: Path, *, n_train: int = N_TRAIN, n_val: int = N_VAL, size: int = IMGSZ,
+                      seed: int = 0) -> Path:
+    """Write a tiny YOLO dataset (one filled rectangle per image), an index.csv with folds; return data.yaml."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for split, n in (("train", n_train), ("val", n_val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for i in range(n):
+            img = rng.integers(0, 30, (size, size, 3), dtype=np.uint8)
+            w, h = (int(v) for v in rng.integers(size // 4, size // 2, 2))
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            cv2.rectangle(img, (x, y), (x + w - 1, y + h - 1), (255, 255, 255), -1)
+            name = f"{split}{i}"
+            cv2.imwrite(str(root / "images" / split / f"{name}.png"), img)
+            (root / "labels" / split / f"{name}.txt").write_text(
+                f"0 {(x + w / 2) / size:.6f} {(y + h / 2) / size:.6f} {w / size:.6f} {h / size:.6f}\n")
+            fold = 0 if split == "val" else 1 + i % (N_FOLDS - 1)
+            rows.append({"image": f"images/{split}/{name}.png", "split": split, "fold": fold})
+    with open(root / "index.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=["image", "split", "fold"])
+        writer.writeheader()
+        writer.writerows(rows)
+    data = root / "data.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
+                                    "names": {0: "fracture"}, "spinefrac": {"fold": 0, "n_folds": N_FOLDS}}))
+    return data

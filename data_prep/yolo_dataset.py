@@ -17,7 +17,7 @@ import warnings
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,8 @@ KIND_FAR = "far"                # detector: background slice of a boxed study, b
 KIND_LEVELS = "levels"          # locator: a sampled slice with at least one C1-C7 box
 KIND_EMPTY = "empty"            # locator: a sampled slice without any cervical vertebra
 
+NEGATIVE_SAMPLING = ("matched", "uniform")   # prepare.negative_sampling values
+
 INDEX_COLUMNS: tuple[str, ...] = ("image", "split", STUDY_COL, "slice_number", "slice_index", "n_boxes",
                                   "scale_x", "scale_y", "kind", "fold")
 
@@ -94,6 +96,7 @@ class StudyTask:
     n_background: int = 0
     negative: bool = False
     segmentation: Path | None = None
+    background_density: tuple[float, ...] = ()   # negatives: histogram of the boxed slices' relative heights
 
 
 @dataclass
@@ -105,6 +108,7 @@ class StudyOutcome:
     files: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     error: str | None = None
+    n_slices: int = 0
 
 
 # ---------------------------------------------------------------- public API
@@ -146,7 +150,7 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     n_neg_total = int(round(ratio * share * int(boxed_slices.sum())))
     neg_counts = _spread(sorted(negatives, key=_uid_hash), n_neg_total)
     by_uid = {u: g for u, g in sel_boxes.groupby(STUDY_COL)}
-    tasks = []
+    boxed_tasks, negative_tasks = [], []
     for uid in selected:
         fold = folds[uid]
         split = VAL if fold == int(prep["val_fold"]) else TRAIN
@@ -155,13 +159,25 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
             rows = tuple((float(r.x), float(r.y), float(r.width), float(r.height), int(r.slice_number))
                          for r in g.itertuples(index=False))
             n_bg = int(round(ratio * (1.0 - share) * int(boxed_slices[uid])))
-            tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
-                                   prep.copy(), boxes=rows, n_background=n_bg))
+            boxed_tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
+                                         prep.copy(), boxes=rows, n_background=n_bg))
         else:
-            tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
-                                   prep.copy(), n_background=neg_counts.get(uid, 0), negative=True))
-    done = _run_tasks(tasks, _detector_study, out, workers=workers, progress=progress, overwrite=overwrite,
-                      desc="prepare-detector")
+            negative_tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
+                                            prep.copy(), n_background=neg_counts.get(uid, 0), negative=True))
+    # boxed studies first: where their boxes lie tells where the negatives' background is drawn ("matched")
+    done = _run_tasks(boxed_tasks, _detector_study, out, workers=workers, progress=progress, overwrite=overwrite,
+                      desc="prepare-detector (boxed)")
+    sampling = str(prep["negative_sampling"])
+    if sampling not in NEGATIVE_SAMPLING:
+        raise ConfigError(f"prepare.negative_sampling must be one of {NEGATIVE_SAMPLING}, not {sampling!r}")
+    if sampling == "matched" and negative_tasks:
+        density = boxed_height_histogram(out, [t.uid for t in boxed_tasks], bins=int(prep["matched_bins"]))
+        if density is None:
+            log.warning("%s: no boxed slice to match, so negatives' background is drawn uniformly", out)
+        else:
+            negative_tasks = [replace(t, background_density=density) for t in negative_tasks]
+    done += _run_tasks(negative_tasks, _detector_study, out, workers=workers, progress=progress,
+                       overwrite=overwrite, desc="prepare-detector (negatives)")
     return _finish(out, kind="detector", names=FRACTURE_NAMES, config=config, selected=selected,
                    inputs={"data_root": str(data_root), "train_csv": str(data_root / TRAIN_CSV),
                            "boxes_csv": str(data_root / BOXES_CSV)},
@@ -231,6 +247,34 @@ def make_folds(strata: Mapping[str, str], *, n_folds: int, seed: int) -> dict[st
 
 
 # ---------------------------------------------------------------- per-study workers (run in the pool)
+def boxed_height_histogram(out: str | os.PathLike, uids: Iterable[str], *, bins: int) -> tuple[float, ...] | None:
+    """Histogram over `bins` equal parts of the scan (0 = top slice) of where the finished studies' boxed slices lie."""
+    import json
+
+    hist = np.zeros(bins)
+    for uid in uids:
+        marker = _marker(Path(out), uid)
+        if not marker.is_file():
+            continue
+        data = json.loads(marker.read_text(encoding="utf-8"))
+        n = int(data.get("n_slices", 0))
+        for row in data["rows"] if n else ():
+            if row["kind"] == KIND_BOXED:
+                hist[min(int(row["slice_index"] * bins / n), bins - 1)] += 1
+    return tuple(float(v) for v in hist) if hist.sum() else None
+
+
+def matched_weights(n_slices: int, density: Sequence[float], *, smooth_bins: int, floor: float) -> np.ndarray:
+    """Sampling probabilities of a study's slices: `density` (by relative height) smoothed, mixed with `floor` uniform."""
+    hist = np.asarray(density, dtype=np.float64)
+    if smooth_bins > 0:
+        hist = np.convolve(hist, np.ones(2 * smooth_bins + 1), mode="same")
+    bins = hist.size
+    per_slice = hist[np.minimum(((np.arange(n_slices) + 0.5) * bins / n_slices).astype(int), bins - 1)]
+    per_slice = per_slice / per_slice.sum() if per_slice.sum() > 0 else np.full(n_slices, 1.0 / n_slices)
+    return (1.0 - floor) * per_slice + floor / n_slices
+
+
 def _detector_study(task: StudyTask) -> StudyOutcome:
     from data_prep.dicom_io import scan_study
 
@@ -259,17 +303,22 @@ def _detector_study(task: StudyTask) -> StudyOutcome:
                                 f"either (its fractured slices are unknown)")
         return outcome
     boxed = np.array(sorted(per_slice), dtype=int)
+    outcome.n_slices = n
+    weights = None
     if task.negative:
         candidates = np.arange(n)
         kind = KIND_NEGATIVE
+        if task.background_density:
+            weights = matched_weights(n, task.background_density, smooth_bins=int(task.prepare["matched_smooth_bins"]),
+                                      floor=float(task.prepare["matched_floor"]))
     else:
         margin = int(task.prepare["margin_slices"])
         distance = np.abs(np.arange(n)[:, None] - boxed[None, :]).min(axis=1)
         candidates = np.flatnonzero(distance > margin)
         kind = KIND_FAR
     rng = np.random.default_rng([int(task.prepare["seed"]), _uid_hash(task.uid)])
-    n_bg = min(task.n_background, candidates.size)
-    background = sorted(rng.choice(candidates, size=n_bg, replace=False).tolist()) if n_bg else []
+    n_bg = min(task.n_background, candidates.size if weights is None else int(np.count_nonzero(weights)))
+    background = sorted(rng.choice(candidates, size=n_bg, replace=False, p=weights).tolist()) if n_bg else []
     jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in boxed]
     jobs += [SliceLabel(int(i), kind) for i in background]
     _write_slices(task, geometry, jobs, outcome)
@@ -375,7 +424,7 @@ def _run_one(worker: Callable[[StudyTask], StudyOutcome], task: StudyTask) -> St
         return StudyOutcome(task.uid, error=f"{type(exc).__name__}: {exc}")
     write_json_atomic(_marker(task.out, task.uid), {
         STUDY_COL: task.uid, "split": task.split, "fold": task.fold, "rows": outcome.rows, "files": outcome.files,
-        "warnings": outcome.warnings})
+        "warnings": outcome.warnings, "n_slices": outcome.n_slices})
     return outcome
 
 

@@ -132,6 +132,33 @@ def test_background_rules(prepared):
         assert label.read_text() == ""
 
 
+def test_matched_negatives_lie_where_boxes_lie(tmp_path):
+    """Matched sampling (no smoothing, no uniform floor) draws negatives only at the boxed slices' heights."""
+    root, maps = make_root(tmp_path, BASE_SPEC)
+    out = tmp_path / "ds"
+    config = cfg("prepare.background_ratio=2.0", "prepare.negative_share=0.5", f"prepare.matched_bins={N}",
+                 "prepare.matched_smooth_bins=0", "prepare.matched_floor=0.0", "prepare.negative_sampling=matched")
+    prepare_detector_dataset(root, out, config=config, workers=1, progress=False)
+    index = read_index(out)
+    boxed_heights = set(index[index["kind"] == "boxed"]["slice_index"])
+    assert boxed_heights == {9, 10, 11, 18, 19}     # slice_numbers 10-12 head-first, 5-6 feet-first of 24
+    negatives = index[index["kind"] == "negative"]
+    assert len(negatives) == 5 and set(negatives["slice_index"]) <= boxed_heights
+
+
+def test_matched_weights():
+    """Weights follow the histogram by relative height, keep the uniform floor, and sum to one."""
+    from data_prep.yolo_dataset import matched_weights
+
+    density = [0.0, 0.0, 4.0, 0.0]                  # all boxes in the third quarter of the scan
+    w = matched_weights(8, density, smooth_bins=0, floor=0.2)
+    assert w.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(w[[4, 5]], 0.8 / 2 + 0.2 / 8)
+    np.testing.assert_allclose(np.delete(w, [4, 5]), 0.2 / 8)
+    smooth = matched_weights(8, density, smooth_bins=1, floor=0.0)
+    assert smooth[[0, 1]].sum() == 0 and smooth[2:].min() > 0   # smoothing spreads one quarter either side
+
+
 def test_folds_by_study_and_data_yaml(prepared):
     _, _, out, data_yaml, _ = prepared
     index = read_index(out)
@@ -156,7 +183,8 @@ def test_rerun_skips_finished_studies_and_overwrite_redoes(prepared, caplog):
     mtime = some.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="data_prep"):
         prepare_detector_dataset(root, out, config=config, workers=1, progress=False)
-    assert "4 of 4 studies already finished" in caplog.text
+    assert "(boxed): 2 of 2 studies already finished" in caplog.text
+    assert "(negatives): 2 of 2 studies already finished" in caplog.text
     assert some.stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(read_index(out), index)
     prepare_detector_dataset(root, out, config=config, workers=1, progress=False, overwrite=True)

@@ -145,7 +145,10 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
                                  overwrite=overwrite)
 
     sel_boxes = boxes[boxes[STUDY_COL].isin(boxed)]
-    boxed_slices = sel_boxes.groupby(STUDY_COL)["slice_number"].nunique()
+    every = int(prep["boxed_every"])
+    if every < 1:
+        raise ConfigError(f"prepare.boxed_every must be >= 1, not {every}")
+    boxed_slices = -(-sel_boxes.groupby(STUDY_COL)["slice_number"].nunique() // every)   # boxed slices kept
     ratio, share = float(prep["background_ratio"]), float(prep["negative_share"])
     n_neg_total = int(round(ratio * share * int(boxed_slices.sum())))
     neg_counts = _spread(sorted(negatives, key=_uid_hash), n_neg_total)
@@ -319,7 +322,8 @@ def _detector_study(task: StudyTask) -> StudyOutcome:
     rng = np.random.default_rng([int(task.prepare["seed"]), _uid_hash(task.uid)])
     n_bg = min(task.n_background, candidates.size if weights is None else int(np.count_nonzero(weights)))
     background = sorted(rng.choice(candidates, size=n_bg, replace=False, p=weights).tolist()) if n_bg else []
-    jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in boxed]
+    kept = boxed[::int(task.prepare["boxed_every"])]   # the skipped boxed slices are neither boxes nor background
+    jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in kept]
     jobs += [SliceLabel(int(i), kind) for i in background]
     _write_slices(task, geometry, jobs, outcome)
     return outcome

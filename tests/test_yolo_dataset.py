@@ -146,6 +146,22 @@ def test_matched_negatives_lie_where_boxes_lie(tmp_path):
     assert len(negatives) == 5 and set(negatives["slice_index"]) <= boxed_heights
 
 
+def test_boxed_every_keeps_every_kth_boxed_slice_and_scales_background(tmp_path):
+    root, _ = make_root(tmp_path, BASE_SPEC)
+    out = tmp_path / "ds"
+    config = cfg("prepare.boxed_every=2", "prepare.background_ratio=2.0", "prepare.negative_share=0.5",
+                 "prepare.margin_slices=4")
+    prepare_detector_dataset(root, out, config=config, workers=1, progress=False)
+    index = read_index(out)
+    boxed = index[index["kind"] == "boxed"].groupby(STUDY_COL)["slice_index"].apply(sorted).to_dict()
+    assert boxed == {"1.2.3.1": [9, 11], "1.2.3.2": [18]}    # every 2nd of 9-11 and of 18-19, from the top
+    # 3 boxed slices kept, ratio 2 -> 6 background slices: 3 from negatives, 2 + 1 far from the runs
+    assert (index["kind"] == "negative").sum() == 3
+    assert index[index["kind"] == "far"].groupby(STUDY_COL).size().to_dict() == {"1.2.3.1": 2, "1.2.3.2": 1}
+    skipped = index[(index[STUDY_COL] == "1.2.3.1") & (index["slice_index"] == 10)]
+    assert skipped.empty                                     # a skipped boxed slice is never background either
+
+
 def test_matched_weights():
     """Weights follow the histogram by relative height, keep the uniform floor, and sum to one."""
     from data_prep.yolo_dataset import matched_weights

@@ -2,8 +2,9 @@
 
     python -m benchmarks.bench_levels                     # real per-slice table + synthetic oracle run
     python -m benchmarks.bench_levels --truth-dir data/synth_test \\
-        --pred-slices work/pred/slices.csv --pred-level-boxes work/pred/level_boxes.csv \\
-        [--pred-boxes work/pred/boxes.csv]                # score a trained locator on held-out synthetic studies
+        --pred-slices work/pred/slices.csv --pred-level-boxes work/pred/level_boxes.csv
+                                                          # score a trained locator on held-out synthetic studies
+                                                          # (box_acc: the truth fracture boxes given the predicted levels)
 
 Sections:
 1. Real anatomy (../shared/realdata/vertebrae.csv, 87 segmented studies; read in place, skipped if absent):

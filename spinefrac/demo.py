@@ -24,9 +24,9 @@ log = logging.getLogger("spinefrac")
 
 
 def demo_config(config_path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Return the pipeline config with the demo's extra per-stage overrides folded into each stage's `set` list."""
+    """Return the pipeline config with the demo's per-stage overrides folded into each stage's `set` (the user's own win)."""
     base = load_config("pipeline", config_path, overrides)
-    folded = [f"{stage}.set={json.dumps([*base[stage]['set'], *base.demo[f'{stage}_set']])}"
+    folded = [f"{stage}.set={json.dumps([*base.demo[f'{stage}_set'], *base[stage]['set']])}"
               for stage in ("detector", "locator", "levels", "aggregation")]
     return load_config("pipeline", config_path, [*overrides, *folded])
 

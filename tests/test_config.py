@@ -72,3 +72,19 @@ def test_every_packaged_config_loads():
     for name in stages:
         cfg = load_config(name)
         assert len(cfg) > 0, name
+
+
+def test_demo_overrides_fold_into_every_stage_and_resolve():
+    """`spinefrac demo` folds demo.<stage>_set into each stage; every key must exist there (unknown keys fail)."""
+    from spinefrac.demo import demo_config
+    from spinefrac.pipeline import stage_configs
+
+    cfg = demo_config(None, ["detector.set=[\"train.epochs=3\"]"])
+    stages = stage_configs(cfg)
+    det = stages["detector"]
+    assert any(s.startswith("train.epochs=") for s in cfg.demo.detector_set)
+    assert det.train.epochs == 3                          # the user's own detector.set wins over the demo's
+    assert det.render.recipe == "windows" and det.prepare.boxed_every == 2
+    assert stages["aggregation"].splits.aggregator_fraction == 0.4
+    synth = load_config("synth", None, list(cfg.demo.synth_set))
+    assert synth.image.size == det.render.imgsz           # the detector sees the demo's slices at full size

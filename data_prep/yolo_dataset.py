@@ -10,6 +10,7 @@ Each study is one job in a process pool. A study is finished when its marker DIR
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -75,7 +76,6 @@ INDEX_COLUMNS: tuple[str, ...] = ("image", "split", STUDY_COL, "slice_number", "
 @dataclass(frozen=True)
 class SliceLabel:
     """One slice to write: canonical index, its kind, and its boxes (class, x, y, width, height; original px)."""
-
     slice_index: int
     kind: str
     boxes: tuple[tuple[int, float, float, float, float], ...] = ()
@@ -84,7 +84,6 @@ class SliceLabel:
 @dataclass(frozen=True)
 class StudyTask:
     """Everything one worker needs for one study (picklable)."""
-
     uid: str
     study_dir: Path
     out: Path
@@ -102,7 +101,6 @@ class StudyTask:
 @dataclass
 class StudyOutcome:
     """What a worker did for one study: its index rows, files written, warnings to log, or an error."""
-
     uid: str
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
@@ -148,6 +146,9 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     every = int(prep["boxed_every"])
     if every < 1:
         raise ConfigError(f"prepare.boxed_every must be >= 1, not {every}")
+    sampling = str(prep["negative_sampling"])
+    if sampling not in NEGATIVE_SAMPLING:
+        raise ConfigError(f"prepare.negative_sampling must be one of {NEGATIVE_SAMPLING}, not {sampling!r}")
     boxed_slices = -(-sel_boxes.groupby(STUDY_COL)["slice_number"].nunique() // every)   # boxed slices kept
     ratio, share = float(prep["background_ratio"]), float(prep["negative_share"])
     n_neg_total = int(round(ratio * share * int(boxed_slices.sum())))
@@ -170,9 +171,6 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     # boxed studies first: where their boxes lie tells where the negatives' background is drawn ("matched")
     done = _run_tasks(boxed_tasks, _detector_study, out, workers=workers, progress=progress, overwrite=overwrite,
                       desc="prepare-detector (boxed)")
-    sampling = str(prep["negative_sampling"])
-    if sampling not in NEGATIVE_SAMPLING:
-        raise ConfigError(f"prepare.negative_sampling must be one of {NEGATIVE_SAMPLING}, not {sampling!r}")
     if sampling == "matched" and negative_tasks:
         density = boxed_height_histogram(out, [t.uid for t in boxed_tasks], bins=int(prep["matched_bins"]))
         if density is None:
@@ -252,8 +250,6 @@ def make_folds(strata: Mapping[str, str], *, n_folds: int, seed: int) -> dict[st
 # ---------------------------------------------------------------- per-study workers (run in the pool)
 def boxed_height_histogram(out: str | os.PathLike, uids: Iterable[str], *, bins: int) -> tuple[float, ...] | None:
     """Histogram over `bins` equal parts of the scan (0 = top slice) of where the finished studies' boxed slices lie."""
-    import json
-
     hist = np.zeros(bins)
     for uid in uids:
         marker = _marker(Path(out), uid)
@@ -356,7 +352,6 @@ def _locator_study(task: StudyTask) -> StudyOutcome:
 
 class _SliceReader:
     """Decode single slices on demand (only the chosen slices and their neighbours), keeping each once."""
-
     def __init__(self, geometry: Any) -> None:
         self.paths = geometry.paths
         self.cache: dict[int, np.ndarray] = {}
@@ -490,8 +485,6 @@ def _report(outcome: StudyOutcome) -> list[str]:
 def _finish(out: Path, *, kind: str, names: Mapping[int, str], config: Mapping[str, Any], selected: Sequence[str],
             inputs: Mapping[str, Any], extra: Mapping[str, Any], overwrite: bool, t0: float) -> Path:
     """Rebuild index.csv from the markers, write data.yaml and the sidecar; return data.yaml."""
-    import json
-
     from detector.render import render_summary
 
     selected_set = set(selected)
@@ -550,8 +543,6 @@ def _markers(out: Path) -> list[Path]:
 def _load_or_make_splits(path: Path, strata: Mapping[str, str], *, n_folds: int, seed: int,
                          overwrite: bool) -> dict[str, int]:
     """Reuse splits.json when it covers every study with the same fold count; else make it (once)."""
-    import json
-
     if path.is_file():
         data = json.loads(path.read_text(encoding="utf-8"))
         folds = {str(k): int(v) for k, v in data.get("folds", {}).items()}
@@ -570,7 +561,6 @@ def _load_or_make_splits(path: Path, strata: Mapping[str, str], *, n_folds: int,
 
 
 def _remove_study(out: Path, uid: str) -> None:
-    import json
 
     marker = _marker(out, uid)
     if marker.is_file():

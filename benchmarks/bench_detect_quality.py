@@ -111,9 +111,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from data_prep.config import load_config
     from data_prep.synth import synthesize
-    from data_prep.yolo_dataset import prepare_detector_dataset
     from detector.detect import detect_studies
     from detector.train import train_yolo
+    from detector.yolo_dataset import prepare_detector_dataset
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_detect_quality_"))
     work.mkdir(parents=True, exist_ok=True)

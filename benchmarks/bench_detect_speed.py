@@ -123,8 +123,8 @@ def _run_child(kind: str, backend: str, args: argparse.Namespace, studies_dir: P
 def _train_tiny(work: Path, imgsz: int, size: int | None) -> Path:
     from data_prep.config import load_config
     from data_prep.synth import synthesize
-    from data_prep.yolo_dataset import prepare_detector_dataset
     from detector.train import train_yolo
+    from detector.yolo_dataset import prepare_detector_dataset
 
     root = work / "synth_train"
     synth_set = [f"image.size={size}"] if size else []

@@ -80,7 +80,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _cmd_prepare_detector(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
-    from data_prep.yolo_dataset import prepare_detector_dataset
+    from detector.yolo_dataset import prepare_detector_dataset
 
     cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
     prepare_detector_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
@@ -126,7 +126,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_prepare_locator(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
-    from data_prep.yolo_dataset import prepare_locator_dataset
+    from detector.yolo_dataset import prepare_locator_dataset
 
     cfg = load_config("locator", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
     prepare_locator_dataset(args.data_root, args.out, config=cfg, workers=args.workers,

@@ -139,7 +139,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
 def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | None, workers: int, progress: bool,
              *, kind: str) -> dict[str, Any]:
-    from data_prep.yolo_dataset import prepare_detector_dataset, prepare_locator_dataset
+    from detector.yolo_dataset import prepare_detector_dataset, prepare_locator_dataset
 
     fn = prepare_detector_dataset if kind == "detector" else prepare_locator_dataset
     data_yaml = fn(data_root, out, config=cfg, studies=studies, workers=workers, progress=progress)

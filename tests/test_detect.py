@@ -226,7 +226,7 @@ def test_tiny_trained_model_end_to_end(tmp_path, monkeypatch):
     from detector.train import train_yolo
 
     monkeypatch.setenv("SPINEFRAC_HOME", str(tmp_path / "home"))
-    from data_prep.yolo_dataset import prepare_detector_dataset
+    from detector.yolo_dataset import prepare_detector_dataset
 
     root = tmp_path / "data"
     rows, box_rows = [], []

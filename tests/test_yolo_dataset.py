@@ -13,8 +13,8 @@ import yaml
 from data_prep.config import load_config
 from data_prep.dicom_write import write_series
 from data_prep.registry import LEVELS, STUDY_COL
-from data_prep.yolo_dataset import make_folds, prepare_detector_dataset, prepare_locator_dataset, read_index
 from detector.render import apply_window, yolo_to_xywh
+from detector.yolo_dataset import make_folds, prepare_detector_dataset, prepare_locator_dataset, read_index
 
 ROWS, COLS, N = 48, 64, 24          # non-square on purpose: x and y scales differ
 IMGSZ = 32
@@ -164,7 +164,7 @@ def test_boxed_every_keeps_every_kth_boxed_slice_and_scales_background(tmp_path)
 
 def test_matched_weights():
     """Weights follow the histogram by relative height, keep the uniform floor, and sum to one."""
-    from data_prep.yolo_dataset import matched_weights
+    from detector.yolo_dataset import matched_weights
 
     density = [0.0, 0.0, 4.0, 0.0]                  # all boxes in the third quarter of the scan
     w = matched_weights(8, density, smooth_bins=0, floor=0.2)
@@ -197,7 +197,7 @@ def test_rerun_skips_finished_studies_and_overwrite_redoes(prepared, caplog):
     index = read_index(out)
     some = out / index["image"].iloc[0]
     mtime = some.stat().st_mtime_ns
-    with caplog.at_level(logging.INFO, logger="data_prep"):
+    with caplog.at_level(logging.INFO, logger="detector"):
         prepare_detector_dataset(root, out, config=config, workers=1, progress=False)
     assert "(boxed): 2 of 2 studies already finished" in caplog.text
     assert "(negatives): 2 of 2 studies already finished" in caplog.text

@@ -38,7 +38,7 @@ from data_prep.config import ConfigError
 from data_prep.errors import InputError
 from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
 
-log = logging.getLogger("data_prep")
+log = logging.getLogger("detector")
 
 DATA_YAML = "data.yaml"
 INDEX_CSV = "index.csv"
@@ -454,7 +454,7 @@ def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOu
     with tqdm(total=len(todo), desc=desc, unit="study", disable=not progress) as bar:
         if workers > 1 and len(todo) > 1:
             ctx = get_context("forkserver")       # like the reader's pools: no fork after threads started
-            ctx.set_forkserver_preload(["data_prep.yolo_dataset", "detector.render"])
+            ctx.set_forkserver_preload(["detector.yolo_dataset", "detector.render"])
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
                                      initializer=_init_worker) as pool:
                 futures = [pool.submit(_run_one, worker, t) for t in todo]

@@ -27,6 +27,7 @@ import pandas as pd
 from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, STUDY_COL
+from detector.roi import ROI_COLUMNS
 
 log = logging.getLogger("detector")
 
@@ -50,10 +51,13 @@ DEFAULT_LOCATE_MAX_DET = 2 * len(LEVELS)
 
 BOX_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
                                 "score")
-SLICE_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes")
+SLICE_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes",
+                                  *ROI_COLUMNS)
 ERROR_COLUMNS: tuple[str, ...] = (STUDY_COL, "path", "stage", "error")
 LEVEL_BOX_COLUMNS: tuple[str, ...] = ("level", *(f"w_{lv}" for lv in LEVELS))
 LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
+HU_INT16_MIN, HU_INT16_MAX = -32768, 32767
+"""A study held in memory for the ROI pass is stored as int16 HU (CT values are whole HU)."""
 TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate")
 MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
 """Stage timers a predictor may keep itself; reported per study as model_<stage> (inside `model`)."""
@@ -159,17 +163,35 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
                  workers: int = 2) -> StudyDetections:
     """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns).
 
+    With `roi.enabled` the study is decoded once into memory; the locator runs on every k-th slice while it
+    decodes, the spine ROI of every slice follows from the located vertebrae (detector/roi.py), and the
+    detector then runs on the crops. Without it the detector runs on whole slices as they stream in.
     Levels come from `locator` when given; else, with `levels_config`, from relative z position alone
     (configs/levels.yaml `relative_z`); else the tables carry no level columns.
     """
     from data_prep.dicom_io import iter_chunks, scan_study
-    from detector.render import context_slices, image_xyxy_to_original, render_slices
+    from detector.render import (
+        context_slices,
+        image_xyxy_to_original,
+        render_crops,
+        render_slices,
+        slice_spacing,
+    )
+    from detector.roi import (
+        body_centre,
+        crop_xyxy_to_original,
+        full_rois,
+        located_centres,
+        roi_enabled,
+        spine_rois,
+    )
 
     study_dir = Path(study_dir)
     uid = study_dir.name
     render = config["render"]
     det = config["detect"]
     conf = float(det["conf"])
+    roi_cfg = config["roi"] if roi_enabled(config) else None
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
     geometry = scan_study(study_dir)
     n = len(geometry.paths)
@@ -177,30 +199,36 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     z = np.asarray(geometry.z_mm, dtype=float)
     numbers = np.asarray(geometry.instance_numbers)
     before = _stage_seconds(predictor)
-    context = context_slices(geometry, render)
+    context = context_slices(geometry, render) if roi_cfg is None else 0
     if locator is not None:
         context = max(context, context_slices(geometry, locator.config["render"]))
+    body_every = locator.every_k if locator is not None else int(roi_cfg["every_k"]) if roi_cfg else 0
+    want_body = roi_cfg is not None and roi_cfg["fallback"] == "body"
+    volume = np.empty((n, *shape), dtype=np.int16) if roi_cfg is not None else None
     chunks = prefetch(iter_chunks(geometry, chunk_size=int(det["batch"]), context=context, workers=workers),
                       depth=int(det["prefetch"]))
     box_parts: list[np.ndarray] = []      # rows: slice_index, x, y, w, h, score
     loc_slices: list[int] = []
     loc_dets: list[np.ndarray] = []       # rows: slice_index, x, y, w, h, conf, cls (original px)
+    body: list[tuple[int, float, float]] = []
     for chunk in _timed(chunks, timings, "decode"):
         indices = list(range(chunk.start, chunk.stop))
         t = time.perf_counter()
-        images, scale = render_slices(chunk, indices, geometry, render=render)
-        timings["preprocess"] += time.perf_counter() - t
-        t = time.perf_counter()
-        preds = predictor.predict(images)
-        timings["model"] += time.perf_counter() - t
-        t = time.perf_counter()
-        for index, p in zip(indices, preds, strict=True):
-            p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
-            p = p[p[:, 4] >= conf]
-            if len(p):
-                xywh = image_xyxy_to_original(p[:, :4], scale, shape)
-                box_parts.append(np.column_stack([np.full(len(p), index), xywh, p[:, 4]]))
-        timings["postprocess"] += time.perf_counter() - t
+        if volume is not None:
+            hu = chunk.hu[chunk.start - chunk.lo:chunk.stop - chunk.lo]
+            volume[chunk.start:chunk.stop] = np.clip(np.rint(hu), HU_INT16_MIN, HU_INT16_MAX)
+            if want_body:
+                for i in indices:
+                    if i % body_every == 0:
+                        found = body_centre(chunk.get(i), float(roi_cfg["body_hu"]))
+                        if found is not None:
+                            body.append((i, *found))
+            timings["preprocess"] += time.perf_counter() - t
+        else:
+            images, scale = render_slices(chunk, indices, geometry, render=render)
+            timings["preprocess"] += time.perf_counter() - t
+            box_parts += _predict_boxes(predictor, images, indices, lambda p, k, scale=scale: image_xyxy_to_original(
+                p[:, :4], scale, shape), conf, timings)
         if locator is not None:
             t = time.perf_counter()
             sampled = [i for i in indices if i % locator.every_k == 0]
@@ -212,6 +240,32 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
                     loc_dets.append(np.column_stack([np.full(len(p), index),
                                                      image_xyxy_to_original(p[:, :4], loc_scale, shape), p[:, 4:]]))
             timings["locate"] += time.perf_counter() - t
+    slice_levels = level_boxes = None
+    if locator is not None:
+        t = time.perf_counter()
+        slice_levels, level_boxes = _locate(loc_dets, loc_slices, locator, uid=uid, n_slices=n, numbers=numbers)
+        timings["locate"] += time.perf_counter() - t
+    if volume is not None:
+        t = time.perf_counter()
+        located = located_centres(level_boxes) if level_boxes is not None else None
+        body_arr = np.array(body, dtype=float).reshape(-1, 3)
+        rois = spine_rois(n, shape, geometry.pixel_spacing, slice_spacing(geometry), roi=roi_cfg, located=located,
+                          body=(body_arr[:, 0].astype(int), body_arr[:, 1], body_arr[:, 2]))
+        source = _VolumeSource(volume)
+        crops = rois.boxes()
+        timings["preprocess"] += time.perf_counter() - t
+        step = int(det["batch"])
+        for start in range(0, n, step):
+            indices = list(range(start, min(start + step, n)))
+            t = time.perf_counter()
+            images = render_crops(source, indices, geometry, crops[indices], render=render,
+                                  pad_hu=float(roi_cfg["pad_hu"]))
+            timings["preprocess"] += time.perf_counter() - t
+            box_parts += _predict_boxes(predictor, images, indices, lambda p, k: crop_xyxy_to_original(
+                p[:, :4], crops[k], int(render["imgsz"]), shape), conf, timings)
+        del volume, source
+    else:
+        rois = full_rois(n, shape)
     t = time.perf_counter()
     arr = np.concatenate(box_parts) if box_parts else np.zeros((0, 6))
     idx = arr[:, 0].astype(int)
@@ -224,20 +278,47 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     if len(boxes):
         np.maximum.at(max_score, idx, arr[:, 5])
         np.add.at(n_boxes, idx, 1)
-    slices = pd.DataFrame({STUDY_COL: uid, "slice_number": numbers.astype(int), "slice_index": np.arange(n),
-                           "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}, columns=list(SLICE_COLUMNS))
+    slices = pd.concat([pd.DataFrame({STUDY_COL: uid, "slice_number": numbers.astype(int), "slice_index": np.arange(n),
+                                      "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}), rois.table()],
+                       axis=1)[list(SLICE_COLUMNS)]
     timings["postprocess"] += time.perf_counter() - t
-    level_boxes = None
     if locator is not None:
         t = time.perf_counter()
-        boxes, slices, level_boxes = _add_levels(boxes, slices, loc_dets, loc_slices, locator, uid=uid,
-                                                 numbers=numbers)
+        boxes, slices = _assign_levels(boxes, slices, slice_levels, level_boxes, locator)
         timings["locate"] += time.perf_counter() - t
     elif levels_config is not None:
         boxes, slices = _add_relative_levels(boxes, slices, levels_config)
     after = _stage_seconds(predictor)
     timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
     return StudyDetections(uid, boxes, slices, n, timings, geometry, level_boxes)
+
+
+class _VolumeSource:
+    """A decoded study held in memory (int16 HU) as a SliceSource for the renderer."""
+
+    def __init__(self, volume: np.ndarray) -> None:
+        self.volume = volume
+
+    def get(self, index: int) -> np.ndarray:
+        """Return the float32 HU slice at canonical `index`, clamped to the study."""
+        return self.volume[min(max(int(index), 0), len(self.volume) - 1)].astype(np.float32)
+
+
+def _predict_boxes(predictor: Predictor, images: np.ndarray, indices: Sequence[int],
+                   to_original: Any, conf: float, timings: dict[str, float]) -> list[np.ndarray]:
+    """Run the detector on a batch; return rows (slice_index, x, y, w, h, score) in original px per image."""
+    t = time.perf_counter()
+    preds = predictor.predict(images)
+    timings["model"] += time.perf_counter() - t
+    t = time.perf_counter()
+    parts = []
+    for k, (index, p) in enumerate(zip(indices, preds, strict=True)):
+        p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
+        p = p[p[:, 4] >= conf]
+        if len(p):
+            parts.append(np.column_stack([np.full(len(p), index), to_original(p, k), p[:, 4]]))
+    timings["postprocess"] += time.perf_counter() - t
+    return parts
 
 
 def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, weights: str | os.PathLike,
@@ -371,24 +452,27 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
         result.timings[k] = result.timings.get(k, 0.0) + v
 
 
-def _add_levels(boxes: pd.DataFrame, slices: pd.DataFrame, loc_dets: list[np.ndarray], loc_slices: list[int],
-                locator: Locator, *, uid: str, numbers: np.ndarray
-                ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """Decode levels from the locator's sampled detections; add p_C* to slices and level, w_C* to boxes.
-
-    Also return the located vertebra boxes (level_boxes.csv rows of this study)."""
-    from detector.levels import assign_boxes, locate_study
+def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator, *, uid: str, n_slices: int,
+            numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Decode levels from the locator's sampled detections: (slice_levels, level_boxes) of this study."""
+    from detector.levels import locate_study
 
     arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
     dets = pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
                          "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
-    slice_levels, level_boxes = locate_study(dets, len(slices), np.asarray(loc_slices), config=locator.levels_config,
-                                             study_uid=uid, slice_numbers=numbers)
+    return locate_study(dets, n_slices, np.asarray(loc_slices), config=locator.levels_config, study_uid=uid,
+                        slice_numbers=numbers)
+
+
+def _assign_levels(boxes: pd.DataFrame, slices: pd.DataFrame, slice_levels: pd.DataFrame,
+                   level_boxes: pd.DataFrame, locator: Locator) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Add p_C* to slices and level, w_C* to boxes from the decoded levels."""
+    from detector.levels import assign_boxes
+
     slices = slices.copy()
     for col in LEVEL_SLICE_COLUMNS:
         slices[col] = slice_levels[col].to_numpy(dtype=float)
-    boxes = assign_boxes(boxes, level_boxes, slice_levels, config=locator.levels_config)
-    return boxes, slices, level_boxes
+    return assign_boxes(boxes, level_boxes, slice_levels, config=locator.levels_config), slices
 
 
 def _add_relative_levels(boxes: pd.DataFrame, slices: pd.DataFrame, levels_config: Mapping[str, Any]

@@ -85,33 +85,58 @@ def resize_to(image: np.ndarray, imgsz: int) -> np.ndarray:
 def render_slices(chunk: SliceSource, indices: Sequence[int], geometry: Any, *,
                   render: Mapping[str, Any]) -> tuple[np.ndarray, tuple[float, float]]:
     """Render canonical slices `indices` to uint8 (m, imgsz, imgsz, 3) images; return them and (scale_x, scale_y)."""
+    images = _render(chunk, indices, geometry, render=render, crops=None, pad_hu=0.0)
+    return images, scale_for(geometry.shape, int(render["imgsz"]))
+
+
+def render_crops(chunk: SliceSource, indices: Sequence[int], geometry: Any, crops: np.ndarray, *,
+                 render: Mapping[str, Any], pad_hu: float) -> np.ndarray:
+    """Render the int crop boxes (m, 4: x, y, width, height; original px) of slices `indices` to imgsz images.
+
+    Every channel of an image (2.5D neighbours included) is cut with the crop of its centre slice; parts of a
+    crop outside the image are `pad_hu`. Map boxes back with detector.roi.crop_xyxy_to_original.
+    """
+    crops = np.asarray(crops, dtype=np.int64).reshape(-1, 4)
+    if len(crops) != len(indices):
+        raise ValueError(f"{len(indices)} slices but {len(crops)} crop boxes")
+    return _render(chunk, indices, geometry, render=render, crops=crops, pad_hu=pad_hu)
+
+
+def _render(chunk: SliceSource, indices: Sequence[int], geometry: Any, *, render: Mapping[str, Any],
+            crops: np.ndarray | None, pad_hu: float) -> np.ndarray:
+    """Render slices (whole, or cut to `crops`) to uint8 (m, imgsz, imgsz, 3) in the configured recipe."""
+    from detector.roi import crop_padded
+
     _check_recipe(render)
     imgsz = int(render["imgsz"])
     n_slices = len(geometry.paths)
     indices = [int(i) for i in indices]
     images = np.empty((len(indices), imgsz, imgsz, N_CHANNELS), dtype=np.uint8)
+    cache: dict[tuple[int, tuple[int, ...] | None], np.ndarray] = {}
+
+    def resized(j: int, k: int) -> np.ndarray:
+        j = min(max(j, 0), n_slices - 1)
+        box = None if crops is None else tuple(int(v) for v in crops[k])
+        key = (j, box)
+        if key not in cache:
+            hu = _hu(chunk, j)
+            cache[key] = resize_to(hu if box is None else crop_padded(hu, box, pad_hu), imgsz)
+        return cache[key]
+
     if render["recipe"] == "2.5d":
         off = neighbour_offset(geometry, render["neighbour_mm"])
         level, width = float(render["window_level"]), float(render["window_width"])
-        cache: dict[int, np.ndarray] = {}
-
-        def windowed(j: int) -> np.ndarray:
-            j = min(max(j, 0), n_slices - 1)
-            if j not in cache:
-                cache[j] = apply_window(resize_to(_hu(chunk, j), imgsz), level, width)
-            return cache[j]
-
         for k, i in enumerate(indices):
-            images[k, ..., 0] = windowed(i - off)   # superior neighbour (z + d)
-            images[k, ..., 1] = windowed(i)
-            images[k, ..., 2] = windowed(i + off)   # inferior neighbour (z - d)
+            images[k, ..., 0] = apply_window(resized(i - off, k), level, width)   # superior neighbour (z + d)
+            images[k, ..., 1] = apply_window(resized(i, k), level, width)
+            images[k, ..., 2] = apply_window(resized(i + off, k), level, width)   # inferior neighbour (z - d)
     else:
         windows = _windows(render)
         for k, i in enumerate(indices):
-            resized = resize_to(_hu(chunk, i), imgsz)
+            r = resized(i, k)
             for c, (level, width) in enumerate(windows):
-                images[k, ..., c] = apply_window(resized, level, width)
-    return images, scale_for(geometry.shape, imgsz)
+                images[k, ..., c] = apply_window(r, level, width)
+    return images
 
 
 def image_xyxy_to_original(xyxy: np.ndarray, scale_xy: tuple[float, float],

@@ -70,7 +70,7 @@ def studies(tmp_path):
 
 @pytest.fixture
 def config():
-    return load_config("detector", None, [f"render.imgsz={IMGSZ}", "render.neighbour_mm=2.0", "detect.batch=5",
+    return load_config("detector", None, ["roi.enabled=false", f"render.imgsz={IMGSZ}", "render.neighbour_mm=2.0", "detect.batch=5",
                                           "overlays.display_size=64", "overlays.top_n=2"])
 
 
@@ -115,7 +115,9 @@ def test_batch_outputs_complete_consistent_and_failures_isolated(studies, config
     slices = pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str})
     boxes = pd.read_csv(out / "boxes.csv", dtype={STUDY_COL: str})
     errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})
-    assert list(slices.columns) == [STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes"]
+    assert list(slices.columns) == [STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes",
+                                    "roi_x", "roi_y", "roi_width", "roi_height", "roi_source"]
+    assert (slices["roi_source"] == "full").all() and (slices["roi_width"] == COLS).all()   # roi.enabled=false
     assert list(boxes.columns) == [STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
                                    "score"]
     for uid in ("2.1", "2.2", "2.3"):

@@ -170,21 +170,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     (configs/levels.yaml `relative_z`); else the tables carry no level columns.
     """
     from data_prep.dicom_io import iter_chunks, scan_study
-    from detector.render import (
-        context_slices,
-        image_xyxy_to_original,
-        render_crops,
-        render_slices,
-        slice_spacing,
-    )
-    from detector.roi import (
-        body_centre,
-        crop_xyxy_to_original,
-        full_rois,
-        located_centres,
-        roi_enabled,
-        spine_rois,
-    )
+    from detector.render import context_slices, image_xyxy_to_original, render_crops, render_slices
+    from detector.roi import body_centre, crop_xyxy_to_original, full_rois, roi_enabled
 
     study_dir = Path(study_dir)
     uid = study_dir.name
@@ -247,10 +234,7 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         timings["locate"] += time.perf_counter() - t
     if volume is not None:
         t = time.perf_counter()
-        located = located_centres(level_boxes) if level_boxes is not None else None
-        body_arr = np.array(body, dtype=float).reshape(-1, 3)
-        rois = spine_rois(n, shape, geometry.pixel_spacing, slice_spacing(geometry), roi=roi_cfg, located=located,
-                          body=(body_arr[:, 0].astype(int), body_arr[:, 1], body_arr[:, 2]))
+        rois = _rois_from(geometry, roi_cfg, level_boxes, body)
         source = _VolumeSource(volume)
         crops = rois.boxes()
         timings["preprocess"] += time.perf_counter() - t
@@ -291,6 +275,83 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     after = _stage_seconds(predictor)
     timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
     return StudyDetections(uid, boxes, slices, n, timings, geometry, level_boxes)
+
+
+def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locator: Locator | None,
+               geometry: Any = None) -> Any:
+    """Return the spine ROI (detector.roi.SpineRois) of every slice as `detect_study` computes it.
+
+    Decodes only the sampled slices (and the locator's 2.5D neighbours): what prepare-detector needs to crop
+    its training slices exactly as inference will.
+    """
+    from data_prep.dicom_io import scan_study
+    from detector.render import context_slices, image_xyxy_to_original, render_slices
+    from detector.roi import body_centre
+
+    geometry = geometry if geometry is not None else scan_study(study_dir)
+    roi_cfg = config["roi"]
+    n = len(geometry.paths)
+    shape = (int(geometry.shape[0]), int(geometry.shape[1]))
+    every = locator.every_k if locator is not None else int(roi_cfg["every_k"])
+    sampled = list(range(0, n, every))
+    ctx = context_slices(geometry, locator.config["render"]) if locator is not None else 0
+    reader = LazySlices(geometry)
+    body: list[tuple[int, float, float]] = []
+    loc_dets: list[np.ndarray] = []
+    step = int(config["detect"]["batch"])
+    for start in range(0, len(sampled), step):
+        batch = sampled[start:start + step]
+        reader.forget_below(batch[0] - ctx)
+        if roi_cfg["fallback"] == "body":
+            for i in batch:
+                found = body_centre(reader.get(i), float(roi_cfg["body_hu"]))
+                if found is not None:
+                    body.append((i, *found))
+        if locator is not None:
+            images, scale = render_slices(reader, batch, geometry, render=locator.config["render"])
+            for index, p in zip(batch, locator.predictor.predict(images), strict=True):
+                p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
+                loc_dets.append(np.column_stack([np.full(len(p), index),
+                                                 image_xyxy_to_original(p[:, :4], scale, shape), p[:, 4:]]))
+    level_boxes = None
+    if locator is not None:
+        _, level_boxes = _locate(loc_dets, sampled, locator, uid=Path(geometry.study_dir).name, n_slices=n,
+                                 numbers=np.asarray(geometry.instance_numbers))
+    return _rois_from(geometry, roi_cfg, level_boxes, body)
+
+
+def _rois_from(geometry: Any, roi_cfg: Mapping[str, Any], level_boxes: pd.DataFrame | None,
+               body: Sequence[tuple[int, float, float]]) -> Any:
+    """Build the study's SpineRois from located level boxes (None without a locator) and body centres."""
+    from detector.render import slice_spacing
+    from detector.roi import located_centres, spine_rois
+
+    located = located_centres(level_boxes) if level_boxes is not None else None
+    arr = np.array(body, dtype=float).reshape(-1, 3)
+    return spine_rois(len(geometry.paths), geometry.shape, geometry.pixel_spacing, slice_spacing(geometry),
+                      roi=roi_cfg, located=located, body=(arr[:, 0].astype(int), arr[:, 1], arr[:, 2]))
+
+
+class LazySlices:
+    """Decode single slices on demand, keeping each once (for the sampled-slice ROI pass)."""
+
+    def __init__(self, geometry: Any) -> None:
+        self.paths = geometry.paths
+        self.cache: dict[int, np.ndarray] = {}
+
+    def get(self, index: int) -> np.ndarray:
+        """Return the HU slice at canonical `index` (clamped), decoding it on first use."""
+        from data_prep.dicom_io import read_slice_hu
+
+        index = min(max(int(index), 0), len(self.paths) - 1)
+        if index not in self.cache:
+            self.cache[index] = read_slice_hu(self.paths[index])
+        return self.cache[index]
+
+    def forget_below(self, index: int) -> None:
+        """Drop cached slices below `index` (slices are visited in increasing order)."""
+        for i in [i for i in self.cache if i < index]:
+            del self.cache[i]
 
 
 class _VolumeSource:
@@ -439,7 +500,7 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
 
             study_labels = labels[labels[STUDY_COL] == uid] if labels is not None else None
             write_overlays(found.geometry, found.boxes, out / OVERLAYS_DIR / uid, labels=study_labels,
-                           config=config["overlays"])
+                           config=config["overlays"], slices=found.slices)
         except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)
     error_file.unlink(missing_ok=True)

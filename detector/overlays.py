@@ -47,8 +47,12 @@ def display_box(xywh: Sequence[float], shape: Sequence[int], size: int) -> tuple
 
 
 def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir: str | os.PathLike, *,
-                   labels: pd.DataFrame | None = None, config: Mapping[str, Any]) -> list[Path]:
-    """Write the top-N slice PNGs, a contact sheet and a score profile for one study; return the paths."""
+                   labels: pd.DataFrame | None = None, config: Mapping[str, Any],
+                   slices: pd.DataFrame | None = None) -> list[Path]:
+    """Write the top-N slice PNGs, a contact sheet and a score profile for one study; return the paths.
+
+    With `slices` holding the roi_* columns (slices.csv), each slice's spine ROI is outlined (overlays.roi_color).
+    """
     from data_prep.dicom_io import read_slice_hu, scan_study
     from detector.render import apply_window, resize_to
 
@@ -71,6 +75,9 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
         hu = read_slice_hu(geometry.paths[index])
         gray = apply_window(resize_to(hu, size), float(cfg["window_level"]), float(cfg["window_width"]))
         image = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
+        roi = _roi_of(slices, index)
+        if roi is not None:
+            _draw_box(image, display_box(roi, shape, size), tuple(cfg["roi_color"]), None, cfg)
         for xywh in truth.get(index, []):
             _draw_box(image, display_box(xywh, shape, size), tuple(cfg["truth_color"]), None, cfg)
         slice_boxes = shown[shown["slice_index"] == index].nlargest(int(cfg["max_boxes"]), "score")
@@ -88,6 +95,17 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
                                   f"{float(cfg['min_score']):.2f}"))
     written.append(_score_profile(boxes, geometry, n, top, truth, out_dir / SCORE_PROFILE, cfg, uid))
     return written
+
+
+def _roi_of(slices: pd.DataFrame | None, index: int) -> tuple[float, float, float, float] | None:
+    """The slice's ROI crop (x, y, width, height; original px) from slices.csv columns, or None (none or whole slice)."""
+    if slices is None or "roi_source" not in slices.columns:
+        return None
+    row = slices[slices["slice_index"] == index]
+    if not len(row) or str(row["roi_source"].iloc[0]) == "full":
+        return None
+    r = row.iloc[0]
+    return float(r["roi_x"]), float(r["roi_y"]), float(r["roi_width"]), float(r["roi_height"])
 
 
 def _top_slices(boxes: pd.DataFrame, top_n: int) -> list[int]:

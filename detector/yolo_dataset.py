@@ -68,9 +68,12 @@ KIND_LEVELS = "levels"          # locator: a sampled slice with at least one C1-
 KIND_EMPTY = "empty"            # locator: a sampled slice without any cervical vertebra
 
 NEGATIVE_SAMPLING = ("matched", "uniform")   # prepare.negative_sampling values
+ROI_JITTER_STREAM = 1        # random stream of the ROI jitter (apart from the background sampling's)
+WORKER_THREADS = 1           # torch threads of the locator in each prepare worker (one process per core)
 
 INDEX_COLUMNS: tuple[str, ...] = ("image", "split", STUDY_COL, "slice_number", "slice_index", "n_boxes",
-                                  "scale_x", "scale_y", "kind", "fold")
+                                  "scale_x", "scale_y", "kind", "fold", "roi_x", "roi_y", "roi_width", "roi_height",
+                                  "roi_source", "n_cut", "n_lost")
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,15 @@ class SliceLabel:
     slice_index: int
     kind: str
     boxes: tuple[tuple[int, float, float, float, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class LocateSpec:
+    """How a worker loads the vertebra locator for the ROI pass (picklable: paths and plain configs)."""
+    weights: Path
+    config: dict[str, Any]
+    levels_config: dict[str, Any]
+    backend: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -96,6 +108,9 @@ class StudyTask:
     negative: bool = False
     segmentation: Path | None = None
     background_density: tuple[float, ...] = ()   # negatives: histogram of the boxed slices' relative heights
+    roi: dict[str, Any] | None = None            # detector: the roi: config section when cropping to the spine
+    locate: LocateSpec | None = None             # detector with ROI: the locator that centres the crops
+    batch: int = 16                              # detector with ROI: slices per locator call
 
 
 @dataclass
@@ -112,12 +127,33 @@ class StudyOutcome:
 # ---------------------------------------------------------------- public API
 def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
                              studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
-                             overwrite: bool = False) -> Path:
-    """Build the YOLO fracture dataset from train.csv + train_bounding_boxes.csv; return the data.yaml path."""
+                             overwrite: bool = False, locator: str | os.PathLike | None = None,
+                             locator_config: Mapping[str, Any] | None = None,
+                             levels_config: Mapping[str, Any] | None = None) -> Path:
+    """Build the YOLO fracture dataset from train.csv + train_bounding_boxes.csv; return the data.yaml path.
+
+    With `roi.enabled` every slice is cut to the spine ROI that detect would use: from `locator` (weights
+    with its configs, default configs/locator.yaml and levels.yaml) run on each study, else the fallback.
+    """
+    from detector.roi import check_roi_config, roi_enabled
+
     t0 = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
     prep = _section(config, "prepare")
     render = _section(config, "render")
+    roi = _section(config, "roi") if roi_enabled(config) else None
+    locate = None
+    if roi is not None:
+        check_roi_config(roi)
+        if locator is not None:
+            locate = _locate_spec(Path(locator), locator_config, levels_config,
+                                  backend=str(_section(config, "detect")["backend"]))
+        else:
+            log.warning("prepare-detector: ROI without a locator: crops are centred by the roi.fallback (%s) "
+                        "on every study; detect must then also run without one", roi["fallback"])
+    elif locator is not None:
+        log.info("prepare-detector: roi.enabled is false, so the locator is not used")
+    batch = int(_section(config, "detect")["batch"])
     train = _read_csv(data_root / TRAIN_CSV, (STUDY_COL, PATIENT, *LEVELS))
     boxes = _read_csv(data_root / BOXES_CSV, (STUDY_COL, "x", "y", "width", "height", "slice_number"))
     train[STUDY_COL] = train[STUDY_COL].astype(str)
@@ -164,10 +200,12 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
                          for r in g.itertuples(index=False))
             n_bg = int(round(ratio * (1.0 - share) * int(boxed_slices[uid])))
             boxed_tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
-                                         prep.copy(), boxes=rows, n_background=n_bg))
+                                         prep.copy(), boxes=rows, n_background=n_bg, roi=roi, locate=locate,
+                                         batch=batch))
         else:
             negative_tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
-                                            prep.copy(), n_background=neg_counts.get(uid, 0), negative=True))
+                                            prep.copy(), n_background=neg_counts.get(uid, 0), negative=True,
+                                            roi=roi, locate=locate, batch=batch))
     # boxed studies first: where their boxes lie tells where the negatives' background is drawn ("matched")
     done = _run_tasks(boxed_tasks, _detector_study, out, workers=workers, progress=progress, overwrite=overwrite,
                       desc="prepare-detector (boxed)")
@@ -182,8 +220,22 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     return _finish(out, kind="detector", names=FRACTURE_NAMES, config=config, selected=selected,
                    inputs={"data_root": str(data_root), "train_csv": str(data_root / TRAIN_CSV),
                            "boxes_csv": str(data_root / BOXES_CSV)},
-                   extra={"done_now": done, "left_out_unboxed_positive": len(unboxed_positive)},
+                   extra={"done_now": done, "left_out_unboxed_positive": len(unboxed_positive),
+                          "roi": roi, "locator": str(locator) if locate is not None else None},
                    overwrite=overwrite, t0=t0)
+
+
+def _locate_spec(weights: Path, locator_config: Mapping[str, Any] | None, levels_config: Mapping[str, Any] | None,
+                 *, backend: str) -> LocateSpec:
+    """Check the locator loads (exporting it once for a fast backend here, not in every worker) and describe it."""
+    from data_prep.config import load_config
+    from detector.detect import load_locator
+
+    cfg = locator_config if locator_config is not None else load_config("locator")
+    lcfg = levels_config if levels_config is not None else load_config("levels")
+    loaded = load_locator(weights, config=cfg, levels_config=lcfg, device="cpu", backend=backend)
+    plain = [c.to_dict() if hasattr(c, "to_dict") else dict(c) for c in (cfg, lcfg)]
+    return LocateSpec(Path(loaded.predictor.weights), plain[0], plain[1], backend=loaded.predictor.backend)
 
 
 def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
@@ -321,8 +373,32 @@ def _detector_study(task: StudyTask) -> StudyOutcome:
     kept = boxed[::int(task.prepare["boxed_every"])]   # the skipped boxed slices are neither boxes nor background
     jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in kept]
     jobs += [SliceLabel(int(i), kind) for i in background]
-    _write_slices(task, geometry, jobs, outcome)
+    rois = None
+    if task.roi is not None and jobs:
+        from detector.detect import study_rois
+        from detector.roi import jitter_rois
+
+        rois = study_rois(task.study_dir, config={"roi": task.roi, "detect": {"batch": task.batch}},
+                          locator=_worker_locator(task.locate), geometry=geometry)
+        rois = jitter_rois(rois, geometry.shape, geometry.pixel_spacing, float(task.roi["jitter_mm"]),
+                           np.random.default_rng([int(task.prepare["seed"]), _uid_hash(task.uid), ROI_JITTER_STREAM]))
+    _write_slices(task, geometry, jobs, outcome, rois=rois)
     return outcome
+
+
+_LOCATORS: dict[Path, Any] = {}
+
+
+def _worker_locator(spec: LocateSpec | None) -> Any:
+    """Load the locator once per worker process (None without one)."""
+    if spec is None:
+        return None
+    if spec.weights not in _LOCATORS:
+        from detector.detect import load_locator
+
+        _LOCATORS[spec.weights] = load_locator(spec.weights, config=spec.config, levels_config=spec.levels_config,
+                                               device="cpu", backend=spec.backend, threads=WORKER_THREADS)
+    return _LOCATORS[spec.weights]
 
 
 def _locator_study(task: StudyTask) -> StudyOutcome:
@@ -350,31 +426,18 @@ def _locator_study(task: StudyTask) -> StudyOutcome:
     return outcome
 
 
-class _SliceReader:
-    """Decode single slices on demand (only the chosen slices and their neighbours), keeping each once."""
-    def __init__(self, geometry: Any) -> None:
-        self.paths = geometry.paths
-        self.cache: dict[int, np.ndarray] = {}
+def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], outcome: StudyOutcome, *,
+                  rois: Any = None) -> None:
+    """Render the chosen slices (decoding only them and their neighbours) and write image + label atomically.
 
-    def get(self, index: int) -> np.ndarray:
-        from data_prep.dicom_io import read_slice_hu
-
-        index = min(max(int(index), 0), len(self.paths) - 1)
-        if index not in self.cache:
-            self.cache[index] = read_slice_hu(self.paths[index])
-        return self.cache[index]
-
-    def forget_below(self, index: int) -> None:
-        """Drop cached slices below `index` (jobs are written in increasing slice order)."""
-        for i in [i for i in self.cache if i < index]:
-            del self.cache[i]
-
-
-def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], outcome: StudyOutcome) -> None:
-    """Render the chosen slices (decoding only them and their neighbours) and write image + label atomically."""
+    With `rois` (detector.roi.SpineRois) each slice is cut to its crop: labels are relative to the crop,
+    clipped to it, and boxes the crop cuts are counted (index.csv `n_cut`).
+    """
     import cv2
 
-    from detector.render import context_slices, render_slices, xywh_to_yolo
+    from detector.detect import LazySlices
+    from detector.render import context_slices, render_crops, render_slices, xywh_to_yolo
+    from detector.roi import SOURCE_FULL, boxes_to_crop
 
     if not jobs:
         return
@@ -383,12 +446,30 @@ def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], ou
     label_dir = task.out / LABELS_DIR / task.split
     image_dir.mkdir(parents=True, exist_ok=True)
     label_dir.mkdir(parents=True, exist_ok=True)
-    reader = _SliceReader(geometry)
+    reader = LazySlices(geometry)
     context = context_slices(geometry, task.render)
+    imgsz = int(task.render["imgsz"])
+    min_px = float(task.prepare.get("min_box_px", 0.0))
     for job in sorted(jobs, key=lambda j: j.slice_index):
         index = job.slice_index
         reader.forget_below(index - context)
-        (image,), (sx, sy) = render_slices(reader, [index], geometry, render=task.render)
+        boxes, n_cut, n_lost = job.boxes, 0, 0
+        if rois is None:
+            (image,), (sx, sy) = render_slices(reader, [index], geometry, render=task.render)
+            crop, source, label_shape = (0, 0, shape[1], shape[0]), SOURCE_FULL, shape
+        else:
+            crop = tuple(int(v) for v in rois.boxes([index])[0])
+            source = str(rois.source[index])
+            image = render_crops(reader, [index], geometry, np.array([crop]), render=task.render,
+                                 pad_hu=float(task.roi["pad_hu"]))[0]
+            sx, sy = imgsz / crop[2], imgsz / crop[3]
+            label_shape = (crop[3], crop[2])
+            if boxes:
+                inside, cut = boxes_to_crop(np.array([b[1:] for b in boxes], dtype=np.float64), crop)
+                n_cut = int(cut.sum())
+                keep = (inside[:, 2] >= min_px) & (inside[:, 3] >= min_px)
+                n_lost = int((~keep).sum())
+                boxes = tuple((b[0], *map(float, row)) for b, row, k in zip(boxes, inside, keep, strict=True) if k)
         number = int(geometry.instance_numbers[index])
         stem = f"{task.uid}_{number}"
         image_path = image_dir / f"{stem}{IMAGE_EXT}"
@@ -397,12 +478,14 @@ def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], ou
             raise OSError(f"{tmp}: OpenCV could not write the image")
         os.replace(tmp, image_path)
         label_path = label_dir / f"{stem}{LABEL_EXT}"
-        write_text_atomic(label_path, _label_text(job.boxes, shape, xywh_to_yolo))
+        write_text_atomic(label_path, _label_text(boxes, label_shape, xywh_to_yolo))
         outcome.files += [str(image_path.relative_to(task.out)), str(label_path.relative_to(task.out))]
         outcome.rows.append({
             "image": str(image_path.relative_to(task.out)), "split": task.split, STUDY_COL: task.uid,
-            "slice_number": number, "slice_index": index, "n_boxes": len(job.boxes),
-            "scale_x": sx, "scale_y": sy, "kind": job.kind, "fold": task.fold})
+            "slice_number": number, "slice_index": index, "n_boxes": len(boxes),
+            "scale_x": sx, "scale_y": sy, "kind": job.kind, "fold": task.fold, "roi_x": crop[0], "roi_y": crop[1],
+            "roi_width": crop[2], "roi_height": crop[3], "roi_source": source, "n_cut": n_cut,
+            "n_lost": n_lost})
 
 
 def _label_text(boxes: Sequence[tuple[int, float, float, float, float]], shape: tuple[int, int],
@@ -512,10 +595,18 @@ def _finish(out: Path, *, kind: str, names: Mapping[int, str], config: Mapping[s
     (out / IMAGES_DIR / TRAIN).mkdir(parents=True, exist_ok=True)
     (out / IMAGES_DIR / VAL).mkdir(parents=True, exist_ok=True)
     data_yaml = write_text_atomic(out / DATA_YAML, yaml.safe_dump(data, sort_keys=False))
+    n_cut = int(pd.to_numeric(index["n_cut"], errors="coerce").fillna(0).sum())
+    n_lost = int(pd.to_numeric(index["n_lost"], errors="coerce").fillna(0).sum())
+    n_before = int(index["n_boxes"].sum()) + n_lost
     counts = {"studies": int(index[STUDY_COL].nunique()), "images": len(index),
               **{f"images_{s}": int((index["split"] == s).sum()) for s in (TRAIN, VAL)},
               **{f"kind_{k}": int(v) for k, v in index["kind"].value_counts().items()},
-              "boxes": int(index["n_boxes"].sum())}
+              "boxes": int(index["n_boxes"].sum()), "boxes_before_roi": n_before, "boxes_cut_by_roi": n_cut,
+              "boxes_lost_to_roi": n_lost, "roi_cut_share": round(n_cut / n_before, 5) if n_before else 0.0,
+              **{f"roi_source_{k}": int(v) for k, v in index["roi_source"].value_counts().items()}}
+    if n_cut:
+        log.info("%s: the ROI crop cut %d of %d boxes (%.2f%%; %d lost entirely); see index.csv n_cut / n_lost",
+                 out, n_cut, n_before, 100.0 * n_cut / max(n_before, 1), n_lost)
     write_sidecar(out / INDEX_CSV, kind=f"yolo_dataset_{kind}", config=cfg, inputs=inputs, counts=counts,
                   runtime_s=time.perf_counter() - t0, extra=dict(extra))
     log.info("%s dataset in %s: %s", kind, out, counts)

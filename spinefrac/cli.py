@@ -84,7 +84,7 @@ def _cmd_prepare_detector(args: argparse.Namespace) -> int:
 
     cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
     prepare_detector_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
-                             progress=not args.no_progress, overwrite=args.overwrite)
+                             progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator)
     return 0
 
 
@@ -203,9 +203,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="exit 1 when any problem is an error")
 
     p = _sub(sub, "prepare-detector", "build the YOLO fracture dataset from train_bounding_boxes.csv",
-             "spinefrac prepare-detector data/synth --out work/det_ds", _cmd_prepare_detector)
+             "spinefrac prepare-detector data/synth --out work/det_ds --locator runs/loc/weights/best.pt",
+             _cmd_prepare_detector)
     p.add_argument("data_root", type=Path, help="dataset root in the Kaggle layout")
     p.add_argument("--out", type=Path, required=True, help="YOLO dataset folder to write")
+    p.add_argument("--locator", type=Path, default=None,
+                   help="vertebra-locator weights that centre the spine ROI crops (config roi:), as detect will; "
+                        "without it the crops use roi.fallback")
     p.add_argument("--imgsz", type=int, default=None, help="rendered image size (config render.imgsz)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--overwrite", action="store_true", help="redo studies already written")

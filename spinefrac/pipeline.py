@@ -114,14 +114,16 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         log.warning("%s: no segmentations; levels come from relative z position (no locator)",
                     data_root / SEGMENTATIONS)
 
-    stage("prepare-detector", lambda: _prepare(data_root, det_ds.parent, cfgs["detector"], det_studies, workers,
-                                               progress, kind="detector"), [det_ds])
-    stage("train-detector", lambda: _train(det_ds, out / "detector", cfgs["detector"]), [out / "detector" / WEIGHTS])
+    # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
     if use_locator:
         stage("prepare-locator", lambda: _prepare(data_root, loc_ds.parent, cfgs["locator"], None, workers,
                                                   progress, kind="locator"), [loc_ds])
         stage("train-locator", lambda: _train(loc_ds, out / "locator", cfgs["locator"]), [out / "locator" / WEIGHTS])
     locator_weights = out / "locator" / WEIGHTS if use_locator else None
+    stage("prepare-detector", lambda: _prepare(data_root, det_ds.parent, cfgs["detector"], det_studies, workers,
+                                               progress, kind="detector", locator=locator_weights, cfgs=cfgs),
+          [det_ds])
+    stage("train-detector", lambda: _train(det_ds, out / "detector", cfgs["detector"]), [out / "detector" / WEIGHTS])
     studies = [data_root / TRAIN_IMAGES / uid for uid in agg_studies]
     stage("detect-aggregator-studies",
           lambda: _detect(studies, out / "detector" / WEIGHTS, locator_weights, agg_detect, cfgs, workers=workers,
@@ -138,13 +140,24 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
 
 def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | None, workers: int, progress: bool,
-             *, kind: str) -> dict[str, Any]:
+             *, kind: str, locator: Path | None = None, cfgs: Mapping[str, Config] | None = None) -> dict[str, Any]:
     from detector.yolo_dataset import prepare_detector_dataset, prepare_locator_dataset
 
-    fn = prepare_detector_dataset if kind == "detector" else prepare_locator_dataset
-    data_yaml = fn(data_root, out, config=cfg, studies=studies, workers=workers, progress=progress)
+    if kind == "detector":
+        data_yaml = prepare_detector_dataset(data_root, out, config=cfg, studies=studies, workers=workers,
+                                             progress=progress, locator=locator,
+                                             locator_config=cfgs["locator"] if cfgs else None,
+                                             levels_config=cfgs["levels"] if cfgs else None)
+    else:
+        data_yaml = prepare_locator_dataset(data_root, out, config=cfg, studies=studies, workers=workers,
+                                            progress=progress)
     index = pd.read_csv(Path(data_yaml).parent / "index.csv")
-    return {"images": int(len(index)), "studies": int(index[registry.STUDY_COL].nunique())}
+    info = {"images": int(len(index)), "studies": int(index[registry.STUDY_COL].nunique())}
+    if "n_cut" in index.columns:
+        before = int(index["n_boxes"].sum() + index["n_lost"].sum())
+        info.update(boxes=before, boxes_cut_by_roi=int(index["n_cut"].sum()),
+                    roi_cut_share=round(float(index["n_cut"].sum()) / before, 5) if before else 0.0)
+    return info
 
 
 def _train(data_yaml: Path, out: Path, cfg: Config) -> dict[str, Any]:

@@ -57,7 +57,8 @@ def make_root(tmp_path, spec):
 
 
 def cfg(*sets):
-    base = [f"render.imgsz={IMGSZ}", "render.neighbour_mm=1.0", "prepare.n_folds=2", "prepare.val_fold=0"]
+    base = ["roi.enabled=false",      # whole slices here; the ROI crop has its own tests (tests/test_roi*.py)
+            f"render.imgsz={IMGSZ}", "render.neighbour_mm=1.0", "prepare.n_folds=2", "prepare.val_fold=0"]
     return load_config("detector", None, [*base, *sets])
 
 

@@ -245,8 +245,9 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
             images = render_crops(source, indices, geometry, crops[indices], render=render,
                                   pad_hu=float(roi_cfg["pad_hu"]))
             timings["preprocess"] += time.perf_counter() - t
-            box_parts += _predict_boxes(predictor, images, indices, lambda p, k: crop_xyxy_to_original(
-                p[:, :4], crops[k], int(render["imgsz"]), shape), conf, timings)
+            box_parts += _predict_boxes(predictor, images, indices, lambda p, k, batch=crops[indices]:
+                                        crop_xyxy_to_original(p[:, :4], batch[k], int(render["imgsz"]), shape),
+                                        conf, timings)   # k counts within the batch
         del volume, source
     else:
         rois = full_rois(n, shape)

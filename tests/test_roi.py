@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from data_prep.config import ConfigError, load_config
 from data_prep.dicom_write import write_series
 from data_prep.registry import LEVELS, STUDY_COL
-from detector.detect import Locator, detect_studies, detect_study
+from detector.detect import Locator, detect_studies, detect_study, study_rois
 from detector.render import render_crops
 from detector.roi import (
     ROI_COLUMNS,
@@ -419,6 +420,22 @@ def test_roi_is_centred_on_the_located_vertebra(tmp_path, roi_config):
     assert set(found.boxes["level"]) == {"C3"}
 
 
+@pytest.mark.parametrize("with_locator", [False, True])
+def test_study_rois_for_training_equal_the_rois_detect_uses(tmp_path, with_locator):
+    """prepare-detector crops with study_rois; it must give each slice the very ROI detect_study uses."""
+    config = load_config("detector", None, ["roi.enabled=true", f"roi.size_mm={SIZE_MM}", "roi.smooth_mm=3",
+                                            f"render.imgsz={IMGSZ}", "detect.batch=5"])
+    study = write_marker_study(tmp_path, "5.2", shape=(ROWS, COLS), body=moving_body, marker=(36, 100, 16, 32),
+                               order="feet_first")
+    locator = Locator(C3Locator(), load_config("locator", None, ["render.imgsz=32"]),
+                      load_config("levels")) if with_locator else None
+    found = detect_study(study, MarkerPredictor(), config=config, locator=locator, workers=1)
+    rois = study_rois(study, config=config, locator=locator)
+    pd.testing.assert_frame_equal(rois.table(), found.slices[list(ROI_COLUMNS)].reset_index(drop=True))
+    sources = set(found.slices["roi_source"])
+    assert ("locator" in sources and sources <= {"locator", "held"}) if with_locator else sources == {"body"}
+
+
 # ---------------------------------------------------------------- slices.csv and overlays through detect_studies
 @pytest.fixture
 def fake_loader(monkeypatch, tmp_path):
@@ -451,3 +468,10 @@ def test_slices_csv_carries_the_roi_columns_and_overlays_still_work(tmp_path, ro
         overlays = out / "overlays" / uid
         assert (overlays / "contact_sheet.png").is_file() and (overlays / "score_profile.png").is_file()
         assert len(list(overlays.glob("0*_slice*.png"))) == 2                   # overlays.top_n
+    # the ROI outline in overlays.roi_color: study 6.1's ROI x 16..80 of 96 columns on a 64 px display starts at
+    # column round(16 * 64 / 96) = 11; its left edge runs down rows round(32 * 64 / 192) = 11 .. 52
+    top = cv2.imread(str(sorted((out / "overlays" / "6.1").glob("01_slice*.png"))[0]))
+    assert top.shape == (64, 64, 3)
+    cyan = tuple(int(c) for c in roi_config["overlays"]["roi_color"])
+    assert [tuple(int(c) for c in top[r, 11]) for r in range(20, 46)] == [cyan] * 26
+    assert not (top[:, :8] == cyan).all(axis=-1).any()                          # nothing left of the outline

@@ -27,6 +27,7 @@ import pandas as pd
 from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.tables import read_table
 
 log = logging.getLogger("detector")
 
@@ -257,7 +258,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     t0 = time.perf_counter()
     out = Path(out)
     study_dirs = find_studies(studies)
-    label_table = _read_labels(labels) if labels is not None else None
+    label_table = read_table(labels, "boxes") if labels is not None else None
     det = config["detect"]
     train = config.get("train") or {}
     device = train.get("device") or "cpu"
@@ -469,17 +470,6 @@ def prefetch(iterable: Iterable[Any], depth: int = 1) -> Iterator[Any]:
                 return
     finally:
         stop.set()
-
-
-def _read_labels(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "labels file not found (expected train_bounding_boxes.csv)")
-    df = pd.read_csv(path, dtype={STUDY_COL: str})
-    missing = [c for c in (STUDY_COL, "x", "y", "width", "height", "slice_number") if c not in df.columns]
-    if missing:
-        raise InputError(path, f"missing columns {missing}; found {list(df.columns)}")
-    return df
 
 
 def _concat(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:

@@ -43,6 +43,7 @@ SLICES_SUFFIX = ".slices.csv"
 LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
 LEVEL_BOXES_CSV = "level_boxes.csv"
 DICOM_GLOB = "*.dcm"
+EMPTY_LISTED = 10          # empty study folders named in the warning (errors.csv lists them all)
 DEFAULT_LOCATE_EVERY_K = 4
 """Locator stride when configs/locator.yaml has no `locate.every_k`."""
 DEFAULT_LOCATE_IOU = 0.5
@@ -113,7 +114,11 @@ class DetectResult:
 
 # ---------------------------------------------------------------- public API
 def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder that does."""
+    """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder is one.
+
+    A sub-folder without .dcm files (and without sub-folders of its own) is kept as a study: it fails
+    in detect, is listed by name in errors.csv and gets the prior, like any other failed study.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     studies: list[Path] = []
@@ -124,13 +129,15 @@ def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list
         if any(path.glob(DICOM_GLOB)):
             studies.append(path)
             continue
-        subs = [p for p in sorted(path.iterdir()) if p.is_dir()]
+        subs = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         found = [p for p in subs if any(p.glob(DICOM_GLOB))]
         if not found:
             raise InputError(path, "holds no .dcm files and no study folders with .dcm files")
-        if len(found) < len(subs):
-            log.warning("%s: %d sub-folders hold no .dcm files and are ignored", path, len(subs) - len(found))
-        studies += found
+        empty = [p for p in subs if p not in found and not any(q.is_dir() for q in p.iterdir())]
+        if empty:
+            log.warning("%s: %d study folder(s) hold no .dcm files and will be reported as failed: %s", path,
+                        len(empty), ", ".join(p.name for p in empty[:EMPTY_LISTED]))
+        studies += [p for p in subs if p in found or p in empty]
     uids = [s.name for s in studies]
     if len(set(uids)) != len(uids):
         dup = sorted({u for u in uids if uids.count(u) > 1})

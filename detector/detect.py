@@ -116,12 +116,13 @@ class DetectResult:
 def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
     """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder is one.
 
-    A sub-folder without .dcm files (and without sub-folders of its own) is kept as a study: it fails
-    in detect, is listed by name in errors.csv and gets the prior, like any other failed study.
+    A folder without .dcm files and without sub-folders is an empty study: it is kept, fails in detect,
+    is listed by name in errors.csv and gets the prior, like any other failed study.
     """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     studies: list[Path] = []
+    empty: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
@@ -130,14 +131,18 @@ def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list
             studies.append(path)
             continue
         subs = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        found = [p for p in subs if any(p.glob(DICOM_GLOB))]
+        if not subs:
+            empty.append(path)
+            studies.append(path)
+            continue
+        found = [p for p in subs if any(p.glob(DICOM_GLOB)) or not any(q.is_dir() for q in p.iterdir())]
         if not found:
             raise InputError(path, "holds no .dcm files and no study folders with .dcm files")
-        empty = [p for p in subs if p not in found and not any(q.is_dir() for q in p.iterdir())]
-        if empty:
-            log.warning("%s: %d study folder(s) hold no .dcm files and will be reported as failed: %s", path,
-                        len(empty), ", ".join(p.name for p in empty[:EMPTY_LISTED]))
-        studies += [p for p in subs if p in found or p in empty]
+        empty += [p for p in found if not any(p.glob(DICOM_GLOB))]
+        studies += found
+    if empty:
+        log.warning("%d study folder(s) hold no .dcm files and will be reported as failed: %s", len(empty),
+                    ", ".join(str(p) for p in empty[:EMPTY_LISTED]))
     uids = [s.name for s in studies]
     if len(set(uids)) != len(uids):
         dup = sorted({u for u in uids if uids.count(u) > 1})

@@ -313,7 +313,6 @@ def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> Sli
         raise DicomReadError(path, "has pixel data but no Rows/Columns") from None
     check_claimed_size(ds, path, max_bytes=max_bytes)
     ts = str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE))
-    series = ds.get("SeriesInstanceUID")
     return SliceHeader(
         path=path,
         instance=_int_or_none(ds.get("InstanceNumber")),
@@ -324,7 +323,7 @@ def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> Sli
         shape=(rows, cols),
         ts=ts,
         modality=str(ds.Modality) if "Modality" in ds else None,
-        series=str(series).strip() or None if series is not None else None,
+        series=_text_or_none(ds.get("SeriesInstanceUID")),
     )
 
 
@@ -792,6 +791,11 @@ def _int_or_none(value) -> int | None:
         return int(value) if value is not None and str(value) != "" else None
     except (TypeError, ValueError):
         return None
+
+
+def _text_or_none(value) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
 
 
 def _float_or_none(value) -> float | None:

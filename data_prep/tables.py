@@ -78,6 +78,19 @@ def _not_blank(series: pd.Series) -> pd.Series:
     return series.astype(str).str.strip() != ""
 
 
+def _unpadded(series: pd.Series) -> pd.Series:
+    text = series.astype(str)
+    return text == text.str.strip()
+
+
+def _patient_matches_levels(df: pd.DataFrame) -> pd.Series:
+    """patient_overall is 1 exactly when some level C1..C7 is 1 (rows with invalid labels are judged elsewhere)."""
+    levels = pd.DataFrame({c: _numbers(df[c]) for c in registry.LEVELS})
+    patient = _numbers(df[registry.PATIENT])
+    valid = levels.isin(LABEL_VALUES).all(axis=1) & patient.isin(LABEL_VALUES)
+    return ~valid | (patient == levels.max(axis=1))
+
+
 def _row_id_parses(series: pd.Series) -> pd.Series:
     def ok(value: object) -> bool:
         try:
@@ -95,10 +108,11 @@ POSITIVE = pa.Check(_above_zero, error="must be > 0")
 INTEGRAL = pa.Check(_integral, error="must be a whole number")
 LABEL = pa.Check(_label, error="must be 0 or 1")
 NOT_BLANK = pa.Check(_not_blank, error="must not be blank")
+UNPADDED = pa.Check(_unpadded, error="must not start or end with spaces")
 
 
 def _uid_column(*, unique: bool) -> pa.Column:
-    return pa.Column(str, checks=NOT_BLANK, nullable=False, unique=unique, report_duplicates="all")
+    return pa.Column(str, checks=[NOT_BLANK, UNPADDED], nullable=False, unique=unique, report_duplicates="all")
 
 
 def _label_column() -> pa.Column:
@@ -117,6 +131,8 @@ def _row_id_matches(df: pd.DataFrame) -> pd.Series:
 SCHEMAS: dict[str, pa.DataFrameSchema] = {
     TRAIN: pa.DataFrameSchema(
         {registry.STUDY_COL: _uid_column(unique=True), **{t: _label_column() for t in registry.TARGETS}},
+        checks=[pa.Check(_patient_matches_levels, error=f"{registry.PATIENT} must be 1 exactly when one of "
+                                                        f"{registry.LEVELS[0]}..{registry.LEVELS[-1]} is 1")],
         strict=False, name=FILE_NAMES[TRAIN]),
     BOXES: pa.DataFrameSchema(
         {registry.STUDY_COL: _uid_column(unique=False),
@@ -130,7 +146,7 @@ SCHEMAS: dict[str, pa.DataFrameSchema] = {
         {ROW_ID: pa.Column(str, [NOT_BLANK, pa.Check(_row_id_parses,
                                                      error="must end in _C1.._C7 or _patient_overall")],
                            nullable=False, unique=True, report_duplicates="all"),
-         registry.STUDY_COL: pa.Column(str, NOT_BLANK, nullable=False, required=False),
+         registry.STUDY_COL: pa.Column(str, [NOT_BLANK, UNPADDED], nullable=False, required=False),
          PREDICTION_TYPE: pa.Column(str, pa.Check.isin(registry.TARGETS,
                                                        error=f"must be one of {', '.join(registry.TARGETS)}"),
                                     nullable=False, required=False)},
@@ -221,4 +237,4 @@ def _table_error(path: str | os.PathLike | None, kind: str, cases: pd.DataFrame)
     listed = "; ".join(problems[:MAX_LISTED])
     more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
     return TableError(path if path is not None else FILE_NAMES[kind],
-                      f"{len(problems)} problem(s) in this {FILE_NAMES[kind]}-style table: {listed}{more}", problems)
+                      f"{len(problems)} problem(s) ({FILE_NAMES[kind]} schema): {listed}{more}", problems)

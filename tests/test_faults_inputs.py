@@ -319,6 +319,37 @@ def test_duplicate_uid_in_train_csv_is_an_error(data_root, tmp_path, caplog):
     assert "appears more than once" in caplog.text and "train.csv" in caplog.text
 
 
+def test_patient_overall_must_agree_with_the_levels(data_root):
+    path = data_root / "train.csv"
+    df = pd.read_csv(path, dtype={STUDY_COL: str})
+    negative = int(np.flatnonzero(df["patient_overall"].to_numpy() == 0)[0])
+    set_cell(path, negative, "C5", 1)                                    # a fractured level, patient_overall 0
+    with pytest.raises(TableError) as err:
+        read_table(path, "train")
+    assert err.value.problems == (f"row {negative + 1} (line {negative + 2}): patient_overall must be 1 exactly "
+                                  "when one of C1..C7 is 1",)
+
+
+def test_padded_uid_is_refused(data_root):
+    path = data_root / "train.csv"
+    df = pd.read_csv(path, dtype={STUDY_COL: str})
+    set_cell(path, 0, STUDY_COL, " " + df[STUDY_COL].iloc[0])
+    with pytest.raises(TableError, match=r"row 1 \(line 2\), column StudyInstanceUID: must not start or end"):
+        read_table(path, "train")
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n\x00\xff\xfe\x00garbage", b"StudyInstanceUID\n"])
+def test_unreadable_or_empty_table_is_named(tmp_path, content, caplog):
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "train.csv").write_bytes(content)
+    (root / "train_bounding_boxes.csv").write_text("StudyInstanceUID,x,y,width,height,slice_number\n")
+    with caplog.at_level(logging.ERROR):
+        assert main(["train", str(root), "--out", str(tmp_path / "model"), "--no-progress"]) == 2
+    assert "train.csv" in caplog.text and "Traceback" not in caplog.text
+    assert not (tmp_path / "model").exists()
+
+
 def test_missing_column_is_named(data_root, tmp_path, caplog):
     path = data_root / "train_bounding_boxes.csv"
     pd.read_csv(path).drop(columns=["height"]).to_csv(path, index=False)

@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 from data_prep import registry
 from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
+from data_prep.tables import read_table
 
 from .features import LEVEL_COL, WEIGHT_COLS, read_csv_table
 from .metric import competition_loss_arrays, global_loss_arrays
@@ -179,8 +180,7 @@ def evaluate_predictions(predictions: Path, *, labels: Path, out: Path | None = 
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"threshold must be within [0, 1], found {threshold}")
     pred = read_predictions(predictions)
-    lab = read_csv_table(labels, (registry.STUDY_COL, *registry.TARGETS), "labels file")
-    lab = lab.drop_duplicates(registry.STUDY_COL)
+    lab = read_table(labels, "train")
     studies = [str(u) for u in pred[registry.STUDY_COL]]
     unlabelled = sorted(set(studies) - set(lab[registry.STUDY_COL]))
     if unlabelled:

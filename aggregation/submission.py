@@ -18,6 +18,7 @@ import pandas as pd
 from data_prep import registry
 from data_prep.artifacts import write_csv_atomic
 from data_prep.errors import InputError
+from data_prep.tables import read_table
 
 logger = logging.getLogger("aggregation")
 
@@ -73,18 +74,8 @@ def complete_predictions(predictions: pd.DataFrame, *, studies: Iterable[str], p
 
 def read_test_csv(test_csv: str | os.PathLike) -> pd.DataFrame:
     """Read Kaggle test.csv (row_id[, StudyInstanceUID, prediction_type]) and check every row_id parses."""
-    path = Path(test_csv)
-    if not path.is_file():
-        raise InputError(path, "test.csv not found")
-    df = pd.read_csv(path, dtype=str)
-    if ROW_ID not in df.columns:
-        raise InputError(path, f"lacks column {ROW_ID}")
-    try:
-        parsed = [registry.split_row_id(r) for r in df[ROW_ID]]
-    except ValueError as exc:
-        raise InputError(path, str(exc)) from None
-    if df[ROW_ID].duplicated().any():
-        raise InputError(path, f"row_id {df.loc[df[ROW_ID].duplicated(), ROW_ID].iloc[0]} appears twice")
+    df = read_table(test_csv, "test")
+    parsed = [registry.split_row_id(r) for r in df[ROW_ID]]
     df["_uid"], df["_target"] = [u for u, _ in parsed], [t for _, t in parsed]
     return df
 

@@ -57,6 +57,18 @@ benchmarks/bench_decode.py on the shared 2-core machine, 2 threads were as fast 
 re-measure on a quiet machine before changing this."""
 PREFETCH_CHUNKS = 1
 """iter_chunks decodes this many chunks ahead of the one being consumed (bounded memory)."""
+MAX_DECODED_BYTES = 64 * 2**20
+"""Largest pixel data a file may claim (Rows x Columns x NumberOfFrames x SamplesPerPixel x bytes per
+sample) before it is decoded: 64 MiB admits a 4096x4096 16-bit slice or 32 frames of 1024x1024 (a CT slice
+is 512x512x2 = 0.5 MiB), and stops a tiny file that claims 60000x60000 from making the decoder allocate GiBs.
+Pass `max_bytes=` to read_header/read_slice_hu/check_study/scan_study, or set this constant to change it."""
+DEFAULT_BITS_ALLOCATED = 16
+"""BitsAllocated assumed when a header lacks it (CT)."""
+MIN_POSITIONED_SHARE = 0.5
+"""When some files lack ImagePositionPatient they are left out; if fewer than this share of the files have
+one, the study cannot be ordered and fails instead (a handful of slices would not be the study)."""
+LISTED_FILES = 20
+"""How many excluded file names a warning spells out (StudyGeometry.excluded holds them all)."""
 
 PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
     registry.TS_JPEG_LOSSLESS_SV1: ("gdcm", "pylibjpeg"),  # gdcm measured faster (shared/MEASURED.md)
@@ -97,12 +109,24 @@ class EmptyStudyError(DicomReadError):
     """A study folder holding no readable CT slice."""
 
 
+class OversizedImageError(DicomReadError):
+    """A file whose header claims more pixel data than MAX_DECODED_BYTES (refused before decoding)."""
+
+
 class InconsistentSlicesError(GeometryError):
     """Slices of one study that differ in size, orientation or pixel spacing."""
 
 
 class DuplicatePositionError(GeometryError):
     """Two slices at the same position along the slice normal."""
+
+
+class AmbiguousSeriesError(GeometryError):
+    """A study folder holding two or more series with the same, largest number of slices."""
+
+
+class UnorderableStudyError(GeometryError):
+    """Too few slices carry ImagePositionPatient to put the study in order."""
 
 
 class UnknownInstanceError(InputError, KeyError):
@@ -130,6 +154,8 @@ class StudyGeometry:
     transfer_syntaxes: tuple[str, ...]
     instance_order_reversed: bool
     warnings: tuple[str, ...] = ()
+    series_uid: str | None = None
+    excluded: tuple[tuple[Path, str], ...] = ()
     _index: dict[int, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -192,7 +218,7 @@ class ScanResult:
 
     study_dir: Path
     geometry: StudyGeometry | None
-    errors: list[DicomReadError]
+    errors: list[InputError]
     warnings: list[str]
 
 
@@ -209,12 +235,13 @@ class SliceHeader:
     shape: tuple[int, int]
     ts: str
     modality: str | None
+    series: str | None = None
 
 
 # --- public API ------------------------------------------------------------------------------------
-def scan_study(study_dir: str | os.PathLike) -> StudyGeometry:
+def scan_study(study_dir: str | os.PathLike, *, max_bytes: int | None = None) -> StudyGeometry:
     """Read the headers of one study folder and return its canonical geometry; raise on the first error."""
-    result = check_study(study_dir)
+    result = check_study(study_dir, max_bytes=max_bytes)
     if result.errors:
         first = result.errors[0]
         if len(result.errors) > 1:
@@ -224,10 +251,14 @@ def scan_study(study_dir: str | os.PathLike) -> StudyGeometry:
     return result.geometry
 
 
-def check_study(study_dir: str | os.PathLike) -> ScanResult:
-    """Read the headers of one study folder and collect every problem instead of stopping at the first."""
+def check_study(study_dir: str | os.PathLike, *, max_bytes: int | None = None) -> ScanResult:
+    """Read the headers of one study folder and collect every problem instead of stopping at the first.
+
+    Files of another series than the folder's main one (the series with the most files) and files
+    without ImagePositionPatient are left out, named in a warning and in `StudyGeometry.excluded`.
+    """
     study_dir = Path(study_dir)
-    errors: list[DicomReadError] = []
+    errors: list[InputError] = []
     notes: list[str] = []
     if not study_dir.is_dir():
         return ScanResult(study_dir, None, [EmptyStudyError(study_dir, "is not a folder")], notes)
@@ -235,7 +266,7 @@ def check_study(study_dir: str | os.PathLike) -> ScanResult:
     for path in sorted((p for p in study_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
                        key=_natural_key):
         try:
-            headers.append(read_header(path))
+            headers.append(read_header(path, max_bytes=max_bytes))
         except (NotDicomError, NoPixelDataError) as exc:
             _warn(notes, f"{exc}; skipped")
         except DicomReadError as exc:
@@ -250,14 +281,15 @@ def check_study(study_dir: str | os.PathLike) -> ScanResult:
             break
     geometry = None
     try:
-        geometry = _build_geometry(study_dir, headers, notes)
-    except DicomReadError as exc:
+        headers, excluded = _main_series(study_dir, headers, notes)
+        geometry = _build_geometry(study_dir, headers, notes, excluded)
+    except InputError as exc:  # DicomReadError and GeometryError alike: reported, never a crash
         errors.append(exc)
     return ScanResult(study_dir, geometry, errors, notes)
 
 
-def read_header(path: str | os.PathLike) -> SliceHeader:
-    """Read one file's header (no pixels) and check that its pixel data is present and complete."""
+def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> SliceHeader:
+    """Read one file's header (no pixels); check its pixel data is present, complete and of a sane size."""
     path = Path(path)
     try:
         with open(path, "rb") as fp, warnings.catch_warnings(record=True) as caught:
@@ -279,6 +311,7 @@ def read_header(path: str | os.PathLike) -> SliceHeader:
         rows, cols = int(ds.Rows), int(ds.Columns)
     except (AttributeError, TypeError, ValueError):
         raise DicomReadError(path, "has pixel data but no Rows/Columns") from None
+    check_claimed_size(ds, path, max_bytes=max_bytes)
     ts = str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE))
     return SliceHeader(
         path=path,
@@ -290,11 +323,38 @@ def read_header(path: str | os.PathLike) -> SliceHeader:
         shape=(rows, cols),
         ts=ts,
         modality=str(ds.Modality) if "Modality" in ds else None,
+        series=_text_or_none(ds.get("SeriesInstanceUID")),
     )
 
 
-def read_slice_hu(path: str | os.PathLike) -> np.ndarray:
-    """Decode one DICOM slice and return it in HU (RescaleSlope/Intercept applied) as float32."""
+def check_claimed_size(ds: pydicom.Dataset, path: str | os.PathLike, *, max_bytes: int | None = None) -> int:
+    """Return the decoded size the header claims; raise OversizedImageError above `max_bytes` (no decoding)."""
+    limit = MAX_DECODED_BYTES if max_bytes is None else int(max_bytes)
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        bits = int(ds.get("BitsAllocated", DEFAULT_BITS_ALLOCATED) or DEFAULT_BITS_ALLOCATED)
+    except (AttributeError, TypeError, ValueError) as exc:
+        raise DicomReadError(path, f"unreadable image size in the header (Rows/Columns/NumberOfFrames/"
+                                   f"SamplesPerPixel/BitsAllocated): {exc}") from None
+    if min(rows, cols, frames, samples, bits) < 1:
+        raise DicomReadError(path, f"header claims an empty image: Rows {rows}, Columns {cols}, "
+                                   f"NumberOfFrames {frames}, SamplesPerPixel {samples}, BitsAllocated {bits}")
+    size = rows * cols * frames * samples * -(-bits // 8)
+    if size > limit:
+        raise OversizedImageError(path, f"header claims {rows}x{cols} pixels x {frames} frame(s) x {samples} "
+                                        f"sample(s) x {bits} bits = {size / 2**20:,.0f} MiB decoded, above the "
+                                        f"limit of {limit / 2**20:,.0f} MiB (data_prep.dicom_io."
+                                        "MAX_DECODED_BYTES); refused before decoding")
+    return size
+
+
+def read_slice_hu(path: str | os.PathLike, *, max_bytes: int | None = None) -> np.ndarray:
+    """Decode one DICOM slice and return it in HU (RescaleSlope/Intercept applied) as float32.
+
+    The size the header claims is checked against `max_bytes` (default MAX_DECODED_BYTES) first.
+    """
     path = Path(path)
     try:
         with warnings.catch_warnings():
@@ -307,6 +367,7 @@ def read_slice_hu(path: str | os.PathLike) -> np.ndarray:
     if "PixelData" not in ds:
         read_header(path)  # tells a cut-short file from one that never had pixels
         raise NoPixelDataError(path, "has no Pixel Data element (not an image)")
+    check_claimed_size(ds, path, max_bytes=max_bytes)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE)))
     plugin = _choose_plugin(ts, path)
     try:
@@ -549,8 +610,46 @@ def _check_header_complete(ds: pydicom.Dataset, path: Path, size: int) -> None:
                                         f"(byte {value_tell + length}), before the Pixel Data")
 
 
-def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str]) -> StudyGeometry:
+def _main_series(study_dir: Path, headers: list[SliceHeader], notes: list[str]
+                 ) -> tuple[list[SliceHeader], list[tuple[Path, str]]]:
+    """Keep the series the folder is about (the most files); name and leave out the others' files.
+
+    Files without SeriesInstanceUID count as one series of their own. Two series tied for the most
+    files are an AmbiguousSeriesError: which one the folder is about cannot be told.
+    """
+    groups: dict[str | None, list[SliceHeader]] = {}
+    for h in headers:
+        groups.setdefault(h.series, []).append(h)
+    if len(groups) == 1:
+        return headers, []
+    ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    (main, kept), (second, rival) = ranked[0], ranked[1]
+    if len(rival) == len(kept):
+        raise AmbiguousSeriesError(study_dir, f"holds {len(groups)} series with the same number of files "
+                                              f"({len(kept)}): {main} and {second}; keep one series per folder")
+    foreign = [h for series, group in ranked[1:] for h in group]
+    reason = f"another series than the study's {main}"
+    _warn(notes, f"{study_dir}: {len(foreign)} file(s) belong to {reason} and are left out: "
+                 f"{_names(foreign, LISTED_FILES)} (series {', '.join(str(s) for s, _ in ranked[1:])})")
+    excluded = [(h.path, f"SeriesInstanceUID {h.series} is {reason}") for h in foreign]
+    return kept, excluded
+
+
+def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str],
+                    excluded: list[tuple[Path, str]] | None = None) -> StudyGeometry:
     """Check that the slices fit together and sort them into canonical order."""
+    excluded = list(excluded or [])
+    unplaced = [h for h in headers if h.position is None]
+    if unplaced and len(unplaced) < len(headers):
+        placed = len(headers) - len(unplaced)
+        if placed < MIN_POSITIONED_SHARE * len(headers):
+            raise UnorderableStudyError(unplaced[0].path, f"{len(unplaced)} of {len(headers)} files lack "
+                                                          f"ImagePositionPatient (e.g. {_names(unplaced)}): "
+                                                          "too few positioned slices to order the study")
+        _warn(notes, f"{study_dir}: {len(unplaced)} file(s) lack ImagePositionPatient and are left out: "
+                     f"{_names(unplaced, LISTED_FILES)}; the other {placed} keep their geometric order")
+        excluded += [(h.path, "no ImagePositionPatient") for h in unplaced]
+        headers = [h for h in headers if h.position is not None]
     ref = _majority(headers, lambda h: h.shape)
     odd = [h for h in headers if h.shape != ref.shape]
     if odd:
@@ -602,8 +701,8 @@ def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str
         if any(n is None for n in instances):
             raise GeometryError(missing[0].path, "neither ImagePositionPatient nor InstanceNumber: cannot order "
                                                  f"the slices ({len(missing)} file(s) without a position)")
-        _warn(notes, f"{study_dir}: {len(missing)} file(s) lack ImagePositionPatient (e.g. {_names(missing)}); "
-                     "ordering by InstanceNumber, assuming 1 = most superior")
+        _warn(notes, f"{study_dir}: no file has ImagePositionPatient; ordering by InstanceNumber, "
+                     "assuming 1 = most superior")
         order = np.argsort(np.array(instances), kind="stable")
         thickness0 = _majority_value([h.thickness for h in headers if h.thickness]) or 1.0
         z = np.empty(len(headers))
@@ -646,7 +745,7 @@ def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str
         orientation=np.asarray(orientation, dtype=np.float64), pixel_spacing=(float(spacing[0]), float(spacing[1])),
         shape=headers[0].shape, slice_thickness=float(thickness),
         transfer_syntaxes=tuple(sorted({h.ts for h in headers})), instance_order_reversed=reversed_,
-        warnings=tuple(notes))
+        warnings=tuple(notes), series_uid=headers[0].series, excluded=tuple(excluded))
 
 
 def _normal(orientation: np.ndarray) -> np.ndarray:
@@ -673,7 +772,7 @@ def _majority_value(values: list[float]) -> float | None:
     return max(set(rounded), key=rounded.count)
 
 
-def _names(headers: list[SliceHeader], limit: int = 3) -> str:
+def _names(headers: Sequence[SliceHeader], limit: int = 3) -> str:
     names = [h.path.name for h in headers[:limit]]
     return ", ".join(names) + (", ..." if len(headers) > limit else "")
 
@@ -692,6 +791,11 @@ def _int_or_none(value) -> int | None:
         return int(value) if value is not None and str(value) != "" else None
     except (TypeError, ValueError):
         return None
+
+
+def _text_or_none(value) -> str | None:
+    text = str(value).strip() if value is not None else ""
+    return text or None
 
 
 def _float_or_none(value) -> float | None:

@@ -115,9 +115,19 @@ def inspect_path(path: str | os.PathLike, *, workers: int = 2, progress: bool = 
     if not path.is_dir():
         raise InputError(path, "is not a folder (give a study folder or a folder of study folders)")
     studies = _study_dirs(path)
-    summaries = [inspect_study(d, workers=workers)
+    summaries = [_inspect_guarded(d, workers=workers)
                  for d in tqdm(studies, desc="inspect", unit="study", disable=not progress or len(studies) < 2)]
     return InspectReport(path=path, studies=summaries)
+
+
+def _inspect_guarded(study_dir: Path, *, workers: int) -> StudySummary:
+    """Inspect one study; whatever goes wrong in it becomes an error of that study, never the end of the report."""
+    try:
+        return inspect_study(study_dir, workers=workers)
+    except Exception as exc:  # noqa: BLE001 - one study's failure is reported, the others still are
+        log.debug("inspect %s failed", study_dir, exc_info=True)
+        message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
+        return StudySummary(study_dir=study_dir, errors=[f"cannot be inspected: {message}"])
 
 
 def inspect_study(study_dir: Path, *, workers: int = 2) -> StudySummary:

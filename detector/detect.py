@@ -27,6 +27,7 @@ import pandas as pd
 from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.tables import read_table
 from detector.roi import ROI_COLUMNS
 
 log = logging.getLogger("detector")
@@ -43,6 +44,7 @@ SLICES_SUFFIX = ".slices.csv"
 LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
 LEVEL_BOXES_CSV = "level_boxes.csv"
 DICOM_GLOB = "*.dcm"
+EMPTY_LISTED = 10          # empty study folders named in the warning (errors.csv lists them all)
 DEFAULT_LOCATE_EVERY_K = 4
 """Locator stride when configs/locator.yaml has no `locate.every_k`."""
 DEFAULT_LOCATE_IOU = 0.5
@@ -116,10 +118,15 @@ class DetectResult:
 
 # ---------------------------------------------------------------- public API
 def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder that does."""
+    """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder is one.
+
+    A folder without .dcm files and without sub-folders is an empty study: it is kept, fails in detect,
+    is listed by name in errors.csv and gets the prior, like any other failed study.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     studies: list[Path] = []
+    empty: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if not path.is_dir():
@@ -127,13 +134,19 @@ def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list
         if any(path.glob(DICOM_GLOB)):
             studies.append(path)
             continue
-        subs = [p for p in sorted(path.iterdir()) if p.is_dir()]
-        found = [p for p in subs if any(p.glob(DICOM_GLOB))]
+        subs = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
+        if not subs:
+            empty.append(path)
+            studies.append(path)
+            continue
+        found = [p for p in subs if any(p.glob(DICOM_GLOB)) or not any(q.is_dir() for q in p.iterdir())]
         if not found:
             raise InputError(path, "holds no .dcm files and no study folders with .dcm files")
-        if len(found) < len(subs):
-            log.warning("%s: %d sub-folders hold no .dcm files and are ignored", path, len(subs) - len(found))
+        empty += [p for p in found if not any(p.glob(DICOM_GLOB))]
         studies += found
+    if empty:
+        log.warning("%d study folder(s) hold no .dcm files and will be reported as failed: %s", len(empty),
+                    ", ".join(str(p) for p in empty[:EMPTY_LISTED]))
     uids = [s.name for s in studies]
     if len(set(uids)) != len(uids):
         dup = sorted({u for u in uids if uids.count(u) > 1})
@@ -400,7 +413,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     t0 = time.perf_counter()
     out = Path(out)
     study_dirs = find_studies(studies)
-    label_table = _read_labels(labels) if labels is not None else None
+    label_table = read_table(labels, "boxes") if labels is not None else None
     det = config["detect"]
     train = config.get("train") or {}
     device = train.get("device") or "cpu"
@@ -615,17 +628,6 @@ def prefetch(iterable: Iterable[Any], depth: int = 1) -> Iterator[Any]:
                 return
     finally:
         stop.set()
-
-
-def _read_labels(path: str | os.PathLike) -> pd.DataFrame:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, "labels file not found (expected train_bounding_boxes.csv)")
-    df = pd.read_csv(path, dtype={STUDY_COL: str})
-    missing = [c for c in (STUDY_COL, "x", "y", "width", "height", "slice_number") if c not in df.columns]
-    if missing:
-        raise InputError(path, f"missing columns {missing}; found {list(df.columns)}")
-    return df
 
 
 def _concat(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:

@@ -37,6 +37,7 @@ from data_prep.artifacts import (
 from data_prep.config import ConfigError
 from data_prep.errors import InputError
 from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
+from data_prep.tables import read_table
 
 log = logging.getLogger("detector")
 
@@ -141,6 +142,8 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     data_root, out = Path(data_root), Path(out)
     prep = _section(config, "prepare")
     render = _section(config, "render")
+    train = read_table(data_root / TRAIN_CSV, "train")
+    boxes = read_table(data_root / BOXES_CSV, "boxes")
     roi = _section(config, "roi") if roi_enabled(config) else None
     locate = None
     if roi is not None:
@@ -154,8 +157,6 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     elif locator is not None:
         log.info("prepare-detector: roi.enabled is false, so the locator is not used")
     batch = int(_section(config, "detect")["batch"])
-    train = _read_csv(data_root / TRAIN_CSV, (STUDY_COL, PATIENT, *LEVELS))
-    boxes = _read_csv(data_root / BOXES_CSV, (STUDY_COL, "x", "y", "width", "height", "slice_number"))
     train[STUDY_COL] = train[STUDY_COL].astype(str)
     boxes[STUDY_COL] = boxes[STUDY_COL].astype(str)
     uids = _available_studies(data_root / TRAIN_IMAGES, train[STUDY_COL], studies)
@@ -713,12 +714,3 @@ def _section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     section = config[name]
     return section.to_dict() if hasattr(section, "to_dict") else dict(section)
 
-
-def _read_csv(path: Path, columns: Sequence[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise InputError(path, "file not found")
-    df = pd.read_csv(path, dtype={STUDY_COL: str})
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise InputError(path, f"missing columns {missing}; found {list(df.columns)}")
-    return df

@@ -31,6 +31,7 @@ from data_prep import registry
 from data_prep.artifacts import library_versions, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.config import Config, dump_config, load_config
 from data_prep.errors import InputError
+from data_prep.tables import read_table
 
 log = logging.getLogger("spinefrac")
 
@@ -76,8 +77,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
     t0 = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
-    labels = _read_table(data_root / TRAIN_CSV, (registry.STUDY_COL, *registry.TARGETS))
-    boxes = _read_table(data_root / BOXES_CSV, (registry.STUDY_COL, "slice_number"))
+    labels = read_table(data_root / TRAIN_CSV, "train")
+    boxes = read_table(data_root / BOXES_CSV, "boxes")
     if clean and out.exists():
         log.info("--clean: removing %s", out)
         shutil.rmtree(out)
@@ -298,17 +299,6 @@ def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EV
 
 
 # ---------------------------------------------------------------- helpers
-def _read_table(path: Path, required: Sequence[str]) -> pd.DataFrame:
-    if not path.is_file():
-        raise InputError(path, "not found (expected the Kaggle layout: train.csv, train_bounding_boxes.csv, "
-                               "train_images/)")
-    df = pd.read_csv(path, dtype={registry.STUDY_COL: str})
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise InputError(path, f"lacks column(s) {', '.join(missing)}")
-    return df
-
-
 def _segmented_studies(data_root: Path) -> list[str]:
     seg = data_root / SEGMENTATIONS
     if not seg.is_dir():

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +35,11 @@ THREAD_EVENTS = ("on_pretrain_routine_start", "on_train_start", "on_val_start") 
 
 
 def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path | None = None,
-               overwrite: bool = False) -> Path:
-    """Train YOLO on `data_yaml` with `config.train` at `config.render.imgsz`; return the run folder."""
+               overwrite: bool = False, callbacks: Mapping[str, Callable[[Any], None]] | None = None) -> Path:
+    """Train YOLO on `data_yaml` with `config.train` at `config.render.imgsz`; return the run folder.
+
+    `callbacks` (Ultralytics event name -> function of the trainer or validator) run after spinefrac's own.
+    """
     start = time.perf_counter()
     data_yaml = Path(data_yaml)
     if not data_yaml.is_file():
@@ -65,6 +68,8 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     for event in THREAD_EVENTS:
         yolo.add_callback(event, lambda _owner: restore_threads(threads))
     yolo.add_callback("on_fit_epoch_end", _log_epoch)
+    for event, func in (callbacks or {}).items():
+        yolo.add_callback(event, func)
     log.info("training %s on %s: %d epochs at imgsz %d, device %s -> %s", model_spec, data_used,
              args["epochs"], config.render.imgsz, train_cfg.device if train_cfg.device is not None else "auto",
              run_dir)

@@ -1,23 +1,28 @@
 """Where detector training time goes on CPU: ms per image for each part of a training step, and what the knobs do.
 
     python -m benchmarks.bench_train_cost [--quick] [--data data.yaml] [--work DIR] [--repeats N]
-                                          [--parts step loader epoch] [--imgsz 160 192 288]
+                                          [--parts step loader epoch omp] [--imgsz 160 192 288]
 
 Without --data it builds a small YOLO detector dataset itself: `spinefrac synth` full-field 512 px studies,
 then `prepare_detector_dataset` with the spine ROI on and no locator (crops from the body fallback), rendered
 with `render.imgsz=160 roi.size_mm=80 render.recipe=windows`. It is kept in --work and reused.
 
 Parts, each timed per image (ms), variants round-robin over --repeats rounds, medians reported:
-  step    (after one discarded warm-up round) one optimisation step of yolov8n (1 class) on in-memory batches taken from the real train
-          dataloader: forward, Ultralytics loss (v8DetectionLoss), backward, optimizer step (grad clip, AdamW,
+  step    (after one discarded warm-up round) one optimisation step of yolov8n (1 class) on in-memory
+          batches taken from the real train dataloader: forward, Ultralytics loss (v8DetectionLoss), backward, optimizer step (grad clip, AdamW,
           EMA update, as BaseTrainer.optimizer_step); variants threads 1/2, deterministic on/off, imgsz;
           "cpu" is process CPU time per image (all threads), which other load disturbs less than wall time
   loader  iterating the Ultralytics train dataloader alone (decode, mosaic/affine/flip, collate), one warm
           pass then one timed pass; variants workers 0/2, cache none/ram/disk, imgsz
-  epoch   `detector.train.train_yolo` for 2 epochs (close_mosaic 0, so mosaic stays as configured); the second
-          epoch is timed with callbacks: train part (batches), validation, the rest (EMA attrs, metrics, saving
-          last.pt/best.pt); also the whole call (setup, plots, final validation of best.pt); variants
-          deterministic, workers, cache, threads, plots, imgsz
+  omp     the step part in child processes, OpenMP threads spinning while they wait (libgomp's default),
+          sleeping (OMP_WAIT_POLICY=PASSIVE) or spinning briefly (GOMP_SPINCOUNT), each beside 0 and 4 extra
+          busy processes (--omp-load) that stand in for other work on the shared cores; every other part
+          runs with the wait policy of configs/detector.yaml train.omp_wait, as train_yolo does
+  epoch   `detector.train.train_yolo` for 3 epochs (close_mosaic 0, so mosaic stays as configured); the second
+          epoch is timed with callbacks (the first warms up, the last also plots its validation): its batches,
+          its validation, the rest (EMA attributes, metrics CSV, saving last.pt/best.pt); also the final
+          validation of best.pt and the whole call (setup, plots, every epoch); variants deterministic, workers
+          (honoured on CPU through a callback), cache, threads, plots, imgsz
 Profile one run and summarise it by part of the training loop (dataloading, forward, loss, backward, ...):
     py-spy record --subprocesses -f raw -r 50 -o prof.txt -- python -m benchmarks.bench_train_cost --one-run 2
     python -m benchmarks.bench_train_cost --summarise prof.txt
@@ -34,6 +39,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -44,12 +50,14 @@ MS = 1000.0
 SYNTH_SET = ("labels.box_fraction=1.0", "labels.positive_fraction=0.6")  # every positive study boxed
 PREPARE_SET = ("render.imgsz=160", "roi.size_mm=80", "render.recipe=windows", "roi.enabled=true")
 DEFAULT_IMGSZ = (160, 192, 288)
-EPOCHS = 2            # epoch part: the first epoch is warm-up (allocations, first plots), the second is timed
+EPOCHS = 3            # epoch part: the first epoch is warm-up (allocations, first plots), the last plots its validation
+TIMED_EPOCH = 1       # epoch part: the epoch timed (0-based): neither the first nor the last
 STEPS = 4             # step part: timed optimisation steps per variant per round (after one warm-up step)
 GRAD_CLIP = 10.0      # BaseTrainer.optimizer_step clips gradients to this norm
 LR = 1e-3
 FULL = {"studies": 16, "slices": 200, "repeats": 3}
 QUICK = {"studies": 10, "slices": 150, "repeats": 2}
+PARTS = ("step", "loader", "epoch", "omp")
 
 
 # ---------------------------------------------------------------- dataset
@@ -279,7 +287,7 @@ class EpochClock:
         def epoch_mark(name: str) -> Callable[[Any], None]:
             def cb(trainer: Any) -> None:
                 self.n_train, self.n_val = len(trainer.train_loader.dataset), len(trainer.test_loader.dataset)
-                if trainer.epoch == EPOCHS - 1:
+                if trainer.epoch == TIMED_EPOCH:
                     self.marks[name] = time.perf_counter()
             return cb
 
@@ -351,11 +359,46 @@ def bench_epoch(data_yaml: Path, train: dict[str, Any], imgsizes: Sequence[int],
     return medians(round_robin(list(variants), repeats, run))
 
 
+# ---------------------------------------------------------------- omp: OpenMP wait policy, child processes
+OMP_POLICIES = {"spin (libgomp default)": {}, "OMP_WAIT_POLICY=PASSIVE": {"OMP_WAIT_POLICY": "PASSIVE"},
+                "GOMP_SPINCOUNT=10000": {"GOMP_SPINCOUNT": "10000"}}
+OMP_ENV_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+HOG_CODE = "while True: pass"  # one busy process: stands in for another engineer's training on the shared cores
+
+
+def bench_omp(data_yaml: Path, imgsz: int, repeats: int, work: Path, loads: Sequence[int]) -> dict:
+    """The step part at `imgsz` in child processes per OpenMP wait setting, with `loads` extra busy processes."""
+    results: dict[str, dict[str, list[float]]] = {}
+    print(f"# omp: {len(OMP_POLICIES)} settings x loads {list(loads)} x {repeats} rounds, one child each", flush=True)
+    for r in range(repeats):
+        for load in loads:
+            hogs = [subprocess.Popen([sys.executable, "-c", HOG_CODE]) for _ in range(load)]
+            try:
+                for label, extra in OMP_POLICIES.items():
+                    env = {k: v for k, v in os.environ.items() if k not in OMP_ENV_KEYS} | extra
+                    child_work = work / "omp_child"
+                    subprocess.run([sys.executable, "-m", "benchmarks.bench_train_cost", "--parts", "step",
+                                    "--repeats", "1", "--imgsz", str(imgsz), "--data", str(data_yaml),
+                                    "--work", str(child_work), "--keep-omp-env"],
+                                   env=env, check=True, stdout=subprocess.DEVNULL)
+                    step = json.loads((child_work / "bench_train_cost.json").read_text())["step"]
+                    for variant, threads in (("default", "2 threads"), ("threads 1", "1 thread")):
+                        row = results.setdefault(f"+{load} busy, {label}, {threads}", {})
+                        for key in ("total", "cpu"):
+                            row.setdefault(key, []).append(step[variant][key])
+                    print(f"#   round {r + 1}/{repeats} +{load} busy {label}: done (load {load_avg()})", flush=True)
+            finally:
+                for hog in hogs:
+                    hog.kill()
+                    hog.wait()
+    return medians(results)
+
+
 # ---------------------------------------------------------------- profile: one run under py-spy, summarised
 # (category, markers): a sample goes to the first category one of whose markers occurs in its stack; the
 # order matters (validation and plotting contain forward passes; the forward pass runs inside the loss call).
 CATEGORIES = (
-    ("plotting/logging", ("utils/plotting.py", "plot_", "save_metrics", "print_args", "tqdm")),
+    ("plotting/logging", ("utils/plotting.py", "plt_settings", "plot_", "save_metrics", "print_args")),
     ("final validation (best.pt)", ("final_eval",)),
     ("validation per epoch", ("engine/validator.py", "validate (ultralytics/engine/trainer.py")),
     ("saving checkpoints", ("save_model", "torch/serialization.py")),
@@ -366,25 +409,40 @@ CATEGORIES = (
     ("forward", ("_predict_once",)),
     ("backward", ("backward (torch/_tensor.py", "torch/autograd/")),
     ("optimizer step + EMA", ("optimizer_step",)),
-    ("imports/start-up", ("<module>", "_find_and_load")),
+    ("imports/start-up", ("_find_and_load",)),
 )
+LOOP_MARK = "_do_train"  # samples inside the epoch loop of BaseTrainer
+NOT_LOOP = ("plotting/logging", "final validation (best.pt)", "setup (model, dataset scan, optimizer)",
+            "imports/start-up")
 
 
 def summarise_profile(raw: Path) -> str:
-    """Share of samples per category in a py-spy `-f raw` (collapsed stacks) file, as a markdown table."""
+    """Share of samples per category in a py-spy `-f raw` (collapsed stacks) file, as a markdown table.
+
+    "of run" counts every sample; "of epochs" only those inside the epoch loop, without setup and plots.
+    """
+    if not raw.is_file():
+        raise SystemExit(f"{raw}: no such py-spy profile (record one with `py-spy record -f raw -o {raw} -- ...`)")
     counts: dict[str, int] = {}
-    total = 0
+    loop: dict[str, int] = {}
     for line in raw.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
         if not stack or not n.isdigit():
             continue
-        total += int(n)
         category = next((name for name, marks in CATEGORIES if any(m in stack for m in marks)), "other")
         counts[category] = counts.get(category, 0) + int(n)
+        if LOOP_MARK in stack and category not in NOT_LOOP:
+            loop[category] = loop.get(category, 0) + int(n)
+    total, in_loop = sum(counts.values()), sum(loop.values())
+    if not total:
+        raise SystemExit(f"{raw}: no py-spy samples (expected `-f raw` lines 'frame;frame;... count')")
     order = [name for name, _ in CATEGORIES] + ["other"]
-    lines = ["| part | samples | share |", "|---|---|---|"]
-    lines += [f"| {name} | {counts[name]} | {100.0 * counts[name] / total:.1f} % |" for name in order
-              if counts.get(name)]
+    lines = ["| part | samples | of run | of epochs |", "|---|---|---|---|"]
+    for name in order:
+        if counts.get(name):
+            share = f"{100.0 * loop[name] / in_loop:.1f} %" if loop.get(name) and in_loop else "-"
+            lines.append(f"| {name} | {counts[name]} | {100.0 * counts[name] / total:.1f} % | {share} |")
+    lines.append(f"| all | {total} | 100 % | {in_loop} samples |")
     return "\n".join(lines)
 
 
@@ -413,7 +471,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--imgsz", type=int, nargs="+", default=list(DEFAULT_IMGSZ), help="first one is the default")
-    p.add_argument("--parts", nargs="+", default=["step", "loader", "epoch"], choices=["step", "loader", "epoch"])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
+    p.add_argument("--omp-load", type=int, nargs="+", default=[0, 4],
+                   help="omp part: extra busy processes started beside it (0 = only the machine's own load)")
+    p.add_argument("--keep-omp-env", action="store_true",
+                   help="leave OMP_WAIT_POLICY as the environment has it (not as train.omp_wait sets it)")
     p.add_argument("--one-run", type=int, default=None, metavar="EPOCHS",
                    help="only train once with the defaults for this many epochs (to run under py-spy)")
     p.add_argument("--summarise", type=Path, default=None, metavar="RAW",
@@ -427,13 +489,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from data_prep.config import load_config
     from detector.offline import configure_ultralytics, set_ultralytics_verbosity
+    from detector.train import set_omp_wait
 
+    if not args.keep_omp_env:
+        set_omp_wait(str(load_config("detector").train["omp_wait"]))  # as train_yolo does, before torch loads
     configure_ultralytics()
     set_ultralytics_verbosity(False)
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    print(f"# load average at start {load_avg()} on {os.cpu_count()} cores; python {sys.version.split()[0]}")
+    print(f"# load average at start {load_avg()} on {os.cpu_count()} cores; python {sys.version.split()[0]}; "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
     data_yaml = args.data or build_dataset(work, studies=args.studies or sizes["studies"],
                                            slices=args.slices or sizes["slices"], seed=args.seed)
     if args.one_run is not None:
@@ -456,8 +522,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "epoch" in args.parts:
         med = bench_epoch(data_yaml, train, args.imgsz, repeats, work)
         report["epoch"] = med
-        tables.append(table(f"epoch: train_yolo, epoch {EPOCHS} of {EPOCHS}", med,
+        tables.append(table(f"epoch: train_yolo, epoch {TIMED_EPOCH + 1} of {EPOCHS}", med,
                             ["train ms/img", "val ms/img", "rest s", "epoch s", "final val s", "run s"], "epoch s", "default"))
+    if "omp" in args.parts:
+        med = bench_omp(data_yaml, args.imgsz[0], repeats, work, args.omp_load)
+        report["omp"] = med
+        tables.append(table("omp: step total ms per image, one child process per OpenMP wait policy", med,
+                            ["total", "cpu"], "total", next(iter(med))))
     print(f"\n# {repeats} rounds, medians; load average at end {load_avg()}; {time.perf_counter() - start:.0f} s "
           f"in all; data {data_yaml}\n")
     print("\n\n".join(tables))

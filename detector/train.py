@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -23,7 +25,7 @@ from detector.offline import configure_ultralytics, restore_threads, set_ultraly
 log = logging.getLogger("detector")
 
 # Keys of the `train:` section that spinefrac interprets; every other key is an Ultralytics train argument.
-OWN_KEYS = frozenset({"model", "fold", "threads", "device", "cache"})
+OWN_KEYS = frozenset({"model", "fold", "threads", "device", "cache", "omp_wait"})
 CACHE_CHOICES = {"none": False, "ram": "ram", "disk": "disk"}
 MODEL_YAML_SUFFIXES = (".yaml", ".yml")
 WEIGHTS_SUFFIX = ".pt"
@@ -32,6 +34,11 @@ META_NAME = "train"  # train.meta.json (the sidecar of the run as a whole)
 INDEX_CSV = "index.csv"
 SPLIT_TRAIN, SPLIT_VAL = "train", "val"
 THREAD_EVENTS = ("on_pretrain_routine_start", "on_train_start", "on_val_start")  # after each select_device()
+# train.omp_wait -> OMP_WAIT_POLICY. torch's OpenMP (libgomp) by default spins idle threads at every barrier;
+# beside other busy processes a spinning thread holds a core its partner needs. libgomp reads the variable once,
+# when torch loads; a value already in the environment is kept. Measured in docs/train_cost.md.
+OMP_WAIT_VAR = "OMP_WAIT_POLICY"
+OMP_WAIT_CHOICES = {"passive": "PASSIVE", "default": None}
 
 
 def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path | None = None,
@@ -49,6 +56,7 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     from_scratch = _check_model_spec(model_spec)
     args = _ultralytics_args(train_cfg)
 
+    set_omp_wait(str(train_cfg["omp_wait"]))
     configure_ultralytics()
     verbose = log.isEnabledFor(logging.DEBUG)
     set_ultralytics_verbosity(verbose)
@@ -96,6 +104,21 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     log.info("trained %d epochs in %.0f s: %s; best weights %s", epochs_run, runtime, summary or "no metrics",
              best)
     return run_dir
+
+
+def set_omp_wait(policy: str) -> bool:
+    """Set OpenMP's wait policy for this process if torch is not loaded yet; return True if it was set."""
+    if policy not in OMP_WAIT_CHOICES:
+        raise ConfigError(f"train.omp_wait must be one of {', '.join(OMP_WAIT_CHOICES)}, found {policy!r}")
+    value = OMP_WAIT_CHOICES[policy]
+    if value is None:
+        return False
+    if "torch" in sys.modules or OMP_WAIT_VAR in os.environ:
+        log.debug("%s stays %s in this process (torch loaded already, or set by the user)", OMP_WAIT_VAR,
+                  os.environ.get(OMP_WAIT_VAR, "unset"))
+        return False
+    os.environ[OMP_WAIT_VAR] = value
+    return True
 
 
 def _log_epoch(trainer: Any) -> None:

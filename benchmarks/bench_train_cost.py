@@ -484,6 +484,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.summarise is not None:
         print(summarise_profile(args.summarise))
         return 0
+    if args.data is not None and not args.data.is_file():
+        p.error(f"--data {args.data}: no such dataset YAML (write one with spinefrac prepare-detector)")
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or sizes["repeats"]
 

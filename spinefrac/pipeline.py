@@ -116,7 +116,10 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
                     data_root / SEGMENTATIONS)
 
     # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
-    if use_locator:
+    reuse = config.locator.get("reuse")
+    if use_locator and reuse:
+        stage("copy-locator", lambda: _copy_locator(Path(reuse), out / "locator"), [out / "locator" / WEIGHTS])
+    elif use_locator:
         stage("prepare-locator", lambda: _prepare(data_root, loc_ds.parent, cfgs["locator"], None, workers,
                                                   progress, kind="locator"), [loc_ds])
         stage("train-locator", lambda: _train(loc_ds, out / "locator", cfgs["locator"]), [out / "locator" / WEIGHTS])
@@ -138,6 +141,18 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
+
+
+def _copy_locator(source: Path, target: Path) -> dict[str, Any]:
+    """Copy a trained locator run folder (weights/best.pt and its records, not exports) into the model folder."""
+    if not (source / WEIGHTS).is_file():
+        raise InputError(source, f"locator.reuse: no {WEIGHTS} in this folder (expected a locator run folder)")
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("*_openvino_model", "*_openvino_model.meta.json", "*.onnx", "*.onnx.meta.json"))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+    return {"copied_from": str(source.resolve())}
 
 
 def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | None, workers: int, progress: bool,

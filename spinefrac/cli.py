@@ -312,13 +312,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from data_prep.errors import SpinefracError
+    from data_prep.errors import EXIT_ERROR, SpinefracError, os_error_message
 
     try:
         return int(args.handler(args) or 0)
     except SpinefracError as exc:
-        log.error("%s", exc)
-        return 2
+        log.error("%s", exc, exc_info=args.verbose)
+        return exc.exit_code
+    except OSError as exc:               # a read-only or full disk, a missing permission: one line with the path
+        log.error("%s", os_error_message(exc), exc_info=args.verbose)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         log.error("interrupted; finished studies are kept and a rerun resumes")
         return 130

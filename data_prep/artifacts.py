@@ -54,6 +54,8 @@ def _create_temp(path: Path) -> Path:
             fd = os.open(candidate, flags, NEW_FILE_MODE)
         except FileExistsError:
             continue
+        except OSError as exc:       # name the file the caller asked for, not its temporary name
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         os.close(fd)
         return candidate
     raise FileExistsError(errno.EEXIST, "no unique temporary name found", str(path))

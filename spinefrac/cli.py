@@ -27,6 +27,9 @@ stages, in order:
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
+
+exit status: 0 done; 2 bad input, config or model folder, or an OS error (one line naming the file);
+3 predict: every study failed (predictions.csv and submission.csv hold the training prior); 130 interrupted
 """
 
 

@@ -33,7 +33,6 @@ AREA_UNITS = ("px", "mm")                                      # aggregation/fea
 SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/splits.py SCHEMES
 
 # ---------------------------------------------------------------- limits
-MIN_IMGSZ = 32               # YOLO's largest stride: smaller images have no feature map left
 N_LEVELS = 7                 # C1..C7
 N_CHANNELS = 3               # rendered image channels (one window per channel for the "windows" recipe)
 MAX_LEVELS_PER_POSITIVE = 6  # synth labels.levels_per_positive: probabilities of 1..6 fractured levels
@@ -95,7 +94,7 @@ def _check_folds(section: BaseModel) -> BaseModel:
 # ---------------------------------------------------------------- detector.yaml and locator.yaml
 class RenderSection(Section):
     recipe: Literal[RECIPES]  # type: ignore[valid-type]
-    imgsz: Annotated[int, Field(ge=MIN_IMGSZ)]
+    imgsz: PosInt             # YOLO rounds it up to a multiple of its stride (32)
     neighbour_mm: NonNeg
     window_level: Real
     window_width: Pos
@@ -359,7 +358,7 @@ class PipelineConfig(Section):
 
 # ---------------------------------------------------------------- synth.yaml
 class ImageSection(Section):
-    size: Annotated[int, Field(ge=MIN_IMGSZ)]
+    size: PosInt
     fov_mm: Annotated[list[Pos], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
     spacing_decimals: Annotated[int, Field(ge=0, le=MAX_SPACING_DECIMALS)]
     centre_behind_body_mm: Real

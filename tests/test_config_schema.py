@@ -110,7 +110,7 @@ def test_a_bad_value_in_a_file_names_the_file(tmp_path):
 
 @pytest.mark.parametrize("override", [
     "train.batch=0", "prepare.val_fold=5", "render.windows=[[400.0, 1800.0]]", "detect.iou=-0.1",
-    "train.fliplr=2.0", "render.imgsz=16", "overlays.box_color=[0, 0, 300]", "train.patience=-1",
+    "train.fliplr=2.0", "render.imgsz=0", "overlays.box_color=[0, 0, 300]", "train.patience=-1",
 ])
 def test_out_of_range_detector_values_fail_at_load(override):
     with pytest.raises(ConfigError, match=f"--set {override.split('=')[0]}"):

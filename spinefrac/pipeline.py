@@ -220,7 +220,12 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True, overwrite: bool = False) -> Path:
-    """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays."""
+    """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays.
+
+    The model folder and `test_csv` are checked before any detection. A failed study, or a test.csv
+    study without a folder, gets the training prior. When every study fails, predictions.csv and
+    submission.csv are still written (all prior) and AllStudiesFailedError is raised afterwards.
+    """
     from aggregation.features import build_features
     from aggregation.model import StudyAggregator
     from aggregation.submission import (

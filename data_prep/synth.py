@@ -313,8 +313,11 @@ def _synthesize_all(plans: Sequence[StudyPlan], images: Path, root: Path, *, see
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from data_prep.workers import dies_with_parent
+
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=min(workers, len(plans)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(plans)), mp_context=ctx,
+                             **dies_with_parent()) as pool:
         futures = [pool.submit(synthesize_study, plan, images, root, seed=seed, split=split, config=config)
                    for plan in plans]
         for future in futures:

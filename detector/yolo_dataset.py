@@ -38,6 +38,7 @@ from data_prep.config import ConfigError
 from data_prep.errors import InputError
 from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
 from data_prep.tables import read_table
+from data_prep.workers import dies_with_parent
 
 log = logging.getLogger("detector")
 
@@ -540,7 +541,7 @@ def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOu
             ctx = get_context("forkserver")       # like the reader's pools: no fork after threads started
             ctx.set_forkserver_preload(["detector.yolo_dataset", "detector.render"])
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                     initializer=_init_worker) as pool:
+                                     **dies_with_parent(_init_worker)) as pool:
                 futures = [pool.submit(_run_one, worker, t) for t in todo]
                 for fut in as_completed(futures):
                     failed += _report(fut.result())

@@ -27,6 +27,9 @@ stages, in order:
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
+
+exit status: 0 done; 2 bad input, config or model folder, or an OS error (one line naming the file);
+3 predict: every study failed (predictions.csv and submission.csv hold the training prior); 130 interrupted
 """
 
 
@@ -316,13 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from data_prep.errors import SpinefracError
+    from data_prep.errors import EXIT_ERROR, SpinefracError, os_error_message
 
     try:
         return int(args.handler(args) or 0)
     except SpinefracError as exc:
-        log.error("%s", exc)
-        return 2
+        log.error("%s", exc, exc_info=args.verbose)
+        return exc.exit_code
+    except OSError as exc:               # a read-only or full disk, a missing permission: one line with the path
+        log.error("%s", os_error_message(exc), exc_info=args.verbose)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         log.error("interrupted; finished studies are kept and a rerun resumes")
         return 130

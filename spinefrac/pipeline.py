@@ -30,7 +30,7 @@ import pandas as pd
 from data_prep import registry
 from data_prep.artifacts import library_versions, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.config import Config, dump_config, load_config
-from data_prep.errors import InputError
+from data_prep.errors import AllStudiesFailedError, InputError
 from data_prep.tables import read_table
 
 log = logging.getLogger("spinefrac")
@@ -42,6 +42,7 @@ TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
     "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
 WEIGHTS = Path("weights") / "best.pt"
 EVIDENCE_TOP = 3  # boxes listed per level in evidence.csv
+MAX_NAMED = 5     # studies named in one log line
 
 
 @dataclass(frozen=True)
@@ -73,17 +74,17 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         detector_train_studies,
         load_or_create_splits,
     )
-    from aggregation.submission import training_prior
+    from aggregation.submission import model_prior
 
     t0 = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
+    cfgs = stage_configs(config)      # every stage's config is validated before any work
     labels = read_table(data_root / TRAIN_CSV, "train")
     boxes = read_table(data_root / BOXES_CSV, "boxes")
     if clean and out.exists():
         log.info("--clean: removing %s", out)
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    cfgs = stage_configs(config)
     _save_configs(out, config, cfgs)
     meta = _read_meta(out)
 
@@ -92,7 +93,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     det_studies = detector_train_studies(splits)
     agg_studies = aggregator_train_studies(splits)
     assert_no_leakage(splits, detector_train=det_studies, aggregator_train=agg_studies)
-    write_json_atomic(out / "prior.json", training_prior(labels))
+    write_json_atomic(out / "prior.json", model_prior(labels))
 
     def stage(name: str, fn: Callable[[], dict[str, Any]], outputs: Sequence[Path]) -> None:
         done = meta["stages"].get(name)
@@ -224,7 +225,9 @@ def _fit_aggregator(detect_dir: Path, labels: pd.DataFrame, studies: Sequence[st
 
 # ---------------------------------------------------------------- predict
 def open_model(model_dir: str | os.PathLike) -> ModelFolder:
-    """Open a model folder written by `train_all`, checking that everything predict needs is there."""
+    """Open a model folder written by `train_all`, checking that everything predict needs is there and valid."""
+    from aggregation.submission import load_prior
+
     root = Path(model_dir)
     meta_path = root / MODEL_JSON
     if not meta_path.is_file():
@@ -238,7 +241,7 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
     for needed in (detector, root / "aggregator" / "aggregator.json", root / "prior.json"):
         if not needed.exists():
             raise InputError(needed, "missing from the model folder: training did not finish (rerun spinefrac train)")
-    prior = json.loads((root / "prior.json").read_text(encoding="utf-8"))
+    prior = load_prior(root / "prior.json")
     return ModelFolder(root, configs, detector, locator if meta.get("locator") and locator.is_file() else None,
                        prior, meta)
 
@@ -246,12 +249,18 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True, overwrite: bool = False) -> Path:
-    """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays."""
-    from aggregation.features import build_features, load_detection_tables
+    """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays.
+
+    The model folder and `test_csv` are checked before any detection. A failed study, or a test.csv
+    study without a folder, gets the training prior. When every study fails, predictions.csv and
+    submission.csv are still written (all prior) and AllStudiesFailedError is raised afterwards.
+    """
+    from aggregation.features import build_features
     from aggregation.model import StudyAggregator
     from aggregation.submission import (
         complete_predictions,
         make_submission,
+        read_test_csv,
         write_predictions,
         write_submission,
     )
@@ -260,16 +269,22 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     t0 = time.perf_counter()
     out = Path(out)
     model = open_model(model_dir)
+    test = read_test_csv(test_csv) if test_csv is not None else None     # checked before any detection
     study_dirs = find_studies(studies)
     uids = [s.name for s in study_dirs]
+    if test is not None:
+        absent = [u for u in dict.fromkeys(test["_uid"]) if u not in set(uids)]
+        if absent:
+            log.warning("%s: %d studies have no folder among the inputs and get the training prior: %s%s",
+                        test_csv, len(absent), ", ".join(absent[:MAX_NAMED]), " ..." if len(absent) > MAX_NAMED else "")
     info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs, workers=workers,
                    progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite)
-    boxes, slices = load_detection_tables(out / "boxes.csv", out / "slices.csv")
     errors = pd.read_csv(out / "errors.csv", dtype={registry.STUDY_COL: str})
     failed = set(errors[registry.STUDY_COL]) & set(uids)
+    boxes, slices = _detections(out, failed=failed, uids=uids)
     finished = [u for u in uids if u not in failed and u in set(slices[registry.STUDY_COL].astype(str))]
-    aggregator = StudyAggregator.load(model.root / "aggregator")
     if finished:
+        aggregator = StudyAggregator.load(model.root / "aggregator")
         features = build_features(boxes, slices, config=model.configs["aggregation"], studies=finished)
         write_csv_atomic(out / "features.csv", features)
         probs = aggregator.predict_proba(features)
@@ -277,8 +292,7 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
         probs = pd.DataFrame(columns=[registry.STUDY_COL, *registry.TARGETS])
     predictions = complete_predictions(probs, studies=uids, prior=model.prior, failed=failed)
     write_predictions(predictions, out / "predictions.csv")
-    submission = make_submission(predictions, test_csv=Path(test_csv) if test_csv else None, prior=model.prior,
-                                 failed=failed)
+    submission = make_submission(predictions, test_csv=test, prior=model.prior, failed=failed)
     write_submission(submission, out / "submission.csv")
     write_csv_atomic(out / "evidence.csv", evidence_table(boxes, predictions))
     runtime = time.perf_counter() - t0
@@ -288,7 +302,22 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
                   extra={"detect": info})
     log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
              out / "predictions.csv")
+    if uids and not finished:
+        first = errors[errors[registry.STUDY_COL].isin(failed)].head(1)
+        example = f" (first: {first[registry.STUDY_COL].iloc[0]}: {first['error'].iloc[0]})" if len(first) else ""
+        raise AllStudiesFailedError(
+            f"every one of the {len(uids)} studies failed{example}; see {out / 'errors.csv'}. "
+            f"{out / 'predictions.csv'} and {out / 'submission.csv'} hold the training prior for every row")
     return out
+
+
+def _detections(out: Path, *, failed: set[str], uids: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Read boxes.csv and slices.csv; empty tables when no study finished (their files then lack level columns)."""
+    from aggregation.features import BOX_REQUIRED, SLICE_REQUIRED, load_detection_tables
+
+    if set(uids) <= failed:
+        return pd.DataFrame(columns=list(BOX_REQUIRED)), pd.DataFrame(columns=list(SLICE_REQUIRED))
+    return load_detection_tables(out / "boxes.csv", out / "slices.csv")
 
 
 def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EVIDENCE_TOP) -> pd.DataFrame:

@@ -118,9 +118,8 @@ def test_cache_setting_is_checked(tmp_path):
     from detector.train import train_yolo
 
     data = make_yolo_dataset(tmp_path / "ds")
-    cfg = load_config("detector", overrides=[*FAST, "train.cache=memory"])
-    with pytest.raises(ConfigError, match="train.cache"):
-        train_yolo(data, tmp_path / "run", config=cfg)
+    with pytest.raises(ConfigError, match="train.cache"):   # refused when the config is loaded, before training
+        train_yolo(data, tmp_path / "run", config=load_config("detector", overrides=[*FAST, "train.cache=memory"]))
     assert not (tmp_path / "run").exists()
 
 

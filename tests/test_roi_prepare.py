@@ -17,7 +17,7 @@ from data_prep.dicom_write import write_series
 from data_prep.registry import LEVELS, STUDY_COL
 from detector.detect import Locator, study_rois
 from detector.render import yolo_to_xywh
-from detector.roi import ROI_COLUMNS
+from detector.roi import ROI_COLUMNS, SpineRois, jitter_rois
 from detector.yolo_dataset import LABEL_DECIMALS, LocateSpec, prepare_detector_dataset, read_index
 
 # Two pixel spacings: rows 0.25 mm, columns 0.5 mm. The 32 mm ROI is 32 / 0.5 = 64 columns wide and
@@ -262,6 +262,23 @@ def test_jitter_is_bounded_inside_the_image_and_seeded(tmp_path):
     assert len(corner) and (corner["roi_x"] <= 4).all() and (corner["roi_y"] <= 8).all()
     # labels follow the jittered crop: they still map back to the CSV boxes through the index row
     check_every_label(root, tmp_path / "a", index)
+
+
+def test_jitter_never_rounds_past_jitter_mm():
+    """Regression: rounding the offset to whole pixels could move a crop by more than jitter_mm.
+
+    1.8 mm is 3.6 columns (0.5 mm) and 7.2 rows (0.25 mm); rounding 3.6 gave 4 columns = 2 mm. Now at most 3 and 7.
+    """
+    n = 2000
+    rois = SpineRois(np.full(n, 100), np.full(n, 100), np.full(n, ROI_W), np.full(n, ROI_H),
+                     np.full(n, "body", dtype=object))
+    moved = jitter_rois(rois, (400, 400), (ROW_MM, COL_MM), 1.8, np.random.default_rng(0))
+    dx, dy = np.abs(moved.x - 100), np.abs(moved.y - 100)
+    assert dx.max() == 3 and dy.max() == 7                     # reaches the bound, never past it
+    assert (dx * COL_MM <= 1.8).all() and (dy * ROW_MM <= 1.8).all()
+    # a whole number of pixels per jitter_mm is reached exactly: 2 mm = 4 columns, 8 rows
+    moved = jitter_rois(rois, (400, 400), (ROW_MM, COL_MM), 2.0, np.random.default_rng(0))
+    assert np.abs(moved.x - 100).max() == 4 and np.abs(moved.y - 100).max() == 8
 
 
 # ---------------------------------------------------------------- with a (fake) locator

@@ -329,6 +329,32 @@ def test_without_roi_the_locator_is_not_loaded(tmp_path, monkeypatch):
     check_every_label(root, out, index)
 
 
+def test_a_rerun_with_other_roi_settings_refuses_the_finished_studies(tmp_path):
+    """Regression: a rerun skipped finished studies whatever the settings, so turning the ROI on over a whole-slice
+    dataset (or an older one without the ROI) kept whole-slice images under a config that says they are crops."""
+    from data_prep.errors import InputError
+
+    root = write_root(tmp_path, {uid: SPEC[uid] for uid in ("2.1", "2.3")})
+    out = tmp_path / "ds"
+    prepare_detector_dataset(root, out, config=roi_config("roi.enabled=false"), workers=1, progress=False)
+    for config in (roi_config(), roi_config("roi.size_mm=40")):
+        with pytest.raises(InputError, match="other render/prepare/roi settings.*--overwrite"):
+            prepare_detector_dataset(root, out, config=config, workers=1, progress=False)
+    assert set(read_index(out)["roi_source"]) == {"full"}                    # untouched
+    prepare_detector_dataset(root, out, config=roi_config(), workers=1, progress=False, overwrite=True)
+    index = read_index(out)
+    assert index[list(ROI_COLUMNS)].drop_duplicates().to_numpy().tolist() == [[*CENTRE_ROI, ROI_W, ROI_H, "body"]]
+    check_every_label(root, out, index)
+    # the same settings again: skipped, not refused; a marker from before the settings were recorded: refused
+    prepare_detector_dataset(root, out, config=roi_config(), workers=1, progress=False)
+    marker = out / ".done" / "2.1.json"
+    data = json.loads(marker.read_text())
+    del data["settings"]
+    marker.write_text(json.dumps(data))
+    with pytest.raises(InputError, match="e.g. 2.1"):
+        prepare_detector_dataset(root, out, config=roi_config(), workers=1, progress=False)
+
+
 def test_prepare_detector_help_shows_the_locator(capsys):
     from spinefrac.cli import main
 

@@ -79,12 +79,12 @@ HAND_SLICES = {
 }
 
 
-def write_root(tmp_path, spec=SPEC):
+def write_root(tmp_path, spec=SPEC, shape=(ROWS, COLS)):
     """The Kaggle layout: one series per study (air, a body rectangle, a bright blob inside each box), the tables."""
     root = tmp_path / "data"
     train_rows, box_rows = [], []
     for uid, (order, body, boxes) in spec.items():
-        hu = np.full((N, ROWS, COLS), AIR, dtype=np.float32)
+        hu = np.full((N, *shape), AIR, dtype=np.float32)
         hu[:, body[0], body[1]] = BODY
         for number, x, y, w, h in boxes:
             k = number - 1 if order == "head_first" else N - number
@@ -119,7 +119,7 @@ def label_boxes(out, row):
     return in_crop, in_crop + np.array([row.roi_x, row.roi_y, 0.0, 0.0])
 
 
-def expected_in_crop(boxes, crop):
+def expected_in_crop(boxes, crop, shape=(ROWS, COLS)):
     """Clip original boxes to the image, then to the crop, by hand.
 
     Returns (kept boxes in original px, the kept boxes the crop did not cut, n_cut, n_lost)."""
@@ -127,7 +127,7 @@ def expected_in_crop(boxes, crop):
     kept, whole, n_cut, n_lost = [], [], 0, 0
     for bx, by, bw, bh in boxes:
         x1, y1 = max(bx, 0.0), max(by, 0.0)
-        x2, y2 = min(bx + bw, COLS), min(by + bh, ROWS)
+        x2, y2 = min(bx + bw, shape[1]), min(by + bh, shape[0])
         cut = not (x1 >= x0 and y1 >= y0 and x2 <= x0 + w and y2 <= y0 + h)
         n_cut += cut
         x1, y1, x2, y2 = max(x1, x0), max(y1, y0), min(x2, x0 + w), min(y2, y0 + h)
@@ -146,7 +146,7 @@ def by_rows(a):
     return a[np.lexsort(a.T[::-1])]
 
 
-def check_every_label(root, out, index):
+def check_every_label(root, out, index, shape=(ROWS, COLS)):
     """Every image is imgsz x imgsz; every boxed slice's label maps back to its CSV boxes clipped to its crop."""
     truth = pd.read_csv(root / "train_bounding_boxes.csv", dtype={STUDY_COL: str})
     for row in index.itertuples(index=False):
@@ -157,7 +157,7 @@ def check_every_label(root, out, index):
         _, back = label_boxes(out, row)
         csv = truth[(truth[STUDY_COL] == row.StudyInstanceUID) & (truth["slice_number"] == row.slice_number)]
         want, whole, n_cut, n_lost = expected_in_crop(csv[["x", "y", "width", "height"]].to_numpy(float),
-                                               (row.roi_x, row.roi_y, row.roi_width, row.roi_height))
+                                                      (row.roi_x, row.roi_y, row.roi_width, row.roi_height), shape)
         np.testing.assert_allclose(by_rows(back), by_rows(want), atol=label_tol(max(row.roi_width, row.roi_height)),
                                    rtol=0)
         assert (row.n_boxes, row.n_cut, row.n_lost) == (len(want), n_cut, n_lost), row.image
@@ -231,6 +231,31 @@ def test_cut_and_lost_boxes_are_counted_and_the_slice_is_kept(prepared):
     assert meta["roi_source_body"] == len(index) and meta["images"] == len(index)
     assert int(index["n_cut"].sum()) == 5 and int(index["n_lost"].sum()) == 3
     assert (index.loc[index["kind"] != "boxed", ["n_boxes", "n_cut", "n_lost"]] == 0).all().all()
+
+
+def test_a_crop_larger_than_the_image_is_padded_and_labels_use_its_negative_corner(tmp_path):
+    # a 96 x 48 image is smaller than the 128 x 64 crop: centred, corner (-(64 - 48) / 2, -(128 - 96) / 2) = (-8, -16)
+    whole = (slice(0, 96), slice(0, 48))
+    spec = {"3.1": ("head_first", whole, [(10, 10.0, 20.0, 16.0, 32.0)]), "3.2": ("feet_first", whole, [])}
+    root = write_root(tmp_path, spec, shape=(96, 48))
+    out = tmp_path / "ds"
+    prepare_detector_dataset(root, out, config=roi_config("roi.jitter_mm=5"), workers=1, progress=False)
+    index = read_index(out)
+    # jitter never moves a padded crop
+    assert index[list(ROI_COLUMNS)].drop_duplicates().to_numpy().tolist() == [[-8, -16, ROI_W, ROI_H, "body"]]
+    check_every_label(root, out, index, shape=(96, 48))
+    row = index[index["kind"] == "boxed"].iloc[0]
+    label = out / row["image"].replace("images/", "labels/").replace(".png", ".txt")
+    # box (10, 20, 16, 32): cx (10 + 8 + 8) / 64, cy (20 + 16 + 16) / 128
+    assert label.read_text() == "0 0.406250 0.406250 0.250000 0.250000\n"
+    image = cv2.imread(str(out / row["image"]), cv2.IMREAD_UNCHANGED)
+    # 8 padded columns on each side are 4 image columns, 16 padded rows are 4 image rows: roi.pad_hu (air) -> 0;
+    # the body (0 HU) inside is (0 + 500) / 1800 * 255 = 70.8 -> 71 in the bone window
+    pad = np.ones((IMGSZ, IMGSZ), dtype=bool)
+    pad[4:28, 4:28] = False
+    assert (image[pad] == 0).all()
+    inside = image[4:28, 4:28, 1]                      # body 71, the blob 255, its edges averaged in between
+    assert inside.min() == 71 and inside.max() == 255
 
 
 # ---------------------------------------------------------------- jitter

@@ -508,7 +508,7 @@ def _run_one(worker: Callable[[StudyTask], StudyOutcome], task: StudyTask) -> St
         return StudyOutcome(task.uid, error=f"{type(exc).__name__}: {exc}")
     write_json_atomic(_marker(task.out, task.uid), {
         STUDY_COL: task.uid, "split": task.split, "fold": task.fold, "rows": outcome.rows, "files": outcome.files,
-        "warnings": outcome.warnings, "n_slices": outcome.n_slices})
+        "warnings": outcome.warnings, "n_slices": outcome.n_slices, "settings": _settings_hash(task)})
     return outcome
 
 
@@ -523,14 +523,19 @@ def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOu
                workers: int, progress: bool, overwrite: bool, desc: str) -> int:
     from tqdm.auto import tqdm
 
-    todo = []
+    todo, changed = [], []
     for task in tasks:
         marker = _marker(out, task.uid)
         if marker.is_file():
             if not overwrite:
+                if json.loads(marker.read_text(encoding="utf-8")).get("settings") != _settings_hash(task):
+                    changed.append(task.uid)
                 continue
             _remove_study(out, task.uid)
         todo.append(task)
+    if changed:
+        raise InputError(out, f"{len(changed)} finished studies were made with other render/prepare/roi settings or "
+                              f"another locator (e.g. {changed[0]}); use a new folder, or --overwrite to redo them")
     skipped = len(tasks) - len(todo)
     if skipped:
         log.info("%s: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
@@ -660,6 +665,13 @@ def _remove_study(out: Path, uid: str) -> None:
         for rel in json.loads(marker.read_text(encoding="utf-8")).get("files", []):
             (out / rel).unlink(missing_ok=True)
         marker.unlink()
+
+
+def _settings_hash(task: StudyTask) -> str:
+    """Hash of what shapes a study's images and labels; a finished study made with another one is stale."""
+    locate = None if task.locate is None else {"weights": str(task.locate.weights), "config": task.locate.config,
+                                               "levels": task.locate.levels_config}
+    return config_hash({"render": task.render, "prepare": task.prepare, "roi": task.roi, "locate": locate})
 
 
 def _marker(out: Path, uid: str) -> Path:

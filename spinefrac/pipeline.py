@@ -8,7 +8,7 @@ Model folder (see docs/contracts.md "Model folder"):
     prior.json        the training prior of the eight targets (for failed studies)
     detector/         YOLO run folder: weights/best.pt, results.csv, args.yaml, train.meta.json
     locator/          the same for the vertebra locator (absent when trained without segmentations)
-    aggregator/       aggregator.joblib + aggregator.json
+    aggregator/       aggregator.skops + aggregator.json
     work/             intermediate datasets and detections (resumable; not needed to predict)
 Copy the folder without work/ to another machine and `spinefrac predict` works there.
 """

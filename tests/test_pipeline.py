@@ -39,7 +39,7 @@ def test_model_folder_is_self_describing(trained):
     assert meta["locator"] is True and "torch" in meta["versions"] and "ultralytics" in meta["versions"]
     for name in ("config.yaml", "detector.yaml", "locator.yaml", "levels.yaml", "aggregation.yaml", "splits.json",
                  "prior.json", "detector/weights/best.pt", "detector/results.csv", "locator/weights/best.pt",
-                 "aggregator/aggregator.joblib", "aggregator/aggregator.json"):
+                 "aggregator/aggregator.skops", "aggregator/aggregator.json"):
         assert (model / name).exists(), name
     # no study trains both the detector and the aggregator
     roles = json.loads((model / "splits.json").read_text())["roles"]

@@ -47,3 +47,25 @@ def yolo_home(tmp_path_factory):
 
         configure_ultralytics(home)
         yield home
+
+
+TINY = ["image.size=96", "volume.slices=40", "labels.box_fraction=1.0", "labels.segmentation_fraction=0.5"]
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory):
+    """Synthesise train/test sets and train every stage once per session (tiny, 1 epoch); tests copy, never edit."""
+    from spinefrac.cli import main
+
+    root = tmp_path_factory.mktemp("pipeline")
+    sets = [f"--set={s}" for s in TINY]
+    assert main(["synth", str(root / "data"), "--studies", "12", "--seed", "21", "--no-progress", *sets]) == 0
+    assert main(["synth", str(root / "test"), "--studies", "4", "--seed", "22", "--split", "test", "--no-progress",
+                 *sets]) == 0
+    cfg = root / "pipeline.yaml"
+    cfg.write_text(
+        'detector:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n'
+        'locator:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n')
+    assert main(["train", str(root / "data"), "--out", str(root / "model"), "--config", str(cfg),
+                 "--no-progress"]) == 0
+    return root

@@ -101,7 +101,10 @@ def fresh_export(weights: Path, fmt: str, imgsz: int) -> Path | None:
     if made_from != file_sha256(weights):
         log.info("%s was exported from other weights than %s: re-exporting", target.name, weights.name)
         return None
-    if extra.get(EXPORT_HASH_KEY) != tree_sha256(target):
+    if EXPORT_HASH_KEY not in extra:
+        log.info("%s has no %s in %s (an older export): re-exporting", target.name, EXPORT_HASH_KEY, sidecar.name)
+        return None
+    if extra[EXPORT_HASH_KEY] != tree_sha256(target):
         log.warning("%s differs from what was exported (SHA-256 in %s): not trusted, re-exporting", target,
                     sidecar.name)
         return None

@@ -239,3 +239,24 @@ def test_tampered_export_cache_is_not_trusted(trained, model, tmp_path):
     data[-1] ^= 0x01
     onnx.write_bytes(bytes(data))
     assert fresh_export(weights, "onnx", 64) is None  # a changed cache is re-exported, not used
+
+
+def test_predict_loads_nothing_with_pickle(trained, model, tmp_path, monkeypatch):
+    """Every torch.load of a whole predict (weights and export) is weights-only; joblib/pickle file loads never run."""
+    calls = []
+    real_load = torch.load
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a pickle load ran during predict")
+
+    monkeypatch.setattr(torch, "load", spy)
+    monkeypatch.setattr(joblib, "load", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    for cache in model.rglob("*_openvino_model"):  # force an export too
+        shutil.rmtree(cache)
+    assert predict(trained, model, tmp_path / "pred", "--device", "cpu") == 0
+    assert calls and all(flag is True for flag in calls), calls

@@ -1,8 +1,8 @@
 """SHA-256 manifests of a folder: what a model folder held when it was written, checked before anything is loaded.
 
 A manifest maps each file's POSIX path relative to the folder to its SHA-256. `verify_manifest` refuses a file
-that changed, one that is missing, and an extra file of a kind that some library could load as code
-(`LOADABLE_SUFFIXES`); other extra files are reported in the log. Paths matching the `exclude` patterns
+that changed, one that is missing, and an extra file that is executable or of a kind that some library could
+load as code (`LOADABLE_SUFFIXES`); other extra files are reported in the log. Paths matching the `exclude` patterns
 (`fnmatch` patterns on the relative path, where `*` also crosses `/`) are caches or work files and never checked.
 """
 
@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import logging
 import os
+import stat
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -24,6 +25,8 @@ LOADABLE_SUFFIXES = frozenset({".pt", ".pth", ".pkl", ".pickle", ".joblib", ".sk
                                ".pyc", ".so", ".dll", ".dylib", ".safetensors", ".onnx", ".xml", ".bin", ".yaml",
                                ".yml", ".json"})
 """Suffixes of files a loader could pick up; an extra one (not in the manifest) is refused, not just logged."""
+EXECUTABLE_BITS = stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH
+"""An extra file with any execute permission bit is refused too."""
 
 
 class ManifestError(InputError):
@@ -80,6 +83,8 @@ def verify_manifest(root: str | os.PathLike, manifest: Mapping[str, str], exclud
     if not isinstance(manifest, Mapping) or not manifest:
         raise ManifestError(root, "has no file manifest: it cannot be checked, so it is not loaded")
     for rel, expected in sorted(manifest.items()):
+        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise ManifestError(root, f"manifest entry {rel!r} points outside the folder")
         path = root / rel
         if not path.is_file():
             raise ManifestError(path, "listed in the model folder's manifest but missing: the folder is incomplete "
@@ -88,9 +93,11 @@ def verify_manifest(root: str | os.PathLike, manifest: Mapping[str, str], exclud
             raise ManifestError(path, "differs from the model folder's manifest (SHA-256 changed since training): "
                                       "the folder was modified or damaged; it is not loaded")
     extra = [rel for rel in _files(root, exclude) if rel not in manifest]
-    loadable = [rel for rel in extra if Path(rel).suffix.lower() in LOADABLE_SUFFIXES]
+    loadable = [rel for rel in extra if Path(rel).suffix.lower() in LOADABLE_SUFFIXES
+                or os.stat(root / rel).st_mode & EXECUTABLE_BITS]
     if loadable:
         raise ManifestError(root / loadable[0], f"not part of the model folder's manifest ({len(loadable)} such "
-                                                "file(s)); a file a loader could pick up is refused: remove it")
+                                                "file(s)); an extra executable file, or one a loader could pick "
+                                                "up, is refused: remove it")
     for rel in extra:
         log.warning("%s: not in the model folder's manifest (ignored)", root / rel)

@@ -28,6 +28,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                        ["--train-studies", "12", "--test-studies", "4", "--epochs", "3", "--imgsz", "128",
                         "--size", "128", "--slices", "48"]),
     "detect_speed": ("benchmarks.bench_detect_speed", [], []),
+    "roi": ("benchmarks.bench_roi", ["--train-studies", "120", "--test-studies", "40", "--budget-min", "6"],
+            ["--train-studies", "16", "--test-studies", "6", "--slices", "60", "--budget-min", "0.5",
+             "--locator-epochs", "1"]),
 }
 
 

@@ -155,7 +155,7 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
         _encode_jpeg_lossless(ds, path)
     elif transfer_syntax != registry.TS_EXPLICIT_LE:
         try:
-            ds.compress(transfer_syntax)
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         except (RuntimeError, ValueError) as exc:
             hint = " (install pylibjpeg-openjpeg)" if "2.4.9" in transfer_syntax else ""
             raise DicomWriteError(f"{path}: cannot encode {transfer_syntax}{hint}: {exc}") from None

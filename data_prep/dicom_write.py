@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import UID, CTImageStorage, generate_uid
 
 from data_prep import registry
@@ -37,6 +36,8 @@ MAX_UID_LENGTH = 64
 DISPLAY_WINDOW = (500.0, 2500.0)
 """WindowCenter/WindowWidth written for viewers (the values of the real RSNA files)."""
 IMPLEMENTATION_VERSION = "SPINEFRAC_WRITE"
+JPEG_FRAGMENTS = 1
+"""gdcm encodes a slice as one JPEG fragment."""
 
 
 class DicomWriteError(SpinefracError):
@@ -64,7 +65,6 @@ def write_series(out_dir: Path, hu: np.ndarray, *, study_uid: str, pixel_spacing
         raise DicomWriteError(f"{out_dir}: bits_stored must be in 9..{BITS_ALLOCATED}, got {bits_stored}")
     if rescale_intercept is None:
         rescale_intercept = SIGNED_DEFAULT_INTERCEPT if pixel_representation else UNSIGNED_DEFAULT_INTERCEPT
-    stored = _to_stored(hu, pixel_representation, rescale_intercept, bits_stored)
     series_uid = series_uid or _derived_uid(study_uid, "1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +73,9 @@ def write_series(out_dir: Path, hu: np.ndarray, *, study_uid: str, pixel_spacing
     for k in range(n):
         instance = k + 1 if instance_order == "head_first" else n - k
         z = z_top_mm - k * slice_thickness
-        ds = _slice_dataset(stored[k], study_uid=study_uid, series_uid=series_uid, instance=instance,
+        # slice by slice: the same element-wise conversion without whole-volume float64 temporaries
+        stored = _to_stored(hu[k], pixel_representation, rescale_intercept, bits_stored)
+        ds = _slice_dataset(stored, study_uid=study_uid, series_uid=series_uid, instance=instance,
                             position=(origin_xy_mm[0], origin_xy_mm[1], z), pixel_spacing=pixel_spacing,
                             slice_thickness=slice_thickness, pixel_representation=pixel_representation,
                             rescale_intercept=rescale_intercept, bits_stored=bits_stored, modality=modality)
@@ -164,33 +166,34 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
 
 
 def _encode_jpeg_lossless(ds: Dataset, path: Path) -> None:
-    """Replace the pixel data of `ds` by JPEG Lossless SV1 (.70) fragments encoded with python-gdcm."""
+    """Replace the pixel data of `ds` by JPEG Lossless SV1 (.70) encoded in memory with python-gdcm."""
     try:
         import gdcm
     except ImportError:
         raise DicomWriteError(f"{path}: writing JPEG Lossless (.70) needs python-gdcm "
                               "(pip install python-gdcm); pydicom cannot encode it") from None
-    with tempfile.TemporaryDirectory(prefix="spinefrac_jpeg_") as tmp_dir:
-        plain, packed = Path(tmp_dir) / "plain.dcm", Path(tmp_dir) / "jpeg.dcm"
-        ds.save_as(plain, enforce_file_format=True)
-        reader = gdcm.ImageReader()
-        reader.SetFileName(str(plain))
-        change = gdcm.ImageChangeTransferSyntax()
-        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-        ok = reader.Read()
-        if ok:
-            change.SetInput(reader.GetImage())
-            ok = change.Change()
-        if ok:
-            writer = gdcm.ImageWriter()
-            writer.SetFileName(str(packed))
-            writer.SetFile(reader.GetFile())
-            writer.SetImage(change.GetOutput())
-            ok = writer.Write()
-        if not ok:
-            raise DicomWriteError(f"{path}: python-gdcm failed to encode JPEG Lossless")
-        encoded = pydicom.dcmread(packed)
-        ds.PixelData = encoded.PixelData
+    # a gdcm.Image built from the dataset's pixel module (as pydicom's own gdcm RLE encoder does)
+    writer = gdcm.ImageWriter()  # owns the image; must outlive it
+    image = writer.GetImage()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((int(ds.Columns), int(ds.Rows), 1))
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(
+        gdcm.PhotometricInterpretation.GetPIType(str(ds.PhotometricInterpretation))))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    image.SetPixelFormat(gdcm.PixelFormat(int(ds.SamplesPerPixel), int(ds.BitsAllocated), int(ds.BitsStored),
+                                          int(ds.HighBit), int(ds.PixelRepresentation)))
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetByteStringValue(ds.PixelData)
+    image.SetDataElement(element)
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(image)
+    fragments = change.GetOutput().GetDataElement().GetSequenceOfFragments() if change.Change() else None
+    if fragments is None or fragments.GetNumberOfFragments() != JPEG_FRAGMENTS:
+        raise DicomWriteError(f"{path}: python-gdcm failed to encode JPEG Lossless")
+    frame = fragments.GetFragment(0).GetByteValue().GetBuffer().encode("utf-8", "surrogateescape")
+    # an empty basic offset table and one fragment: the bytes gdcm's own writer puts in the file
+    ds.PixelData = encapsulate([frame], has_bot=False)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = registry.TS_JPEG_LOSSLESS_SV1

@@ -353,14 +353,19 @@ def _sample_fractures(rng: np.random.Generator, anatomy: phantom.Anatomy, levels
 
 
 def _to_file_range(hu: np.ndarray, grid: phantom.Grid, plan: StudyPlan, config: Config) -> np.ndarray:
-    """Round to integer HU in the range the study's pixel representation stores; pad outside the FOV circle."""
+    """Round to integer HU in the range the study's pixel representation stores; pad outside the FOV circle.
+
+    Works in place on `hu` (float32; the rendered volume is not needed afterwards) and returns it.
+    """
     pad = SIGNED_PADDING_HU if plan.pixel_representation else UNSIGNED_PADDING_HU
-    out = np.clip(np.rint(hu), UNSIGNED_PADDING_HU, HU_MAX).astype(np.float32)
+    out = np.asarray(hu, dtype=np.float32)
+    np.rint(out, out=out)
+    np.clip(out, UNSIGNED_PADDING_HU, HU_MAX, out=out)
     if config["image"]["circle_padding"]:
         r = np.arange(grid.rows) - (grid.rows - 1) / 2
         c = np.arange(grid.cols) - (grid.cols - 1) / 2
         outside = (r[:, None] ** 2 + c[None, :] ** 2) > (min(grid.rows, grid.cols) / 2) ** 2
-        out[:, outside] = pad
+        np.copyto(out, np.float32(pad), where=outside)
     return out
 
 

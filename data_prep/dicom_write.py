@@ -36,6 +36,8 @@ MAX_UID_LENGTH = 64
 DISPLAY_WINDOW = (500.0, 2500.0)
 """WindowCenter/WindowWidth written for viewers (the values of the real RSNA files)."""
 IMPLEMENTATION_VERSION = "SPINEFRAC_WRITE"
+FLOAT32_MAX_INTERCEPT = 2 ** 16
+"""`_to_stored` converts float32 HU in float32 when the intercept is an even integer up to this size."""
 JPEG_FRAGMENTS = 1
 """gdcm encodes a slice as one JPEG fragment."""
 
@@ -92,6 +94,17 @@ def _to_stored(hu: np.ndarray, pixel_representation: int, intercept: float, bits
         lo, hi, dtype = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1, np.int16
     else:
         lo, hi, dtype = 0, 2 ** bits_stored - 1, np.uint16
+    if (hu.dtype == np.float32 and RESCALE_SLOPE == 1.0 and float(intercept).is_integer()
+            and intercept % 2 == 0 and abs(intercept) <= FLOAT32_MAX_INTERCEPT):
+        # float32 shortcut giving the same values as the float64 formula below for every float32 input:
+        # rint(x - c) == rint(x) - c for an even integer c (round half to even keeps the parity); x - c in
+        # float64 lands on the same side of every half-integer as the exact difference (a float32 x is
+        # never within 2**-29 of a half-integer it is not equal to); and after clipping rint(x) to
+        # [lo + c, hi + c] the float32 subtraction of c is exact (integers below 2**24).
+        values = np.rint(hu)
+        np.clip(values, lo + intercept, hi + intercept, out=values)
+        values -= np.float32(intercept)
+        return values.astype(dtype)
     values = np.rint((hu.astype(np.float64) - intercept) / RESCALE_SLOPE)
     return np.clip(values, lo, hi).astype(dtype)
 

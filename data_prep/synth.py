@@ -393,7 +393,9 @@ def write_segmentation(path: Path, labels: np.ndarray, *, spacing: float, thickn
     convention most Kaggle competitors used; the affine maps its voxels to RAS mm of the DICOM pixels.
     """
     n, rows, _ = labels.shape
-    data = np.ascontiguousarray(labels[::-1, ::-1, :].transpose(2, 1, 0)).astype(np.uint8)
+    # NIfTI stores m in Fortran order, which is labels[::-1, ::-1, :] in C order: building it that way and
+    # handing nibabel the transposed view lets it write contiguous slices instead of gathering strided ones
+    data = np.ascontiguousarray(labels[::-1, ::-1, :]).astype(np.uint8, copy=False).T
     affine = nifti_affine(rows=rows, n=n, spacing=spacing, thickness=thickness, origin_xy=origin_xy, z_top=z_top)
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)

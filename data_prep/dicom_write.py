@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from pathlib import Path
 
@@ -204,9 +205,22 @@ def _encode_jpeg_lossless(ds: Dataset, path: Path) -> None:
     fragments = change.GetOutput().GetDataElement().GetSequenceOfFragments() if change.Change() else None
     if fragments is None or fragments.GetNumberOfFragments() != JPEG_FRAGMENTS:
         raise DicomWriteError(f"{path}: python-gdcm failed to encode JPEG Lossless")
-    frame = fragments.GetFragment(0).GetByteValue().GetBuffer().encode("utf-8", "surrogateescape")
+    frame = _fragment_bytes(fragments.GetFragment(0).GetByteValue())
     # an empty basic offset table and one fragment: the bytes gdcm's own writer puts in the file
     ds.PixelData = encapsulate([frame], has_bot=False)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = registry.TS_JPEG_LOSSLESS_SV1
+
+
+def _fragment_bytes(value: object) -> bytes:
+    """The bytes of a gdcm.ByteValue, copied straight from its buffer.
+
+    `GetBuffer()` hands the bytes over as a str that must be re-encoded (surrogateescape), which costs more
+    than the JPEG encoding's bookkeeping; the buffer's address and length give the same bytes in one copy.
+    """
+    size = int(str(value.GetLength()))  # a gdcm.VL converts to a number only through its decimal text
+    address = int(value.GetVoidPointer()) if size else 0
+    if not address:
+        return value.GetBuffer().encode("utf-8", "surrogateescape")
+    return ctypes.string_at(address, size)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -213,7 +214,7 @@ def _encode_jpeg_lossless(ds: Dataset, path: Path) -> None:
     ds.file_meta.TransferSyntaxUID = registry.TS_JPEG_LOSSLESS_SV1
 
 
-def _fragment_bytes(value: object) -> bytes:
+def _fragment_bytes(value: Any) -> bytes:
     """The bytes of a gdcm.ByteValue, copied straight from its buffer.
 
     `GetBuffer()` hands the bytes over as a str that must be re-encoded (surrogateescape), which costs more

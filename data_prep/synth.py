@@ -355,12 +355,13 @@ def _sample_fractures(rng: np.random.Generator, anatomy: phantom.Anatomy, levels
 def _to_file_range(hu: np.ndarray, grid: phantom.Grid, plan: StudyPlan, config: Config) -> np.ndarray:
     """Round to integer HU in the range the study's pixel representation stores; pad outside the FOV circle.
 
-    Works in place on `hu` (float32; the rendered volume is not needed afterwards) and returns it.
+    A float32 `hu` (what `phantom.render` returns) is rounded in place and returned: the rendered volume is
+    not needed afterwards, and a 512 px study's full-volume temporaries cost more than the arithmetic.
     """
     pad = SIGNED_PADDING_HU if plan.pixel_representation else UNSIGNED_PADDING_HU
-    out = np.asarray(hu, dtype=np.float32)
-    np.rint(out, out=out)
+    out = np.rint(hu, out=hu) if hu.dtype == np.float32 else np.rint(hu)
     np.clip(out, UNSIGNED_PADDING_HU, HU_MAX, out=out)
+    out = out.astype(np.float32, copy=False)
     if config["image"]["circle_padding"]:
         r = np.arange(grid.rows) - (grid.rows - 1) / 2
         c = np.arange(grid.cols) - (grid.cols - 1) / 2

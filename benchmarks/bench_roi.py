@@ -1,6 +1,8 @@
 """Full-slice detector vs spine-ROI detector on the same held-out full-field synthetic studies, same CPU budget.
 
     python -m benchmarks.bench_roi --train-studies 120 --test-studies 40 --budget-min 6 --work /tmp/bench_roi
+    (add --reuse-locator DIR to skip training the locator: a locator run folder, e.g. an earlier run's
+    model_roi/locator)
 
 Steps (everything through the library, as `spinefrac train` / `predict` / `evaluate` run it):
   1. `spinefrac synth` a training set (seed S) and a held-out test set (seed S+1) of full-field studies
@@ -41,6 +43,7 @@ DEMO_LABELS = ["labels.box_fraction=1.0", "labels.segmentation_fraction=0.3", "f
                "fracture.shift_mm=[1.5, 3.0]"]
 SIZES_MM = (60.0, 80.0, 100.0, 120.0, 140.0)
 MINUTES_PER_HOUR = 60.0
+DEFAULT_ROI_MM = 100.0       # configs/detector.yaml roi.size_mm
 
 
 def false_rate_threshold(boxes: pd.DataFrame, far: pd.DataFrame, rate: float) -> float:
@@ -154,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--slices", type=int, default=100, help="slices per synthetic study (synth volume.slices)")
     p.add_argument("--budget-min", type=float, default=6.0, help="detector training wall time per model (minutes)")
     p.add_argument("--locator-epochs", type=int, default=10)
-    p.add_argument("--roi-set", nargs="*", default=["render.imgsz=192", "roi.size_mm=80.0"],
+    p.add_argument("--reuse-locator", type=Path, default=None,
+                   help="a trained locator run folder (e.g. an earlier run's model_roi/locator) used by both models")
+    p.add_argument("--roi-set", nargs="*", default=["render.imgsz=160", "roi.size_mm=100.0"],
                    help="detector overrides of the ROI model")
     p.add_argument("--full-imgsz", type=int, default=384, help="image size of the whole-slice model (the former default)")
     p.add_argument("--common-set", nargs="*", default=["render.recipe=windows", "prepare.boxed_every=2",
@@ -186,17 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     budget = [f"train.time={args.budget_min / MINUTES_PER_HOUR}"]
     locator_set = ["render.imgsz=128", f"train.epochs={args.locator_epochs}", "train.plots=false"]
     results = {"roi": run_variant("roi", data, test, work, [*args.common_set, *budget, "roi.enabled=true",
-                                                             *args.roi_set], locator_set, None, args.workers)}
+                                                             *args.roi_set], locator_set, args.reuse_locator,
+                                                             args.workers)}
     results["full"] = run_variant("full", data, test, work,
                                   [*args.common_set, *budget, "roi.enabled=false", f"render.imgsz={args.full_imgsz}"],
-                                  locator_set, Path(results["roi"]["model"]) / "locator", args.workers)
+                                  locator_set, args.reuse_locator or Path(results["roi"]["model"]) / "locator",
+                                  args.workers)
 
     truth = read_table(test / "truth" / "train_bounding_boxes.csv", "boxes")
     labels = read_table(test / "truth" / "train.csv", "train")
     truth[STUDY_COL] = truth[STUDY_COL].astype(str)
     labels[STUDY_COL] = labels[STUDY_COL].astype(str)
     roi_size = float(next(s.split("=")[1] for s in args.roi_set if s.startswith("roi.size_mm="))) \
-        if any(s.startswith("roi.size_mm=") for s in args.roi_set) else 100.0
+        if any(s.startswith("roi.size_mm=") for s in args.roi_set) else DEFAULT_ROI_MM
     for name, res in results.items():
         pred = Path(res["pred"])
         boxes = pd.read_csv(pred / "boxes.csv", dtype={STUDY_COL: str})

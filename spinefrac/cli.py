@@ -254,7 +254,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, required=True, help=".pt, or an exported ONNX/OpenVINO model")
     p.add_argument("--out", type=Path, required=True, help="output folder (boxes.csv, slices.csv, overlays/)")
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: draw ground truth too")
-    p.add_argument("--locator", type=Path, default=None, help="locator weights: add vertebra levels")
+    p.add_argument("--locator", type=Path, default=None,
+                   help="locator weights: add vertebra levels and centre the spine ROI crops (config roi:); "
+                        "without it the crops use roi.fallback")
     p.add_argument("--conf", type=float, default=None, help="box score threshold (config detect.conf)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")

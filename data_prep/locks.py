@@ -79,6 +79,7 @@ def pid_alive(pid: int) -> bool:
 def output_lock(folder: str | os.PathLike, *, command: str | None = None) -> Iterator[Path]:
     """Hold the lock of an output folder (created if needed) while the block runs; refuse if another run holds it."""
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     key = folder.resolve()
     if key in _HELD:                       # this process holds it already (e.g. predict, then detect)
@@ -88,13 +89,20 @@ def output_lock(folder: str | os.PathLike, *, command: str | None = None) -> Ite
         finally:
             _HELD[key][1] -= 1
         return
-    lock = _acquire(folder)
+    try:
+        lock = _acquire(folder)
+    except BaseException:
+        if created:
+            _remove_if_unused(folder)
+        raise
     try:
         write_json_atomic(folder / HOLDER_NAME, {
             "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime(TIME_FORMAT),
             "command": command or " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])})
     except BaseException:
         lock.release()
+        if created:
+            _remove_if_unused(folder)
         raise
     _HELD[key] = [lock, 1]
     try:
@@ -104,6 +112,17 @@ def output_lock(folder: str | os.PathLike, *, command: str | None = None) -> Ite
         with contextlib.suppress(OSError):
             (folder / HOLDER_NAME).unlink()
         lock.release()
+        if created:                       # a run refused before any work leaves no folder behind
+            _remove_if_unused(folder)
+
+
+def _remove_if_unused(folder: Path) -> None:
+    """Remove a folder this run created if it holds nothing but the lock files."""
+    with contextlib.suppress(OSError):
+        if {p.name for p in folder.iterdir()} <= set(LOCK_FILES):
+            for name in LOCK_FILES:
+                (folder / name).unlink(missing_ok=True)
+            folder.rmdir()
 
 
 def locks_output(param: str = "out") -> Callable[[F], F]:

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
 
@@ -165,14 +166,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--far-slices", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a new temp folder)")
     args = p.parse_args(argv)
 
     from data_prep.config import load_config
     from data_prep.synth import synthesize
     from data_prep.tables import read_table
 
-    work = args.work
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_roi_"))
     work.mkdir(parents=True, exist_ok=True)
     synth_cfg = load_config("synth", None, [f"volume.slices={args.slices}", *DEMO_LABELS])
     data, test = work / "data", work / "test"

@@ -444,8 +444,11 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                    out: str | os.PathLike, config: Mapping[str, Any], labels: str | os.PathLike | None = None,
                    locator: str | os.PathLike | None = None, locator_config: Mapping[str, Any] | None = None,
                    levels_config: Mapping[str, Any] | None = None, workers: int = 2, progress: bool = True,
-                   overwrite: bool = False) -> DetectResult:
+                   overwrite: bool = False, device: str | int | None = None) -> DetectResult:
     """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays.
+
+    `device` ("cpu", 0, "0,1", ...) runs the models there; None picks the first GPU if there is one, else the
+    CPU. The training config's `train.device` is never used here: a GPU-trained model predicts on a CPU machine.
 
     `locator_config`/`levels_config` default to configs/locator.yaml and configs/levels.yaml; a model
     folder passes its own. Without a locator but with `levels_config`, levels come from relative z.
@@ -467,7 +470,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
         _drop_other_errors(out, markers.key)
     det = config["detect"]
     train = config.get("train") or {}
-    device = train.get("device") or "cpu"
+    device = None if device in (None, "") else device  # None: Ultralytics' select_device picks GPU 0 or the CPU
     threads = train.get("threads") or None
     predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
                                backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),

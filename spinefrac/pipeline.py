@@ -8,9 +8,11 @@ Model folder (see docs/contracts.md "Model folder"):
     prior.json        the training prior of the eight targets (for failed studies)
     detector/         YOLO run folder: weights/best.pt, results.csv, args.yaml, train.meta.json
     locator/          the same for the vertebra locator (absent when trained without segmentations)
-    aggregator/       aggregator.joblib + aggregator.json
+    aggregator/       aggregator.skops + aggregator.json
     work/             intermediate datasets and detections (resumable; not needed to predict)
 Copy the folder without work/ to another machine and `spinefrac predict` works there.
+model.json lists the SHA-256 of every file (`files`, except work/, model.json and the export caches that
+predict writes beside the weights); `open_model` refuses a changed or missing file, or an extra loadable one.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ from data_prep import registry
 from data_prep.artifacts import library_versions, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.config import Config, dump_config, load_config
 from data_prep.errors import AllStudiesFailedError, InputError
-from data_prep.locks import clear_folder, locks_output
+from data_prep.locks import LOCK_FILES, clear_folder, locks_output
+from data_prep.manifest import build_manifest, verify_manifest
 from data_prep.resume import (
     SettingsChangedError,
     changed_settings,
@@ -45,8 +48,14 @@ from data_prep.tables import read_table
 
 log = logging.getLogger("spinefrac")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: weights-only YOLO weights, a skops aggregator and a file manifest (1 held pickles: refused)."""
 MODEL_JSON = "model.json"
+MANIFEST_KEY = "files"
+MANIFEST_EXCLUDE = (MODEL_JSON, "work/*", "*_openvino_model/*", "*_openvino_model.meta.json", "*.onnx",
+                    "*.onnx.meta.json", "*/.*.export.*", *LOCK_FILES)
+"""Never in the manifest: model.json itself, work files, and the export caches predict writes beside the weights
+(detector/export.py checks those against the weights' and their own SHA-256), and the folder's lock files."""
 STAGE_CONFIGS = ("detector", "locator", "levels", "aggregation")
 TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
     "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
@@ -196,6 +205,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
            "upstream": upstream("detect-aggregator-studies")})
     meta["locator"] = use_locator
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
@@ -253,8 +263,8 @@ def _train(data_yaml: Path, out: Path, cfg: Config) -> dict[str, Any]:
 
 
 def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: Path, cfgs: Mapping[str, Config], *,
-            workers: int, progress: bool, labels: Path | None, overlays: bool, overwrite: bool = False
-            ) -> dict[str, Any]:
+            workers: int, progress: bool, labels: Path | None, overlays: bool, overwrite: bool = False,
+            device: str | None = None) -> dict[str, Any]:
     from detector.detect import detect_studies
 
     det_cfg = cfgs["detector"]
@@ -262,7 +272,7 @@ def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: P
         det_cfg = load_config("detector", None, [*_flatten(det_cfg), "detect.overlays=false"])
     result = detect_studies(studies, weights=weights, out=out, config=det_cfg, labels=labels, locator=locator,
                             locator_config=cfgs["locator"], levels_config=cfgs["levels"], workers=workers,
-                            progress=progress, overwrite=overwrite)
+                            progress=progress, overwrite=overwrite, device=device)
     return {"finished": len(result.finished) + len(result.skipped), "failed": len(result.failed),
             "slices": result.n_slices, "backend": _backend_name(out)}
 
@@ -290,36 +300,50 @@ def _fit_aggregator(detect_dir: Path, labels: pd.DataFrame, studies: Sequence[st
 
 # ---------------------------------------------------------------- predict
 def open_model(model_dir: str | os.PathLike) -> ModelFolder:
-    """Open a model folder written by `train_all`, checking that everything predict needs is there and valid."""
+    """Open a model folder written by `train_all`: check its file manifest, that its weights load weights-only, and its prior."""
     from aggregation.submission import load_prior
+    from detector.weights import read_weights
 
     root = Path(model_dir)
     meta_path = root / MODEL_JSON
     if not meta_path.is_file():
         raise InputError(root, f"not a spinefrac model folder (no {MODEL_JSON}; make one with `spinefrac train`)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise InputError(meta_path, f"model format {meta.get('format_version')} is not {FORMAT_VERSION}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise InputError(meta_path, f"not valid JSON: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        raise InputError(meta_path, f"model format {version} is not {FORMAT_VERSION}: older model folders hold "
+                                    "pickled files that could run code when loaded; retrain with spinefrac train")
+    if MANIFEST_KEY not in meta:
+        raise InputError(meta_path, "has no file manifest: training did not finish (rerun spinefrac train)")
+    verify_manifest(root, meta[MANIFEST_KEY], MANIFEST_EXCLUDE)
     configs = {stage: load_config(stage, root / f"{stage}.yaml") for stage in STAGE_CONFIGS}
     detector = root / "detector" / WEIGHTS
-    locator = root / "locator" / WEIGHTS
-    for needed in (detector, root / "aggregator" / "aggregator.json", root / "prior.json"):
-        if not needed.exists():
+    locator = root / "locator" / WEIGHTS if meta.get("locator") else None
+    for needed in (detector, locator, root / "aggregator" / "aggregator.json", root / "prior.json"):
+        if needed is not None and not needed.exists():
             raise InputError(needed, "missing from the model folder: training did not finish (rerun spinefrac train)")
+    for weights in (detector, locator):
+        if weights is not None:
+            read_weights(weights)  # refuse pickled weights before any study is read
     prior = load_prior(root / "prior.json")
-    return ModelFolder(root, configs, detector, locator if meta.get("locator") and locator.is_file() else None,
-                       prior, meta)
+    return ModelFolder(root, configs, detector, locator, prior, meta)
 
 
 @locks_output("out")
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
-                workers: int = 2, progress: bool = True, overwrite: bool = False) -> Path:
+                workers: int = 2, progress: bool = True, overwrite: bool = False,
+                device: str | None = None) -> Path:
     """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays.
 
-    The model folder and `test_csv` are checked before any detection. A failed study, or a test.csv
-    study without a folder, gets the training prior. When every study fails, predictions.csv and
-    submission.csv are still written (all prior) and AllStudiesFailedError is raised afterwards.
+    The model folder (manifest, safe weights, prior, aggregator) and `test_csv` are checked before any
+    detection. A failed study, or a test.csv study without a folder, gets the training prior. When every
+    study fails, predictions.csv and submission.csv are still written (all prior) and AllStudiesFailedError
+    is raised afterwards. device: "cpu", "0", ... (None: the first GPU if there is one, else the CPU; never
+    the training config's).
     """
     from aggregation.features import build_features
     from aggregation.model import StudyAggregator
@@ -336,6 +360,7 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     out = Path(out)
     model = open_model(model_dir)
     test = read_test_csv(test_csv) if test_csv is not None else None     # checked before any detection
+    aggregator = StudyAggregator.load(model.root / "aggregator")  # refuse a bad aggregator before any detection
     study_dirs = find_studies(studies)
     uids = [s.name for s in study_dirs]
     if test is not None:
@@ -344,13 +369,13 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
             log.warning("%s: %d studies have no folder among the inputs and get the training prior: %s%s",
                         test_csv, len(absent), ", ".join(absent[:MAX_NAMED]), " ..." if len(absent) > MAX_NAMED else "")
     info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs, workers=workers,
-                   progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite)
+                   progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite,
+                   device=device)
     errors = pd.read_csv(out / "errors.csv", dtype={registry.STUDY_COL: str})
     failed = set(errors[registry.STUDY_COL]) & set(uids)
     boxes, slices = _detections(out, failed=failed, uids=uids)
     finished = [u for u in uids if u not in failed and u in set(slices[registry.STUDY_COL].astype(str))]
     if finished:
-        aggregator = StudyAggregator.load(model.root / "aggregator")
         features = build_features(boxes, slices, config=model.configs["aggregation"], studies=finished)
         write_csv_atomic(out / "features.csv", features)
         probs = aggregator.predict_proba(features)

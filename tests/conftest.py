@@ -68,3 +68,9 @@ def trained_pipeline(tmp_path_factory):
     assert main(["train", str(root / "data"), "--out", str(root / "model"), "--config", str(cfg),
                  "--no-progress"]) == 0
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(trained_pipeline):
+    """The same session-trained tiny pipeline (data/, test/, model/) under the name the model-folder tests use."""
+    return trained_pipeline

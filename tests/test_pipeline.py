@@ -1,4 +1,4 @@
-"""`spinefrac train` then `spinefrac predict` through the CLI on a tiny synthetic dataset."""
+"""`spinefrac train` then `spinefrac predict` through the CLI on a tiny synthetic dataset (`trained`: conftest.py)."""
 
 from __future__ import annotations
 
@@ -11,12 +11,6 @@ from data_prep.registry import STUDY_COL, TARGETS
 from spinefrac.cli import main
 
 
-@pytest.fixture(scope="module")
-def trained(trained_pipeline):
-    """The session's tiny trained pipeline (tests/conftest.py: trained once, shared with tests/test_faults_runs.py)."""
-    return trained_pipeline
-
-
 @pytest.mark.slow
 def test_model_folder_is_self_describing(trained):
     model = trained / "model"
@@ -26,7 +20,7 @@ def test_model_folder_is_self_describing(trained):
     assert meta["locator"] is True and "torch" in meta["versions"] and "ultralytics" in meta["versions"]
     for name in ("config.yaml", "detector.yaml", "locator.yaml", "levels.yaml", "aggregation.yaml", "splits.json",
                  "prior.json", "detector/weights/best.pt", "detector/results.csv", "locator/weights/best.pt",
-                 "aggregator/aggregator.joblib", "aggregator/aggregator.json"):
+                 "aggregator/aggregator.skops", "aggregator/aggregator.json"):
         assert (model / name).exists(), name
     # no study trains both the detector and the aggregator
     roles = json.loads((model / "splits.json").read_text())["roles"]

@@ -353,3 +353,43 @@ def train_cli(data: Path, model: Path, cfg: Path) -> str:
                           str(cfg), "--no-progress"], cwd=REPO, capture_output=True, text=True, check=False)
     assert run.returncode == 0, run.stderr[-2000:]
     return run.stderr
+
+
+# ---------------------------------------------------------------- the shared mechanism (data_prep/resume.py)
+def test_settings_changes_are_named_key_by_key():
+    from data_prep.resume import changed_settings
+
+    old = {"detect": {"conf": 0.01, "iou": 0.5}, "roi": {"enabled": False}}
+    new = {"detect": {"conf": 0.2, "iou": 0.5}, "roi": {"enabled": True, "size_mm": 80.0}}
+    assert changed_settings(old, new) == ["detect.conf: 0.01 -> 0.2", "roi.enabled: false -> true",
+                                          "roi.size_mm: <not recorded> -> 80.0"]
+    assert changed_settings(new, new) == []
+
+
+def test_an_export_folder_is_hashed_by_its_files(tmp_path):
+    a, b = tmp_path / "a_openvino_model", tmp_path / "b_openvino_model"
+    for folder in (a, b):
+        folder.mkdir()
+        (folder / "model.xml").write_text("<net/>")
+        (folder / "model.bin").write_bytes(b"\x00\x01")
+    assert file_sha256(a) == file_sha256(b)
+    (b / "model.bin").write_bytes(b"\x00\x02")
+    assert file_sha256(a) != file_sha256(b)
+    (b / "model.bin").write_bytes(b"\x00\x01")
+    (b / "model.bin").rename(b / "other.bin")                       # a renamed file is another export
+    assert file_sha256(a) != file_sha256(b)
+
+
+def test_a_corrupt_done_marker_means_the_study_is_redone(images, fake_detector, tmp_path, caplog):
+    w = weights(tmp_path, "w.pt", 1.0)
+    out = tmp_path / "det"
+    assert detect(images, w, out) == 0
+    clean = tables(out)
+    (out / "done" / "4.2.json").write_text('{"StudyInstanceUID": "4.2", "settings_k')     # cut short by a crash
+    caplog.clear()
+    caplog.set_level("INFO")
+    assert detect(images, w, out) == 0
+    assert "unreadable done marker" in caplog.text and "4.2" in caplog.text
+    assert "2 of 3 studies already finished" in caplog.text
+    for name, table in tables(out).items():
+        pd.testing.assert_frame_equal(table, clean[name], obj=name)

@@ -393,3 +393,38 @@ def test_a_corrupt_done_marker_means_the_study_is_redone(images, fake_detector, 
     assert "2 of 3 studies already finished" in caplog.text
     for name, table in tables(out).items():
         pd.testing.assert_frame_equal(table, clean[name], obj=name)
+
+
+@pytest.mark.slow
+def test_predict_rerun_with_another_model_is_refused_then_overwrite_equals_a_clean_run(trained_pipeline, tmp_path,
+                                                                                      caplog):
+    import yaml
+
+    from data_prep.manifest import build_manifest
+    from spinefrac.pipeline import MANIFEST_EXCLUDE, MODEL_JSON
+
+    other = tmp_path / "other_model"                        # the same weights, another detect.conf
+    shutil.copytree(trained_pipeline / "model", other, ignore=shutil.ignore_patterns("work"))
+    cfg = yaml.safe_load((other / "detector.yaml").read_text())
+    cfg["detect"]["conf"] = 0.3
+    (other / "detector.yaml").write_text(yaml.safe_dump(cfg))
+    meta = json.loads((other / MODEL_JSON).read_text())
+    meta["files"] = build_manifest(other, MANIFEST_EXCLUDE)   # as `spinefrac train` would have written it
+    (other / MODEL_JSON).write_text(json.dumps(meta))
+
+    def predict(model: Path, out: Path, *extra: str) -> int:
+        return main(["predict", str(trained_pipeline / "test" / "test_images"), "--model", str(model), "--out",
+                     str(out), "--workers", "1", "--no-progress", "--device", "cpu", *extra])
+
+    out = tmp_path / "pred"
+    assert predict(trained_pipeline / "model", out) == 0
+    first = pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str})
+    caplog.clear()
+    assert predict(other, out) == 2
+    assert "detect.conf: 0.01 -> 0.3" in caplog.text and "--overwrite" in caplog.text
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str}), first)
+    assert predict(other, out, "--overwrite") == 0
+    clean = tmp_path / "clean"
+    assert predict(other, clean) == 0
+    for name in ("boxes.csv", "slices.csv", "errors.csv", "predictions.csv", "submission.csv"):
+        pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(clean / name), obj=name)

@@ -33,7 +33,17 @@ from data_prep import registry
 from data_prep.artifacts import library_versions, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.config import Config, dump_config, load_config
 from data_prep.errors import AllStudiesFailedError, InputError
+from data_prep.locks import LOCK_FILES, clear_folder, locks_output
 from data_prep.manifest import build_manifest, verify_manifest
+from data_prep.resume import (
+    SettingsChangedError,
+    changed_settings,
+    describe_changes,
+    plain,
+    section,
+    settings_key,
+    weights_id,
+)
 from data_prep.tables import read_table
 
 log = logging.getLogger("spinefrac")
@@ -43,15 +53,17 @@ FORMAT_VERSION = 2
 MODEL_JSON = "model.json"
 MANIFEST_KEY = "files"
 MANIFEST_EXCLUDE = (MODEL_JSON, "work/*", "*_openvino_model/*", "*_openvino_model.meta.json", "*.onnx",
-                    "*.onnx.meta.json", "*/.*.export.*")
+                    "*.onnx.meta.json", "*/.*.export.*", *LOCK_FILES)
 """Never in the manifest: model.json itself, work files, and the export caches predict writes beside the weights
-(detector/export.py checks those against the weights' and their own SHA-256)."""
+(detector/export.py checks those against the weights' and their own SHA-256), and the folder's lock files."""
 STAGE_CONFIGS = ("detector", "locator", "levels", "aggregation")
 TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
     "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
 WEIGHTS = Path("weights") / "best.pt"
 EVIDENCE_TOP = 3  # boxes listed per level in evidence.csv
 MAX_NAMED = 5     # studies named in one log line
+TRAIN_RUN_ONLY = ("plots", "workers")
+"""train: keys that change how training reports or loads data, not the weights (left out of the stage key)."""
 
 
 @dataclass(frozen=True)
@@ -74,9 +86,15 @@ def stage_configs(config: Config) -> dict[str, Config]:
 
 
 # ---------------------------------------------------------------- train
+@locks_output("out")
 def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Config, workers: int = 2,
               progress: bool = True, clean: bool = False) -> Path:
-    """Run every training stage into one self-contained model folder; a rerun skips the stages already done."""
+    """Run every training stage into one self-contained model folder; a rerun skips the stages already done.
+
+    Each stage records the settings key of its inputs (its config sections and the keys or weight hashes of
+    the upstream stages it consumed). A rerun redoes a stage whose key changed, or whose outputs are
+    missing, and so every stage downstream of it; the log says which setting changed.
+    """
     from aggregation.splits import (
         aggregator_train_studies,
         assert_no_leakage,
@@ -90,10 +108,10 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     cfgs = stage_configs(config)      # every stage's config is validated before any work
     labels = read_table(data_root / TRAIN_CSV, "train")
     boxes = read_table(data_root / BOXES_CSV, "boxes")
-    if clean and out.exists():
-        log.info("--clean: removing %s", out)
-        shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    if clean:
+        log.info("--clean: removing everything in %s", out)
+        clear_folder(out)        # not the lock this run holds
     _save_configs(out, config, cfgs)
     meta = _read_meta(out)
 
@@ -104,16 +122,38 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     assert_no_leakage(splits, detector_train=det_studies, aggregator_train=agg_studies)
     write_json_atomic(out / "prior.json", model_prior(labels))
 
-    def stage(name: str, fn: Callable[[], dict[str, Any]], outputs: Sequence[Path]) -> None:
+    def stage(name: str, fn: Callable[[bool], dict[str, Any]], outputs: Sequence[Path],
+              settings: Mapping[str, Any]) -> None:
+        """Run stage `name` unless done with the same settings key; fn(redo) redoes its work folder if asked."""
+        key = settings_key(settings)
         done = meta["stages"].get(name)
-        if done and all(p.exists() for p in outputs):
+        missing = [p for p in outputs if not p.exists()]
+        if done and not missing and done.get("key") == key:
             log.info("stage %s: done already (%s), skipped", name, ", ".join(str(p) for p in outputs))
             return
-        log.info("stage %s ...", name)
-        s0 = time.perf_counter()
-        info = fn() or {}
-        meta["stages"][name] = {"runtime_s": round(time.perf_counter() - s0, 1), **info}
+        changed = bool(done) and done.get("key") != key
+        if changed:
+            why = "redone: its settings changed (" + describe_changes(changed_settings(done.get("settings"), settings)) + ")"
+        else:
+            why = f"redone: {missing[0]} is missing" if done else "..."
+        log.info("stage %s %s", name, why)
+        meta["stages"].pop(name, None)      # not done until it finishes again
         _write_meta(out, meta)
+        s0 = time.perf_counter()
+        try:
+            info = fn(changed) or {}
+        except SettingsChangedError as exc:   # its work folder holds an interrupted run of other settings
+            if changed:
+                raise
+            log.warning("stage %s: %s; redoing it", name, exc.reason)
+            info = fn(True) or {}
+        meta["stages"][name] = {"runtime_s": round(time.perf_counter() - s0, 1), **info, "key": key,
+                                "settings": plain(settings)}
+        _write_meta(out, meta)
+
+    def upstream(*names: str) -> dict[str, Any]:
+        """The settings keys of the upstream stages a stage consumes."""
+        return {n: meta["stages"][n]["key"] for n in names}
 
     work = out / "work"
     det_ds = work / "detector_dataset" / "data.yaml"
@@ -125,33 +165,56 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         log.warning("%s: no segmentations; levels come from relative z position (no locator)",
                     data_root / SEGMENTATIONS)
 
+    from detector.detect import detect_settings
+    from detector.yolo_dataset import prepare_settings
+
     # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
     reuse = config.locator.get("reuse")
+    data = {"data_root": str(data_root.resolve())}
     if use_locator and reuse:
-        stage("copy-locator", lambda: _copy_locator(Path(reuse), out / "locator"), [out / "locator" / WEIGHTS])
+        stage("copy-locator", lambda redo: _copy_locator(Path(reuse), out / "locator"), [out / "locator" / WEIGHTS],
+              {"source": str(Path(reuse).resolve()), "weights_sha256": weights_id(Path(reuse) / WEIGHTS)})
     elif use_locator:
-        stage("prepare-locator", lambda: _prepare(data_root, loc_ds.parent, cfgs["locator"], None, workers,
-                                                  progress, kind="locator"), [loc_ds])
-        stage("train-locator", lambda: _train(loc_ds, out / "locator", cfgs["locator"]), [out / "locator" / WEIGHTS])
+        stage("prepare-locator", lambda redo: _prepare(data_root, loc_ds.parent, cfgs["locator"], None, workers,
+                                                       progress, kind="locator", overwrite=redo), [loc_ds],
+              {**data, "locator": prepare_settings(cfgs["locator"], kind="locator")})
+        stage("train-locator", lambda redo: _train(loc_ds, out / "locator", cfgs["locator"]),
+              [out / "locator" / WEIGHTS], _train_settings(cfgs["locator"], upstream("prepare-locator")))
     locator_weights = out / "locator" / WEIGHTS if use_locator else None
-    stage("prepare-detector", lambda: _prepare(data_root, det_ds.parent, cfgs["detector"], det_studies, workers,
-                                               progress, kind="detector", locator=locator_weights, cfgs=cfgs),
-          [det_ds])
-    stage("train-detector", lambda: _train(det_ds, out / "detector", cfgs["detector"]), [out / "detector" / WEIGHTS])
+    locator_stage = upstream("copy-locator" if reuse else "train-locator") if use_locator else {}
+    stage("prepare-detector", lambda redo: _prepare(data_root, det_ds.parent, cfgs["detector"], det_studies, workers,
+                                                    progress, kind="detector", locator=locator_weights, cfgs=cfgs,
+                                                    overwrite=redo), [det_ds],
+          {**data, "studies": sorted(det_studies),     # the locator's weights count when it centres the ROI
+           "detector": prepare_settings(cfgs["detector"], kind="detector", locator=locator_weights,
+                                        locator_config=cfgs["locator"], levels_config=cfgs["levels"])})
+    stage("train-detector", lambda redo: _train(det_ds, out / "detector", cfgs["detector"]),
+          [out / "detector" / WEIGHTS], _train_settings(cfgs["detector"], upstream("prepare-detector")))
     studies = [data_root / TRAIN_IMAGES / uid for uid in agg_studies]
     stage("detect-aggregator-studies",
-          lambda: _detect(studies, out / "detector" / WEIGHTS, locator_weights, agg_detect, cfgs, workers=workers,
-                          progress=progress, labels=None, overlays=False),
-          [agg_detect / "boxes.csv", agg_detect / "slices.csv"])
-    stage("train-aggregator", lambda: _fit_aggregator(agg_detect, labels, agg_studies, out / "aggregator",
-                                                      cfgs["aggregation"]),
-          [out / "aggregator" / "aggregator.json"])
+          lambda redo: _detect(studies, out / "detector" / WEIGHTS, locator_weights, agg_detect, cfgs,
+                               workers=workers, progress=progress, labels=None, overlays=False, overwrite=redo),
+          [agg_detect / "boxes.csv", agg_detect / "slices.csv"],
+          {**data, "studies": sorted(agg_studies), "upstream": {**upstream("train-detector"), **locator_stage},
+           "detect": detect_settings(cfgs["detector"], weights=out / "detector" / WEIGHTS, locator=locator_weights,
+                                     locator_config=cfgs["locator"], levels_config=cfgs["levels"])})
+    stage("train-aggregator", lambda redo: _fit_aggregator(agg_detect, labels, agg_studies, out / "aggregator",
+                                                           cfgs["aggregation"]),
+          [out / "aggregator" / "aggregator.json"],
+          {"studies": sorted(agg_studies), "aggregation": plain(cfgs["aggregation"]),
+           "upstream": upstream("detect-aggregator-studies")})
     meta["locator"] = use_locator
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
     meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
+
+
+def _train_settings(cfg: Config, upstream: Mapping[str, Any]) -> dict[str, Any]:
+    """A training stage's key inputs: the image size, the train section (bar TRAIN_RUN_ONLY), its dataset stage."""
+    return {"render": section(cfg, "render"), "train": section(cfg, "train", drop=TRAIN_RUN_ONLY),
+            "upstream": dict(upstream)}
 
 
 def _copy_locator(source: Path, target: Path) -> dict[str, Any]:
@@ -167,17 +230,19 @@ def _copy_locator(source: Path, target: Path) -> dict[str, Any]:
 
 
 def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | None, workers: int, progress: bool,
-             *, kind: str, locator: Path | None = None, cfgs: Mapping[str, Config] | None = None) -> dict[str, Any]:
+             *, kind: str, locator: Path | None = None, cfgs: Mapping[str, Config] | None = None,
+             overwrite: bool = False) -> dict[str, Any]:
     from detector.yolo_dataset import prepare_detector_dataset, prepare_locator_dataset
 
     if kind == "detector":
         data_yaml = prepare_detector_dataset(data_root, out, config=cfg, studies=studies, workers=workers,
                                              progress=progress, locator=locator,
                                              locator_config=cfgs["locator"] if cfgs else None,
-                                             levels_config=cfgs["levels"] if cfgs else None)
+                                             levels_config=cfgs["levels"] if cfgs else None,
+                                             overwrite=overwrite)
     else:
         data_yaml = prepare_locator_dataset(data_root, out, config=cfg, studies=studies, workers=workers,
-                                            progress=progress)
+                                            progress=progress, overwrite=overwrite)
     index = pd.read_csv(Path(data_yaml).parent / "index.csv")
     info = {"images": int(len(index)), "studies": int(index[registry.STUDY_COL].nunique())}
     if "n_cut" in index.columns:
@@ -267,6 +332,7 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
     return ModelFolder(root, configs, detector, locator, prior, meta)
 
 
+@locks_output("out")
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True, overwrite: bool = False,

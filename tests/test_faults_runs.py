@@ -61,6 +61,16 @@ def model_copy(trained_pipeline, tmp_path):
     return dst
 
 
+def _reseal(model: Path) -> None:
+    """Recompute model.json's file manifest, as if the edited file had been written at training."""
+    from data_prep.manifest import build_manifest
+    from spinefrac.pipeline import MANIFEST_EXCLUDE, MODEL_JSON
+
+    meta = json.loads((model / MODEL_JSON).read_text())
+    meta["files"] = build_manifest(model, MANIFEST_EXCLUDE)
+    (model / MODEL_JSON).write_text(json.dumps(meta))
+
+
 def _predict(studies: Path, model: Path, out: Path, *extra: str) -> int:
     return main(["predict", str(studies), "--model", str(model), "--out", str(out), "--no-progress",
                  "--workers", "1", *extra])
@@ -162,6 +172,7 @@ def test_a_bad_test_csv_is_refused_before_any_detection(trained_pipeline, test_s
 def test_a_bad_prior_is_refused_naming_file_and_target(model_copy, test_set, tmp_path, caplog, edit, named):
     prior = model_copy / "prior.json"
     prior.write_text(json.dumps(edit(json.loads(prior.read_text()))))    # json writes NaN as NaN
+    _reseal(model_copy)              # past the manifest check: the prior's own validation must refuse it
     out = tmp_path / "pred"
     assert _predict(test_set / "test_images", model_copy, out, "--test-csv", str(test_set / "test.csv")) == EXIT_ERROR
     assert any("prior.json" in line and named in line for line in _error_lines(caplog))
@@ -174,6 +185,7 @@ def test_a_bad_choice_in_a_model_folder_config_is_refused(model_copy, test_set, 
     data = yaml.safe_load(saved.read_text())
     data["detect"]["backend"] = "onxx"
     saved.write_text(yaml.safe_dump(data))
+    _reseal(model_copy)              # past the manifest check: the config schema must refuse it
     assert _predict(test_set / "test_images", model_copy, tmp_path / "pred") == EXIT_ERROR
     assert any(str(saved) in line and "'detect.backend' = 'onxx'" in line and "'onnx'" in line
                for line in _error_lines(caplog))
@@ -234,7 +246,7 @@ def test_read_only_out_is_one_line_naming_the_path(small_data, tmp_path, monkeyp
         out.chmod(stat.S_IRWXU)
     assert rc == EXIT_ERROR
     lines = _error_lines(caplog)
-    assert len(lines) == 1 and f"{out / 'config.yaml'}: Read-only file system" in lines[0]
+    assert len(lines) == 1 and f"{out / '.spinefrac.lock'}: Read-only file system" in lines[0]  # its first file
     assert not any(r.exc_info for r in caplog.records)                # no traceback without -v
     assert list(out.iterdir()) == []
 

@@ -363,7 +363,7 @@ def test_a_rerun_with_other_roi_settings_refuses_the_finished_studies(tmp_path):
     out = tmp_path / "ds"
     prepare_detector_dataset(root, out, config=roi_config("roi.enabled=false"), workers=1, progress=False)
     for config in (roi_config(), roi_config("roi.size_mm=40")):
-        with pytest.raises(InputError, match="other render/prepare/roi settings.*--overwrite"):
+        with pytest.raises(InputError, match="other settings: .*roi.*--overwrite"):
             prepare_detector_dataset(root, out, config=config, workers=1, progress=False)
     assert set(read_index(out)["roi_source"]) == {"full"}                    # untouched
     prepare_detector_dataset(root, out, config=roi_config(), workers=1, progress=False, overwrite=True)
@@ -374,7 +374,7 @@ def test_a_rerun_with_other_roi_settings_refuses_the_finished_studies(tmp_path):
     prepare_detector_dataset(root, out, config=roi_config(), workers=1, progress=False)
     marker = out / ".done" / "2.1.json"
     data = json.loads(marker.read_text())
-    del data["settings"]
+    del data["settings"], data["settings_key"]
     marker.write_text(json.dumps(data))
     with pytest.raises(InputError, match="e.g. 2.1"):
         prepare_detector_dataset(root, out, config=roi_config(), workers=1, progress=False)

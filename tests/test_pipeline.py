@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -44,7 +45,8 @@ def test_rerun_of_train_skips_finished_stages(trained, caplog):
 
 @pytest.mark.slow
 def test_predict_complete_submission_errors_and_overlays(trained, tmp_path):
-    test = trained / "test"
+    test = tmp_path / "test"       # a copy: the session's shared test studies stay intact for other tests
+    shutil.copytree(trained / "test", test)
     studies = sorted(p for p in (test / "test_images").iterdir())
     broken = studies[0]
     victim = sorted(broken.glob("*.dcm"))[len(list(broken.glob("*.dcm"))) // 2]

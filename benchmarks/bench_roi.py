@@ -111,13 +111,17 @@ def containment(slices: pd.DataFrame, truth: pd.DataFrame, size_mm: float,
 
 
 def detect_timing(pred_dir: Path) -> dict[str, float]:
-    """ms per slice of predict's detect stage (wall, and the model's share) from the boxes.csv sidecar."""
-    meta = json.loads((pred_dir / "boxes.csv.meta.json").read_text(encoding="utf-8"))
-    run = meta.get("extra", {}).get("this_run", {})
-    n = max(int(run.get("slices", 0)), 1)
-    t = run.get("timings_s", {})
-    return {"slices": n, "ms_per_slice": 1000.0 * float(meta.get("runtime_s") or 0.0) / n,
-            **{f"{k}_ms": 1000.0 * float(v) / n for k, v in t.items() if not k.startswith("model_")}}
+    """ms per slice of detect in predict (whole study incl. overlays, and per stage) from its done markers."""
+    seconds, slices, stages = 0.0, 0, {}
+    for marker in sorted((pred_dir / "done").glob("*.json")):
+        m = json.loads(marker.read_text(encoding="utf-8"))
+        seconds += float(m.get("seconds", 0.0))
+        slices += int(m.get("n_slices", 0))
+        for k, v in (m.get("timings_s") or {}).items():
+            stages[k] = stages.get(k, 0.0) + float(v)
+    n = max(slices, 1)
+    return {"slices": slices, "ms_per_slice": 1000.0 * seconds / n,
+            **{f"{k}_ms": 1000.0 * v / n for k, v in stages.items() if not k.startswith("model_")}}
 
 
 def run_variant(name: str, data: Path, test: Path, work: Path, detector_set: list[str], locator_set: list[str],
@@ -145,8 +149,13 @@ def run_variant(name: str, data: Path, test: Path, work: Path, detector_set: lis
     report = evaluate_predictions(pred / "predictions.csv", labels=test / "truth" / "train.csv",
                                   boxes=pred / "boxes.csv", prior=model / "prior.json").to_dict()
     meta = json.loads((model / "model.json").read_text(encoding="utf-8"))
+    stages = meta.get("stages", {})
     return {"model": str(model), "pred": str(pred), "train_s": round(train_s, 1), "predict_s": round(predict_s, 1),
-            "stages": meta.get("stages", {}), "scores": report["scores"]}
+            "detector_epochs": stages.get("train-detector", {}).get("epochs"),
+            "detector_train_s": stages.get("train-detector", {}).get("runtime_s"),
+            "val_map50": stages.get("train-detector", {}).get("metrics", {}).get("metrics/mAP50(B)"),
+            "roi_cut_share": stages.get("prepare-detector", {}).get("roi_cut_share"),
+            "stages": stages, "scores": report["scores"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,7 +250,9 @@ def format_table(results: dict, args: argparse.Namespace) -> str:
                        f"{r['detect'].get('preprocess_ms', 0):.1f} / {r['detect'].get('model_ms', 0):.1f} / "
                        f"{r['detect'].get('locate_ms', 0):.1f})"),
             ("truth boxes inside the ROI", lambda r: f"{r['containment']['as_made']:.4f}"),
-            ("train s (whole `spinefrac train`)", lambda r: f"{r['train_s']:.0f}")]
+            ("detector training: s / epochs / validation mAP50",
+             lambda r: f"{r['detector_train_s']} / {r['detector_epochs']} / {r['val_map50'] or 0:.3f}"),
+            ("training boxes cut by the crop", lambda r: f"{r['roi_cut_share'] or 0:.4f}")]
     out = ["| | spine ROI | whole slice |", "|---|---|---|"]
     for label, fn in rows:
         out.append(f"| {label} | {fn(results['roi'])} | {fn(results['full'])} |")

@@ -138,6 +138,8 @@ def max_score_baseline(boxes: pd.DataFrame, studies: list[str], path: str | os.P
     elif all(c in boxes.columns for c in WEIGHT_COLS):
         w = boxes[list(WEIGHT_COLS)].to_numpy(dtype=float)
         level = pd.Series(np.array(registry.LEVELS)[w.argmax(axis=1)] if len(w) else [], dtype="string")
+    elif len(boxes) == 0:      # no box at all (an empty boxes.csv has only the base columns): every score 0
+        level = pd.Series([], dtype="string")
     else:
         raise InputError(path, "boxes table has no level (or w_C1..w_C7) column: the max-score baseline needs levels")
     b = pd.DataFrame({registry.STUDY_COL: boxes[registry.STUDY_COL].astype(str).to_numpy(),

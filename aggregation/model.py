@@ -19,7 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import joblib
 import numpy as np
 import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -43,9 +42,21 @@ from .features import (
 
 logger = logging.getLogger("aggregation")
 
-MODEL_FILE = "aggregator.joblib"
+MODEL_FILE = "aggregator.skops"
+LEGACY_MODEL_FILE = "aggregator.joblib"
 META_FILE = "aggregator.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+TRUSTED_TYPES = frozenset({
+    "aggregation.model.ConstantClassifier",
+    "functools.partial",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._SigmoidCalibration",
+    "sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor",
+    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.utils.validation.check_array",
+})
+"""Types beyond skops' defaults that a saved aggregator may hold; a file needing any other type is refused.
+(`functools.partial` wraps `check_array` in the boosters' preprocessing; the function it wraps is checked too.)"""
 LEVEL_IDX = "level_idx"
 LEVEL_MODES = ("shared", "per_level")
 CALIBRATION_METHODS = ("sigmoid", "isotonic", "none")
@@ -250,13 +261,19 @@ class StudyAggregator:
 
     # ------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write aggregator.joblib and aggregator.json (features, label order, config, versions) into `directory`."""
+        """Write aggregator.skops and aggregator.json (features, label order, config, versions) into `directory`."""
         if self.level_models_ is None:
             raise RuntimeError("StudyAggregator is not fitted: nothing to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
+        import skops.io as sio
+
+        bundle = {"level_models": self.level_models_, "patient_model": self.patient_model_}
         with atomic_path(directory / MODEL_FILE) as tmp:
-            joblib.dump({"level_models": self.level_models_, "patient_model": self.patient_model_}, tmp)
+            sio.dump(bundle, tmp)
+            unknown = sorted(set(sio.get_untrusted_types(file=tmp)) - TRUSTED_TYPES)
+            if unknown:  # this code made a model it would refuse to load: fail now, not at predict time
+                raise RuntimeError(f"aggregator holds types outside TRUSTED_TYPES: {', '.join(unknown)}")
         write_json_atomic(directory / META_FILE, {
             "format_version": FORMAT_VERSION,
             "targets": list(registry.TARGETS),
@@ -276,6 +293,10 @@ class StudyAggregator:
 
         directory = Path(directory)
         meta_path, model_path = directory / META_FILE, directory / MODEL_FILE
+        legacy = directory / LEGACY_MODEL_FILE
+        if legacy.exists() and not model_path.exists():
+            raise InputError(legacy, "a joblib (pickle) aggregator, which could run code when loaded: it is not "
+                                     "loaded; retrain the aggregator with this version (spinefrac train)")
         for p in (meta_path, model_path):
             if not p.is_file():
                 raise InputError(p, "aggregator file not found (write it with StudyAggregator.save / spinefrac train)")
@@ -299,10 +320,32 @@ class StudyAggregator:
             if meta["versions"].get(lib) != versions.get(lib):
                 logger.warning("%s: trained with %s %s, running %s", meta_path, lib, meta["versions"].get(lib),
                                versions.get(lib))
-        bundle = joblib.load(model_path)
+        bundle = load_trusted(model_path)
+        if not isinstance(bundle, dict) or set(bundle) != {"level_models", "patient_model"}:
+            raise InputError(model_path, "not a saved aggregator (expected level_models and patient_model)")
         agg.level_models_, agg.patient_model_ = bundle["level_models"], bundle["patient_model"]
         agg.training_ = meta.get("training", {})
         return agg
+
+
+def load_trusted(path: Path) -> Any:
+    """Load a skops file whose every non-default type is in TRUSTED_TYPES; refuse it otherwise, naming the file."""
+    import zipfile
+
+    import skops.io as sio
+
+    try:
+        needed = set(sio.get_untrusted_types(file=path))
+    except (zipfile.BadZipFile, KeyError, ValueError, OSError) as exc:
+        raise InputError(path, f"not a skops file ({exc}); a pickle renamed .skops is refused too") from None
+    unknown = sorted(needed - TRUSTED_TYPES)
+    if unknown:
+        raise InputError(path, f"would need types that are not on the aggregator's allow-list: {', '.join(unknown)};"
+                               " it is not loaded")
+    try:
+        return sio.load(path, trusted=sorted(needed))
+    except Exception as exc:  # skops raises many types for damaged content; none of them may escape raw
+        raise InputError(path, f"cannot be read as a saved aggregator ({type(exc).__name__}: {exc})") from None
 
 
 def _mismatch_text(missing: list[str], extra: list[str], where: str, order_only: bool = False) -> str:

@@ -7,13 +7,16 @@ So a submission always holds every requested row.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from data_prep import registry
 from data_prep.artifacts import write_csv_atomic
@@ -27,6 +30,54 @@ FAILED_COL = "failed"
 ROW_ID = "row_id"
 FRACTURED = "fractured"
 TEST_REQUIRED: tuple[str, ...] = (ROW_ID,)
+
+
+class _StrictRecord(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+PriorRate = Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
+Prior = create_model("Prior", __base__=_StrictRecord, __doc__="prior.json: the training positive rate of "
+                     "each of the eight targets, finite and strictly in (0, 1).",
+                     **{t: (PriorRate, ...) for t in registry.TARGETS})
+
+
+def validate_prior(data: Any, path: str | os.PathLike | None = None) -> dict[str, float]:
+    """Return the eight prior rates in competition order; raise InputError naming the file and the bad target."""
+    if not isinstance(data, Mapping):
+        raise InputError(path, f"the prior must be a JSON object {{target: rate}}, found {type(data).__name__}")
+    try:
+        prior = Prior.model_validate(dict(data))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            key = ".".join(str(p) for p in err["loc"])
+            if err["type"] == "missing":
+                problems.append(f"target {key} is missing")
+            elif err["type"] == "extra_forbidden":
+                problems.append(f"{key!r} is not a target ({', '.join(registry.TARGETS)})")
+            else:
+                problems.append(f"{key} = {err.get('input')!r}: must be a finite number strictly between 0 and 1")
+        raise InputError(path, "invalid prior: " + "; ".join(problems)) from None
+    return {t: float(getattr(prior, t)) for t in registry.TARGETS}
+
+
+def load_prior(path: str | os.PathLike) -> dict[str, float]:
+    """Read and validate a prior.json (a model folder's training prior)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "prior not found")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"not valid JSON: {exc}") from None
+    return validate_prior(data, path)
+
+
+def model_prior(labels: pd.DataFrame) -> dict[str, float]:
+    """Return the training prior kept in a model folder: positive rates kept off exactly 0 and 1 (finite loss)."""
+    return {t: float(np.clip(p, registry.PROB_CLIP, 1.0 - registry.PROB_CLIP))
+            for t, p in training_prior(labels).items()}
 
 
 def training_prior(labels: pd.DataFrame) -> dict[str, float]:
@@ -80,20 +131,31 @@ def read_test_csv(test_csv: str | os.PathLike) -> pd.DataFrame:
     return df
 
 
-def make_submission(predictions: pd.DataFrame, *, test_csv: Path | None, prior: Mapping[str, float],
+def make_submission(predictions: pd.DataFrame, *, test_csv: Path | pd.DataFrame | None, prior: Mapping[str, float],
                     failed: set[str]) -> pd.DataFrame:
-    """Return row_id,fractured: the row_ids of test.csv in its order when given, else 8 rows per predicted study."""
+    """Return row_id,fractured: the row_ids of test.csv in its order when given, else 8 rows per predicted study.
+
+    `test_csv` is a path or a table already read with `read_test_csv`. Every row gets a finite
+    probability in [0, 1] (the prior where the model has none); anything else is a bug and raises.
+    """
     if test_csv is not None:
-        test = read_test_csv(test_csv)
+        test = test_csv if isinstance(test_csv, pd.DataFrame) else read_test_csv(test_csv)
         studies = list(dict.fromkeys(test["_uid"]))
         full = complete_predictions(predictions, studies=studies, prior=prior, failed=failed)
         table = full.set_index(registry.STUDY_COL)
         values = [float(table.at[u, t]) for u, t in zip(test["_uid"], test["_target"], strict=True)]
-        return pd.DataFrame({ROW_ID: test[ROW_ID].to_numpy(), FRACTURED: values})
-    predicted = predictions[registry.STUDY_COL].astype(str) if registry.STUDY_COL in predictions.columns else []
-    studies = list(dict.fromkeys([*predicted, *sorted(map(str, failed))]))
-    full = complete_predictions(predictions, studies=studies, prior=prior, failed=failed)
-    return submission_from_predictions(full)
+        submission = pd.DataFrame({ROW_ID: test[ROW_ID].to_numpy(), FRACTURED: values})
+    else:
+        predicted = predictions[registry.STUDY_COL].astype(str) if registry.STUDY_COL in predictions.columns else []
+        studies = list(dict.fromkeys([*predicted, *sorted(map(str, failed))]))
+        full = complete_predictions(predictions, studies=studies, prior=prior, failed=failed)
+        submission = submission_from_predictions(full)
+    values = submission[FRACTURED].to_numpy(dtype=float)
+    bad = ~(np.isfinite(values) & (values >= 0.0) & (values <= 1.0))
+    if bad.any():
+        raise ValueError(f"submission row {submission[ROW_ID].iloc[int(np.argmax(bad))]} has probability "
+                         f"{values[bad][0]!r}, not a finite number in [0, 1]")
+    return submission
 
 
 def submission_from_predictions(predictions: pd.DataFrame) -> pd.DataFrame:

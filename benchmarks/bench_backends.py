@@ -43,6 +43,8 @@ def build_model(folder: Path) -> Path:
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
 
+    from detector.weights import convert_checkpoint
+
     yolo = YOLO("yolov8n.yaml")
     yolo.model = DetectionModel("yolov8n.yaml", nc=1, verbose=False)
     yolo.model.names = {0: "fracture"}
@@ -51,7 +53,7 @@ def build_model(folder: Path) -> Path:
             branch[-1].bias.fill_(QUIET_CLS_BIAS)
     path = folder / "best.pt"
     yolo.save(str(path))
-    return path
+    return convert_checkpoint(path, trust=True)  # made here, so trusted; load_predictor reads weights-only files
 
 
 def variants(weights: Path, imgsz: int, batch: int, threads: list[int]) -> list[tuple[str, str, Path, dict]]:

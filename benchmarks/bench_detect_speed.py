@@ -62,7 +62,7 @@ def _child_naive(args: argparse.Namespace) -> dict:
     from detector.render import context_slices, render_slices
 
     configure_ultralytics()
-    from ultralytics import YOLO
+    from detector.weights import yolo_from_weights
 
     render = load_config("detector", None, [f"render.imgsz={args.imgsz}"]).render
     png_dir = Path(args.out) / "png"
@@ -70,7 +70,7 @@ def _child_naive(args: argparse.Namespace) -> dict:
     speeds = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
     n = 0
     per_study = []
-    model = YOLO(args.weights)
+    model = yolo_from_weights(args.weights)  # spinefrac weights-only file, rebuilt without unpickling
     for study in find_studies(args.studies_dir):
         t0 = time.perf_counter()
         folder = png_dir / study.name

@@ -20,6 +20,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                 ["--studies", "12", "--size", "256", "--slices", "150"]),
     "decode": ("benchmarks.bench_decode", ["--slices", "64", "--size", "512", "--repeats", "5"],
                ["--slices", "32", "--size", "512", "--repeats", "2"]),
+    "synth": ("benchmarks.bench_synth", ["--studies", "4", "--size", "512", "--slices", "100"],
+              ["--studies", "3", "--size", "512", "--slices", "60", "--repeats", "1"]),
     "levels": ("benchmarks.bench_levels", [], []),
     "aggregation": ("benchmarks.bench_aggregation", ["--studies", "600"], ["--studies", "200"]),
     "backends": ("benchmarks.bench_backends", ["--imgsz", "384", "512"], ["--imgsz", "384", "--repeats", "3"]),
@@ -28,6 +30,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                        ["--train-studies", "12", "--test-studies", "4", "--epochs", "3", "--imgsz", "128",
                         "--size", "128", "--slices", "48"]),
     "detect_speed": ("benchmarks.bench_detect_speed", [], []),
+    "roi": ("benchmarks.bench_roi", ["--train-studies", "120", "--test-studies", "40", "--budget-min", "6"],
+            ["--train-studies", "16", "--test-studies", "6", "--slices", "60", "--budget-min", "0.5",
+             "--locator-epochs", "1"]),
 }
 
 

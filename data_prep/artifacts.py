@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import platform
-import tempfile
+import secrets
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -16,22 +17,48 @@ from typing import Any
 import pandas as pd
 
 SIDECAR_SUFFIX = ".meta.json"
+NEW_FILE_MODE = 0o666  # before the umask: outputs get the same mode as any file the user creates
+TEMP_NAME_TRIES = 100  # unique temp names tried before giving up (a collision needs 64 random bits to repeat)
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it."""
+    """Yield a temporary path beside `path`; on success rename it over `path`, on error delete it.
+
+    The temporary file is created with mode 0666 & ~umask (not mkstemp's 0600), so outputs are as
+    readable as the user's umask allows. An OSError without a file name (e.g. ENOSPC raised by a write)
+    is re-raised naming `path`.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path: Path | None = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_path = _create_temp(path)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        if exc.filename is None or (tmp_path is not None and exc.filename == str(tmp_path)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
+
+
+def _create_temp(path: Path) -> Path:
+    """Create an empty, unique temporary file beside `path` with mode NEW_FILE_MODE & ~umask."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    for _ in range(TEMP_NAME_TRIES):
+        candidate = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
+        try:
+            fd = os.open(candidate, flags, NEW_FILE_MODE)
+        except FileExistsError:
+            continue
+        except OSError as exc:       # name the file the caller asked for, not its temporary name
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        os.close(fd)
+        return candidate
+    raise FileExistsError(errno.EEXIST, "no unique temporary name found", str(path))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:

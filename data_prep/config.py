@@ -61,12 +61,20 @@ def default_config_path(stage: str) -> Path:
 
 
 def load_config(stage: str, path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
-    """Load a stage's defaults, merge a user YAML over them, then `key.sub=value` overrides; check keys/types."""
-    defaults = _read_yaml(default_config_path(stage))
+    """Load a stage's defaults, merge a user YAML over them, then `key.sub=value` overrides; validate the result.
+
+    Keys and types are checked while merging (unknown keys get a suggestion); then the merged config
+    is validated against the stage's schema (data_prep/config_schema.py: choices, ranges), naming the
+    key, the value, the allowed values and the file or override it came from.
+    """
+    default_path = default_config_path(stage)
+    defaults = _read_yaml(default_path)
     merged = copy.deepcopy(defaults)
+    sources: dict[str, str] = {}
+    extras = _passthrough(stage)
     if path is not None:
         user = _read_yaml(Path(path))
-        _merge(merged, user, defaults, source=str(path), prefix="")
+        _merge(merged, user, defaults, source=str(path), prefix="", sources=sources, extras=extras)
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -78,9 +86,27 @@ def load_config(stage: str, path: str | os.PathLike | None = None, overrides: Se
         for part in parts[:-1]:
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
-        _merge(merged, nested, defaults, source=f"--set {item}", prefix="")
+        _merge(merged, nested, defaults, source=f"--set {item}", prefix="", sources=sources, extras=extras)
+    validate_config(stage, merged, sources=sources, default_source=str(default_path))
     return Config(merged, stage)
 
+
+def validate_config(stage: str, data: Mapping[str, Any], *, sources: Mapping[str, str] | None = None,
+                    default_source: str | None = None) -> None:
+    """Check a merged config against the stage's schema; raise ConfigError listing every bad key."""
+    from pydantic import ValidationError
+
+    from data_prep.config_schema import SCHEMAS
+
+    schema = SCHEMAS.get(stage)
+    if schema is None:
+        return
+    try:
+        schema.model_validate(data)
+    except ValidationError as exc:
+        lines = [_describe(err, schema, sources or {}, default_source or f"configs/{stage}.yaml")
+                 for err in exc.errors(include_url=False)]
+        raise ConfigError("\n".join(lines)) from None
 
 def dump_config(config: Config | Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a resolved config as YAML (atomically) so a run folder records what made it."""
@@ -105,18 +131,27 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 def _merge(target: dict[str, Any], update: Mapping[str, Any], defaults: Mapping[str, Any], *,
-           source: str, prefix: str) -> None:
+           source: str, prefix: str, sources: dict[str, str] | None = None,
+           extras: Mapping[str, frozenset[str]] | None = None) -> None:
     for key, value in update.items():
         dotted = f"{prefix}{key}"
         if key not in defaults:
+            if key in (extras or {}).get(prefix.rstrip("."), frozenset()):   # an explicit pass-through key
+                target[key] = value
+                if sources is not None:
+                    sources[dotted] = source
+                continue
             raise ConfigError(f"{source}: unknown key {dotted!r}{_suggest(key, defaults)}")
         default = defaults[key]
         if isinstance(default, Mapping):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{source}: {dotted!r} must be a section (mapping), found {value!r}")
-            _merge(target[key], value, default, source=source, prefix=dotted + ".")
+            _merge(target[key], value, default, source=source, prefix=dotted + ".", sources=sources,
+                   extras=extras)
         else:
             target[key] = _check_type(value, default, dotted, source)
+            if sources is not None:
+                sources[dotted] = source
 
 
 def _check_type(value: Any, default: Any, dotted: str, source: str) -> Any:
@@ -140,3 +175,65 @@ def _check_type(value: Any, default: Any, dotted: str, source: str) -> Any:
 def _suggest(key: str, choices: Any) -> str:
     matches = difflib.get_close_matches(str(key), [str(c) for c in choices], n=3)
     return f" (did you mean {', '.join(repr(m) for m in matches)}?)" if matches else ""
+
+
+def _passthrough(stage: str) -> dict[str, frozenset[str]]:
+    """Return, per section, the keys the stage's schema accepts without a default (Ultralytics pass-through)."""
+    from data_prep.config_schema import SCHEMAS, passthrough_keys
+
+    schema = SCHEMAS.get(stage)
+    if schema is None:
+        return {}
+    return {name: passthrough_keys(stage, name) for name in schema.model_fields}
+
+
+def _describe(err: Mapping[str, Any], schema: type, sources: Mapping[str, str], default_source: str) -> str:
+    """One line for one schema error: where the value came from, the key, the value and what is allowed."""
+    loc = tuple(str(p) for p in err["loc"])
+    dotted = ".".join(loc)
+    inside = sorted({src for key, src in sources.items() if key.startswith(dotted + ".")}) if dotted else []
+    source = ", ".join(inside) or default_source   # a check across a section: whoever set keys in it
+    for n in range(len(loc), 0, -1):            # the file or --set that last set this key (or its parent)
+        if ".".join(loc[:n]) in sources:
+            source = sources[".".join(loc[:n])]
+            break
+    kind, value = err["type"], err.get("input")
+    if kind == "extra_forbidden":
+        return (f"{source}: key {dotted!r} has no schema entry: add one line for it to its section in "
+                "data_prep/config_schema.py")
+    if kind == "missing":
+        return f"{source}: key {dotted!r} is missing (the schema in data_prep/config_schema.py expects it)"
+    allowed = _literal_choices(schema, err["loc"])
+    if allowed is not None:
+        return (f"{source}: {dotted!r} = {value!r} is not allowed; choose one of "
+                f"{', '.join(repr(a) for a in allowed)}{_suggest(value, allowed)}")
+    message = str(err["msg"]).removeprefix("Value error, ")
+    if isinstance(value, Mapping):               # a check across the keys of a section
+        return f"{source}: section {dotted!r}: {message}"
+    return f"{source}: {dotted!r} = {value!r}: {message}"
+
+
+def _literal_choices(schema: type, loc: Sequence[Any]) -> tuple[Any, ...] | None:
+    """Return the allowed values of the Literal field at `loc` in a pydantic schema, or None."""
+    from typing import Literal, get_args, get_origin
+
+    from pydantic import BaseModel
+
+    model: Any = schema
+    annotation: Any = None
+    for part in loc:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation
+
+    def literal_args(tp: Any) -> tuple[Any, ...] | None:
+        if get_origin(tp) is Literal:
+            return get_args(tp)
+        for arg in get_args(tp):
+            found = literal_args(arg)
+            if found is not None:
+                return found
+        return None
+
+    return literal_args(annotation)

@@ -27,6 +27,7 @@ from pydicom.uid import UID
 
 from data_prep import registry
 from data_prep.errors import DicomReadError, GeometryError, InputError, MissingDecoderError
+from data_prep.workers import dies_with_parent
 
 log = logging.getLogger("data_prep")
 
@@ -508,7 +509,7 @@ def _pool(workers: int, executor: str) -> Executor:
         else:
             ctx = multiprocessing.get_context("forkserver")
             ctx.set_forkserver_preload(["data_prep.dicom_io"])
-            _POOLS[key] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+            _POOLS[key] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **dies_with_parent())
     return _POOLS[key]
 
 

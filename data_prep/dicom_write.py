@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
-import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.uid import UID, CTImageStorage, generate_uid
 
 from data_prep import registry
@@ -37,6 +38,10 @@ MAX_UID_LENGTH = 64
 DISPLAY_WINDOW = (500.0, 2500.0)
 """WindowCenter/WindowWidth written for viewers (the values of the real RSNA files)."""
 IMPLEMENTATION_VERSION = "SPINEFRAC_WRITE"
+FLOAT32_MAX_INTERCEPT = 2 ** 16
+"""`_to_stored` converts float32 HU in float32 when the intercept is an even integer up to this size."""
+JPEG_FRAGMENTS = 1
+"""gdcm encodes a slice as one JPEG fragment."""
 
 
 class DicomWriteError(SpinefracError):
@@ -64,7 +69,6 @@ def write_series(out_dir: Path, hu: np.ndarray, *, study_uid: str, pixel_spacing
         raise DicomWriteError(f"{out_dir}: bits_stored must be in 9..{BITS_ALLOCATED}, got {bits_stored}")
     if rescale_intercept is None:
         rescale_intercept = SIGNED_DEFAULT_INTERCEPT if pixel_representation else UNSIGNED_DEFAULT_INTERCEPT
-    stored = _to_stored(hu, pixel_representation, rescale_intercept, bits_stored)
     series_uid = series_uid or _derived_uid(study_uid, "1")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,7 +77,9 @@ def write_series(out_dir: Path, hu: np.ndarray, *, study_uid: str, pixel_spacing
     for k in range(n):
         instance = k + 1 if instance_order == "head_first" else n - k
         z = z_top_mm - k * slice_thickness
-        ds = _slice_dataset(stored[k], study_uid=study_uid, series_uid=series_uid, instance=instance,
+        # slice by slice: the same element-wise conversion without whole-volume float64 temporaries
+        stored = _to_stored(hu[k], pixel_representation, rescale_intercept, bits_stored)
+        ds = _slice_dataset(stored, study_uid=study_uid, series_uid=series_uid, instance=instance,
                             position=(origin_xy_mm[0], origin_xy_mm[1], z), pixel_spacing=pixel_spacing,
                             slice_thickness=slice_thickness, pixel_representation=pixel_representation,
                             rescale_intercept=rescale_intercept, bits_stored=bits_stored, modality=modality)
@@ -90,6 +96,17 @@ def _to_stored(hu: np.ndarray, pixel_representation: int, intercept: float, bits
         lo, hi, dtype = -(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1, np.int16
     else:
         lo, hi, dtype = 0, 2 ** bits_stored - 1, np.uint16
+    if (hu.dtype == np.float32 and RESCALE_SLOPE == 1.0 and float(intercept).is_integer()
+            and intercept % 2 == 0 and abs(intercept) <= FLOAT32_MAX_INTERCEPT):
+        # float32 shortcut giving the same values as the float64 formula below for every float32 input:
+        # rint(x - c) == rint(x) - c for an even integer c (round half to even keeps the parity); x - c in
+        # float64 lands on the same side of every half-integer as the exact difference (a float32 x is
+        # never within 2**-29 of a half-integer it is not equal to); and after clipping rint(x) to
+        # [lo + c, hi + c] the float32 subtraction of c is exact (integers below 2**24).
+        values = np.rint(hu)
+        np.clip(values, lo + intercept, hi + intercept, out=values)
+        values -= np.float32(intercept)
+        return values.astype(dtype)
     values = np.rint((hu.astype(np.float64) - intercept) / RESCALE_SLOPE)
     return np.clip(values, lo, hi).astype(dtype)
 
@@ -155,7 +172,7 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
         _encode_jpeg_lossless(ds, path)
     elif transfer_syntax != registry.TS_EXPLICIT_LE:
         try:
-            ds.compress(transfer_syntax)
+            ds.compress(transfer_syntax, generate_instance_uid=False)
         except (RuntimeError, ValueError) as exc:
             hint = " (install pylibjpeg-openjpeg)" if "2.4.9" in transfer_syntax else ""
             raise DicomWriteError(f"{path}: cannot encode {transfer_syntax}{hint}: {exc}") from None
@@ -164,33 +181,47 @@ def _save(ds: Dataset, path: Path, transfer_syntax: str) -> None:
 
 
 def _encode_jpeg_lossless(ds: Dataset, path: Path) -> None:
-    """Replace the pixel data of `ds` by JPEG Lossless SV1 (.70) fragments encoded with python-gdcm."""
+    """Replace the pixel data of `ds` by JPEG Lossless SV1 (.70) encoded in memory with python-gdcm."""
     try:
         import gdcm
     except ImportError:
         raise DicomWriteError(f"{path}: writing JPEG Lossless (.70) needs python-gdcm "
                               "(pip install python-gdcm); pydicom cannot encode it") from None
-    with tempfile.TemporaryDirectory(prefix="spinefrac_jpeg_") as tmp_dir:
-        plain, packed = Path(tmp_dir) / "plain.dcm", Path(tmp_dir) / "jpeg.dcm"
-        ds.save_as(plain, enforce_file_format=True)
-        reader = gdcm.ImageReader()
-        reader.SetFileName(str(plain))
-        change = gdcm.ImageChangeTransferSyntax()
-        change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
-        ok = reader.Read()
-        if ok:
-            change.SetInput(reader.GetImage())
-            ok = change.Change()
-        if ok:
-            writer = gdcm.ImageWriter()
-            writer.SetFileName(str(packed))
-            writer.SetFile(reader.GetFile())
-            writer.SetImage(change.GetOutput())
-            ok = writer.Write()
-        if not ok:
-            raise DicomWriteError(f"{path}: python-gdcm failed to encode JPEG Lossless")
-        encoded = pydicom.dcmread(packed)
-        ds.PixelData = encoded.PixelData
+    # a gdcm.Image built from the dataset's pixel module (as pydicom's own gdcm RLE encoder does)
+    writer = gdcm.ImageWriter()  # owns the image; must outlive it
+    image = writer.GetImage()
+    image.SetNumberOfDimensions(2)
+    image.SetDimensions((int(ds.Columns), int(ds.Rows), 1))
+    image.SetPhotometricInterpretation(gdcm.PhotometricInterpretation(
+        gdcm.PhotometricInterpretation.GetPIType(str(ds.PhotometricInterpretation))))
+    image.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.ExplicitVRLittleEndian))
+    image.SetPixelFormat(gdcm.PixelFormat(int(ds.SamplesPerPixel), int(ds.BitsAllocated), int(ds.BitsStored),
+                                          int(ds.HighBit), int(ds.PixelRepresentation)))
+    element = gdcm.DataElement(gdcm.Tag(0x7FE0, 0x0010))
+    element.SetByteStringValue(ds.PixelData)
+    image.SetDataElement(element)
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(image)
+    fragments = change.GetOutput().GetDataElement().GetSequenceOfFragments() if change.Change() else None
+    if fragments is None or fragments.GetNumberOfFragments() != JPEG_FRAGMENTS:
+        raise DicomWriteError(f"{path}: python-gdcm failed to encode JPEG Lossless")
+    frame = _fragment_bytes(fragments.GetFragment(0).GetByteValue())
+    # an empty basic offset table and one fragment: the bytes gdcm's own writer puts in the file
+    ds.PixelData = encapsulate([frame], has_bot=False)
     ds["PixelData"].VR = "OB"
     ds["PixelData"].is_undefined_length = True
     ds.file_meta.TransferSyntaxUID = registry.TS_JPEG_LOSSLESS_SV1
+
+
+def _fragment_bytes(value: Any) -> bytes:
+    """The bytes of a gdcm.ByteValue, copied straight from its buffer.
+
+    `GetBuffer()` hands the bytes over as a str that must be re-encoded (surrogateescape), which costs more
+    than the JPEG encoding's bookkeeping; the buffer's address and length give the same bytes in one copy.
+    """
+    size = int(str(value.GetLength()))  # a gdcm.VL converts to a number only through its decimal text
+    address = int(value.GetVoidPointer()) if size else 0
+    if not address:
+        return value.GetBuffer().encode("utf-8", "surrogateescape")
+    return ctypes.string_at(address, size)

@@ -313,8 +313,11 @@ def _synthesize_all(plans: Sequence[StudyPlan], images: Path, root: Path, *, see
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
+    from data_prep.workers import dies_with_parent
+
     ctx = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(max_workers=min(workers, len(plans)), mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=min(workers, len(plans)), mp_context=ctx,
+                             **dies_with_parent()) as pool:
         futures = [pool.submit(synthesize_study, plan, images, root, seed=seed, split=split, config=config)
                    for plan in plans]
         for future in futures:
@@ -353,14 +356,20 @@ def _sample_fractures(rng: np.random.Generator, anatomy: phantom.Anatomy, levels
 
 
 def _to_file_range(hu: np.ndarray, grid: phantom.Grid, plan: StudyPlan, config: Config) -> np.ndarray:
-    """Round to integer HU in the range the study's pixel representation stores; pad outside the FOV circle."""
+    """Round to integer HU in the range the study's pixel representation stores; pad outside the FOV circle.
+
+    A float32 `hu` (what `phantom.render` returns) is rounded in place and returned: the rendered volume is
+    not needed afterwards, and a 512 px study's full-volume temporaries cost more than the arithmetic.
+    """
     pad = SIGNED_PADDING_HU if plan.pixel_representation else UNSIGNED_PADDING_HU
-    out = np.clip(np.rint(hu), UNSIGNED_PADDING_HU, HU_MAX).astype(np.float32)
+    out = np.rint(hu, out=hu) if hu.dtype == np.float32 else np.rint(hu)
+    np.clip(out, UNSIGNED_PADDING_HU, HU_MAX, out=out)
+    out = out.astype(np.float32, copy=False)
     if config["image"]["circle_padding"]:
         r = np.arange(grid.rows) - (grid.rows - 1) / 2
         c = np.arange(grid.cols) - (grid.cols - 1) / 2
         outside = (r[:, None] ** 2 + c[None, :] ** 2) > (min(grid.rows, grid.cols) / 2) ** 2
-        out[:, outside] = pad
+        np.copyto(out, np.float32(pad), where=outside)
     return out
 
 
@@ -388,7 +397,9 @@ def write_segmentation(path: Path, labels: np.ndarray, *, spacing: float, thickn
     convention most Kaggle competitors used; the affine maps its voxels to RAS mm of the DICOM pixels.
     """
     n, rows, _ = labels.shape
-    data = np.ascontiguousarray(labels[::-1, ::-1, :].transpose(2, 1, 0)).astype(np.uint8)
+    # NIfTI stores m in Fortran order, which is labels[::-1, ::-1, :] in C order: building it that way and
+    # handing nibabel the transposed view lets it write contiguous slices instead of gathering strided ones
+    data = np.ascontiguousarray(labels[::-1, ::-1, :]).astype(np.uint8, copy=False).T
     affine = nifti_affine(rows=rows, n=n, spacing=spacing, thickness=thickness, origin_xy=origin_xy, z_top=z_top)
     img = nib.Nifti1Image(data, affine)
     img.set_qform(affine, code=1)
@@ -404,21 +415,26 @@ def _level_tables(uid: str, labels: np.ndarray, numbers: np.ndarray) -> tuple[pd
     """Per-slice level presence and per-(slice, level) boxes from the label volume."""
     n = labels.shape[0]
     presence = pd.DataFrame({STUDY_COL: uid, "slice_number": numbers, "slice_index": np.arange(n)})
+    # the levels are searched only inside the bounding box of all labelled voxels (a small part of the volume)
+    box = _label_box(labels)
+    crop, k0, r0, c0 = labels[box], box[0].start, box[1].start, box[2].start
     frames = []
     for j, name in enumerate(LEVELS):
-        mask = labels == (j + 1)
+        mask = crop == (j + 1)
         rows_any = mask.any(axis=2)
         cols_any = mask.any(axis=1)
-        present = rows_any.any(axis=1)
+        present = np.zeros(n, dtype=bool)
+        present[k0:k0 + crop.shape[0]] = rows_any.any(axis=1)
         presence[name] = present.astype(int)
         ks = np.nonzero(present)[0]
         if len(ks) == 0:
             continue
-        ra, ca = rows_any[ks], cols_any[ks]
+        ra, ca = rows_any[ks - k0], cols_any[ks - k0]
         y0 = ra.argmax(axis=1)
         y1 = ra.shape[1] - 1 - ra[:, ::-1].argmax(axis=1)
         x0 = ca.argmax(axis=1)
         x1 = ca.shape[1] - 1 - ca[:, ::-1].argmax(axis=1)
+        y0, y1, x0, x1 = y0 + r0, y1 + r0, x0 + c0, x1 + c0
         frames.append(pd.DataFrame({STUDY_COL: uid, "slice_number": numbers[ks], "slice_index": ks, "level": name,
                                     "x": x0.astype(float), "y": y0.astype(float),
                                     "width": (x1 - x0 + 1).astype(float), "height": (y1 - y0 + 1).astype(float)}))
@@ -426,6 +442,16 @@ def _level_tables(uid: str, labels: np.ndarray, numbers: np.ndarray) -> tuple[pd
              else pd.DataFrame({c: [] for c in LEVEL_BOX_COLUMNS}))
     boxes = boxes.sort_values(["slice_index", "level"], kind="stable").reset_index(drop=True)
     return presence, boxes[list(LEVEL_BOX_COLUMNS)]
+
+
+def _label_box(labels: np.ndarray) -> tuple[slice, slice, slice]:
+    """(slice, row, column) index ranges of the smallest box holding every non-zero label (empty if none)."""
+    ks = np.nonzero(labels.any(axis=(1, 2)))[0]
+    if len(ks) == 0:
+        return slice(0, 0), slice(0, 0), slice(0, 0)
+    plane = labels[ks[0]:ks[-1] + 1].any(axis=0)
+    rs, cs = np.nonzero(plane.any(axis=1))[0], np.nonzero(plane.any(axis=0))[0]
+    return slice(int(ks[0]), int(ks[-1]) + 1), slice(int(rs[0]), int(rs[-1]) + 1), slice(int(cs[0]), int(cs[-1]) + 1)
 
 
 def _write_tables(out: Path, results: Sequence[StudyResult], split: str, cfg: Config) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from data_prep.config import ConfigError
 from data_prep.errors import InputError
 from detector.export import OPENVINO_SUFFIX, export_weights, fresh_export
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
+from detector.weights import build_model, read_weights
 
 log = logging.getLogger("detector")
 
@@ -152,13 +153,19 @@ def load_predictor(weights: Path, *, imgsz: int, device: str | int | None = "cpu
     from ultralytics.nn.autobackend import AutoBackend
     from ultralytics.utils.torch_utils import select_device
 
-    torch_device = select_device("" if device is None else str(device), verbose=False)
+    try:
+        torch_device = select_device("" if device is None else str(device), verbose=False)
+    except ValueError as exc:  # e.g. --device 0 on a machine without CUDA
+        raise ConfigError(f"device {device!r} is not available here: {str(exc).strip().splitlines()[0]} "
+                          "(use --device cpu)") from None
     kind = weights_kind(weights)
     chosen, path = _resolve_backend(weights, kind, backend, torch_device.type, imgsz, export_options)
     if torch_device.type == "cpu":
         restore_threads(threads)
     start = time.perf_counter()
-    model = AutoBackend(str(path), device=torch_device, fp16=False, fuse=True, verbose=False)
+    # A .pt is rebuilt from plain data (detector/weights.py): nothing in it is unpickled as code.
+    source = build_model(path) if chosen == "pytorch" else str(path)
+    model = AutoBackend(source, device=torch_device, fp16=False, fuse=True, verbose=False)
     model.eval()
     if chosen != "pytorch":
         torch_device = torch.device("cpu")
@@ -202,6 +209,7 @@ def _resolve_backend(weights: Path, kind: str, backend: str, device_type: str, i
         if backend not in ("auto", kind):
             raise InputError(weights, f"is a {kind} model; backend {backend!r} needs a .pt to export from")
         return kind, weights
+    read_weights(weights)  # refuse an unsafe .pt before it is used or exported
     if backend == "pytorch" or (backend == "auto" and device_type != "cpu"):
         return "pytorch", weights
     candidates = [backend] if backend != "auto" else [b for b in installed_backends() if b != "pytorch"]

@@ -3,8 +3,10 @@
 Outputs in OUT (docs/contracts.md "Detection outputs"):
     boxes.csv, slices.csv, errors.csv (+ .meta.json sidecars), done/<uid>.json, overlays/<uid>/
 Per study, results go to parts/<uid>.boxes.csv and parts/<uid>.slices.csv first, then done/<uid>.json is
-written last. The combined CSVs are rebuilt (atomically) only from studies with a done marker, so an
-interrupted run never leaves a half study in them, and a rerun skips finished studies.
+written last (data_prep.resume). The combined CSVs are rebuilt (atomically) only from studies with a done
+marker, so an interrupted run never leaves a half study in them. A rerun with the same settings
+(`detect_settings`: config and weights) skips finished studies; with other settings it refuses, unless
+`overwrite`. The output folder is locked while a run writes into it (data_prep.locks).
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ import pandas as pd
 
 from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.errors import InputError
+from data_prep.locks import locks_output
 from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.resume import StudyMarkers, plain, section, weights_id
 from data_prep.tables import read_table
 from detector.roi import ROI_COLUMNS
 
@@ -63,6 +67,10 @@ HU_INT16_MIN, HU_INT16_MAX = -32768, 32767
 TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate")
 MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
 """Stage timers a predictor may keep itself; reported per study as model_<stage> (inside `model`)."""
+DETECT_RUN_ONLY: tuple[str, ...] = ("overlays", "rebuild_every", "prefetch", "batch")
+"""detect: keys that change how a run goes, not its boxes and slices (left out of the settings key)."""
+ROI_PREPARE_ONLY: tuple[str, ...] = ("jitter_mm",)
+"""roi: keys used only by prepare-detector (left out of detect's settings key)."""
 
 
 class Predictor(Protocol):
@@ -396,15 +404,56 @@ def _predict_boxes(predictor: Predictor, images: np.ndarray, indices: Sequence[i
     return parts
 
 
+def detect_settings(config: Mapping[str, Any], *, weights: str | os.PathLike,
+                    locator: str | os.PathLike | None = None, locator_config: Mapping[str, Any] | None = None,
+                    levels_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What shapes detect's tables, hashed into the done markers' settings key (docs/contracts.md).
+
+    The detector's weights (SHA-256), `render`, `roi` (only `enabled` when off; never the prepare-only
+    `jitter_mm`) and `detect` without DETECT_RUN_ONLY; with a locator its weights, `render` and `locate`;
+    and the levels config whenever levels are computed (locator or relative z).
+    """
+    from data_prep.config import load_config
+    from detector.roi import roi_enabled
+
+    settings: dict[str, Any] = {
+        "detector": {"weights_sha256": weights_id(weights), "render": section(config, "render"),
+                     "roi": section(config, "roi", drop=ROI_PREPARE_ONLY) if roi_enabled(config)
+                     else {"enabled": False},
+                     "detect": section(config, "detect", drop=DETECT_RUN_ONLY)},
+        "locator": None, "levels": None}
+    if locator is not None:
+        lcfg = locator_config if locator_config is not None else load_config("locator")
+        settings["locator"] = {"weights_sha256": weights_id(locator), "render": section(lcfg, "render"),
+                               "locate": section(lcfg, "locate")}
+        levels_config = levels_config if levels_config is not None else load_config("levels")
+    if levels_config is not None:
+        settings["levels"] = plain(levels_config)
+    return settings
+
+
+def detect_markers(out: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> StudyMarkers:
+    """The done markers and parts of a detect output folder (for `settings`, when checking or writing)."""
+    return StudyMarkers(Path(out), dict(settings or {}), done_dir=DONE_DIR, parts_dir=PARTS_DIR, what="detect",
+                        how="rerun with --overwrite to redo every study with the new settings, or choose a new "
+                            "--out folder")
+
+
+@locks_output("out")
 def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, weights: str | os.PathLike,
                    out: str | os.PathLike, config: Mapping[str, Any], labels: str | os.PathLike | None = None,
                    locator: str | os.PathLike | None = None, locator_config: Mapping[str, Any] | None = None,
                    levels_config: Mapping[str, Any] | None = None, workers: int = 2, progress: bool = True,
-                   overwrite: bool = False) -> DetectResult:
+                   overwrite: bool = False, device: str | int | None = None) -> DetectResult:
     """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays.
+
+    `device` ("cpu", 0, "0,1", ...) runs the models there; None picks the first GPU if there is one, else the
+    CPU. The training config's `train.device` is never used here: a GPU-trained model predicts on a CPU machine.
 
     `locator_config`/`levels_config` default to configs/locator.yaml and configs/levels.yaml; a model
     folder passes its own. Without a locator but with `levels_config`, levels come from relative z.
+    Studies finished in `out` with the same settings are skipped; finished studies made with other
+    settings raise SettingsChangedError before any work, unless `overwrite` (every study is then redone).
     """
     from tqdm.auto import tqdm
 
@@ -414,9 +463,14 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     out = Path(out)
     study_dirs = find_studies(studies)
     label_table = read_table(labels, "boxes") if labels is not None else None
+    markers = detect_markers(out, detect_settings(config, weights=weights, locator=locator,
+                                                  locator_config=locator_config, levels_config=levels_config))
+    plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)    # refuses other settings now
+    if overwrite:
+        _drop_other_errors(out, markers.key)
     det = config["detect"]
     train = config.get("train") or {}
-    device = train.get("device") or "cpu"
+    device = None if device in (None, "") else device  # None: Ultralytics' select_device picks GPU 0 or the CPU
     threads = train.get("threads") or None
     predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
                                backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),
@@ -428,24 +482,21 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
         (out / sub).mkdir(parents=True, exist_ok=True)
     rebuild_every = max(1, int(det["rebuild_every"]))
-    todo = []
-    for study in study_dirs:
-        if _done_marker(out, study.name).is_file() and not overwrite:
-            result.skipped.append(study.name)
-        else:
-            todo.append(study)
+    result.skipped = list(plan.skip)
+    todo = [s for s in study_dirs if s.name not in set(plan.skip)]
     if result.skipped:
         log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
                  len(result.skipped), len(study_dirs), out)
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
-            _run_study(study, predictor, out=out, config=config, locator=loc, levels_config=levels_config,
+            _run_study(study, predictor, markers=markers, config=config, locator=loc, levels_config=levels_config,
                        labels=label_table, workers=workers, result=result)
             if k % rebuild_every == 0:
                 rebuild_outputs(out, config=config)
     finally:
         rebuild_outputs(out, config=config, runtime_s=time.perf_counter() - t0,
                         extra={"weights": str(weights), "backend": getattr(predictor, "backend", None),
+                               "settings_key": markers.key,
                                "locator": str(locator) if locator else None,
                                "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
                                             "failed": len(result.failed), "slices": result.n_slices,
@@ -459,9 +510,10 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
                     runtime_s: float | None = None, extra: Mapping[str, Any] | None = None) -> tuple[int, int]:
     """Rebuild boxes.csv, slices.csv and errors.csv from finished studies' parts; return (finished, failed)."""
     out = Path(out)
-    uids = sorted(p.stem for p in (out / DONE_DIR).glob("*.json")) if (out / DONE_DIR).is_dir() else []
-    boxes = [pd.read_csv(out / PARTS_DIR / f"{u}{BOXES_SUFFIX}", dtype={STUDY_COL: str}) for u in uids]
-    slices = [pd.read_csv(out / PARTS_DIR / f"{u}{SLICES_SUFFIX}", dtype={STUDY_COL: str}) for u in uids]
+    markers = detect_markers(out)
+    uids = markers.done_uids()
+    boxes = markers.read_parts(BOXES_SUFFIX, uids, dtype={STUDY_COL: str})
+    slices = markers.read_parts(SLICES_SUFFIX, uids, dtype={STUDY_COL: str})
     errors = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((out / ERRORS_DIR).glob("*.json"))] \
         if (out / ERRORS_DIR).is_dir() else []
     box_df = _concat(boxes, BOX_COLUMNS)
@@ -470,9 +522,8 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
     cfg = config.to_dict() if hasattr(config, "to_dict") else (dict(config) if config is not None else None)
     tables = [(out / BOXES_CSV, box_df, "detect_boxes"), (out / SLICES_CSV, slice_df, "detect_slices"),
               (out / ERRORS_CSV, err_df, "detect_errors")]
-    level_parts = [out / PARTS_DIR / f"{u}{LEVEL_BOXES_SUFFIX}" for u in uids]
-    if any(p.is_file() for p in level_parts):
-        frames = [pd.read_csv(p, dtype={STUDY_COL: str}) for p in level_parts if p.is_file()]
+    frames = markers.read_parts(LEVEL_BOXES_SUFFIX, uids, dtype={STUDY_COL: str})
+    if frames:
         tables.append((out / LEVEL_BOXES_CSV, pd.concat(frames, ignore_index=True), "detect_level_boxes"))
     for path, df, kind in tables:
         write_csv_atomic(path, df)
@@ -483,13 +534,13 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
 
 
 # ---------------------------------------------------------------- internals
-def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[str, Any], locator: Locator | None,
-               levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None, workers: int,
-               result: DetectResult) -> None:
+def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
+               locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
+               workers: int, result: DetectResult) -> None:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
     uid = study.name
-    marker = _done_marker(out, uid)
-    marker.unlink(missing_ok=True)        # overwrite: the study is not finished until it is redone
+    out = markers.root
+    markers.remove(uid)        # overwrite: the study (and its old parts) is not finished until it is redone
     error_file = out / ERRORS_DIR / f"{uid}.json"
     stage = "detect"
     t0 = time.perf_counter()
@@ -497,15 +548,17 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
         found = detect_study(study, predictor, config=config, locator=locator, levels_config=levels_config,
                              workers=workers)
         stage = "write"
-        write_csv_atomic(out / PARTS_DIR / f"{uid}{BOXES_SUFFIX}", found.boxes)
-        write_csv_atomic(out / PARTS_DIR / f"{uid}{SLICES_SUFFIX}", found.slices)
-        if found.level_boxes is not None:
-            write_csv_atomic(out / PARTS_DIR / f"{uid}{LEVEL_BOXES_SUFFIX}", found.level_boxes)
+        parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes}
+        files = []
+        for suffix, table in parts.items():
+            if table is not None:
+                write_csv_atomic(markers.part(uid, suffix), table)
+                files.append(str(markers.part(uid, suffix).relative_to(out)))
     except Exception as exc:   # noqa: BLE001 - one failed study must not stop the batch
         log.warning("study %s failed (%s): %s", uid, stage, exc)
         log.debug("%s", traceback.format_exc())
         write_json_atomic(error_file, {STUDY_COL: uid, "path": str(study), "stage": stage,
-                                       "error": f"{type(exc).__name__}: {exc}"})
+                                       "error": f"{type(exc).__name__}: {exc}", "settings_key": markers.key})
         result.failed.append(uid)
         return
     if bool(config["detect"]["overlays"]):
@@ -515,16 +568,28 @@ def _run_study(study: Path, predictor: Predictor, *, out: Path, config: Mapping[
             study_labels = labels[labels[STUDY_COL] == uid] if labels is not None else None
             write_overlays(found.geometry, found.boxes, out / OVERLAYS_DIR / uid, labels=study_labels,
                            config=config["overlays"], slices=found.slices)
+            files.append(f"{OVERLAYS_DIR}/{uid}")
         except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)
     error_file.unlink(missing_ok=True)
-    write_json_atomic(marker, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
-                               "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - t0, 3),
-                               "timings_s": {k: round(v, 4) for k, v in found.timings.items()}})
+    markers.write(uid, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
+                        "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - t0, 3),
+                        "timings_s": {k: round(v, 4) for k, v in found.timings.items()}}, files=files)
     result.finished.append(uid)
     result.n_slices += found.n_slices
     for k, v in found.timings.items():
         result.timings[k] = result.timings.get(k, 0.0) + v
+
+
+def _drop_other_errors(out: Path, key: str) -> None:
+    """Remove failure records made with other settings (with overwrite: errors.csv then speaks of this run only)."""
+    for path in sorted((out / ERRORS_DIR).glob("*.json")) if (out / ERRORS_DIR).is_dir() else []:
+        try:
+            made_with = json.loads(path.read_text(encoding="utf-8")).get("settings_key")
+        except (OSError, ValueError):
+            made_with = None
+        if made_with != key:
+            path.unlink(missing_ok=True)
 
 
 def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator, *, uid: str, n_slices: int,
@@ -637,6 +702,3 @@ def _concat(frames: list[pd.DataFrame], columns: Sequence[str]) -> pd.DataFrame:
     df = pd.concat(frames, ignore_index=True)
     return df.sort_values([STUDY_COL, "slice_index"], kind="stable").reset_index(drop=True)
 
-
-def _done_marker(out: Path, uid: str) -> Path:
-    return out / DONE_DIR / f"{uid}.json"

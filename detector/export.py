@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -17,13 +16,18 @@ from typing import Any
 from data_prep.artifacts import SIDECAR_SUFFIX, write_sidecar
 from data_prep.config import Config, ConfigError, load_config
 from data_prep.errors import InputError
+from data_prep.manifest import file_sha256, tree_sha256
 from detector.offline import configure_ultralytics, set_ultralytics_verbosity
+from detector.weights import yolo_from_weights
+
+__all__ = ["EXPORT_FORMATS", "OPENVINO_SUFFIX", "export_model", "export_weights", "exported_path", "file_sha256",
+           "fresh_export"]
 
 log = logging.getLogger("detector")
 
 EXPORT_FORMATS = ("openvino", "onnx")
 OPENVINO_SUFFIX = "_openvino_model"
-HASH_CHUNK = 1 << 20
+EXPORT_HASH_KEY = "export_sha256"  # sidecar extra: SHA-256 of the exported file or folder
 
 
 def export_model(weights: Path, *, fmt: str = "openvino", config: Config) -> Path:
@@ -42,16 +46,19 @@ def export_weights(weights: Path, *, fmt: str, imgsz: int, options: Mapping[str,
     target = exported_path(weights, fmt)
     configure_ultralytics()
     set_ultralytics_verbosity(log.isEnabledFor(logging.DEBUG))
-    from ultralytics import YOLO
+    weights_sha = file_sha256(weights)
 
     start = time.perf_counter()
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{weights.stem}.export.", dir=weights.parent))
     try:
         tmp_weights = tmp_dir / weights.name
         shutil.copyfile(weights, tmp_weights)
+        if file_sha256(tmp_weights) != weights_sha:
+            raise InputError(weights, "changed while it was being exported; export again")
+        yolo = yolo_from_weights(tmp_weights)  # rebuilt from plain data: nothing is unpickled
         with warnings.catch_warnings():  # torch.jit tracer deprecation and shape warnings: nothing to act on
             warnings.simplefilter("ignore")
-            produced = YOLO(str(tmp_weights)).export(
+            produced = yolo.export(
                 format=fmt, imgsz=imgsz, dynamic=bool(opts["dynamic"]), batch=int(opts["batch"]),
                 simplify=bool(opts["simplify"]), opset=opts["opset"], device="cpu", verbose=False)
         produced = Path(produced)
@@ -62,8 +69,9 @@ def export_weights(weights: Path, *, fmt: str, imgsz: int, options: Mapping[str,
         shutil.rmtree(tmp_dir, ignore_errors=True)
     runtime = time.perf_counter() - start
     write_sidecar(target, kind=f"export-{fmt}", inputs={"weights": str(weights.resolve()),
-                                                        "weights_sha256": file_sha256(weights)},
-                  extra={"format": fmt, "imgsz": imgsz, **opts}, runtime_s=runtime)
+                                                        "weights_sha256": weights_sha},
+                  extra={"format": fmt, "imgsz": imgsz, **opts, EXPORT_HASH_KEY: tree_sha256(target)},
+                  runtime_s=runtime)
     log.info("exported %s to %s (%s, imgsz %d) in %.1f s", weights.name, target, fmt, imgsz, runtime)
     return target
 
@@ -93,19 +101,17 @@ def fresh_export(weights: Path, fmt: str, imgsz: int) -> Path | None:
     if made_from != file_sha256(weights):
         log.info("%s was exported from other weights than %s: re-exporting", target.name, weights.name)
         return None
+    if EXPORT_HASH_KEY not in extra:
+        log.info("%s has no %s in %s (an older export): re-exporting", target.name, EXPORT_HASH_KEY, sidecar.name)
+        return None
+    if extra[EXPORT_HASH_KEY] != tree_sha256(target):
+        log.warning("%s differs from what was exported (SHA-256 in %s): not trusted, re-exporting", target,
+                    sidecar.name)
+        return None
     if not extra.get("dynamic") and int(extra.get("imgsz", -1)) != imgsz:
         log.info("%s has a fixed size %s, not %d: re-exporting", target.name, extra.get("imgsz"), imgsz)
         return None
     return target
-
-
-def file_sha256(path: Path) -> str:
-    """Return the SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _replace(source: Path, target: Path) -> None:

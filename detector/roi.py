@@ -176,16 +176,20 @@ def square_at(centre_x: np.ndarray, centre_y: np.ndarray, shape: Sequence[int], 
 
 def jitter_rois(rois: SpineRois, shape: Sequence[int], pixel_spacing: Sequence[float], jitter_mm: float,
                 rng: np.random.Generator) -> SpineRois:
-    """Shift every slice's crop by a uniform random offset of up to +/- jitter_mm per axis (training only)."""
+    """Shift every slice's crop by a uniform random offset of up to +/- jitter_mm per axis (training only).
+
+    Offsets are whole pixels, never more than jitter_mm: rounding is capped at floor(jitter_mm / spacing).
+    """
     if jitter_mm <= 0 or len(rois) == 0 or np.all(rois.source == SOURCE_FULL):
         return rois
     row_mm, col_mm = float(pixel_spacing[0]), float(pixel_spacing[1])
     dx = rng.uniform(-jitter_mm, jitter_mm, len(rois)) / col_mm
     dy = rng.uniform(-jitter_mm, jitter_mm, len(rois)) / row_mm
+    lim_x, lim_y = np.floor(jitter_mm / col_mm), np.floor(jitter_mm / row_mm)
     rows, cols = int(shape[0]), int(shape[1])
     w, h = rois.width, rois.height
-    x = np.rint(rois.x + dx).astype(np.int64)
-    y = np.rint(rois.y + dy).astype(np.int64)
+    x = rois.x + np.clip(np.rint(dx), -lim_x, lim_x).astype(np.int64)
+    y = rois.y + np.clip(np.rint(dy), -lim_y, lim_y).astype(np.int64)
     x = np.where(w <= cols, np.clip(x, 0, np.maximum(cols - w, 0)), rois.x)
     y = np.where(h <= rows, np.clip(y, 0, np.maximum(rows - h, 0)), rois.y)
     return SpineRois(x, y, w.copy(), h.copy(), rois.source.copy())

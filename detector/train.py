@@ -2,6 +2,8 @@
 
 The run folder holds what Ultralytics writes (`weights/best.pt`, `weights/last.pt`, `results.csv`,
 `results.png`, `args.yaml`, plots) plus the resolved spinefrac config (`config.yaml`) and `train.meta.json`.
+Once training has finished, `best.pt` and `last.pt` are converted in place from Ultralytics' pickled checkpoints
+to spinefrac's weights-only format (detector/weights.py), so loading them can never run code.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from data_prep.artifacts import next_run_dir, write_sidecar, write_text_atomic
 from data_prep.config import Config, ConfigError, dump_config
 from data_prep.errors import InputError
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
+from detector.weights import convert_checkpoint, read_weights, yolo_from_weights
 
 log = logging.getLogger("detector")
 
@@ -29,6 +32,7 @@ OWN_KEYS = frozenset({"model", "fold", "threads", "device", "cache", "omp_wait"}
 CACHE_CHOICES = {"none": False, "ram": "ram", "disk": "disk"}
 MODEL_YAML_SUFFIXES = (".yaml", ".yml")
 WEIGHTS_SUFFIX = ".pt"
+LAST_NAME = "last.pt"
 CONFIG_NAME = "config.yaml"
 META_NAME = "train"  # train.meta.json (the sidecar of the run as a whole)
 INDEX_CSV = "index.csv"
@@ -63,7 +67,8 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     from ultralytics import YOLO
 
     try:
-        yolo = YOLO(model_spec)
+        # A .pt to fine-tune is rebuilt from plain data (detector/weights.py), never unpickled.
+        yolo = yolo_from_weights(model_spec) if not from_scratch else YOLO(model_spec)
     except FileNotFoundError as exc:  # an architecture YAML that neither exists here nor ships with Ultralytics
         raise InputError(model_spec, f"model not found ({exc}); use e.g. yolov8n.yaml or a local .pt") from None
 
@@ -89,6 +94,9 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     best = run_dir / "weights" / "best.pt"
     if Path(trainer.save_dir).resolve() != run_dir.resolve() or not best.is_file():
         raise InputError(run_dir, f"Ultralytics finished without {best} (it wrote to {trainer.save_dir})")
+    for checkpoint in (best, run_dir / "weights" / LAST_NAME):
+        if checkpoint.is_file():  # Ultralytics' own pickles, written by this process: trusted, made weights-only
+            convert_checkpoint(checkpoint, trust=True)
     final = {k: float(v) for k, v in (trainer.metrics or {}).items() if _is_number(v)}
     epochs_run = _epochs_in(run_dir / "results.csv")
     runtime = time.perf_counter() - start
@@ -142,6 +150,7 @@ def _check_model_spec(spec: str) -> bool:
         if not Path(spec).is_file():
             raise InputError(spec, "model weights not found; spinefrac never downloads weights: pass a local .pt, "
                                    "or an architecture YAML such as yolov8n.yaml to train from scratch")
+        read_weights(Path(spec))  # refuse a pickle checkpoint before any work
         return False
     raise ConfigError(f"model {spec!r} must be an architecture YAML (e.g. yolov8n.yaml) or a local .pt file")
 

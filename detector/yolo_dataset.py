@@ -4,8 +4,10 @@ Layout (docs/contracts.md "YOLO datasets"):
     DIR/data.yaml, DIR/images/{train,val}/<uid>_<slice_number>.png, DIR/labels/{train,val}/<uid>_<n>.txt,
     DIR/index.csv, DIR/splits.json
 Each study is one job in a process pool. A study is finished when its marker DIR/.done/<uid>.json exists
-(written last, it lists the study's index rows and files); a rerun skips finished studies unless
-`overwrite`, and index.csv is rebuilt from the markers. Images and labels are written atomically.
+(data_prep.resume: written last, it lists the study's index rows and files and the settings key of the
+run). A rerun with the same settings (`prepare_settings`) skips finished studies unless `overwrite`; with
+other settings it refuses, naming them. index.csv is rebuilt from the markers. Images and labels are
+written atomically; DIR is locked while a run writes into it (data_prep.locks).
 """
 
 from __future__ import annotations
@@ -36,8 +38,11 @@ from data_prep.artifacts import (
 )
 from data_prep.config import ConfigError
 from data_prep.errors import InputError
+from data_prep.locks import locks_output
 from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
+from data_prep.resume import StudyMarkers, plain, section, settings_key, weights_id
 from data_prep.tables import read_table
+from data_prep.workers import dies_with_parent
 
 log = logging.getLogger("detector")
 
@@ -58,6 +63,7 @@ SEG_EXT = ".nii"
 NEGATIVE_STRATUM = "negative"
 SEGMENTED_STRATUM = "segmented"
 MIN_FOLDS = 2
+MAX_NAMED = 5                # studies named in one log line
 LABEL_DECIMALS = 6
 """Decimals of the normalised YOLO label values (1e-6 of a 512 px image is 0.0005 px)."""
 
@@ -71,6 +77,8 @@ KIND_EMPTY = "empty"            # locator: a sampled slice without any cervical 
 NEGATIVE_SAMPLING = ("matched", "uniform")   # prepare.negative_sampling values
 ROI_JITTER_STREAM = 1        # random stream of the ROI jitter (apart from the background sampling's)
 WORKER_THREADS = 1           # torch threads of the locator in each prepare worker (one process per core)
+PREPARE_SECTIONS = {"detector": ("render", "prepare"), "locator": ("render", "prepare")}
+"""Config sections whose every key shapes a prepared dataset (plus `roi` and the locator for the detector)."""
 
 INDEX_COLUMNS: tuple[str, ...] = ("image", "split", STUDY_COL, "slice_number", "slice_index", "n_boxes",
                                   "scale_x", "scale_y", "kind", "fold", "roi_x", "roi_y", "roi_width", "roi_height",
@@ -126,6 +134,41 @@ class StudyOutcome:
 
 
 # ---------------------------------------------------------------- public API
+def prepare_settings(config: Mapping[str, Any], *, kind: str, locator: str | os.PathLike | None = None,
+                     locator_config: Mapping[str, Any] | None = None,
+                     levels_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What shapes a prepared dataset, hashed into its done markers' settings key (docs/contracts.md).
+
+    Both kinds: `render` and `prepare`. The detector also: `roi` (only `enabled` when off) and, when the
+    ROI is on and a locator centres it, the locator's weights (SHA-256), its `render` and `locate`, and
+    the levels config.
+    """
+    from data_prep.config import load_config
+    from detector.roi import roi_enabled
+
+    settings: dict[str, Any] = {name: section(config, name) for name in PREPARE_SECTIONS[kind]}
+    if kind == "detector":
+        on = roi_enabled(config)
+        settings["roi"] = section(config, "roi") if on else {"enabled": False}
+        settings["locator"] = None
+        if on and locator is not None:
+            lcfg = locator_config if locator_config is not None else load_config("locator")
+            settings["locator"] = {"weights_sha256": weights_id(locator), "render": section(lcfg, "render"),
+                                   "locate": section(lcfg, "locate"),
+                                   "levels": plain(levels_config if levels_config is not None
+                                                   else load_config("levels"))}
+    return settings
+
+
+def dataset_markers(out: str | os.PathLike, settings: Mapping[str, Any] | None = None, *,
+                    kind: str = "detector") -> StudyMarkers:
+    """The done markers of a prepared dataset folder (for `settings`, when checking or writing)."""
+    return StudyMarkers(Path(out), dict(settings or {}), done_dir=DONE_DIR, what=f"prepare-{kind}",
+                        how="rerun with --overwrite to redo every study with the new settings, or choose a new "
+                            "--out folder")
+
+
+@locks_output("out")
 def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
                              studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
                              overwrite: bool = False, locator: str | os.PathLike | None = None,
@@ -174,6 +217,10 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     selected = sorted(boxed | negatives)
     if not selected:
         raise InputError(data_root, "no study with boxes or patient_overall = 0 to build a detector dataset from")
+    markers = dataset_markers(out, prepare_settings(config, kind="detector", locator=locator if locate else None,
+                                                    locator_config=locator_config, levels_config=levels_config),
+                              kind="detector")
+    markers.plan(selected, overwrite=overwrite)       # refuses finished studies of other settings before any work
     _check_stale(out, selected, overwrite=overwrite)
     strata = {u: _level_stratum(labels.loc[u]) if u in boxed else NEGATIVE_STRATUM for u in selected}
     folds = _load_or_make_splits(out / SPLITS_JSON, strata, n_folds=int(prep["n_folds"]), seed=int(prep["seed"]),
@@ -208,21 +255,22 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
                                             prep.copy(), n_background=neg_counts.get(uid, 0), negative=True,
                                             roi=roi, locate=locate, batch=batch))
     # boxed studies first: where their boxes lie tells where the negatives' background is drawn ("matched")
-    done = _run_tasks(boxed_tasks, _detector_study, out, workers=workers, progress=progress, overwrite=overwrite,
-                      desc="prepare-detector (boxed)")
+    done = _run_tasks(boxed_tasks, _detector_study, markers, workers=workers, progress=progress,
+                      overwrite=overwrite, desc="prepare-detector (boxed)")
     if sampling == "matched" and negative_tasks:
         density = boxed_height_histogram(out, [t.uid for t in boxed_tasks], bins=int(prep["matched_bins"]))
         if density is None:
             log.warning("%s: no boxed slice to match, so negatives' background is drawn uniformly", out)
         else:
             negative_tasks = [replace(t, background_density=density) for t in negative_tasks]
-    done += _run_tasks(negative_tasks, _detector_study, out, workers=workers, progress=progress,
+    done += _run_tasks(negative_tasks, _detector_study, markers, workers=workers, progress=progress,
                        overwrite=overwrite, desc="prepare-detector (negatives)")
     return _finish(out, kind="detector", names=FRACTURE_NAMES, config=config, selected=selected,
                    inputs={"data_root": str(data_root), "train_csv": str(data_root / TRAIN_CSV),
                            "boxes_csv": str(data_root / BOXES_CSV)},
                    extra={"done_now": done, "left_out_unboxed_positive": len(unboxed_positive),
-                          "roi": roi, "locator": str(locator) if locate is not None else None},
+                          "roi": roi, "locator": str(locator) if locate is not None else None,
+                          "settings_key": markers.key},
                    overwrite=overwrite, t0=t0)
 
 
@@ -239,6 +287,7 @@ def _locate_spec(weights: Path, locator_config: Mapping[str, Any] | None, levels
     return LocateSpec(Path(loaded.predictor.weights), plain[0], plain[1], backend=loaded.predictor.backend)
 
 
+@locks_output("out")
 def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
                             studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
                             overwrite: bool = False) -> Path:
@@ -255,17 +304,19 @@ def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike
     uids = _available_studies(data_root / TRAIN_IMAGES, pd.Series(sorted(segs)), studies)
     if not uids:
         raise InputError(seg_dir, f"no segmentation has a study folder under {data_root / TRAIN_IMAGES}")
+    markers = dataset_markers(out, prepare_settings(config, kind="locator"), kind="locator")
+    markers.plan(uids, overwrite=overwrite)           # refuses finished studies of other settings before any work
     _check_stale(out, uids, overwrite=overwrite)
     folds = _load_or_make_splits(out / SPLITS_JSON, dict.fromkeys(uids, SEGMENTED_STRATUM),
                                  n_folds=int(prep["n_folds"]), seed=int(prep["seed"]), overwrite=overwrite)
     tasks = [StudyTask(uid, data_root / TRAIN_IMAGES / uid, out,
                        VAL if folds[uid] == int(prep["val_fold"]) else TRAIN, folds[uid], render.copy(),
                        prep.copy(), segmentation=segs[uid]) for uid in uids]
-    done = _run_tasks(tasks, _locator_study, out, workers=workers, progress=progress, overwrite=overwrite,
+    done = _run_tasks(tasks, _locator_study, markers, workers=workers, progress=progress, overwrite=overwrite,
                       desc="prepare-locator")
     return _finish(out, kind="locator", names=LOCATOR_NAMES, config=config, selected=uids,
                    inputs={"data_root": str(data_root), "segmentations": str(seg_dir)},
-                   extra={"done_now": done}, overwrite=overwrite, t0=t0)
+                   extra={"done_now": done, "settings_key": markers.key}, overwrite=overwrite, t0=t0)
 
 
 def read_index(dataset_dir: str | os.PathLike) -> pd.DataFrame:
@@ -499,16 +550,24 @@ def _label_text(boxes: Sequence[tuple[int, float, float, float, float]], shape: 
                    for c, row in zip(classes, yolo, strict=True))
 
 
-def _run_one(worker: Callable[[StudyTask], StudyOutcome], task: StudyTask) -> StudyOutcome:
+def _run_one(worker: Callable[[StudyTask], StudyOutcome], task: StudyTask, markers: StudyMarkers) -> StudyOutcome:
     """Run a worker on one study, turning any failure into an outcome with the reason (the batch goes on)."""
     try:
         outcome = worker(task)
     except Exception as exc:   # noqa: BLE001 - one bad study must not stop the dataset
         return StudyOutcome(task.uid, error=f"{type(exc).__name__}: {exc}")
-    write_json_atomic(_marker(task.out, task.uid), {
-        STUDY_COL: task.uid, "split": task.split, "fold": task.fold, "rows": outcome.rows, "files": outcome.files,
-        "warnings": outcome.warnings, "n_slices": outcome.n_slices})
+    markers.write(task.uid, {STUDY_COL: task.uid, "split": task.split, "fold": task.fold, "rows": outcome.rows,
+                             "warnings": outcome.warnings, "n_slices": outcome.n_slices},
+                  files=outcome.files, inputs_key=task_inputs_key(task))
     return outcome
+
+
+def task_inputs_key(task: StudyTask) -> str:
+    """Hash of what one study's slices and labels come from besides the settings: its boxes, split, fold, sampling."""
+    return settings_key({"split": task.split, "fold": task.fold, "boxes": task.boxes,
+                         "n_background": task.n_background, "negative": task.negative,
+                         "background_density": task.background_density,
+                         "segmentation": task.segmentation.name if task.segmentation else None})
 
 
 def _init_worker() -> None:
@@ -518,36 +577,41 @@ def _init_worker() -> None:
 
 
 # ---------------------------------------------------------------- orchestration
-def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOutcome], out: Path, *,
+def _run_tasks(tasks: Sequence[StudyTask], worker: Callable[[StudyTask], StudyOutcome], markers: StudyMarkers, *,
                workers: int, progress: bool, overwrite: bool, desc: str) -> int:
+    """Run the studies not finished with these settings and inputs (all with overwrite); return how many succeeded."""
     from tqdm.auto import tqdm
 
-    todo = []
+    out = markers.root
+    todo, changed = [], []
     for task in tasks:
-        marker = _marker(out, task.uid)
-        if marker.is_file():
-            if not overwrite:
-                continue
-            _remove_study(out, task.uid)
+        if not overwrite and markers.is_current(task.uid, task_inputs_key(task)):
+            continue
+        if markers.read(task.uid) is not None:
+            changed.append(task.uid)
+            markers.remove(task.uid)
         todo.append(task)
     skipped = len(tasks) - len(todo)
     if skipped:
         log.info("%s: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
                  desc, skipped, len(tasks), out)
+    if changed and not overwrite:
+        log.info("%s: %d finished studies are redone because their labels, fold or sampling changed: %s", desc,
+                 len(changed), ", ".join(changed[:MAX_NAMED]))
     failed = []
     with tqdm(total=len(todo), desc=desc, unit="study", disable=not progress) as bar:
         if workers > 1 and len(todo) > 1:
             ctx = get_context("forkserver")       # like the reader's pools: no fork after threads started
             ctx.set_forkserver_preload(["detector.yolo_dataset", "detector.render"])
             with ProcessPoolExecutor(max_workers=min(workers, len(todo)), mp_context=ctx,
-                                     initializer=_init_worker) as pool:
-                futures = [pool.submit(_run_one, worker, t) for t in todo]
+                                     **dies_with_parent(_init_worker)) as pool:
+                futures = [pool.submit(_run_one, worker, t, markers) for t in todo]
                 for fut in as_completed(futures):
                     failed += _report(fut.result())
                     bar.update()
         else:
             for task in todo:
-                failed += _report(_run_one(worker, task))
+                failed += _report(_run_one(worker, task, markers))
                 bar.update()
     if failed:
         log.warning("%s: %d studies failed and were left out (a rerun retries them): %s", desc, len(failed),
@@ -653,12 +717,7 @@ def _load_or_make_splits(path: Path, strata: Mapping[str, str], *, n_folds: int,
 
 
 def _remove_study(out: Path, uid: str) -> None:
-
-    marker = _marker(out, uid)
-    if marker.is_file():
-        for rel in json.loads(marker.read_text(encoding="utf-8")).get("files", []):
-            (out / rel).unlink(missing_ok=True)
-        marker.unlink()
+    dataset_markers(out).remove(uid)
 
 
 def _marker(out: Path, uid: str) -> Path:

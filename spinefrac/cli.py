@@ -27,7 +27,13 @@ stages, in order:
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
+
+exit status: 0 done; 2 bad input, config or model folder, or an OS error (one line naming the file);
+3 predict: every study failed (predictions.csv and submission.csv hold the training prior); 130 interrupted
 """
+
+
+DEVICE_HELP = "cpu, 0 (first GPU), 0,1; default: the first GPU if there is one, else cpu (never train.device)"
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -107,10 +113,10 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
     from detector.detect import detect_studies
 
-    cfg = load_config("detector", args.config, _overrides(args, {"conf": "detect.conf", "device": "train.device"}))
+    cfg = load_config("detector", args.config, _overrides(args, {"conf": "detect.conf"}))
     detect_studies(args.studies, weights=args.weights, out=args.out, config=cfg, labels=args.labels,
                    locator=args.locator, workers=args.workers, progress=not args.no_progress,
-                   overwrite=args.overwrite)
+                   overwrite=args.overwrite, device=args.device)
     return 0
 
 
@@ -148,7 +154,14 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from spinefrac.pipeline import predict_all
 
     predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
-                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
+                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device)
+    return 0
+
+
+def _cmd_convert_weights(args: argparse.Namespace) -> int:
+    from detector.weights import convert_checkpoint
+
+    print(convert_checkpoint(args.weights, args.out, trust=args.trust))
     return 0
 
 
@@ -241,9 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", type=Path, required=True, help=".pt, or an exported ONNX/OpenVINO model")
     p.add_argument("--out", type=Path, required=True, help="output folder (boxes.csv, slices.csv, overlays/)")
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: draw ground truth too")
-    p.add_argument("--locator", type=Path, default=None, help="locator weights: add vertebra levels")
+    p.add_argument("--locator", type=Path, default=None,
+                   help="locator weights: add vertebra levels and centre the spine ROI crops (config roi:); "
+                        "without it the crops use roi.fallback")
     p.add_argument("--conf", type=float, default=None, help="box score threshold (config detect.conf)")
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
     p.add_argument("--overwrite", action="store_true", help="redo studies already finished")
     _add_config_args(p, "detector")
@@ -282,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: ground truth on overlays")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
+
+    p = _sub(sub, "convert-weights", "convert an Ultralytics .pt you trust into spinefrac's weights-only format",
+             "spinefrac convert-weights yolov8n_colleague.pt --out start.pt --trust", _cmd_convert_weights)
+    p.add_argument("weights", type=Path, help="Ultralytics checkpoint (a pickle: loading it can run code)")
+    p.add_argument("--out", type=Path, default=None, help="where to write (default: replace WEIGHTS)")
+    p.add_argument("--trust", action="store_true",
+                   help="required: you trust the file's origin (converting unpickles it once)")
 
     p = _sub(sub, "evaluate", "score predictions with the competition metric, AUCs and baselines",
              "spinefrac evaluate work/pred/predictions.csv --labels data/synth_test/truth/train.csv", _cmd_evaluate)
@@ -316,13 +339,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
-    from data_prep.errors import SpinefracError
+    from data_prep.errors import EXIT_ERROR, SpinefracError, os_error_message
 
     try:
         return int(args.handler(args) or 0)
     except SpinefracError as exc:
-        log.error("%s", exc)
-        return 2
+        log.error("%s", exc, exc_info=args.verbose)
+        return exc.exit_code
+    except OSError as exc:               # a read-only or full disk, a missing permission: one line with the path
+        log.error("%s", os_error_message(exc), exc_info=args.verbose)
+        return EXIT_ERROR
     except KeyboardInterrupt:
         log.error("interrupted; finished studies are kept and a rerun resumes")
         return 130

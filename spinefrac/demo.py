@@ -65,7 +65,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, config_path: str | os.PathL
     pred = timed("predict", lambda: predict_all([test / "test_images"], model_dir=model, out=out / "predict",
                                                 test_csv=test / "test.csv",
                                                 labels=test / "truth" / "train_bounding_boxes.csv",
-                                                progress=progress))
+                                                progress=progress, overwrite=True))   # the model may have changed
     report = timed("evaluate", lambda: evaluate_predictions(pred / "predictions.csv",
                                                             labels=test / "truth" / "train.csv",
                                                             out=out / "eval", boxes=pred / "boxes.csv",

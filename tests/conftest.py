@@ -47,3 +47,30 @@ def yolo_home(tmp_path_factory):
 
         configure_ultralytics(home)
         yield home
+
+
+@pytest.fixture(scope="session")
+def trained_pipeline(tmp_path_factory):
+    """Synthesise tiny train/test sets and train every stage once per session (1 epoch): data/, test/, model/."""
+    from helpers import TINY_SYNTH
+
+    from spinefrac.cli import main
+
+    root = tmp_path_factory.mktemp("pipeline")
+    sets = [f"--set={s}" for s in TINY_SYNTH]
+    assert main(["synth", str(root / "data"), "--studies", "12", "--seed", "21", "--no-progress", *sets]) == 0
+    assert main(["synth", str(root / "test"), "--studies", "4", "--seed", "22", "--split", "test", "--no-progress",
+                 *sets]) == 0
+    cfg = root / "pipeline.yaml"
+    cfg.write_text(
+        'detector:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n'
+        'locator:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n')
+    assert main(["train", str(root / "data"), "--out", str(root / "model"), "--config", str(cfg),
+                 "--no-progress"]) == 0
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained(trained_pipeline):
+    """The same session-trained tiny pipeline (data/, test/, model/) under the name the model-folder tests use."""
+    return trained_pipeline

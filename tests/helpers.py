@@ -12,6 +12,8 @@ import yaml
 IMGSZ = 64
 N_TRAIN, N_VAL = 8, 2
 N_FOLDS = 3
+TINY_SYNTH = ["image.size=96", "volume.slices=40", "labels.box_fraction=1.0", "labels.segmentation_fraction=0.5"]
+"""synth overrides of the tiny studies the pipeline tests train and predict on."""
 
 
 def make_yolo_dataset(root: Path, *, n_train: int = N_TRAIN, n_val: int = N_VAL, size: int = IMGSZ,

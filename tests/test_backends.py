@@ -31,11 +31,18 @@ HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 HAS_ORT = importlib.util.find_spec("onnxruntime") is not None
 
 
+def _ultralytics_twin(path: Path) -> Path:
+    """Where `_random_weights` keeps the Ultralytics checkpoint (a pickle) that `path` was converted from."""
+    return path.parent / "ultralytics" / path.name
+
+
 def _random_weights(path: Path, seed: int) -> Path:
-    """Save an untrained 1-class yolov8n with input-dependent outputs to `path`."""
+    """Save an untrained 1-class yolov8n with input-dependent outputs to `path` (spinefrac's weights-only format)."""
     import torch
     from ultralytics import YOLO
     from ultralytics.nn.tasks import DetectionModel
+
+    from detector.weights import convert_checkpoint
 
     torch.manual_seed(seed)
     yolo = YOLO("yolov8n.yaml")
@@ -52,9 +59,10 @@ def _random_weights(path: Path, seed: int) -> Path:
             branch[-1].bias.fill_(CLS_BIAS)
         for branch in head.cv2:
             branch[-1].weight.mul_(BOX_GAIN)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    yolo.save(str(path))
-    return path
+    twin = _ultralytics_twin(path)
+    twin.parent.mkdir(parents=True, exist_ok=True)
+    yolo.save(str(twin))
+    return convert_checkpoint(twin, path, trust=True)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +110,7 @@ def test_pytorch_predictor_matches_ultralytics_predict(weights, images):
 
     pred = _load(weights, "pytorch")
     ours = pred.predict(images)
-    results = YOLO(str(weights)).predict(list(images), imgsz=IMGSZ, conf=CONF, iou=IOU, max_det=MAX_DET,
+    results = YOLO(str(_ultralytics_twin(weights))).predict(list(images), imgsz=IMGSZ, conf=CONF, iou=IOU, max_det=MAX_DET,
                                           device="cpu", verbose=False)
     theirs = [r.boxes.data.cpu().numpy() for r in results]
     assert sum(len(o) for o in ours) > 0

@@ -87,4 +87,6 @@ def test_demo_overrides_fold_into_every_stage_and_resolve():
     assert det.render.recipe == "windows" and det.prepare.boxed_every == 2
     assert stages["aggregation"].splits.aggregator_fraction == 0.4
     synth = load_config("synth", None, list(cfg.demo.synth_set))
-    assert synth.image.size == det.render.imgsz           # the detector sees the demo's slices at full size
+    # the demo's studies have the real geometry (512 px over the whole neck) and go through the spine ROI
+    assert synth.image.size == 512 and det.roi.enabled
+    assert det.roi.size_mm < min(synth.image.fov_mm)       # the crop is a part of the slice, not all of it

@@ -109,3 +109,15 @@ def test_no_temp_files_left(tmp_path, hu):
 def test_bad_arguments(tmp_path, hu, kwargs):
     with pytest.raises(DicomWriteError):
         write_series(tmp_path, hu, study_uid=STUDY, pixel_spacing=(1, 1), slice_thickness=1, **kwargs)
+
+
+@pytest.mark.parametrize("ts", [registry.TS_RLE, registry.TS_JPEG_LOSSLESS_SV1, registry.TS_EXPLICIT_LE])
+def test_same_volume_gives_the_same_bytes_in_every_syntax(tmp_path, hu, ts):
+    """A rerun of synth must reproduce its files: pydicom's compress() used to give RLE slices a random SOP UID."""
+    for run in ("a", "b"):
+        write_series(tmp_path / run, hu, study_uid="1.2.3.4", pixel_spacing=(0.5, 0.5), slice_thickness=2.0,
+                     z_top_mm=10.0, transfer_syntax=ts)
+    names = sorted(p.name for p in (tmp_path / "a").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "b").iterdir())
+    for name in names:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name

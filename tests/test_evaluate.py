@@ -162,3 +162,12 @@ def test_cli_evaluate(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "loss (global)" in out and "threshold 0.4" in out
     assert main(["evaluate", str(tmp_path / "missing.csv"), "--labels", str(lab_path)]) == 2
+
+
+def test_max_score_baseline_without_any_box_is_zero():
+    """A detector that found nothing writes boxes.csv with the base columns only: every level scores 0, no error."""
+    empty = pd.DataFrame(columns=[STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
+                                  "score"])
+    out = max_score_baseline(empty, ["1.2.3", "1.2.4"])
+    assert list(out[STUDY_COL]) == ["1.2.3", "1.2.4"]
+    assert (out[list(TARGETS)].to_numpy() == 0.0).all()

@@ -1,33 +1,15 @@
-"""`spinefrac train` then `spinefrac predict` through the CLI on a tiny synthetic dataset."""
+"""`spinefrac train` then `spinefrac predict` through the CLI on a tiny synthetic dataset (`trained`: conftest.py)."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
 
 from data_prep.registry import STUDY_COL, TARGETS
 from spinefrac.cli import main
-
-TINY = ["image.size=96", "volume.slices=40", "labels.box_fraction=1.0", "labels.segmentation_fraction=0.5"]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """Synthesise train/test sets and train every stage once (tiny, 1 epoch) for the tests of this module."""
-    root = tmp_path_factory.mktemp("pipeline")
-    sets = [f"--set={s}" for s in TINY]
-    assert main(["synth", str(root / "data"), "--studies", "12", "--seed", "21", "--no-progress", *sets]) == 0
-    assert main(["synth", str(root / "test"), "--studies", "4", "--seed", "22", "--split", "test", "--no-progress",
-                 *sets]) == 0
-    cfg = root / "pipeline.yaml"
-    cfg.write_text(
-        'detector:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n'
-        'locator:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n')
-    assert main(["train", str(root / "data"), "--out", str(root / "model"), "--config", str(cfg),
-                 "--no-progress"]) == 0
-    return root
 
 
 @pytest.mark.slow
@@ -39,7 +21,7 @@ def test_model_folder_is_self_describing(trained):
     assert meta["locator"] is True and "torch" in meta["versions"] and "ultralytics" in meta["versions"]
     for name in ("config.yaml", "detector.yaml", "locator.yaml", "levels.yaml", "aggregation.yaml", "splits.json",
                  "prior.json", "detector/weights/best.pt", "detector/results.csv", "locator/weights/best.pt",
-                 "aggregator/aggregator.joblib", "aggregator/aggregator.json"):
+                 "aggregator/aggregator.skops", "aggregator/aggregator.json"):
         assert (model / name).exists(), name
     # no study trains both the detector and the aggregator
     roles = json.loads((model / "splits.json").read_text())["roles"]
@@ -63,7 +45,8 @@ def test_rerun_of_train_skips_finished_stages(trained, caplog):
 
 @pytest.mark.slow
 def test_predict_complete_submission_errors_and_overlays(trained, tmp_path):
-    test = trained / "test"
+    test = tmp_path / "test"       # a copy: the session's shared test studies stay intact for other tests
+    shutil.copytree(trained / "test", test)
     studies = sorted(p for p in (test / "test_images").iterdir())
     broken = studies[0]
     victim = sorted(broken.glob("*.dcm"))[len(list(broken.glob("*.dcm"))) // 2]

@@ -137,7 +137,7 @@ def test_yolo_round_trip_and_clipping():
 
 
 def test_unknown_recipe_is_an_error_with_a_suggestion():
-    cfg = render_cfg(recipe="window")
+    cfg = {**render_cfg().to_dict(), "recipe": "window"}   # load_config itself refuses it; the renderer checks too
     with pytest.raises(ConfigError, match="did you mean 'windows'"):
         render_slices(FakeChunk(1, 4, 4), [0], geometry(1, 4, 4, 1.0), render=cfg)
 

@@ -59,6 +59,7 @@ def test_fine_tune_from_local_pt_on_another_fold(yolo_home, tmp_path):
     from ultralytics import YOLO
 
     from detector.train import train_yolo
+    from detector.weights import UnsafeWeightsError, convert_checkpoint, read_weights
 
     data = make_yolo_dataset(tmp_path / "ds")
     start = tmp_path / "start.pt"
@@ -66,8 +67,13 @@ def test_fine_tune_from_local_pt_on_another_fold(yolo_home, tmp_path):
     out = tmp_path / "ft"
     out.mkdir()
     cfg = load_config("detector", overrides=[*FAST, "train.epochs=1", "train.fold=2"])
+    with pytest.raises(UnsafeWeightsError, match="convert-weights"):  # an Ultralytics pickle is not unpickled
+        train_yolo(data, out, config=cfg, model=start, overwrite=True)
+    convert_checkpoint(start, trust=True)
     run = train_yolo(data, out, config=cfg, model=start, overwrite=True)
     assert run == out and (run / "weights" / "best.pt").is_file()
+    for name in ("best.pt", "last.pt"):  # what training leaves loads weights-only
+        assert read_weights(run / "weights" / name)["names"] == {0: "fracture"}
     args = yaml.safe_load((run / "args.yaml").read_text())
     assert Path(args["model"]) == start and args["pretrained"] is True
     view = Path(args["data"])
@@ -118,9 +124,8 @@ def test_cache_setting_is_checked(tmp_path):
     from detector.train import train_yolo
 
     data = make_yolo_dataset(tmp_path / "ds")
-    cfg = load_config("detector", overrides=[*FAST, "train.cache=memory"])
-    with pytest.raises(ConfigError, match="train.cache"):
-        train_yolo(data, tmp_path / "run", config=cfg)
+    with pytest.raises(ConfigError, match="train.cache"):   # refused when the config is loaded, before training
+        train_yolo(data, tmp_path / "run", config=load_config("detector", overrides=[*FAST, "train.cache=memory"]))
     assert not (tmp_path / "run").exists()
 
 

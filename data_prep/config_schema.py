@@ -1,0 +1,501 @@
+"""Types, choices and ranges of every stage's config (configs/*.yaml), checked when a config is loaded.
+
+`data_prep.config.load_config` merges defaults < file < `--set`, then validates the result against
+SCHEMAS[stage], so a typo in a choice (`model.calibration=isotonc`) or an out-of-range value
+(`train.epochs=-1`) fails in the first second with the key, the value, the allowed values and the
+file it came from, not hours later in the last stage.
+
+One pydantic model per YAML section; each field is one key of that section, in the YAML's order.
+A new key in configs/<stage>.yaml is one new line in its section's class here, e.g.
+`    min_hu: float = Field(ge=-1024.0)`; a new section is a new `Section` subclass plus one line in the
+stage's class (tests/test_config_schema.py fails while a YAML key has no line here). The meaning of
+each key stays documented beside its default in the YAML.
+
+The choices below are the single list the configs accept; the modules that act on them keep their
+own constants (tests/test_config_schema.py checks they agree).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
+
+# ---------------------------------------------------------------- choices
+RECIPES = ("2.5d", "windows")                                  # detector/render.py RECIPES
+NEGATIVE_SAMPLING = ("matched", "uniform")                     # detector/yolo_dataset.py NEGATIVE_SAMPLING
+CACHE = ("none", "ram", "disk")                                # detector/train.py CACHE_CHOICES
+BACKENDS = ("auto", "pytorch", "onnx", "openvino")             # detector/backends.py BACKEND_CHOICES
+OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")  # Ultralytics names
+LEVEL_MODES = ("shared", "per_level")                          # aggregation/model.py LEVEL_MODES
+CALIBRATIONS = ("sigmoid", "isotonic", "none")                 # aggregation/model.py CALIBRATION_METHODS
+AREA_UNITS = ("px", "mm")                                      # aggregation/features.py AREA_UNITS
+SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/splits.py SCHEMES
+ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
+
+# ---------------------------------------------------------------- limits
+N_LEVELS = 7                 # C1..C7
+N_CHANNELS = 3               # rendered image channels (one window per channel for the "windows" recipe)
+MAX_LEVELS_PER_POSITIVE = 6  # synth labels.levels_per_positive: probabilities of 1..6 fractured levels
+MAX_PERSPECTIVE = 0.001      # Ultralytics' documented range of the perspective augmentation
+MAX_DEGREES = 180.0
+MAX_SPACING_DECIMALS = 10
+COLOUR_MAX = 255
+
+# ---------------------------------------------------------------- value types
+Prob = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+OpenProb = Annotated[float, Field(gt=0.0, lt=1.0, allow_inf_nan=False)]
+Real = Annotated[float, Field(allow_inf_nan=False)]
+NonNeg = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
+Pos = Annotated[float, Field(gt=0.0, allow_inf_nan=False)]
+Count = Annotated[int, Field(ge=0)]
+PosInt = Annotated[int, Field(ge=1)]
+Folds = Annotated[int, Field(ge=2)]
+Seed = Annotated[int, Field(ge=0)]
+OptStr = StrictStr | None
+StrList = list[StrictStr]
+
+
+def _ordered(pair: list[float]) -> list[float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"a [low, high] range needs low <= high, found {pair}")
+    return pair
+
+
+def _not_zero(value: int) -> int:
+    if value == 0:
+        raise ValueError("must not be 0 (-1 = AutoBatch, or a positive batch size)")
+    return value
+
+
+Range = Annotated[list[Real], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
+PosRange = Annotated[list[NonNeg], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
+ProbRange = Annotated[list[Prob], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
+Window = Annotated[list[Real], Field(min_length=2, max_length=2)]
+Windows = Annotated[list[Window], Field(min_length=N_CHANNELS, max_length=N_CHANNELS)]
+LevelFractions = Annotated[list[Prob], Field(min_length=N_LEVELS, max_length=N_LEVELS)]
+LevelWeights = Annotated[list[NonNeg], Field(min_length=N_LEVELS, max_length=N_LEVELS)]
+Colour = Annotated[list[Annotated[int, Field(ge=0, le=COLOUR_MAX)]], Field(min_length=3, max_length=3)]
+Device = StrictStr | Annotated[int, Field(ge=0)] | None
+Batch = Annotated[int, Field(ge=-1), AfterValidator(_not_zero)]
+
+
+class Section(BaseModel):
+    """A config section: every key typed, no key beyond the YAML's (unknown keys are refused earlier)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def _check_folds(section: BaseModel) -> BaseModel:
+    if section.val_fold >= section.n_folds:  # type: ignore[attr-defined]
+        raise ValueError(f"val_fold {section.val_fold} must be below n_folds {section.n_folds}")  # type: ignore[attr-defined]
+    return section
+
+
+# ---------------------------------------------------------------- detector.yaml and locator.yaml
+class RenderSection(Section):
+    recipe: Literal[RECIPES]  # type: ignore[valid-type]
+    imgsz: PosInt             # YOLO rounds it up to a multiple of its stride (32)
+    neighbour_mm: NonNeg
+    window_level: Real
+    window_width: Pos
+    windows: Windows
+
+
+class DetectorPrepareSection(Section):
+    n_folds: Folds
+    val_fold: Count
+    seed: Seed
+    background_ratio: NonNeg
+    negative_share: Prob
+    boxed_every: PosInt
+    negative_sampling: Literal[NEGATIVE_SAMPLING]  # type: ignore[valid-type]
+    matched_bins: PosInt
+    matched_smooth_bins: Count
+    matched_floor: Prob
+    margin_slices: Count
+    min_box_px: NonNeg
+
+    _folds = model_validator(mode="after")(_check_folds)
+
+
+class TrainSection(Section):
+    model: StrictStr
+    epochs: PosInt
+    batch: Batch
+    device: Device
+    fold: Count | None
+    threads: Count
+    workers: Count
+    seed: Seed
+    deterministic: StrictBool
+    patience: Count
+    optimizer: Literal[OPTIMIZERS]  # type: ignore[valid-type]
+    lr0: Pos
+    cos_lr: StrictBool
+    warmup_epochs: NonNeg
+    close_mosaic: Count
+    cache: Literal[CACHE]  # type: ignore[valid-type]
+    plots: StrictBool
+    val: StrictBool
+    degrees: Annotated[float, Field(ge=0.0, le=MAX_DEGREES)]
+    translate: Prob
+    scale: NonNeg
+    shear: Annotated[float, Field(ge=-MAX_DEGREES, le=MAX_DEGREES)]
+    perspective: Annotated[float, Field(ge=0.0, le=MAX_PERSPECTIVE)]
+    fliplr: Prob
+    flipud: Prob
+    mosaic: Prob
+    mixup: Prob
+    hsv_h: Prob
+    hsv_s: Prob
+    hsv_v: Prob
+    # Ultralytics train arguments accepted as they are (absent from the YAML: Ultralytics' default applies).
+    # Add a key here (typed, default None) to let it through; keys spinefrac sets itself (data, imgsz,
+    # project, name, exist_ok, pretrained, verbose) are never passed through.
+    resume: StrictBool | None = None          # true with train.model = <run>/weights/last.pt continues that run
+    amp: StrictBool | None = None             # mixed precision on GPU
+    lrf: OpenProb | None = None               # final learning rate as a fraction of lr0
+    momentum: Prob | None = None
+    weight_decay: NonNeg | None = None
+    warmup_momentum: Prob | None = None
+    warmup_bias_lr: NonNeg | None = None
+    box: NonNeg | None = None                 # loss gains
+    cls: NonNeg | None = None
+    dfl: NonNeg | None = None
+    nbs: PosInt | None = None                 # nominal batch size of the loss normalisation
+    dropout: Prob | None = None
+    freeze: Count | None = None               # freeze the first this many layers when fine-tuning a .pt
+    fraction: Annotated[float, Field(gt=0.0, le=1.0)] | None = None   # share of the training images used
+    time: Pos | None = None                   # hours; overrides epochs
+    save_period: int | None = None            # save a checkpoint every this many epochs (-1 = off)
+    multi_scale: StrictBool | None = None
+    rect: StrictBool | None = None
+    copy_paste: Prob | None = None
+    erasing: Prob | None = None
+
+
+class DetectSection(Section):
+    conf: Prob
+    iou: Prob
+    max_det: PosInt
+    batch: PosInt
+    prefetch: Count
+    backend: Literal[BACKENDS]  # type: ignore[valid-type]
+    overlays: StrictBool
+    rebuild_every: PosInt
+
+
+class OverlaysSection(Section):
+    top_n: Count
+    min_score: Prob
+    max_boxes: Count
+    display_size: PosInt
+    window_level: Real
+    window_width: Pos
+    box_color: Colour
+    truth_color: Colour
+    roi_color: Colour
+    line_thickness: PosInt
+    font_scale: Pos
+    sheet_columns: PosInt
+    sheet_tile: PosInt
+    profile_size: Annotated[list[Pos], Field(min_length=2, max_length=2)]
+    profile_dpi: PosInt
+
+
+class ExportSection(Section):
+    dynamic: StrictBool
+    batch: PosInt
+    simplify: StrictBool
+    opset: PosInt | None
+
+
+class RoiSection(Section):
+    enabled: StrictBool
+    size_mm: Pos
+    smooth_mm: NonNeg
+    jitter_mm: NonNeg
+    fallback: Literal[ROI_FALLBACKS]  # type: ignore[valid-type]
+    every_k: PosInt
+    body_hu: Real
+    pad_hu: Real
+
+
+class DetectorConfig(Section):
+    roi: RoiSection
+    render: RenderSection
+    prepare: DetectorPrepareSection
+    train: TrainSection
+    detect: DetectSection
+    overlays: OverlaysSection
+    export: ExportSection
+
+
+class LocatorPrepareSection(Section):
+    every_k: PosInt
+    min_area_px: Count
+    keep_empty: StrictBool
+    n_folds: Folds
+    val_fold: Count
+    seed: Seed
+
+    _folds = model_validator(mode="after")(_check_folds)
+
+
+class LocateSection(Section):
+    every_k: PosInt
+    iou: Prob
+    max_det: PosInt
+
+
+class LocatorConfig(Section):
+    render: RenderSection
+    prepare: LocatorPrepareSection
+    train: TrainSection
+    locate: LocateSection
+
+
+# ---------------------------------------------------------------- levels.yaml
+class DecodeSection(Section):
+    max_levels_per_slice: Annotated[int, Field(ge=1, le=N_LEVELS)]
+    allow_gaps: StrictBool
+    gap_penalty: NonNeg
+    switch_penalty: NonNeg
+    evidence_clip: Annotated[float, Field(gt=0.0, lt=0.5)]
+    evidence_weight: NonNeg
+
+
+class LevelsLocateSection(Section):
+    min_conf: Prob
+    presence_threshold: OpenProb
+
+
+class AssignSection(Section):
+    min_overlap_px: NonNeg
+    presence_min: Prob
+
+
+class RelativeZSection(Section):
+    start: LevelFractions
+    end: LevelFractions
+
+    @model_validator(mode="after")
+    def _starts_before_ends(self) -> RelativeZSection:
+        bad = [f"C{i + 1}" for i, (s, e) in enumerate(zip(self.start, self.end, strict=True)) if s >= e]
+        if bad:
+            raise ValueError(f"start must be below end for every level; not for {', '.join(bad)}")
+        return self
+
+
+class LevelsConfig(Section):
+    decode: DecodeSection
+    locate: LevelsLocateSection
+    assign: AssignSection
+    relative_z: RelativeZSection
+
+
+# ---------------------------------------------------------------- aggregation.yaml
+class FeaturesSection(Section):
+    min_level_weight: Prob
+    top_k: PosInt
+    score_thresholds: Annotated[list[Prob], Field(min_length=1)]
+    run_min_score: Prob
+    presence_threshold: Prob
+    patient_thresholds: Annotated[list[Prob], Field(min_length=1)]
+    area_unit: Literal[AREA_UNITS]  # type: ignore[valid-type]
+
+
+class ModelSection(Section):
+    level_mode: Literal[LEVEL_MODES]  # type: ignore[valid-type]
+    learning_rate: Pos
+    max_iter: PosInt
+    max_leaf_nodes: Annotated[int, Field(ge=2)]
+    max_depth: PosInt | None
+    min_samples_leaf: PosInt
+    l2_regularization: NonNeg
+    calibration: Literal[CALIBRATIONS]  # type: ignore[valid-type]
+    calibration_folds: Folds
+    patient_oof_folds: Count
+    random_state: Seed
+    threads: PosInt | None
+
+
+class SplitsSection(Section):
+    scheme: Literal[SPLIT_SCHEMES]  # type: ignore[valid-type]
+    negative_fraction: Prob
+    aggregator_fraction: OpenProb
+    min_aggregator_positives: Count
+    n_folds: Folds
+    seed: Seed
+
+
+class EvaluateSection(Section):
+    calibration_bins: Annotated[int, Field(ge=2)]
+
+
+class AggregationConfig(Section):
+    features: FeaturesSection
+    model: ModelSection
+    splits: SplitsSection
+    evaluate: EvaluateSection
+
+
+# ---------------------------------------------------------------- pipeline.yaml
+class StageChoice(Section):
+    config: OptStr
+    set: StrList
+
+
+class LocatorChoice(StageChoice):
+    enabled: StrictBool
+    reuse: OptStr = None
+
+
+class DemoSection(Section):
+    train_studies: Annotated[int, Field(ge=2)]
+    test_studies: PosInt
+    seed: Seed
+    synth_set: StrList
+    detector_set: StrList
+    locator_set: StrList
+    levels_set: StrList
+    aggregation_set: StrList
+
+
+class PipelineConfig(Section):
+    detector: StageChoice
+    locator: LocatorChoice
+    levels: StageChoice
+    aggregation: StageChoice
+    demo: DemoSection
+
+
+# ---------------------------------------------------------------- synth.yaml
+class ImageSection(Section):
+    size: PosInt
+    fov_mm: Annotated[list[Pos], Field(min_length=2, max_length=2), AfterValidator(_ordered)]
+    spacing_decimals: Annotated[int, Field(ge=0, le=MAX_SPACING_DECIMALS)]
+    centre_behind_body_mm: Real
+    origin_jitter_mm: NonNeg
+    table_xy_mm: Range
+    circle_padding: StrictBool
+
+
+class VolumeSection(Section):
+    slices: PosInt
+    nominal_coverage_mm: Pos
+    thickness_step_mm: Pos
+    z_top_mm: Range
+
+
+class AnatomySection(Section):
+    size_scale: PosRange
+    vertebra_jitter: NonNeg
+    lordosis_deg: Range
+    flexion_deg: Range
+    yaw_deg: Range
+    roll_deg: Range
+    c1_extra_tilt_deg: Range
+    cancellous_hu: Range
+    density_jitter: NonNeg
+    low_density_prob: Prob
+    low_density_factor: PosRange
+    vascular_channel_prob: Prob
+    vascular_width_mm: PosRange
+    osteophyte_prob: Prob
+    osteophyte_mm: PosRange
+    above_c1_mm: PosRange
+    below_c7_mm: PosRange
+    habitus: PosRange
+    neck_axes_mm: Annotated[list[Pos], Field(min_length=2, max_length=2)]
+    fat_mm: PosRange
+
+
+class HuSection(Section):
+    air: Real
+    fat: Real
+    muscle: Real
+    disc: Real
+    vascular: Real
+    cortical: Range
+    cortex_mm: PosRange
+    min_cortex_px: NonNeg
+    trabecular_sigma: NonNeg
+    trabecular_above: Real
+    noise_sigma: PosRange
+    blur_px: PosRange
+    min_channel_px: NonNeg
+
+
+KindWeights = Annotated[dict[StrictStr, NonNeg], Field(min_length=1)]
+
+
+class FractureSection(Section):
+    gap_mm: PosRange
+    shift_mm: PosRange
+    min_gap_px: NonNeg
+    min_shift_px: NonNeg
+    extent_frac: ProbRange
+    min_window_slices: NonNeg
+    extra_line_prob: Prob
+    box_margin_mm: PosRange
+    pillar_share: Prob
+    tp_share: Prob
+    kinds_c1: KindWeights
+    kinds_c2: KindWeights
+    kinds_lower: KindWeights
+
+
+class LabelsSection(Section):
+    positive_fraction: Prob
+    levels_per_positive: Annotated[list[Prob], Field(min_length=MAX_LEVELS_PER_POSITIVE,
+                                                     max_length=MAX_LEVELS_PER_POSITIVE)]
+    single_level_weights: LevelWeights
+    contiguous_prob: Prob
+    multi_level_weights: LevelWeights
+    box_fraction: Prob
+    segmentation_fraction: Prob
+
+
+class FilesSection(Section):
+    jpeg_lossless_fraction: Prob
+    rle_fraction: Prob
+    unsigned_fraction: Prob
+
+    @model_validator(mode="after")
+    def _fractions_fit(self) -> FilesSection:
+        if self.jpeg_lossless_fraction + self.rle_fraction > 1.0:
+            raise ValueError("jpeg_lossless_fraction + rle_fraction must not exceed 1")
+        return self
+
+
+class SynthConfig(Section):
+    image: ImageSection
+    volume: VolumeSection
+    anatomy: AnatomySection
+    hu: HuSection
+    fracture: FractureSection
+    labels: LabelsSection
+    files: FilesSection
+
+
+SCHEMAS: dict[str, type[Section]] = {
+    "detector": DetectorConfig,
+    "locator": LocatorConfig,
+    "levels": LevelsConfig,
+    "aggregation": AggregationConfig,
+    "pipeline": PipelineConfig,
+    "synth": SynthConfig,
+}
+"""The schema of each stage's config, by stage name (configs/<stage>.yaml)."""
+
+
+def passthrough_keys(stage: str, section: str) -> frozenset[str]:
+    """Return the keys of `stage`'s `section` that the schema accepts although the YAML has no default."""
+    schema = SCHEMAS.get(stage)
+    field = schema.model_fields.get(section) if schema is not None else None
+    model = field.annotation if field is not None else None
+    if not (isinstance(model, type) and issubclass(model, Section)):
+        return frozenset()
+    return frozenset(name for name, f in model.model_fields.items() if not f.is_required())

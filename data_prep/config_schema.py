@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 RECIPES = ("2.5d", "windows")                                  # detector/render.py RECIPES
 NEGATIVE_SAMPLING = ("matched", "uniform")                     # detector/yolo_dataset.py NEGATIVE_SAMPLING
 CACHE = ("none", "ram", "disk")                                # detector/train.py CACHE_CHOICES
+OMP_WAITS = ("passive", "default")                             # detector/train.py OMP_WAIT_CHOICES
 BACKENDS = ("auto", "pytorch", "onnx", "openvino")             # detector/backends.py BACKEND_CHOICES
 OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")  # Ultralytics names
 LEVEL_MODES = ("shared", "per_level")                          # aggregation/model.py LEVEL_MODES
@@ -126,6 +127,7 @@ class TrainSection(Section):
     device: Device
     fold: Count | None
     threads: Count
+    omp_wait: Literal[OMP_WAITS]  # type: ignore[valid-type]
     workers: Count
     seed: Seed
     deterministic: StrictBool

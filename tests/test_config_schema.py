@@ -74,6 +74,7 @@ def test_choices_agree_with_the_modules_that_use_them():
     assert config_schema.RECIPES == render.RECIPES
     assert config_schema.NEGATIVE_SAMPLING == yolo_dataset.NEGATIVE_SAMPLING
     assert set(config_schema.CACHE) == set(train.CACHE_CHOICES)
+    assert set(config_schema.OMP_WAITS) == set(train.OMP_WAIT_CHOICES)
     assert set(config_schema.BACKENDS) == set(backends.BACKEND_CHOICES)
     assert config_schema.LEVEL_MODES == model.LEVEL_MODES
     assert config_schema.CALIBRATIONS == model.CALIBRATION_METHODS

@@ -475,3 +475,25 @@ def test_slices_csv_carries_the_roi_columns_and_overlays_still_work(tmp_path, ro
     cyan = tuple(int(c) for c in roi_config["overlays"]["roi_color"])
     assert [tuple(int(c) for c in top[r, 11]) for r in range(20, 46)] == [cyan] * 26
     assert not (top[:, :8] == cyan).all(axis=-1).any()                          # nothing left of the outline
+
+
+def test_body_fallback_on_a_real_slice_centres_on_the_patient_not_the_table(realdata):
+    """On the real RSNA slice (skull base, 512 px at 0.312 mm, table below the head) the body fallback's 100 mm
+    square sits on the head: its centre is inside the body, and the table rows below the head stay outside it."""
+    import pydicom
+
+    from data_prep.dicom_io import read_slice_hu
+
+    path = realdata("test1.dcm")
+    hu = read_slice_hu(path)
+    spacing = [float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing]
+    centre = body_centre(hu, -500.0)
+    assert centre is not None
+    cx, cy = centre
+    assert hu[int(round(cy)), int(round(cx))] > -500.0                 # the centre is inside the patient
+    rows_with_body = np.flatnonzero((hu > -500.0).sum(axis=1) > hu.shape[1] // 4)   # wide rows: the head
+    assert rows_with_body.min() < cy < rows_with_body.max()
+    x, y, w, h = (int(v[0]) for v in square_at(np.array([cx]), np.array([cy]), hu.shape, spacing, 100.0))
+    assert (w, h) == (round(100.0 / spacing[1]), round(100.0 / spacing[0]))
+    table_rows = np.flatnonzero(((hu > -500.0).sum(axis=1) > 0) & (np.arange(hu.shape[0]) > rows_with_body.max()))
+    assert len(table_rows) == 0 or y + h <= table_rows.min()            # the table is not in the crop

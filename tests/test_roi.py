@@ -478,22 +478,26 @@ def test_slices_csv_carries_the_roi_columns_and_overlays_still_work(tmp_path, ro
 
 
 def test_body_fallback_on_a_real_slice_centres_on_the_patient_not_the_table(realdata):
-    """On the real RSNA slice (skull base, 512 px at 0.312 mm, table below the head) the body fallback's 100 mm
-    square sits on the head: its centre is inside the body, and the table rows below the head stay outside it."""
+    """On the real RSNA slice (skull base, 512 px at 0.312 mm, the table's curved shell below the head) the body
+    fallback's 100 mm square is centred inside the head and leaves the table out."""
+    import cv2
     import pydicom
 
     from data_prep.dicom_io import read_slice_hu
 
     path = realdata("test1.dcm")
     hu = read_slice_hu(path)
-    spacing = [float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing]
-    centre = body_centre(hu, -500.0)
-    assert centre is not None
-    cx, cy = centre
-    assert hu[int(round(cy)), int(round(cx))] > -500.0                 # the centre is inside the patient
-    rows_with_body = np.flatnonzero((hu > -500.0).sum(axis=1) > hu.shape[1] // 4)   # wide rows: the head
-    assert rows_with_body.min() < cy < rows_with_body.max()
-    x, y, w, h = (int(v[0]) for v in square_at(np.array([cx]), np.array([cy]), hu.shape, spacing, 100.0))
-    assert (w, h) == (round(100.0 / spacing[1]), round(100.0 / spacing[0]))
-    table_rows = np.flatnonzero(((hu > -500.0).sum(axis=1) > 0) & (np.arange(hu.shape[0]) > rows_with_body.max()))
-    assert len(table_rows) == 0 or y + h <= table_rows.min()            # the table is not in the crop
+    row_mm, col_mm = (float(v) for v in pydicom.dcmread(path, stop_before_pixels=True).PixelSpacing)
+    n, _, stats, _ = cv2.connectedComponentsWithStats((hu > -500.0).astype(np.uint8), connectivity=8)
+    parts = sorted(range(1, n), key=lambda k: -stats[k, cv2.CC_STAT_WIDTH] * stats[k, cv2.CC_STAT_HEIGHT])
+    head, others = parts[0], parts[1:]
+    hx, hy, hw, hh = (int(stats[head, c]) for c in (cv2.CC_STAT_LEFT, cv2.CC_STAT_TOP, cv2.CC_STAT_WIDTH,
+                                                      cv2.CC_STAT_HEIGHT))
+    assert hw * col_mm > 100.0 and hh * row_mm > 100.0          # a head, not a table line
+    tables = [k for k in others if stats[k, cv2.CC_STAT_WIDTH] * col_mm > 50.0 and stats[k, cv2.CC_STAT_TOP] > hy]
+    assert tables, "the slice shows the table below the head"
+    cx, cy = body_centre(hu, -500.0)
+    assert hx < cx < hx + hw and hy < cy < hy + hh and hu[int(round(cy)), int(round(cx))] > -500.0
+    x, y, w, h = (int(v[0]) for v in square_at(np.array([cx]), np.array([cy]), hu.shape, (row_mm, col_mm), 100.0))
+    assert (w, h) == (round(100.0 / col_mm), round(100.0 / row_mm))
+    assert all(y + h <= stats[k, cv2.CC_STAT_TOP] for k in tables)   # the table is not in the crop

@@ -121,6 +121,12 @@ def write_sidecar(artifact: str | os.PathLike, *, kind: str, config: Mapping[str
     return write_json_atomic(sidecar, meta)
 
 
+def read_sidecar(artifact: str | os.PathLike) -> dict[str, Any]:
+    """Read the `<artifact>.meta.json` sidecar that write_sidecar wrote."""
+    artifact = Path(artifact)
+    return json.loads(artifact.with_name(artifact.name + SIDECAR_SUFFIX).read_text(encoding="utf-8"))
+
+
 def next_run_dir(base: str | os.PathLike, name: str = "run") -> Path:
     """Return `base/name`, or `base/name2`, `base/name3`, ... : the first that does not exist yet."""
     base = Path(base)

@@ -192,7 +192,7 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     """
     from data_prep.dicom_io import iter_chunks, scan_study
     from detector.render import context_slices, image_xyxy_to_original, render_crops, render_slices
-    from detector.roi import body_centre, crop_xyxy_to_original, full_rois, roi_enabled
+    from detector.roi import crop_xyxy_to_original, full_rois, roi_enabled
 
     study_dir = Path(study_dir)
     uid = study_dir.name
@@ -226,11 +226,7 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
             hu = chunk.hu[chunk.start - chunk.lo:chunk.stop - chunk.lo]
             volume[chunk.start:chunk.stop] = np.clip(np.rint(hu), HU_INT16_MIN, HU_INT16_MAX)
             if want_body:
-                for i in indices:
-                    if i % body_every == 0:
-                        found = body_centre(chunk.get(i), float(roi_cfg["body_hu"]))
-                        if found is not None:
-                            body.append((i, *found))
+                body += _body_centres(chunk, [i for i in indices if i % body_every == 0], float(roi_cfg["body_hu"]))
             timings["preprocess"] += time.perf_counter() - t
         else:
             images, scale = render_slices(chunk, indices, geometry, render=render)
@@ -240,13 +236,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         if locator is not None:
             t = time.perf_counter()
             sampled = [i for i in indices if i % locator.every_k == 0]
-            if sampled:
-                loc_images, loc_scale = render_slices(chunk, sampled, geometry, render=locator.config["render"])
-                for index, p in zip(sampled, locator.predictor.predict(loc_images), strict=True):
-                    p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
-                    loc_slices.append(index)
-                    loc_dets.append(np.column_stack([np.full(len(p), index),
-                                                     image_xyxy_to_original(p[:, :4], loc_scale, shape), p[:, 4:]]))
+            loc_slices += sampled
+            loc_dets += _locate_slices(locator, chunk, sampled, geometry)
             timings["locate"] += time.perf_counter() - t
     slice_levels = level_boxes = None
     if locator is not None:
@@ -307,13 +298,11 @@ def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locat
     its training slices exactly as inference will.
     """
     from data_prep.dicom_io import scan_study
-    from detector.render import context_slices, image_xyxy_to_original, render_slices
-    from detector.roi import body_centre
+    from detector.render import context_slices
 
     geometry = geometry if geometry is not None else scan_study(study_dir)
     roi_cfg = config["roi"]
     n = len(geometry.paths)
-    shape = (int(geometry.shape[0]), int(geometry.shape[1]))
     every = locator.every_k if locator is not None else int(roi_cfg["every_k"])
     sampled = list(range(0, n, every))
     ctx = context_slices(geometry, locator.config["render"]) if locator is not None else 0
@@ -325,21 +314,37 @@ def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locat
         batch = sampled[start:start + step]
         reader.forget_below(batch[0] - ctx)
         if roi_cfg["fallback"] == "body":
-            for i in batch:
-                found = body_centre(reader.get(i), float(roi_cfg["body_hu"]))
-                if found is not None:
-                    body.append((i, *found))
+            body += _body_centres(reader, batch, float(roi_cfg["body_hu"]))
         if locator is not None:
-            images, scale = render_slices(reader, batch, geometry, render=locator.config["render"])
-            for index, p in zip(batch, locator.predictor.predict(images), strict=True):
-                p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
-                loc_dets.append(np.column_stack([np.full(len(p), index),
-                                                 image_xyxy_to_original(p[:, :4], scale, shape), p[:, 4:]]))
+            loc_dets += _locate_slices(locator, reader, batch, geometry)
     level_boxes = None
     if locator is not None:
         _, level_boxes = _locate(loc_dets, sampled, locator, uid=Path(geometry.study_dir).name, n_slices=n,
                                  numbers=np.asarray(geometry.instance_numbers))
     return _rois_from(geometry, roi_cfg, level_boxes, body)
+
+
+def _locate_slices(locator: Locator, source: Any, indices: Sequence[int], geometry: Any) -> list[np.ndarray]:
+    """Run the locator on whole slices `indices`; rows (slice_index, x, y, w, h, conf, cls) in original px."""
+    from detector.render import image_xyxy_to_original, render_slices
+
+    if not indices:
+        return []
+    shape = (int(geometry.shape[0]), int(geometry.shape[1]))
+    images, scale = render_slices(source, indices, geometry, render=locator.config["render"])
+    out = []
+    for index, p in zip(indices, locator.predictor.predict(images), strict=True):
+        p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
+        out.append(np.column_stack([np.full(len(p), index), image_xyxy_to_original(p[:, :4], scale, shape), p[:, 4:]]))
+    return out
+
+
+def _body_centres(source: Any, indices: Sequence[int], body_hu: float) -> list[tuple[int, float, float]]:
+    """(slice_index, x, y) of the body outline's centre on each of `indices` where one is found."""
+    from detector.roi import body_centre
+
+    found = ((i, body_centre(source.get(i), body_hu)) for i in indices)
+    return [(i, *c) for i, c in found if c is not None]
 
 
 def _rois_from(geometry: Any, roi_cfg: Mapping[str, Any], level_boxes: pd.DataFrame | None,

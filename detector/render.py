@@ -112,28 +112,31 @@ def _render(chunk: SliceSource, indices: Sequence[int], geometry: Any, *, render
     n_slices = len(geometry.paths)
     indices = [int(i) for i in indices]
     images = np.empty((len(indices), imgsz, imgsz, N_CHANNELS), dtype=np.uint8)
-    cache: dict[tuple[int, tuple[int, ...] | None], np.ndarray] = {}
 
-    def resized(j: int, k: int) -> np.ndarray:
-        j = min(max(j, 0), n_slices - 1)
-        box = None if crops is None else tuple(int(v) for v in crops[k])
-        key = (j, box)
-        if key not in cache:
-            hu = _hu(chunk, j)
-            cache[key] = resize_to(hu if box is None else crop_padded(hu, box, pad_hu), imgsz)
-        return cache[key]
+    def cut(j: int, k: int) -> np.ndarray:
+        """Slice j (clamped to the study), cut to image k's crop when there are crops, resized to imgsz."""
+        hu = _hu(chunk, min(max(j, 0), n_slices - 1))
+        return resize_to(hu if crops is None else crop_padded(hu, crops[k], pad_hu), imgsz)
 
     if render["recipe"] == "2.5d":
         off = neighbour_offset(geometry, render["neighbour_mm"])
         level, width = float(render["window_level"]), float(render["window_width"])
+        cache: dict[tuple[int, tuple[int, ...] | None], np.ndarray] = {}   # neighbours are shared between images
+
+        def windowed(j: int, k: int) -> np.ndarray:
+            key = (min(max(j, 0), n_slices - 1), None if crops is None else tuple(int(v) for v in crops[k]))
+            if key not in cache:
+                cache[key] = apply_window(cut(j, k), level, width)
+            return cache[key]
+
         for k, i in enumerate(indices):
-            images[k, ..., 0] = apply_window(resized(i - off, k), level, width)   # superior neighbour (z + d)
-            images[k, ..., 1] = apply_window(resized(i, k), level, width)
-            images[k, ..., 2] = apply_window(resized(i + off, k), level, width)   # inferior neighbour (z - d)
+            images[k, ..., 0] = windowed(i - off, k)   # superior neighbour (z + d)
+            images[k, ..., 1] = windowed(i, k)
+            images[k, ..., 2] = windowed(i + off, k)   # inferior neighbour (z - d)
     else:
         windows = _windows(render)
         for k, i in enumerate(indices):
-            r = resized(i, k)
+            r = cut(i, k)
             for c, (level, width) in enumerate(windows):
                 images[k, ..., c] = apply_window(r, level, width)
     return images

@@ -30,7 +30,13 @@ from typing import Any
 import pandas as pd
 
 from data_prep import registry
-from data_prep.artifacts import library_versions, write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.artifacts import (
+    library_versions,
+    read_sidecar,
+    write_csv_atomic,
+    write_json_atomic,
+    write_sidecar,
+)
 from data_prep.config import Config, dump_config, load_config
 from data_prep.errors import AllStudiesFailedError, InputError
 from data_prep.locks import LOCK_FILES, clear_folder, locks_output
@@ -243,12 +249,11 @@ def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | N
     else:
         data_yaml = prepare_locator_dataset(data_root, out, config=cfg, studies=studies, workers=workers,
                                             progress=progress, overwrite=overwrite)
-    index = pd.read_csv(Path(data_yaml).parent / "index.csv")
-    info = {"images": int(len(index)), "studies": int(index[registry.STUDY_COL].nunique())}
-    if "n_cut" in index.columns:
-        before = int(index["n_boxes"].sum() + index["n_lost"].sum())
-        info.update(boxes=before, boxes_cut_by_roi=int(index["n_cut"].sum()),
-                    roi_cut_share=round(float(index["n_cut"].sum()) / before, 5) if before else 0.0)
+    counts = read_sidecar(Path(data_yaml).parent / "index.csv")["counts"]
+    info = {"images": counts["images"], "studies": counts["studies"]}
+    if "boxes_before_roi" in counts:      # the dataset's own sidecar already counts what the ROI crop cut
+        info.update(boxes=counts["boxes_before_roi"], boxes_cut_by_roi=counts["boxes_cut_by_roi"],
+                    roi_cut_share=counts["roi_cut_share"])
     return info
 
 

@@ -33,6 +33,7 @@ CALIBRATIONS = ("sigmoid", "isotonic", "none")                 # aggregation/mod
 AREA_UNITS = ("px", "mm")                                      # aggregation/features.py AREA_UNITS
 SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/splits.py SCHEMES
 ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
+CROP_SOURCES = ("auto", "locator")                             # detector/vertebra_crops.py CROP_SOURCES
 
 # ---------------------------------------------------------------- limits
 N_LEVELS = 7                 # C1..C7
@@ -256,6 +257,34 @@ class LocatorConfig(Section):
     prepare: LocatorPrepareSection
     train: TrainSection
     locate: LocateSection
+
+
+# ---------------------------------------------------------------- classifier.yaml
+class CropsSection(Section):
+    slices_per_level: PosInt
+    margin_mm: NonNeg
+    min_size_mm: Pos
+    source: Literal[CROP_SOURCES]  # type: ignore[valid-type]
+    presence_threshold: Prob
+    pad_hu: Real
+
+
+class ClassifierPrepareSection(Section):
+    seed: Seed
+    val_share: OpenProb
+
+
+class ScoreSection(Section):
+    top_k: PosInt
+    batch: PosInt
+
+
+class ClassifierConfig(Section):
+    crops: CropsSection
+    render: RenderSection
+    prepare: ClassifierPrepareSection
+    train: TrainSection
+    score: ScoreSection
 
 
 # ---------------------------------------------------------------- levels.yaml
@@ -486,6 +515,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "detector": DetectorConfig,
     "locator": LocatorConfig,
     "levels": LevelsConfig,
+    "classifier": ClassifierConfig,
     "aggregation": AggregationConfig,
     "pipeline": PipelineConfig,
     "synth": SynthConfig,

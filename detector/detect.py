@@ -54,6 +54,8 @@ DEFAULT_LOCATE_EVERY_K = 4
 DEFAULT_LOCATE_IOU = 0.5
 DEFAULT_LOCATE_MAX_DET = 2 * len(LEVELS)
 """Locator NMS settings used when configs/locator.yaml `locate:` does not give iou / max_det."""
+DEFAULT_LOCATE_BATCH = 16
+"""Slices per locator call in `locate_levels` (batching does not change the result)."""
 
 BOX_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
                                 "score")
@@ -298,30 +300,58 @@ def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locat
     its training slices exactly as inference will.
     """
     from data_prep.dicom_io import scan_study
-    from detector.render import context_slices
 
     geometry = geometry if geometry is not None else scan_study(study_dir)
     roi_cfg = config["roi"]
+    body_hu = float(roi_cfg["body_hu"]) if roi_cfg["fallback"] == "body" else None
+    _, level_boxes, body = _sampled_pass(geometry, locator=locator, every=int(roi_cfg["every_k"]), body_hu=body_hu,
+                                         batch=int(config["detect"]["batch"]))
+    return _rois_from(geometry, roi_cfg, level_boxes, body)
+
+
+def locate_levels(study_dir: str | os.PathLike, *, locator: Locator, geometry: Any = None,
+                  batch: int = DEFAULT_LOCATE_BATCH) -> tuple[Any, pd.DataFrame, pd.DataFrame]:
+    """Run the locator on a study's sampled slices as `study_rois` does; return (geometry, slice_levels, level_boxes).
+
+    slice_levels and level_boxes are detector.levels.locate_study's tables (p_C1..p_C7 per slice; per-slice level
+    boxes in original px). Only the sampled slices and their 2.5D neighbours are decoded.
+    """
+    from data_prep.dicom_io import scan_study
+
+    geometry = geometry if geometry is not None else scan_study(study_dir)
+    slice_levels, level_boxes, _ = _sampled_pass(geometry, locator=locator, every=locator.every_k, body_hu=None,
+                                                 batch=batch)
+    return geometry, slice_levels, level_boxes
+
+
+def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu: float | None, batch: int
+                  ) -> tuple[pd.DataFrame | None, pd.DataFrame | None, list[tuple[int, float, float]]]:
+    """Decode every k-th slice once: locate levels on it (with a locator) and find the body centre (with body_hu).
+
+    k is the locator's `every_k` when there is a locator, else `every`. Returns (slice_levels, level_boxes, body);
+    the level tables are None without a locator.
+    """
+    from detector.render import context_slices
+
     n = len(geometry.paths)
-    every = locator.every_k if locator is not None else int(roi_cfg["every_k"])
+    every = locator.every_k if locator is not None else every
     sampled = list(range(0, n, every))
     ctx = context_slices(geometry, locator.config["render"]) if locator is not None else 0
     reader = LazySlices(geometry)
     body: list[tuple[int, float, float]] = []
     loc_dets: list[np.ndarray] = []
-    step = int(config["detect"]["batch"])
-    for start in range(0, len(sampled), step):
-        batch = sampled[start:start + step]
-        reader.forget_below(batch[0] - ctx)
-        if roi_cfg["fallback"] == "body":
-            body += _body_centres(reader, batch, float(roi_cfg["body_hu"]))
+    for start in range(0, len(sampled), batch):
+        chunk = sampled[start:start + batch]
+        reader.forget_below(chunk[0] - ctx)
+        if body_hu is not None:
+            body += _body_centres(reader, chunk, body_hu)
         if locator is not None:
-            loc_dets += _locate_slices(locator, reader, batch, geometry)
-    level_boxes = None
-    if locator is not None:
-        _, level_boxes = _locate(loc_dets, sampled, locator, uid=Path(geometry.study_dir).name, n_slices=n,
-                                 numbers=np.asarray(geometry.instance_numbers))
-    return _rois_from(geometry, roi_cfg, level_boxes, body)
+            loc_dets += _locate_slices(locator, reader, chunk, geometry)
+    if locator is None:
+        return None, None, body
+    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=Path(geometry.study_dir).name, n_slices=n,
+                                        numbers=np.asarray(geometry.instance_numbers))
+    return slice_levels, level_boxes, body
 
 
 def _locate_slices(locator: Locator, source: Any, indices: Sequence[int], geometry: Any) -> list[np.ndarray]:

@@ -1,0 +1,132 @@
+"""Per-vertebra crops: which slices of each level C1..C7, which square around it, and the images (classifier input).
+
+Pure geometry and rendering; the only I/O is the slice source handed in. One common table of per-slice level boxes
+(`LEVEL_BOX_COLUMNS`: slice_index, level, x, y, width, height in original px) comes either from a segmentation
+(`level_slice_boxes_from_segmentation`) or from the vertebra locator (`level_slice_boxes_from_locator`: the
+decoded level boxes on the slices where p_L > crops.presence_threshold). `crop_plan` turns it into the crops:
+per level its z-range (first..last slice with a box), `crops.slices_per_level` evenly spaced slices over that
+range, and on each a square of side max(box width, box height, crops.min_size_mm) + 2 x crops.margin_mm (mm),
+centred on the level's box on that slice (the nearest slice with a box where the chosen one has none), in
+pixels per axis from the pixel spacing. Crops may reach outside the image; they are padded with crops.pad_hu.
+docs/contracts.md "Vertebra crops".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from data_prep.config import ConfigError
+from data_prep.registry import LEVELS
+
+CROP_SOURCES: tuple[str, ...] = ("auto", "locator")
+"""crops.source values (data_prep/config_schema.py reads the same tuple)."""
+SOURCE_SEGMENTATION = "segmentation"   # level boxes from the study's segmentation
+SOURCE_LOCATOR = "locator"             # level boxes from the vertebra locator (decoded levels)
+LEVEL_BOX_COLUMNS: tuple[str, ...] = ("slice_index", "level", "x", "y", "width", "height")
+"""The common per-slice, per-level box table (original px; x, y = upper-left corner)."""
+PLAN_COLUMNS: tuple[str, ...] = ("level", "slice_index", "crop_x", "crop_y", "crop_width", "crop_height",
+                                 "first_slice", "last_slice", "n_slices", "source")
+"""`crop_plan` columns: crop corner and size in original px (may reach outside the image)."""
+EXTENT_COLUMNS: tuple[str, ...] = ("level", "first_slice", "last_slice", "n_slices", "source")
+NOT_FOUND = -1
+"""first_slice / last_slice of a level that was not found (n_slices 0)."""
+
+
+def level_slice_boxes_from_segmentation(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-slice level boxes from data_prep.segmentation.slice_level_table (cervical levels only)."""
+    missing = [c for c in LEVEL_BOX_COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"segmentation level table lacks columns {missing}")
+    return _common(table[table["level"].isin(LEVELS)])
+
+
+def level_slice_boxes_from_locator(slice_levels: pd.DataFrame, level_boxes: pd.DataFrame, *,
+                                   presence_threshold: float) -> pd.DataFrame:
+    """Per-slice level boxes from the locator's decoded levels: level L's boxes on the slices where p_L > threshold."""
+    if level_boxes is None or len(level_boxes) == 0:
+        return _common(pd.DataFrame(columns=list(LEVEL_BOX_COLUMNS)))
+    p = slice_levels.set_index("slice_index")[[f"p_{lv}" for lv in LEVELS]]
+    p.columns = list(LEVELS)
+    presence = p.stack()     # (slice_index, level) -> p_L
+    keys = pd.MultiIndex.from_arrays([level_boxes["slice_index"].astype(int), level_boxes["level"].astype(str)])
+    p_box = presence.reindex(keys).to_numpy(dtype=float)
+    keep = np.nan_to_num(p_box, nan=0.0) > float(presence_threshold)
+    return _common(level_boxes[keep])
+
+
+def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping[str, Any], *,
+              source: str = SOURCE_SEGMENTATION) -> pd.DataFrame:
+    """Plan the crops of every level found (module doc): one row per (level, chosen slice), PLAN_COLUMNS."""
+    k = int(crops_cfg["slices_per_level"])
+    margin, min_size = float(crops_cfg["margin_mm"]), float(crops_cfg["min_size_mm"])
+    if k < 1 or margin < 0 or min_size <= 0:
+        raise ConfigError(f"crops: slices_per_level must be >= 1, margin_mm >= 0 and min_size_mm > 0; found {k}, "
+                          f"{margin}, {min_size}")
+    row_mm, col_mm = (float(v) for v in geometry.pixel_spacing[:2])
+    if row_mm <= 0 or col_mm <= 0:
+        raise ValueError(f"pixel spacing must be > 0, found {tuple(geometry.pixel_spacing)}")
+    boxes = _common(level_slice_boxes)
+    frames = []
+    for level in LEVELS:
+        lb = boxes[boxes["level"] == level]
+        if not len(lb):
+            continue
+        lb = lb.assign(_x2=lb["x"] + lb["width"], _y2=lb["y"] + lb["height"])
+        g = lb.groupby("slice_index", sort=True).agg(x1=("x", "min"), y1=("y", "min"), x2=("_x2", "max"),
+                                                     y2=("_y2", "max"))   # one box per slice (union if several)
+        have = g.index.to_numpy(dtype=int)
+        first, last = int(have[0]), int(have[-1])
+        chosen = np.unique(np.rint(np.linspace(first, last, k)).astype(int))
+        nearest = have[np.abs(have[None, :] - chosen[:, None]).argmin(axis=1)]
+        b = g.loc[nearest]
+        w_mm = (b["x2"] - b["x1"]).to_numpy(float) * col_mm
+        h_mm = (b["y2"] - b["y1"]).to_numpy(float) * row_mm
+        side = np.maximum(np.maximum(w_mm, h_mm), min_size) + 2.0 * margin
+        width = np.maximum(1, np.rint(side / col_mm)).astype(np.int64)
+        height = np.maximum(1, np.rint(side / row_mm)).astype(np.int64)
+        cx = ((b["x1"] + b["x2"]) / 2.0).to_numpy(float)
+        cy = ((b["y1"] + b["y2"]) / 2.0).to_numpy(float)
+        frames.append(pd.DataFrame({
+            "level": level, "slice_index": chosen, "crop_x": np.rint(cx - width / 2.0).astype(np.int64),
+            "crop_y": np.rint(cy - height / 2.0).astype(np.int64), "crop_width": width, "crop_height": height,
+            "first_slice": first, "last_slice": last, "n_slices": last - first + 1, "source": source}))
+    if not frames:
+        return pd.DataFrame({c: pd.Series(dtype=object if c in ("level", "source") else np.int64)
+                             for c in PLAN_COLUMNS})
+    return pd.concat(frames, ignore_index=True)[list(PLAN_COLUMNS)]
+
+
+def vertebra_extents(plan: pd.DataFrame) -> pd.DataFrame:
+    """Per level C1..C7: first_slice, last_slice, n_slices and source (a level not found: -1, -1, 0, '')."""
+    found = plan.drop_duplicates("level").set_index("level")
+    rows = []
+    for level in LEVELS:
+        if level in found.index:
+            r = found.loc[level]
+            rows.append((level, int(r["first_slice"]), int(r["last_slice"]), int(r["n_slices"]), str(r["source"])))
+        else:
+            rows.append((level, NOT_FOUND, NOT_FOUND, 0, ""))
+    return pd.DataFrame(rows, columns=list(EXTENT_COLUMNS))
+
+
+def render_vertebra_crops(source: Any, geometry: Any, plan: pd.DataFrame, config: Mapping[str, Any]) -> np.ndarray:
+    """Render the plan's crops to uint8 (n, imgsz, imgsz, 3) in the config's render recipe (configs/classifier.yaml)."""
+    from detector.render import render_crops
+
+    crops = plan[["crop_x", "crop_y", "crop_width", "crop_height"]].to_numpy(dtype=np.int64)
+    return render_crops(source, plan["slice_index"].to_numpy(dtype=int).tolist(), geometry, crops,
+                        render=config["render"], pad_hu=float(config["crops"]["pad_hu"]))
+
+
+def _common(table: pd.DataFrame) -> pd.DataFrame:
+    """The LEVEL_BOX_COLUMNS of a table, typed (int slice_index, str level, float box), sorted by slice and level."""
+    out = pd.DataFrame({"slice_index": table["slice_index"].to_numpy(dtype=np.int64),
+                        "level": table["level"].astype(str).to_numpy(),
+                        **{c: table[c].to_numpy(dtype=float) for c in ("x", "y", "width", "height")}})
+    order = out["level"].map({lv: i for i, lv in enumerate(LEVELS)})
+    return out.assign(_o=order).sort_values(["slice_index", "_o"], kind="stable").drop(columns="_o").reset_index(
+        drop=True)

@@ -404,7 +404,7 @@ def _run_tasks(tasks: Sequence[ClassifierTask], markers: StudyMarkers, *, worker
     if failed:
         log.warning("prepare-classifier: %d studies failed and were left out (a rerun retries them): %s", len(failed),
                     "; ".join(f"{f[STUDY_COL]} ({f['detail']})" for f in failed[:MAX_NAMED]))
-    if todo and len(failed) == len(todo):
+    if tasks and len(failed) == len(tasks):     # a rerun where only the retried studies fail again goes on
         raise InputError(markers.root, f"every study failed; first: {failed[0][STUDY_COL]} ({failed[0]['detail']})")
     return len(todo) - len(failed), failed
 

@@ -22,6 +22,7 @@ stages, in order:
   spinefrac inspect data/synth/train_images/<uid>             # check a study before long work
   spinefrac prepare-detector data/rsna --out work/det_ds      # YOLO dataset from train_bounding_boxes.csv
   spinefrac train-detector work/det_ds/data.yaml --out runs/det
+  spinefrac prepare-classifier data/rsna --out work/cls_ds    # per-vertebra crops labelled C1-C7 (classifier)
   spinefrac detect data/rsna/test_images --weights runs/det/weights/best.pt --out work/detect
   spinefrac train data/rsna --out models/m1                   # every stage, one model folder
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
@@ -91,6 +92,16 @@ def _cmd_prepare_detector(args: argparse.Namespace) -> int:
     cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
     prepare_detector_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
                              progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator)
+    return 0
+
+
+def _cmd_prepare_classifier(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from detector.classifier_dataset import prepare_classifier_dataset
+
+    cfg = load_config("classifier", args.config, args.overrides)
+    prepare_classifier_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
+                               progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator)
     return 0
 
 
@@ -227,6 +238,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--overwrite", action="store_true", help="redo studies already written")
     _add_config_args(p, "detector")
+
+    p = _sub(sub, "prepare-classifier", "build the per-vertebra crop dataset (Ultralytics classify folders per fold) "
+             "labelled with train.csv's C1-C7",
+             "spinefrac prepare-classifier data/synth --out work/cls_ds --locator runs/loc/weights/best.pt",
+             _cmd_prepare_classifier)
+    p.add_argument("data_root", type=Path, help="dataset root in the Kaggle layout (train.csv, train_images/, "
+                                                "segmentations/)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="dataset folder to write (images/, index.csv, fold0/{train,val}/{0,1}/)")
+    p.add_argument("--locator", type=Path, default=None,
+                   help="vertebra-locator weights that find each level's slices and box in studies without a "
+                        "segmentation (all studies with crops.source=locator); without it those studies are skipped")
+    p.add_argument("--workers", type=int, default=2, help="parallel processes")
+    p.add_argument("--overwrite", action="store_true", help="redo studies already written (also after a settings "
+                                                            "change)")
+    _add_config_args(p, "classifier")
 
     for name, stage, help_ in (
             ("train-detector", "detector", "train the YOLO fracture detector (offline, CPU or GPU)"),

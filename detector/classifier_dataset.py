@@ -131,14 +131,13 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
     folds: fold k -> the studies fold model k trains on (None: one model, fold 0, on every study); each fold gets
     DIR/fold<k>/{train,val}/{0,1}/ for Ultralytics classify (`data=DIR/fold<k>`).
     """
+    from detector.render import render_summary
+    from detector.vertebra_crops import CROP_SOURCES
     from detector.yolo_dataset import _available_studies, _locate_spec
 
     t0 = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
     crops, render, prep = (_plain_section(config, s) for s in ("crops", "render", "prepare"))
-    from detector.render import render_summary
-    from detector.vertebra_crops import CROP_SOURCES
-
     render_summary(render)                                   # refuses an unknown recipe before any work
     if crops["source"] not in CROP_SOURCES:
         raise ConfigError(f"crops.source must be one of {', '.join(CROP_SOURCES)}, found {crops['source']!r}")
@@ -275,6 +274,14 @@ def read_classifier_index(dataset_dir: str | os.PathLike) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(path, "no index.csv: run prepare-classifier first")
     return pd.read_csv(path, dtype={STUDY_COL: str})
+
+
+def dataset_summary(dataset_dir: str | os.PathLike) -> dict[str, Any]:
+    """Read DIR/classifier_dataset.json (folds, their train/val studies and image counts)."""
+    path = Path(dataset_dir) / DATASET_JSON
+    if not path.is_file():
+        raise InputError(path, "no classifier_dataset.json: run prepare-classifier first")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 # ---------------------------------------------------------------- per-study worker (runs in the pool)
@@ -463,11 +470,3 @@ def _plain_section(config: Mapping[str, Any], name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"config section {name!r} must be a mapping")
     return value
-
-
-def dataset_summary(dataset_dir: str | os.PathLike) -> dict[str, Any]:
-    """Read DIR/classifier_dataset.json (folds, their train/val studies and image counts)."""
-    path = Path(dataset_dir) / DATASET_JSON
-    if not path.is_file():
-        raise InputError(path, "no classifier_dataset.json: run prepare-classifier first")
-    return json.loads(path.read_text(encoding="utf-8"))

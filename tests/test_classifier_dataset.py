@@ -182,25 +182,38 @@ def test_one_fold_holds_every_study_split_by_study_with_links_to_the_crops(prepa
     assert n_links == len(index)
 
 
-def test_folds_hold_only_their_studies(prepared, tmp_path):
-    from detector.classifier_dataset import write_fold_layout
+def test_folds_hold_only_their_studies_and_changing_them_redoes_no_crop(prepared, tmp_path, monkeypatch):
+    import shutil
 
-    root, out = prepared
+    import detector.classifier_dataset as cd
+
+    root, prepared_out = prepared
+    out = tmp_path / "ds"
+    shutil.copytree(prepared_out, out, symlinks=True)
+    locator = use_fake_locator(monkeypatch, tmp_path)
+    monkeypatch.setattr(cd, "_classifier_study", lambda task: pytest.fail(f"{task.uid} redone"))
     index = read_classifier_index(out)
     uids = sorted(set(index[STUDY_COL]))
     folds = {0: uids[2:], 1: uids[:2] + uids[4:]}
-    patient = pd.read_csv(root / "train.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)[PATIENT].to_dict()
-    record = write_fold_layout(out, index, folds=folds, patient=patient, val_share=0.5, seed=0)
+    prepare_classifier_dataset(root, out, config=load_config("classifier", None, [*SETS, "prepare.val_share=0.5"]),
+                               folds=folds, locator=locator, workers=1, progress=False)
+    record = json.loads((out / DATASET_JSON).read_text())
+    assert sorted(record["folds"]) == ["0", "1"]
     for k, members in folds.items():
         found = {"train": set(), "val": set()}
         for split in found:
             for link in (out / f"fold{k}" / split).rglob("*.png"):
+                assert link.resolve().is_file()                      # the relative link reaches the crop
                 found[split].add(link.name.split("_C")[0])
         assert found["train"] | found["val"] == set(members)
         assert not found["train"] & found["val"]
-        excluded = set(uids) - set(members)
-        assert not (found["train"] | found["val"]) & excluded
-        assert record["folds"][str(k)]["val_studies"] == len(found["val"]) == 2
+        assert not (found["train"] | found["val"]) & (set(uids) - set(members))
+        assert record["folds"][str(k)]["val_studies"] == len(found["val"]) == 2          # 0.5 x 4
+        assert set(record["folds"][str(k)]["val"]) == found["val"]
+    # back to one fold: fold1 is removed
+    prepare_classifier_dataset(root, out, config=load_config("classifier", None, SETS), locator=locator,
+                               workers=1, progress=False)
+    assert not (out / "fold1").exists() and (out / "fold0").is_dir()
 
 
 def test_validation_split_is_stratified_and_seeded():
@@ -249,6 +262,36 @@ def test_a_corrupt_study_is_recorded_and_skipped_and_retried(root, tmp_path, mon
     monkeypatch.setattr(cd, "_classifier_study", lambda task: calls.append(task.uid) or real(task))
     prepare_classifier_dataset(data, tmp_path / "ds", config=cfg, workers=1, progress=False)
     assert calls == [bad]
+
+
+class NoLocator:
+    """A locator that finds nothing."""
+
+    backend = "fake"
+
+    def predict(self, images):
+        return [np.zeros((0, 6), dtype=np.float32) for _ in images]
+
+
+def test_a_bad_segmentation_fails_and_a_study_without_vertebrae_is_reported(root, tmp_path, monkeypatch):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    bad = segmented_uids(root)[0]
+    (data / "segmentations" / f"{bad}.nii").write_bytes(b"not a nifti")
+    spec = LocateSpec(tmp_path / "loc.pt", {}, {})
+    monkeypatch.setattr("detector.yolo_dataset._locate_spec", lambda *a, **k: spec)
+    monkeypatch.setattr("detector.yolo_dataset._worker_locator", lambda s: Locator(
+        NoLocator(), load_config("locator", None, ["render.imgsz=32"]), load_config("levels")))
+    monkeypatch.setattr("detector.classifier_dataset.weights_id", lambda path: "fake")
+    out = prepare_classifier_dataset(data, tmp_path / "ds", config=load_config("classifier", None, SETS),
+                                     locator=tmp_path / "loc.pt", workers=1, progress=False)
+    skipped = pd.read_csv(out / SKIPPED_CSV, dtype={STUDY_COL: str}).set_index(STUDY_COL)
+    assert skipped.at[bad, "reason"] == "failed" and f"{bad}.nii" in skipped.at[bad, "detail"]
+    unsegmented = {p.name for p in (root / "train_images").iterdir()} - set(segmented_uids(root))
+    assert set(skipped.index[skipped["reason"] == "no_levels_found"]) == unsegmented
+    assert set(read_classifier_index(out)[STUDY_COL]) == set(segmented_uids(root)) - {bad}
 
 
 def test_resume_skips_finished_studies_and_refuses_other_settings(prepared, monkeypatch, tmp_path):

@@ -268,6 +268,14 @@ def split_validation(uids: Sequence[str], patient: Mapping[str, int], *, val_sha
     return set(val)
 
 
+def fold_studies(fold_dir: str | os.PathLike) -> set[str]:
+    """The studies whose crops are in a fold folder's train/ and val/ class folders (what fold model k saw)."""
+    fold_dir = Path(fold_dir)
+    if not fold_dir.is_dir():
+        raise InputError(fold_dir, "no such fold folder (expected DIR/fold<k>/ of prepare-classifier)")
+    return {link.name.rsplit("_", 2)[0] for split in (TRAIN, VAL) for link in (fold_dir / split).glob(f"*/*{IMAGE_EXT}")}
+
+
 def read_classifier_index(dataset_dir: str | os.PathLike) -> pd.DataFrame:
     """Read DIR/index.csv of a classifier dataset (StudyInstanceUID as str)."""
     path = Path(dataset_dir) / INDEX_CSV
@@ -314,10 +322,9 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
 
         _, slice_levels, level_boxes = locate_levels(task.study_dir, locator=_worker_locator(task.locate),
                                                      geometry=geometry)
-        boxes = level_slice_boxes_from_locator(slice_levels, level_boxes,
-                                               presence_threshold=float(task.crops["presence_threshold"]))
+        boxes = level_slice_boxes_from_locator(level_boxes, slice_levels, task.crops)
         source = SOURCE_LOCATOR
-    plan = crop_plan(boxes, geometry, task.crops, source=source).sort_values(["slice_index", "level"],
+    plan = crop_plan(boxes, geometry, task.crops).sort_values(["slice_index", "level"],
                                                                               kind="stable").reset_index(drop=True)
     if not len(plan):
         outcome.reason = f"{source} found no cervical vertebra"

@@ -1,7 +1,7 @@
 """Per-vertebra crops: which slices of each level C1..C7, which square around it, and the images (classifier input).
 
 Pure geometry and rendering; the only I/O is the slice source handed in. One common table of per-slice level boxes
-(`LEVEL_BOX_COLUMNS`: slice_index, level, x, y, width, height in original px) comes either from a segmentation
+(`LEVEL_BOX_COLUMNS`: slice_index, level, x, y, width, height in original px, source) comes either from a segmentation
 (`level_slice_boxes_from_segmentation`) or from the vertebra locator (`level_slice_boxes_from_locator`: the
 decoded level boxes on the slices where p_L > crops.presence_threshold). `crop_plan` turns it into the crops:
 per level its z-range (first..last slice with a box), `crops.slices_per_level` evenly spaced slices over that
@@ -26,41 +26,50 @@ CROP_SOURCES: tuple[str, ...] = ("auto", "locator")
 """crops.source values (data_prep/config_schema.py reads the same tuple)."""
 SOURCE_SEGMENTATION = "segmentation"   # level boxes from the study's segmentation
 SOURCE_LOCATOR = "locator"             # level boxes from the vertebra locator (decoded levels)
-LEVEL_BOX_COLUMNS: tuple[str, ...] = ("slice_index", "level", "x", "y", "width", "height")
-"""The common per-slice, per-level box table (original px; x, y = upper-left corner)."""
+SOURCE_NONE = "none"                   # vertebra_extents: a level not found
+LEVEL_BOX_COLUMNS: tuple[str, ...] = ("slice_index", "level", "x", "y", "width", "height", "source")
+"""The common per-slice, per-level box table (original px; x, y = upper-left corner; source of the boxes)."""
 PLAN_COLUMNS: tuple[str, ...] = ("level", "slice_index", "crop_x", "crop_y", "crop_width", "crop_height",
                                  "first_slice", "last_slice", "n_slices", "source")
 """`crop_plan` columns: crop corner and size in original px (may reach outside the image)."""
 EXTENT_COLUMNS: tuple[str, ...] = ("level", "first_slice", "last_slice", "n_slices", "source")
 NOT_FOUND = -1
-"""first_slice / last_slice of a level that was not found (n_slices 0)."""
+"""first_slice / last_slice of a level that was not found (n_slices 0, source "none")."""
+BOX_VALUES: tuple[str, ...] = ("x", "y", "width", "height")
 
 
 def level_slice_boxes_from_segmentation(table: pd.DataFrame) -> pd.DataFrame:
     """Per-slice level boxes from data_prep.segmentation.slice_level_table (cervical levels only)."""
-    missing = [c for c in LEVEL_BOX_COLUMNS if c not in table.columns]
+    missing = [c for c in ("slice_index", "level", *BOX_VALUES) if c not in table.columns]
     if missing:
         raise ValueError(f"segmentation level table lacks columns {missing}")
-    return _common(table[table["level"].isin(LEVELS)])
+    return _common(table[table["level"].isin(LEVELS)], SOURCE_SEGMENTATION)
 
 
-def level_slice_boxes_from_locator(slice_levels: pd.DataFrame, level_boxes: pd.DataFrame, *,
-                                   presence_threshold: float) -> pd.DataFrame:
-    """Per-slice level boxes from the locator's decoded levels: level L's boxes on the slices where p_L > threshold."""
-    if level_boxes is None or len(level_boxes) == 0:
-        return _common(pd.DataFrame(columns=list(LEVEL_BOX_COLUMNS)))
+def level_slice_boxes_from_locator(level_boxes: pd.DataFrame | None, slice_levels: pd.DataFrame | None,
+                                   crops_cfg: Mapping[str, Any]) -> pd.DataFrame:
+    """Per-slice level boxes from the locator's decoded levels: level L's boxes on the slices where p_L > threshold.
+
+    threshold = crops_cfg["presence_threshold"]; level_boxes / slice_levels: detector.levels.locate_study's tables.
+    """
+    presence_threshold = float(crops_cfg["presence_threshold"])
+    if level_boxes is None or slice_levels is None or len(level_boxes) == 0:
+        return _common(pd.DataFrame(columns=["slice_index", "level", *BOX_VALUES]), SOURCE_LOCATOR)
     p = slice_levels.set_index("slice_index")[[f"p_{lv}" for lv in LEVELS]]
     p.columns = list(LEVELS)
     presence = p.stack()     # (slice_index, level) -> p_L
     keys = pd.MultiIndex.from_arrays([level_boxes["slice_index"].astype(int), level_boxes["level"].astype(str)])
     p_box = presence.reindex(keys).to_numpy(dtype=float)
-    keep = np.nan_to_num(p_box, nan=0.0) > float(presence_threshold)
-    return _common(level_boxes[keep])
+    keep = np.nan_to_num(p_box, nan=0.0) > presence_threshold
+    return _common(level_boxes[keep], SOURCE_LOCATOR)
 
 
 def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping[str, Any], *,
-              source: str = SOURCE_SEGMENTATION) -> pd.DataFrame:
-    """Plan the crops of every level found (module doc): one row per (level, chosen slice), PLAN_COLUMNS."""
+              source: str | None = None) -> pd.DataFrame:
+    """Plan the crops of every level found (module doc): one row per (level, chosen slice), PLAN_COLUMNS.
+
+    source: the plan's `source` value; None = the box table's `source` column (its first value).
+    """
     k = int(crops_cfg["slices_per_level"])
     margin, min_size = float(crops_cfg["margin_mm"]), float(crops_cfg["min_size_mm"])
     if k < 1 or margin < 0 or min_size <= 0:
@@ -69,7 +78,12 @@ def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping
     row_mm, col_mm = (float(v) for v in geometry.pixel_spacing[:2])
     if row_mm <= 0 or col_mm <= 0:
         raise ValueError(f"pixel spacing must be > 0, found {tuple(geometry.pixel_spacing)}")
-    boxes = _common(level_slice_boxes)
+    if source is None:
+        if "source" not in level_slice_boxes.columns:
+            raise ValueError("crop_plan: the level box table has no 'source' column and no source was given")
+        known = level_slice_boxes["source"].dropna().astype(str)
+        source = str(known.iloc[0]) if len(known) else SOURCE_NONE
+    boxes = _common(level_slice_boxes, source)
     frames = []
     for level in LEVELS:
         lb = boxes[boxes["level"] == level]
@@ -101,7 +115,7 @@ def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping
 
 
 def vertebra_extents(plan: pd.DataFrame) -> pd.DataFrame:
-    """Per level C1..C7: first_slice, last_slice, n_slices and source (a level not found: -1, -1, 0, '')."""
+    """Per level C1..C7: first_slice, last_slice, n_slices and source (a level not found: -1, -1, 0, "none")."""
     found = plan.drop_duplicates("level").set_index("level")
     rows = []
     for level in LEVELS:
@@ -109,7 +123,7 @@ def vertebra_extents(plan: pd.DataFrame) -> pd.DataFrame:
             r = found.loc[level]
             rows.append((level, int(r["first_slice"]), int(r["last_slice"]), int(r["n_slices"]), str(r["source"])))
         else:
-            rows.append((level, NOT_FOUND, NOT_FOUND, 0, ""))
+            rows.append((level, NOT_FOUND, NOT_FOUND, 0, SOURCE_NONE))
     return pd.DataFrame(rows, columns=list(EXTENT_COLUMNS))
 
 
@@ -122,11 +136,11 @@ def render_vertebra_crops(source: Any, geometry: Any, plan: pd.DataFrame, config
                         render=config["render"], pad_hu=float(config["crops"]["pad_hu"]))
 
 
-def _common(table: pd.DataFrame) -> pd.DataFrame:
+def _common(table: pd.DataFrame, source: str) -> pd.DataFrame:
     """The LEVEL_BOX_COLUMNS of a table, typed (int slice_index, str level, float box), sorted by slice and level."""
     out = pd.DataFrame({"slice_index": table["slice_index"].to_numpy(dtype=np.int64),
                         "level": table["level"].astype(str).to_numpy(),
-                        **{c: table[c].to_numpy(dtype=float) for c in ("x", "y", "width", "height")}})
+                        **{c: table[c].to_numpy(dtype=float) for c in BOX_VALUES}, "source": source})
     order = out["level"].map({lv: i for i, lv in enumerate(LEVELS)})
     return out.assign(_o=order).sort_values(["slice_index", "_o"], kind="stable").drop(columns="_o").reset_index(
         drop=True)

@@ -22,6 +22,7 @@ from detector.classifier_dataset import (
     DATASET_JSON,
     INDEX_COLUMNS,
     SKIPPED_CSV,
+    fold_studies,
     prepare_classifier_dataset,
     read_classifier_index,
     split_validation,
@@ -104,8 +105,8 @@ def expected_plan(root, uid, source):
             slice_level_table(load_axial_mask(root / "segmentations" / f"{uid}.nii", geometry), geometry))
     else:
         _, levels, level_boxes = locate_levels(root / "train_images" / uid, locator=fake_locator(), geometry=geometry)
-        boxes = level_slice_boxes_from_locator(levels, level_boxes, presence_threshold=0.5)
-    return crop_plan(boxes, geometry, cfg["crops"], source=source)
+        boxes = level_slice_boxes_from_locator(level_boxes, levels, cfg["crops"])
+    return crop_plan(boxes, geometry, cfg["crops"])
 
 
 def test_each_study_uses_its_segmentation_else_the_locator_exactly(prepared):
@@ -210,6 +211,7 @@ def test_folds_hold_only_their_studies_and_changing_them_redoes_no_crop(prepared
         assert not (found["train"] | found["val"]) & (set(uids) - set(members))
         assert record["folds"][str(k)]["val_studies"] == len(found["val"]) == 2          # 0.5 x 4
         assert set(record["folds"][str(k)]["val"]) == found["val"]
+        assert fold_studies(out / f"fold{k}") == set(members)
     # back to one fold: fold1 is removed
     prepare_classifier_dataset(root, out, config=load_config("classifier", None, SETS), locator=locator,
                                workers=1, progress=False)

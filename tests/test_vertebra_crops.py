@@ -33,7 +33,8 @@ def geometry(row_mm=0.5, col_mm=0.5, n=60, shape=(200, 200)):
 
 
 def boxes(level, slices, x=50.0, y=60.0, w=40.0, h=60.0):
-    return pd.DataFrame({"slice_index": list(slices), "level": level, "x": x, "y": y, "width": w, "height": h})
+    return pd.DataFrame({"slice_index": list(slices), "level": level, "x": x, "y": y, "width": w, "height": h,
+                         "source": "segmentation"})
 
 
 def test_a_20_by_30_mm_box_with_8_mm_margins_gives_a_46_mm_square_of_92_px():
@@ -75,7 +76,7 @@ def test_slices_are_evenly_spaced_over_the_range_and_a_short_vertebra_gives_fewe
     assert c7["slice_index"].tolist() == [40, 41, 42]            # 3 slices, no duplicates
     ext = vertebra_extents(plan).set_index("level")
     assert ext.loc["C2"].tolist() == [10, 30, 21, "segmentation"]
-    assert ext.loc["C1"].tolist() == [NOT_FOUND, NOT_FOUND, 0, ""]
+    assert ext.loc["C1"].tolist() == [NOT_FOUND, NOT_FOUND, 0, "none"]
 
 
 def test_a_chosen_slice_without_a_box_uses_the_nearest_boxed_slice():
@@ -100,6 +101,8 @@ def test_segmentation_table_keeps_cervical_levels_only():
                           "height": 4.0})
     out = level_slice_boxes_from_segmentation(table)
     assert out["level"].tolist() == ["C7", "C7"] and out["slice_index"].tolist() == [1, 2]
+    assert set(out["source"]) == {"segmentation"}
+    assert set(crop_plan(out, geometry(), CROPS)["source"]) == {"segmentation"}      # the plan takes the table's
 
 
 def test_locator_boxes_are_kept_only_where_the_level_is_present():
@@ -109,12 +112,13 @@ def test_locator_boxes_are_kept_only_where_the_level_is_present():
     slice_levels.loc[[3, 4], "p_C3"] = 0.8
     level_boxes = pd.DataFrame({"slice_index": [1, 2, 3, 4, 3, 4, 5], "level": ["C2"] * 4 + ["C3"] * 3,
                                 "x": 1.0, "y": 1.0, "width": 2.0, "height": 2.0, "conf": 0.9, "source": "detected"})
-    out = level_slice_boxes_from_locator(slice_levels, level_boxes, presence_threshold=0.5)
+    out = level_slice_boxes_from_locator(level_boxes, slice_levels, CROPS)          # presence_threshold 0.5
     assert sorted(zip(out["level"], out["slice_index"], strict=True)) == [("C2", 1), ("C2", 2), ("C3", 3),
                                                                            ("C3", 4)]
-    plan = crop_plan(out, geometry(n=n), CROPS, source=SOURCE_LOCATOR)
+    plan = crop_plan(out, geometry(n=n), CROPS)
     assert set(plan["source"]) == {SOURCE_LOCATOR}
-    assert level_slice_boxes_from_locator(slice_levels, level_boxes.iloc[:0], presence_threshold=0.5).empty
+    assert level_slice_boxes_from_locator(level_boxes.iloc[:0], slice_levels, CROPS).empty
+    assert level_slice_boxes_from_locator(None, None, CROPS).empty
 
 
 def test_bad_crops_config_is_refused_naming_the_keys():
@@ -122,6 +126,15 @@ def test_bad_crops_config_is_refused_naming_the_keys():
 
     with pytest.raises(ConfigError, match="slices_per_level"):
         crop_plan(boxes("C1", [1]), geometry(), {**CROPS, "slices_per_level": 0})
+    with pytest.raises(ValueError, match="source"):
+        crop_plan(boxes("C1", [1]).drop(columns="source"), geometry(), CROPS)
+
+
+def test_crop_sources_match_the_config_schema():
+    from data_prep.config_schema import CROP_SOURCES as SCHEMA_SOURCES
+    from detector.vertebra_crops import CROP_SOURCES
+
+    assert CROP_SOURCES == SCHEMA_SOURCES
 
 
 class Volume:

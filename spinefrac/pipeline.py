@@ -268,7 +268,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
                                          classifier=classifier, classifier_config=cfgs["classifier"])})
         folders.append((suffix, folder))
     stage("train-aggregator", lambda redo: _fit_aggregator([f for _, f in folders], labels, agg_studies,
-                                                           out / "aggregator", cfgs["aggregation"]),
+                                                           out / "aggregator", cfgs["aggregation"],
+                                                           features_csv=agg_detect / "features.csv"),
           [out / "aggregator" / "aggregator.json"],
           {"studies": sorted(agg_studies), "aggregation": plain(cfgs["aggregation"]),
            "upstream": upstream(*(f"detect-aggregator-studies{s}" for s, _ in folders))})
@@ -381,7 +382,7 @@ def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: P
 
 
 def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: Sequence[str], out: Path,
-                    cfg: Config) -> dict[str, Any]:
+                    cfg: Config, *, features_csv: Path) -> dict[str, Any]:
     from aggregation.features import build_features
     from aggregation.metric import competition_loss
     from aggregation.model import StudyAggregator
@@ -393,8 +394,7 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
         log.warning("aggregator: %d of %d studies have no detections (failed, see errors.csv in %s) and are left "
                     "out", len(studies) - len(usable), len(studies), ", ".join(str(d) for d in detect_dirs))
     features = build_features(boxes, slices, config=cfg, studies=usable, vertebrae=vertebrae)
-    write_csv_atomic(Path(detect_dirs[0]).parent / "aggregator_features.csv" if len(detect_dirs) > 1
-                     else Path(detect_dirs[0]) / "features.csv", features)
+    write_csv_atomic(features_csv, features)
     model = StudyAggregator(cfg).fit(features, labels)
     model.save(out)
     fitted = model.predict_proba(features)

@@ -85,8 +85,10 @@ def level_bands(vertebrae: pd.DataFrame, z_mm: Sequence[float], *, study: str = 
             raise ValueError(f"{where}, row {k} ({level}): first_slice {first}, last_slice {last} must satisfy "
                              f"0 <= first_slice <= last_slice < {len(z)} (the study's slice count)")
         lo, hi = sorted((float(z[first]), float(z[last])))
-        cls = r.get("cls_max", np.nan)
-        cls = float(cls) if cls is not None and pd.notna(cls) else np.nan
+        cls = pd.to_numeric(pd.Series([r.get("cls_max")]), errors="coerce").iloc[0]
+        if pd.isna(cls) and pd.notna(r.get("cls_max")):
+            raise ValueError(f"{where}, row {k} ({level}): cls_max must be a number or NaN; found {r['cls_max']!r}")
+        cls = float(cls)
         label = level if np.isnan(cls) else CLS_LABEL.format(level=level, cls=cls)
         bands[level] = LevelBand(label, lo - pad, hi + pad)
     return [bands[level] for level in LEVELS if level in bands]

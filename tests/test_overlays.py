@@ -143,6 +143,7 @@ def test_level_bands_on_plain_arrays_either_direction():
     (lambda t: t.assign(first_slice=[np.nan, *t.first_slice[1:]]), "row 0: first_slice must be a slice_index"),
     (lambda t: t.assign(first_slice=[1.5, *t.first_slice[1:]]), "found 1.5"),
     (lambda t: t.assign(first_slice=[-1, *t.first_slice[1:]], n_slices=[3, *t.n_slices[1:]]), "row 0 (C1)"),
+    (lambda t: t.assign(cls_max=["high", *t.cls_max[1:]]), "row 0 (C1): cls_max must be a number or NaN"),
 ])
 def test_level_bands_reject_bad_tables_naming_study_and_row(study, change, message):
     table = change(vertebrae_rows({"C1": (0, 2)}))

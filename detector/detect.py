@@ -655,7 +655,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
 
             study_labels = labels[labels[STUDY_COL] == uid] if labels is not None else None
             write_overlays(found.geometry, found.boxes, out / OVERLAYS_DIR / uid, labels=study_labels,
-                           config=config["overlays"], slices=found.slices)
+                           config=config["overlays"], slices=found.slices, vertebrae=found.vertebrae)
             files.append(f"{OVERLAYS_DIR}/{uid}")
         except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)

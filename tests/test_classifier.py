@@ -62,9 +62,9 @@ def test_a_detector_or_a_class_less_network_is_refused(tmp_path, yolo_home):
     with pytest.raises(InputError, match="no class '1'"):
         load_classifier([odd], config=_config(), device="cpu")
     import torch
+    from ultralytics.nn.tasks import DetectionModel
 
     from detector.weights import save_weights
-    from ultralytics.nn.tasks import DetectionModel
 
     torch.manual_seed(0)
     det = DetectionModel("yolov8n.yaml", ch=3, nc=1, verbose=False)

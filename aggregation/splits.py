@@ -14,6 +14,10 @@ learns from over-confident in-sample boxes. Schemes (config `splits.scheme`):
 - "auto" (default): "boxed" when it leaves the aggregator `min_aggregator_positives` positives (true for
   the real data), else "holdout".
 
+Every study also gets one of `n_folds` folds (stratified by patient_overall) in every scheme: the vertebra
+classifier learns from every labelled study, so classifier k trains on all of them except the aggregator's
+studies in fold k, and scores those (`classifier_train_studies`); "oof" uses the same folds for the detector.
+
 Unboxed positive studies never go to the detector (it cannot learn from them). The split is written once to
 `splits.json` and reused (`load_or_create_splits`); `assert_no_leakage` checks the actual training sets.
 """
@@ -43,6 +47,7 @@ AGGREGATOR = "aggregator"
 SCHEMES = ("auto", "boxed", "holdout", "oof")
 FORMAT_VERSION = 1
 MAX_LISTED = 5
+MIN_FOLDS = 2
 
 
 class LeakageError(SpinefracError):
@@ -116,19 +121,55 @@ def split_studies(train_labels: pd.DataFrame, boxed_uids: set[str], *,
             roles = _holdout_roles(df, boxed, float(cfg["aggregator_fraction"]), seed)
     out: dict[str, Any] = {"format_version": FORMAT_VERSION, "scheme": resolved, "config": dict(cfg),
                            "roles": roles}
-    if scheme == "oof":
-        k = int(cfg["n_folds"])
-        y = df[registry.PATIENT].to_numpy().astype(int)
-        k = min(k, max(2, int(np.bincount(y, minlength=2).min())))
-        skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-        folds = np.zeros(len(df), dtype=int)
-        for f, (_, idx) in enumerate(skf.split(np.zeros(len(df)), y)):
-            folds[idx] = f
-        out["n_folds"] = k
-        out["folds"] = {u: int(f) for u, f in zip(df[registry.STUDY_COL], folds, strict=True)}
+    out.update(_folds(df, int(cfg["n_folds"]), seed))
     out["counts"] = _counts(out, df)
     logger.info("splits (%s): %s", resolved, out["counts"])
     return out
+
+
+def _folds(df: pd.DataFrame, n_folds: int, seed: int) -> dict[str, Any]:
+    """Stratified study folds: {"n_folds": k, "folds": {uid: fold}} (k cut to what the minority class allows)."""
+    y = df[registry.PATIENT].to_numpy().astype(int)
+    k = min(n_folds, max(MIN_FOLDS, int(np.bincount(y, minlength=2).min())), len(df))
+    if k < MIN_FOLDS:
+        return {"n_folds": 1, "folds": dict.fromkeys(df[registry.STUDY_COL], 0)}
+    skf = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
+    folds = np.zeros(len(df), dtype=int)
+    for f, (_, idx) in enumerate(skf.split(np.zeros(len(df)), y)):
+        folds[idx] = f
+    return {"n_folds": k, "folds": {u: int(f) for u, f in zip(df[registry.STUDY_COL], folds, strict=True)}}
+
+
+def classifier_train_studies(splits: Mapping[str, Any]) -> dict[int, list[str]]:
+    """Fold k -> the studies classifier k trains on: every labelled study but the aggregator's studies in fold k."""
+    agg = set(aggregator_train_studies(splits))
+    return {k: [u for u in splits["roles"] if not (u in agg and splits["folds"][u] == k)]
+            for k in range(int(splits["n_folds"]))}
+
+
+def aggregator_fold_studies(splits: Mapping[str, Any]) -> dict[int, list[str]]:
+    """Fold k -> the aggregator's studies in fold k (scored by classifier k, and by detector k under "oof")."""
+    agg = aggregator_train_studies(splits)
+    return {k: [u for u in agg if splits["folds"][u] == k] for k in range(int(splits["n_folds"]))}
+
+
+def assert_no_classifier_leakage(classifier_train: Mapping[int, Iterable[str]],
+                                 scored_by: Mapping[int, Iterable[str]]) -> None:
+    """Raise LeakageError when an aggregator study was scored by a classifier that trained on it.
+
+    `classifier_train` maps fold k to the studies classifier k actually trained on (its dataset), `scored_by`
+    maps fold k to the aggregator studies whose features came from classifier k.
+    """
+    crossed = set()
+    for k, scored in scored_by.items():
+        crossed |= {str(u) for u in scored} & {str(u) for u in classifier_train.get(k, ())}
+    if crossed:
+        raise LeakageError(f"{len(crossed)} aggregator studies were scored by a classifier that trained on them: "
+                           f"{_listed(crossed)}")
+    twice = [u for u, n in pd.Series([str(u) for us in scored_by.values() for u in us]).value_counts().items()
+             if n > 1]
+    if twice:
+        raise LeakageError(f"{len(twice)} aggregator studies were scored by more than one fold: {_listed(twice)}")
 
 
 def _counts(splits: Mapping[str, Any], df: pd.DataFrame) -> dict[str, int]:
@@ -218,6 +259,11 @@ def load_or_create_splits(path: str | os.PathLike, train_labels: pd.DataFrame, b
         if splits.get("config") != dict(cfg):
             logger.warning("%s: made with other split settings %s; reusing it (delete it to re-split)", path,
                            splits.get("config"))
+        if "folds" not in splits:     # written before every scheme had folds: add them, the roles stay
+            labelled = _labelled(train_labels)
+            labelled = labelled[labelled[registry.STUDY_COL].isin(set(splits["roles"]))]
+            splits.update(_folds(labelled, int(cfg["n_folds"]), int(cfg["seed"])))
+            write_json_atomic(path, splits)
         return splits
     splits = split_studies(train_labels, boxed_uids, config=cfg)
     write_json_atomic(path, splits)

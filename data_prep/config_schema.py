@@ -176,6 +176,7 @@ class TrainSection(Section):
     rect: StrictBool | None = None
     copy_paste: Prob | None = None
     erasing: Prob | None = None
+    auto_augment: OptStr = None               # classification only: "randaugment", ...; null = none
 
 
 class DetectSection(Section):
@@ -383,6 +384,10 @@ class LocatorChoice(StageChoice):
     reuse: OptStr = None
 
 
+class ClassifierChoice(StageChoice):
+    enabled: StrictBool
+
+
 class DemoSection(Section):
     train_studies: Annotated[int, Field(ge=2)]
     test_studies: PosInt
@@ -392,6 +397,7 @@ class DemoSection(Section):
     locator_set: StrList
     levels_set: StrList
     aggregation_set: StrList
+    classifier_set: StrList
 
 
 class PipelineConfig(Section):
@@ -399,6 +405,7 @@ class PipelineConfig(Section):
     locator: LocatorChoice
     levels: StageChoice
     aggregation: StageChoice
+    classifier: ClassifierChoice
     demo: DemoSection
 
 

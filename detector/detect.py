@@ -47,6 +47,8 @@ BOXES_SUFFIX = ".boxes.csv"
 SLICES_SUFFIX = ".slices.csv"
 LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
 LEVEL_BOXES_CSV = "level_boxes.csv"
+VERTEBRAE_SUFFIX = ".vertebrae.csv"
+VERTEBRAE_CSV = "vertebrae.csv"
 DICOM_GLOB = "*.dcm"
 EMPTY_LISTED = 10          # empty study folders named in the warning (errors.csv lists them all)
 DEFAULT_LOCATE_EVERY_K = 4
@@ -66,7 +68,11 @@ LEVEL_BOX_COLUMNS: tuple[str, ...] = ("level", *(f"w_{lv}" for lv in LEVELS))
 LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
 HU_INT16_MIN, HU_INT16_MAX = -32768, 32767
 """A study held in memory for the ROI pass is stored as int16 HU (CT values are whole HU)."""
-TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate")
+TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate", "classify",
+                                 "classify_model")
+"""Per-study timers (s); `classify` covers the vertebra crops and scores, `classify_model` the network inside it."""
+DEFAULT_PRESENCE_THRESHOLD = 0.5
+"""vertebrae.csv without a classifier: a slice belongs to level L when p_L > this (as configs/classifier.yaml)."""
 MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
 """Stage timers a predictor may keep itself; reported per study as model_<stage> (inside `model`)."""
 DETECT_RUN_ONLY: tuple[str, ...] = ("overlays", "rebuild_every", "prefetch", "batch")
@@ -109,6 +115,7 @@ class StudyDetections:
     timings: dict[str, float] = field(default_factory=dict)
     geometry: Any = None
     level_boxes: pd.DataFrame | None = None   # located vertebra boxes per slice (with a locator)
+    vertebrae: pd.DataFrame | None = None     # per level: z-range and classifier scores (with levels)
 
 
 @dataclass
@@ -183,14 +190,16 @@ def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None
 
 def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: Mapping[str, Any],
                  locator: Locator | None = None, levels_config: Mapping[str, Any] | None = None,
-                 workers: int = 2) -> StudyDetections:
+                 workers: int = 2, classifier: Any = None) -> StudyDetections:
     """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns).
 
     With `roi.enabled` the study is decoded once into memory; the locator runs on every k-th slice while it
     decodes, the spine ROI of every slice follows from the located vertebrae (detector/roi.py), and the
     detector then runs on the crops. Without it the detector runs on whole slices as they stream in.
     Levels come from `locator` when given; else, with `levels_config`, from relative z position alone
-    (configs/levels.yaml `relative_z`); else the tables carry no level columns.
+    (configs/levels.yaml `relative_z`); else the tables carry no level columns. With levels, `vertebrae`
+    holds each level's z-range; with a `classifier` (detector.classifier.VertebraClassifier) and a locator,
+    also its crops' scores, from the same decoded volume.
     """
     from data_prep.dicom_io import iter_chunks, scan_study
     from detector.render import context_slices, image_xyxy_to_original, render_crops, render_slices
@@ -214,7 +223,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         context = max(context, context_slices(geometry, locator.config["render"]))
     body_every = locator.every_k if locator is not None else int(roi_cfg["every_k"]) if roi_cfg else 0
     want_body = roi_cfg is not None and roi_cfg["fallback"] == "body"
-    volume = np.empty((n, *shape), dtype=np.int16) if roi_cfg is not None else None
+    keep_volume = roi_cfg is not None or (classifier is not None and locator is not None)
+    volume = np.empty((n, *shape), dtype=np.int16) if keep_volume else None
     chunks = prefetch(iter_chunks(geometry, chunk_size=int(det["batch"]), context=context, workers=workers),
                       depth=int(det["prefetch"]))
     box_parts: list[np.ndarray] = []      # rows: slice_index, x, y, w, h, score
@@ -230,7 +240,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
             if want_body:
                 body += _body_centres(chunk, [i for i in indices if i % body_every == 0], float(roi_cfg["body_hu"]))
             timings["preprocess"] += time.perf_counter() - t
-        else:
+        if roi_cfg is None:
+            t = time.perf_counter()
             images, scale = render_slices(chunk, indices, geometry, render=render)
             timings["preprocess"] += time.perf_counter() - t
             box_parts += _predict_boxes(predictor, images, indices, lambda p, k, scale=scale: image_xyxy_to_original(
@@ -246,10 +257,10 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         t = time.perf_counter()
         slice_levels, level_boxes = _locate(loc_dets, loc_slices, locator, uid=uid, n_slices=n, numbers=numbers)
         timings["locate"] += time.perf_counter() - t
-    if volume is not None:
+    source = _VolumeSource(volume) if volume is not None else None
+    if roi_cfg is not None:
         t = time.perf_counter()
         rois = _rois_from(geometry, roi_cfg, level_boxes, body)
-        source = _VolumeSource(volume)
         crops = rois.boxes()
         timings["preprocess"] += time.perf_counter() - t
         step = int(det["batch"])
@@ -262,7 +273,6 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
             box_parts += _predict_boxes(predictor, images, indices, lambda p, k, batch=crops[indices]:
                                         crop_xyxy_to_original(p[:, :4], batch[k], int(render["imgsz"]), shape),
                                         conf, timings)   # k counts within the batch
-        del volume, source
     else:
         rois = full_rois(n, shape)
     t = time.perf_counter()
@@ -287,9 +297,57 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         timings["locate"] += time.perf_counter() - t
     elif levels_config is not None:
         boxes, slices = _add_relative_levels(boxes, slices, levels_config)
+    vertebrae = None
+    if locator is not None or levels_config is not None:
+        t = time.perf_counter()
+        vertebrae = _vertebrae(uid, geometry, slices, slice_levels, level_boxes, source, classifier, timings,
+                               source_name="locator" if locator is not None else "relative")
+        timings["classify"] += time.perf_counter() - t
+    del volume, source
     after = _stage_seconds(predictor)
     timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
-    return StudyDetections(uid, boxes, slices, n, timings, geometry, level_boxes)
+    return StudyDetections(uid, boxes, slices, n, timings, geometry, level_boxes, vertebrae)
+
+
+def _vertebrae(uid: str, geometry: Any, slices: pd.DataFrame, slice_levels: pd.DataFrame | None,
+               level_boxes: pd.DataFrame | None, source: Any, classifier: Any, timings: dict[str, float], *,
+               source_name: str) -> pd.DataFrame:
+    """The study's vertebrae rows: each level's z-range, and with a classifier its crops' scores."""
+    from detector.classifier import level_scores, vertebra_table
+    from detector.vertebra_crops import (
+        crop_plan,
+        level_slice_boxes_from_locator,
+        render_vertebra_crops,
+        vertebra_extents,
+    )
+
+    threshold = float(classifier.config["crops"]["presence_threshold"]) if classifier is not None \
+        else DEFAULT_PRESENCE_THRESHOLD
+    extents = _presence_extents(slices, threshold, source_name)
+    if classifier is None or level_boxes is None or source is None:
+        return vertebra_table(uid, extents, None)
+    crops_cfg = classifier.config["crops"]
+    plan = crop_plan(level_slice_boxes_from_locator(level_boxes, slice_levels, crops_cfg), geometry, crops_cfg)
+    if len(plan) == 0:
+        return vertebra_table(uid, extents, None)
+    images = render_vertebra_crops(source, geometry, plan, classifier.config)
+    t = time.perf_counter()
+    probs = classifier.predict(images)
+    timings["classify_model"] += time.perf_counter() - t
+    scores = level_scores(probs, plan["level"].tolist(), top_k=int(classifier.config["score"]["top_k"]))
+    return vertebra_table(uid, vertebra_extents(plan), scores)
+
+
+def _presence_extents(slices: pd.DataFrame, threshold: float, source_name: str) -> pd.DataFrame:
+    """Per level: first and last slice_index where p_L > threshold, and the count of such slices."""
+    rows = []
+    for level in LEVELS:
+        col = f"p_{level}"
+        on = np.flatnonzero(slices[col].to_numpy(dtype=float) > threshold) if col in slices.columns else []
+        if len(on):
+            rows.append({"level": level, "first_slice": int(on[0]), "last_slice": int(on[-1]),
+                         "n_slices": int(len(on)), "source": source_name})
+    return pd.DataFrame(rows, columns=["level", "first_slice", "last_slice", "n_slices", "source"])
 
 
 def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locator: Locator | None,
@@ -441,12 +499,15 @@ def _predict_boxes(predictor: Predictor, images: np.ndarray, indices: Sequence[i
 
 def detect_settings(config: Mapping[str, Any], *, weights: str | os.PathLike,
                     locator: str | os.PathLike | None = None, locator_config: Mapping[str, Any] | None = None,
-                    levels_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    levels_config: Mapping[str, Any] | None = None,
+                    classifier: Sequence[str | os.PathLike] | None = None,
+                    classifier_config: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What shapes detect's tables, hashed into the done markers' settings key (docs/contracts.md).
 
     The detector's weights (SHA-256), `render`, `roi` (only `enabled` when off; never the prepare-only
     `jitter_mm`) and `detect` without DETECT_RUN_ONLY; with a locator its weights, `render` and `locate`;
-    and the levels config whenever levels are computed (locator or relative z).
+    and the levels config whenever levels are computed (locator or relative z); with classifiers their
+    weights (in order) and the `crops`, `render` and `score` sections of their config.
     """
     from data_prep.config import load_config
     from detector.roi import roi_enabled
@@ -464,6 +525,10 @@ def detect_settings(config: Mapping[str, Any], *, weights: str | os.PathLike,
         levels_config = levels_config if levels_config is not None else load_config("levels")
     if levels_config is not None:
         settings["levels"] = plain(levels_config)
+    if classifier:
+        ccfg = classifier_config if classifier_config is not None else load_config("classifier")
+        settings["classifier"] = {"weights_sha256": [weights_id(w) for w in classifier],
+                                  **{name: section(ccfg, name) for name in ("crops", "render", "score")}}
     return settings
 
 
@@ -479,8 +544,13 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                    out: str | os.PathLike, config: Mapping[str, Any], labels: str | os.PathLike | None = None,
                    locator: str | os.PathLike | None = None, locator_config: Mapping[str, Any] | None = None,
                    levels_config: Mapping[str, Any] | None = None, workers: int = 2, progress: bool = True,
-                   overwrite: bool = False, device: str | int | None = None) -> DetectResult:
+                   overwrite: bool = False, device: str | int | None = None,
+                   classifier: Sequence[str | os.PathLike] | None = None,
+                   classifier_config: Mapping[str, Any] | None = None) -> DetectResult:
     """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays.
+
+    With levels (a locator, or `levels_config`) vertebrae.csv gives each level's z-range; `classifier` (one or
+    more vertebra-classifier weights, averaged; needs the locator) adds its per-level crop scores.
 
     `device` ("cpu", 0, "0,1", ...) runs the models there; None picks the first GPU if there is one, else the
     CPU. The training config's `train.device` is never used here: a GPU-trained model predicts on a CPU machine.
@@ -498,8 +568,11 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     out = Path(out)
     study_dirs = find_studies(studies)
     label_table = read_table(labels, "boxes") if labels is not None else None
+    if classifier and locator is None:
+        raise InputError(None, "the vertebra classifier needs the locator (its crops follow the located vertebrae)")
     markers = detect_markers(out, detect_settings(config, weights=weights, locator=locator,
-                                                  locator_config=locator_config, levels_config=levels_config))
+                                                  locator_config=locator_config, levels_config=levels_config,
+                                                  classifier=classifier, classifier_config=classifier_config))
     plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)    # refuses other settings now
     if overwrite:
         _drop_other_errors(out, markers.key)
@@ -512,6 +585,11 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                                max_det=int(det["max_det"]), threads=threads)
     loc = load_locator(locator, config=locator_config, levels_config=levels_config, device=device,
                        backend=str(det["backend"]), threads=threads) if locator is not None else None
+    clf = None
+    if classifier:
+        from detector.classifier import load_classifier
+
+        clf = load_classifier(classifier, config=classifier_config, device=device, threads=threads)
     result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
                           timings=dict.fromkeys(TIMING_KEYS, 0.0))
     for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
@@ -525,7 +603,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
             _run_study(study, predictor, markers=markers, config=config, locator=loc, levels_config=levels_config,
-                       labels=label_table, workers=workers, result=result)
+                       labels=label_table, workers=workers, result=result, classifier=clf)
             if k % rebuild_every == 0:
                 rebuild_outputs(out, config=config)
     finally:
@@ -533,6 +611,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                         extra={"weights": str(weights), "backend": getattr(predictor, "backend", None),
                                "settings_key": markers.key,
                                "locator": str(locator) if locator else None,
+                               "classifier": [str(w) for w in classifier] if classifier else None,
                                "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
                                             "failed": len(result.failed), "slices": result.n_slices,
                                             "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}})
@@ -560,6 +639,9 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
     frames = markers.read_parts(LEVEL_BOXES_SUFFIX, uids, dtype={STUDY_COL: str})
     if frames:
         tables.append((out / LEVEL_BOXES_CSV, pd.concat(frames, ignore_index=True), "detect_level_boxes"))
+    frames = markers.read_parts(VERTEBRAE_SUFFIX, uids, dtype={STUDY_COL: str})
+    if frames:
+        tables.append((out / VERTEBRAE_CSV, pd.concat(frames, ignore_index=True), "detect_vertebrae"))
     for path, df, kind in tables:
         write_csv_atomic(path, df)
         write_sidecar(path, kind=kind, config=cfg, counts={"rows": len(df), "studies_finished": len(uids),
@@ -571,7 +653,7 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
 # ---------------------------------------------------------------- internals
 def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
                locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
-               workers: int, result: DetectResult) -> None:
+               workers: int, result: DetectResult, classifier: Any = None) -> None:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
     uid = study.name
     out = markers.root
@@ -581,9 +663,10 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
     t0 = time.perf_counter()
     try:
         found = detect_study(study, predictor, config=config, locator=locator, levels_config=levels_config,
-                             workers=workers)
+                             workers=workers, classifier=classifier)
         stage = "write"
-        parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes}
+        parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes,
+                 VERTEBRAE_SUFFIX: found.vertebrae}
         files = []
         for suffix, table in parts.items():
             if table is not None:
@@ -602,7 +685,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
 
             study_labels = labels[labels[STUDY_COL] == uid] if labels is not None else None
             write_overlays(found.geometry, found.boxes, out / OVERLAYS_DIR / uid, labels=study_labels,
-                           config=config["overlays"], slices=found.slices)
+                           config=config["overlays"], slices=found.slices, vertebrae=found.vertebrae)
             files.append(f"{OVERLAYS_DIR}/{uid}")
         except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)

@@ -4,7 +4,9 @@ Written into OUT/overlays/<uid>/ by `spinefrac detect` (config `detect.overlays`
     NN_slice<slice_number>.png   top-N slices by maximum box score, predicted boxes with scores,
                                  ground-truth boxes in a second colour when labels are given
     contact_sheet.png            those slices side by side
-    score_profile.png            slice position (z, mm) against the slice's maximum box score
+    score_profile.png            slice position (z, mm) against the slice's maximum box score; given the
+                                 study's vertebrae table, each found level's z-range is a shaded band
+                                 labelled C1..C7 (with the vertebra classifier's cls_max when it ran)
 Slices are shown in a display window, stretched to a square `display_size` like the model input; all
 text uses OpenCV's built-in Hershey font (no font files).
 """
@@ -15,14 +17,14 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import cv2
 import numpy as np
 import pandas as pd
 
 from data_prep.artifacts import atomic_path
-from data_prep.registry import STUDY_COL
+from data_prep.registry import LEVELS, STUDY_COL
 
 log = logging.getLogger("detector")
 
@@ -33,6 +35,75 @@ TEXT_COLOR = (255, 255, 255)          # BGR white: captions, never a box colour
 TEXT_MARGIN = 4                       # px between a box and its score text, and around captions
 BOX_LINE = cv2.LINE_8                 # exact, non-blended box edges
 PNG_EXT = ".png"
+BAND_COLUMNS: tuple[str, ...] = ("level", "first_slice", "last_slice")   # vertebrae columns the bands need
+BAND_NOT_FOUND = -1                   # first_slice/last_slice of a level that was not found
+BAND_SHADES = ("#9ecae1", "#fdae6b")  # alternating band fills (light blue, light orange): neighbours differ
+BAND_ALPHA = 0.35                     # band fill opacity: where two levels share slices the overlap looks darker
+BAND_LABEL_FONTSIZE = 7               # pt: level label above its band
+BAND_LABEL_ROW_PT = 9.0               # pt between the two staggered label rows (neighbouring labels never collide)
+BAND_LABEL_ROWS = 2                   # label rows above the axes; band k uses row k % BAND_LABEL_ROWS
+TITLE_PAD_PT = 6.0                    # pt between the axes (or its band labels) and the title (matplotlib's default)
+CLS_LABEL = "{level} {cls:.2f}"       # band label when the vertebra classifier scored the level
+
+
+class LevelBand(NamedTuple):
+    """One found level on the score profile: its label and its z range (mm, x0 < x1)."""
+
+    label: str
+    x0: float
+    x1: float
+
+
+def level_bands(vertebrae: pd.DataFrame, z_mm: Sequence[float], *, study: str = "") -> list[LevelBand]:
+    """The profile bands of one study's vertebrae table, in level order; levels not found are skipped.
+
+    `z_mm[i]` is the z of canonical slice_index i (the profile's x axis). A band spans its first..last
+    slice's z, widened by half the median slice spacing on each side so it covers the slices' thickness
+    (a one-slice level stays visible). The label is the level, plus cls_max when that is not NaN.
+    """
+    where = f"vertebrae table of study {study}" if study else "vertebrae table"
+    missing = [c for c in BAND_COLUMNS if c not in vertebrae.columns]
+    if missing:
+        raise ValueError(f"{where}: missing column(s) {', '.join(missing)}; found {', '.join(map(str, vertebrae.columns))}")
+    z = np.asarray(z_mm, dtype=float)
+    pad = float(np.median(np.abs(np.diff(z)))) / 2 if len(z) > 1 else 0.0
+    seen: set[str] = set()
+    bands: dict[str, LevelBand] = {}
+    for k, r in enumerate(vertebrae.to_dict("records")):
+        level = str(r["level"])
+        if level not in LEVELS:
+            raise ValueError(f"{where}, row {k}: unknown level {level!r}; expected one of {', '.join(LEVELS)}")
+        if level in seen:
+            raise ValueError(f"{where}, row {k}: level {level} appears twice")
+        seen.add(level)
+        first, last = _slice_of(r["first_slice"], where, k, "first_slice"), _slice_of(r["last_slice"], where, k,
+                                                                                        "last_slice")
+        n_slices = r.get("n_slices")
+        if (first, last) == (BAND_NOT_FOUND, BAND_NOT_FOUND) or (n_slices is not None and n_slices == 0):
+            continue
+        if not 0 <= first <= last < len(z):
+            raise ValueError(f"{where}, row {k} ({level}): first_slice {first}, last_slice {last} must satisfy "
+                             f"0 <= first_slice <= last_slice < {len(z)} (the study's slice count)")
+        lo, hi = sorted((float(z[first]), float(z[last])))
+        cls = pd.to_numeric(pd.Series([r.get("cls_max")]), errors="coerce").iloc[0]
+        if pd.isna(cls) and pd.notna(r.get("cls_max")):
+            raise ValueError(f"{where}, row {k} ({level}): cls_max must be a number or NaN; found {r['cls_max']!r}")
+        cls = float(cls)
+        label = level if np.isnan(cls) else CLS_LABEL.format(level=level, cls=cls)
+        bands[level] = LevelBand(label, lo - pad, hi + pad)
+    return [bands[level] for level in LEVELS if level in bands]
+
+
+def _slice_of(value: Any, where: str, row: int, column: str) -> int:
+    """A whole-number slice index from a vertebrae cell, or a ValueError naming the row and column."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = np.nan
+    if not np.isfinite(number) or number != int(number) or number < BAND_NOT_FOUND:
+        raise ValueError(f"{where}, row {row}: {column} must be a slice_index >= 0 or {BAND_NOT_FOUND} "
+                         f"(not found); found {value!r}")
+    return int(number)
 
 
 def display_box(xywh: Sequence[float], shape: Sequence[int], size: int) -> tuple[int, int, int, int]:
@@ -48,10 +119,12 @@ def display_box(xywh: Sequence[float], shape: Sequence[int], size: int) -> tuple
 
 def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir: str | os.PathLike, *,
                    labels: pd.DataFrame | None = None, config: Mapping[str, Any],
-                   slices: pd.DataFrame | None = None) -> list[Path]:
+                   slices: pd.DataFrame | None = None, vertebrae: pd.DataFrame | None = None) -> list[Path]:
     """Write the top-N slice PNGs, a contact sheet and a score profile for one study; return the paths.
 
     With `slices` holding the roi_* columns (slices.csv), each slice's spine ROI is outlined (overlays.roi_color).
+    With `vertebrae` (one row per level: level, first_slice, last_slice as slice_index, -1 when not found, and
+    optionally n_slices, cls_max), the score profile shades each found level's z-range (`level_bands`).
     """
     from data_prep.dicom_io import read_slice_hu, scan_study
     from detector.render import apply_window, resize_to
@@ -91,10 +164,21 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
         written.append(path)
         tiles.append(image)
     uid = getattr(geometry, "study_uid", None) or Path(geometry.paths[0]).parent.name
+    bands = level_bands(_rows_of(vertebrae, uid), geometry.z_mm, study=uid) if vertebrae is not None else []
     written.append(_contact_sheet(tiles, out_dir / CONTACT_SHEET, cfg, empty_text=f"{uid}: no box >= "
                                   f"{float(cfg['min_score']):.2f}"))
-    written.append(_score_profile(boxes, geometry, n, top, truth, out_dir / SCORE_PROFILE, cfg, uid))
+    written.append(_score_profile(boxes, geometry, n, top, truth, out_dir / SCORE_PROFILE, cfg, uid, bands))
     return written
+
+
+def _rows_of(vertebrae: pd.DataFrame, uid: str) -> pd.DataFrame:
+    """This study's rows of a vertebrae table (all rows when it has no StudyInstanceUID column)."""
+    if STUDY_COL not in vertebrae.columns:
+        return vertebrae
+    rows = vertebrae[vertebrae[STUDY_COL].astype(str) == str(uid)]
+    if len(vertebrae) and not len(rows):
+        log.warning("vertebrae: no row for study %s; score profile drawn without level bands", uid)
+    return rows
 
 
 def _roi_of(slices: pd.DataFrame | None, index: int) -> tuple[float, float, float, float] | None:
@@ -169,7 +253,8 @@ def _contact_sheet(tiles: list[np.ndarray], path: Path, cfg: Mapping[str, Any], 
 
 
 def _score_profile(boxes: pd.DataFrame, geometry: Any, n: int, top: Sequence[int],
-                   truth: Mapping[int, Any], path: Path, cfg: Mapping[str, Any], uid: str) -> Path:
+                   truth: Mapping[int, Any], path: Path, cfg: Mapping[str, Any], uid: str,
+                   bands: Sequence[LevelBand] = ()) -> Path:
     """Plot slice z (mm) against the slice's maximum box score with matplotlib's Agg canvas (no pyplot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -194,12 +279,29 @@ def _score_profile(boxes: pd.DataFrame, geometry: Any, n: int, top: Sequence[int
     ax.set_xlabel("z (mm, superior to the right)")
     ax.set_ylabel("max box score")
     ax.set_ylim(-0.06, 1.02)
-    ax.set_title(uid, fontsize=8)
+    title_pad = TITLE_PAD_PT
+    if bands:
+        _draw_bands(ax, fig, bands)
+        title_pad += BAND_LABEL_ROWS * BAND_LABEL_ROW_PT
+    ax.set_title(uid, fontsize=8, pad=title_pad)
     ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
+
+
+def _draw_bands(ax: Any, fig: Any, bands: Sequence[LevelBand]) -> None:
+    """Shade each band behind the profile and label it above the axes, alternating shades and label rows."""
+    from matplotlib.transforms import offset_copy
+
+    for k, band in enumerate(bands):
+        ax.axvspan(band.x0, band.x1, color=BAND_SHADES[k % len(BAND_SHADES)], alpha=BAND_ALPHA, linewidth=0,
+                   zorder=0)
+        where = offset_copy(ax.get_xaxis_transform(), fig=fig, y=(k % BAND_LABEL_ROWS) * BAND_LABEL_ROW_PT,
+                            units="points")
+        ax.text((band.x0 + band.x1) / 2, 1.0, band.label, transform=where, ha="center", va="bottom",
+                fontsize=BAND_LABEL_FONTSIZE, clip_on=False)
 
 
 def _rgb(bgr: Sequence[int]) -> tuple[float, float, float]:

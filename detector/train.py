@@ -49,12 +49,16 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
                overwrite: bool = False, callbacks: Mapping[str, Callable[[Any], None]] | None = None) -> Path:
     """Train YOLO on `data_yaml` with `config.train` at `config.render.imgsz`; return the run folder.
 
+    `data_yaml` is a detection dataset's YAML, or for a classification model (configs/classifier.yaml) the
+    folder holding train/<class>/ and val/<class>/ (Ultralytics' classify layout).
+
     `callbacks` (Ultralytics event name -> function of the trainer or validator) run after spinefrac's own.
     """
     start = time.perf_counter()
     data_yaml = Path(data_yaml)
-    if not data_yaml.is_file():
-        raise InputError(data_yaml, "dataset YAML not found (write it with prepare-detector / prepare-locator)")
+    if not (data_yaml.is_file() or (data_yaml / SPLIT_TRAIN).is_dir()):
+        raise InputError(data_yaml, "dataset not found: neither a dataset YAML (prepare-detector / prepare-locator) "
+                                    f"nor a classify folder with {SPLIT_TRAIN}/ (prepare-classifier)")
     train_cfg = config.train
     model_spec = str(model if model is not None else train_cfg.model)
     from_scratch = _check_model_spec(model_spec)
@@ -75,7 +79,7 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     out = Path(out)
     run_dir = out if overwrite or not out.exists() else next_run_dir(out.parent, out.name)
     run_dir.mkdir(parents=True, exist_ok=True)
-    data_used = _fold_data_yaml(data_yaml, train_cfg.fold, run_dir)
+    data_used = _fold_data_yaml(data_yaml, train_cfg.fold, run_dir) if data_yaml.is_file() else data_yaml.resolve()
     dump_config(config, run_dir / CONFIG_NAME)
     threads = train_cfg.threads
     for event in THREAD_EVENTS:

@@ -10,7 +10,8 @@ plain values and tensors, which `torch.load(weights_only=True)` reads without ru
     state_dict     {parameter or buffer name: tensor}
     source         where it came from (file name, SHA-256, Ultralytics version, imgsz it was trained at)
 
-The network is rebuilt with `ultralytics.nn.tasks.DetectionModel(architecture)` after checking that every layer
+The network is rebuilt with `ultralytics.nn.tasks.DetectionModel(architecture)` (`ClassificationModel` for a
+`Classify` head: the vertebra classifier) after checking that every layer
 names an `nn.Module` class and that no string would be `eval`-ed (the activation spec is parsed, not evaluated),
 then `load_state_dict(strict=True)`. Ultralytics checkpoints (e.g. `train_yolo`'s own, before it converts them)
 are converted once with `convert_checkpoint(..., trust=True)` (`spinefrac convert-weights FILE --trust`).
@@ -37,7 +38,11 @@ log = logging.getLogger("detector")
 WEIGHTS_FORMAT = "spinefrac-yolo-weights"
 WEIGHTS_VERSION = 1
 YOLO_WRAPPER_YAML = "yolov8n.yaml"
-"""Bundled architecture the `YOLO` wrapper object is first built from; its network is replaced at once."""
+CLASSIFY_WRAPPER_YAML = "yolov8n-cls.yaml"
+"""Bundled architectures the `YOLO` wrapper object is first built from; its network is replaced at once."""
+TASK_DETECT, TASK_CLASSIFY = "detect", "classify"
+CLASSIFY_HEAD = "Classify"
+"""The Ultralytics head module that makes an architecture a classifier (vertebra classifier, configs/classifier.yaml)."""
 PLAIN_TYPES = (str, int, float, bool, type(None))
 LAYER_FIELDS = 4  # from, repeats, module, args
 ARCH_SECTIONS = ("backbone", "head")
@@ -183,25 +188,39 @@ def _is_torch_nn_call(spec: Any) -> bool:
     return all(kw.arg is not None for kw in call.keywords)
 
 
+def architecture_task(arch: Mapping[str, Any]) -> str:
+    """Return "classify" when the architecture's last layer is a Classify head, else "detect"."""
+    head = arch.get("head") or []
+    last = head[-1] if head and isinstance(head[-1], (list, tuple)) and len(head[-1]) == LAYER_FIELDS else None
+    return TASK_CLASSIFY if last is not None and last[2] == CLASSIFY_HEAD else TASK_DETECT
+
+
+def weights_task(path: str | os.PathLike) -> str:
+    """Return the task ("detect" or "classify") of a spinefrac weights file."""
+    return architecture_task(read_weights(path)["architecture"])
+
+
 def build_model(path: str | os.PathLike) -> Any:
-    """Rebuild the detection network of a spinefrac weights file (eval mode, float32, on the CPU)."""
+    """Rebuild the detection or classification network of a spinefrac weights file (eval, float32, CPU)."""
     path = Path(path)
     payload = read_weights(path)
     configure_ultralytics()
     set_ultralytics_verbosity(log.isEnabledFor(logging.DEBUG))
-    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.nn.tasks import ClassificationModel, DetectionModel
 
     names = {int(k): str(v) for k, v in payload["names"].items()}
     arch = copy.deepcopy(payload["architecture"])
+    task = architecture_task(arch)
+    network = ClassificationModel if task == TASK_CLASSIFY else DetectionModel
     try:
-        model = DetectionModel(arch, ch=int(arch.get("channels", 3)), nc=len(names), verbose=False)
+        model = network(arch, ch=int(arch.get("channels", 3)), nc=len(names), verbose=False)
         model.load_state_dict(payload["state_dict"], strict=True)
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
         raise InputError(path, f"the weights do not fit their architecture ({_reason(exc)})") from None
     model.names = names
-    model.task = "detect"
+    model.task = task
     model.pt_path = str(path)
-    model.args = {"task": "detect", "imgsz": payload["source"].get("imgsz"), "data": None}
+    model.args = {"task": task, "imgsz": payload["source"].get("imgsz"), "data": None}
     return model.float().eval()
 
 
@@ -210,11 +229,12 @@ def yolo_from_weights(path: str | os.PathLike) -> Any:
     model = build_model(path)
     from ultralytics import YOLO
 
-    yolo = YOLO(YOLO_WRAPPER_YAML, task="detect")
+    task = model.task
+    yolo = YOLO(CLASSIFY_WRAPPER_YAML if task == TASK_CLASSIFY else YOLO_WRAPPER_YAML, task=task)
     yolo.model = model
     yolo.ckpt = {"spinefrac_weights": str(path)}  # non-empty: YOLO.train starts from these weights
     yolo.ckpt_path = str(path)
-    yolo.overrides = {"task": "detect", "model": str(path)}
+    yolo.overrides = {"task": task, "model": str(path)}
     return yolo
 
 
@@ -287,15 +307,16 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike | None = N
                                       "pass --trust (trust=True) only for a file whose origin you trust")
     configure_ultralytics()
     set_ultralytics_verbosity(log.isEnabledFor(logging.DEBUG))
-    from ultralytics.nn.tasks import DetectionModel, load_checkpoint
+    from ultralytics.nn.tasks import ClassificationModel, DetectionModel, load_checkpoint
 
     sha = file_sha256(src)
     try:
         model, ckpt = load_checkpoint(str(src))
     except (TypeError, ModuleNotFoundError, RuntimeError) as exc:
         raise InputError(src, f"not an Ultralytics checkpoint ({exc})") from None
-    if not isinstance(model, DetectionModel):
-        raise InputError(src, f"holds a {type(model).__name__}; only YOLO detection models are supported")
+    if not isinstance(model, (DetectionModel, ClassificationModel)):
+        raise InputError(src, f"holds a {type(model).__name__}; only YOLO detection and classification models "
+                              "are supported")
     train_args = ckpt.get("train_args") or {}
     source = {"file": src.name, "sha256": sha, "converted_from": "ultralytics-checkpoint",
               "ultralytics_version": ckpt.get("version"), "imgsz": train_args.get("imgsz")}

@@ -120,14 +120,20 @@ def _cmd_train_locator(args: argparse.Namespace) -> int:
     return _cmd_train_detector(args, stage="locator")
 
 
+def _cmd_train_classifier(args: argparse.Namespace) -> int:
+    return _cmd_train_detector(args, stage="classifier")
+
+
 def _cmd_detect(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
     from detector.detect import detect_studies
 
     cfg = load_config("detector", args.config, _overrides(args, {"conf": "detect.conf"}))
+    classifier_cfg = load_config("classifier", args.classifier_config) if args.classifier else None
     detect_studies(args.studies, weights=args.weights, out=args.out, config=cfg, labels=args.labels,
                    locator=args.locator, workers=args.workers, progress=not args.no_progress,
-                   overwrite=args.overwrite, device=args.device)
+                   overwrite=args.overwrite, device=args.device, classifier=args.classifier,
+                   classifier_config=classifier_cfg)
     return 0
 
 
@@ -255,13 +261,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "change)")
     _add_config_args(p, "classifier")
 
-    for name, stage, help_ in (
-            ("train-detector", "detector", "train the YOLO fracture detector (offline, CPU or GPU)"),
-            ("train-locator", "locator", "train the YOLO vertebra locator (seven classes C1-C7)")):
-        handler = _cmd_train_detector if stage == "detector" else _cmd_train_locator
-        p = _sub(sub, name, help_, f"spinefrac {name} work/{stage}_ds/data.yaml --out runs/{stage} --epochs 30",
-                 handler)
-        p.add_argument("data_yaml", type=Path, help="data.yaml written by prepare-" + stage)
+    handlers = {"detector": _cmd_train_detector, "locator": _cmd_train_locator, "classifier": _cmd_train_classifier}
+    for name, stage, help_, data_help, data_example in (
+            ("train-detector", "detector", "train the YOLO fracture detector (offline, CPU or GPU)",
+             "data.yaml written by prepare-detector", "work/detector_ds/data.yaml"),
+            ("train-locator", "locator", "train the YOLO vertebra locator (seven classes C1-C7)",
+             "data.yaml written by prepare-locator", "work/locator_ds/data.yaml"),
+            ("train-classifier", "classifier", "train the YOLO vertebra classifier on per-vertebra crops "
+                                               "(fracture yes/no per level; offline, CPU or GPU)",
+             "a fold folder (fold<k>/ with train/ and val/) written by prepare-classifier",
+             "work/classifier_ds/fold0")):
+        p = _sub(sub, name, help_, f"spinefrac {name} {data_example} --out runs/{stage} --epochs 30",
+                 handlers[stage])
+        p.add_argument("data_yaml", type=Path, metavar="DATA", help=data_help)
         p.add_argument("--out", type=Path, required=True, help="run folder (a new numbered one if it exists)")
         p.add_argument("--model", default=None,
                        help="model YAML name (e.g. yolov8n.yaml, built from scratch) or a local .pt to fine-tune")
@@ -284,6 +296,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--locator", type=Path, default=None,
                    help="locator weights: add vertebra levels and centre the spine ROI crops (config roi:); "
                         "without it the crops use roi.fallback")
+    p.add_argument("--classifier", type=Path, nargs="+", default=None, metavar="WEIGHTS",
+                   help="vertebra-classifier weights (one per fold: averaged), scored per level into vertebrae.csv; "
+                        "needs --locator")
+    p.add_argument("--classifier-config", type=Path, default=None,
+                   help="YAML merged over configs/classifier.yaml (the classifier's crops, render and score)")
     p.add_argument("--conf", type=float, default=None, help="box score threshold (config detect.conf)")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")

@@ -27,7 +27,7 @@ def demo_config(config_path: str | os.PathLike | None = None, overrides: Sequenc
     """Return the pipeline config with the demo's per-stage overrides folded into each stage's `set` (the user's own win)."""
     base = load_config("pipeline", config_path, overrides)
     folded = [f"{stage}.set={json.dumps([*base.demo[f'{stage}_set'], *base[stage]['set']])}"
-              for stage in ("detector", "locator", "levels", "aggregation")]
+              for stage in ("detector", "locator", "levels", "aggregation", "classifier")]
     return load_config("pipeline", config_path, [*overrides, *folded])
 
 

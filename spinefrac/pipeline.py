@@ -23,7 +23,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -62,11 +62,16 @@ MANIFEST_EXCLUDE = (MODEL_JSON, "work/*", "*_openvino_model/*", "*_openvino_mode
                     "*.onnx.meta.json", "*/.*.export.*", *LOCK_FILES)
 """Never in the manifest: model.json itself, work files, and the export caches predict writes beside the weights
 (detector/export.py checks those against the weights' and their own SHA-256), and the folder's lock files."""
-STAGE_CONFIGS = ("detector", "locator", "levels", "aggregation")
+STAGE_CONFIGS = ("detector", "locator", "levels", "aggregation", "classifier")
+CLASSIFIER_DIR = "classifier"
+CLASSIFIER_DATASET = "classifier_dataset"
 TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
     "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
 WEIGHTS = Path("weights") / "best.pt"
 EVIDENCE_TOP = 3  # boxes listed per level in evidence.csv
+VERTEBRAE_CSV = "vertebrae.csv"
+EVIDENCE_VERTEBRA_COLUMNS = ("first_slice", "last_slice", "n_slices", "cls_max", "cls_topk", "cls_mean")
+"""vertebrae.csv columns copied into evidence.csv per study and level (the z-range and the classifier's scores)."""
 MAX_NAMED = 5     # studies named in one log line
 TRAIN_RUN_ONLY = ("plots", "workers")
 """train: keys that change how training reports or loads data, not the weights (left out of the stage key)."""
@@ -82,6 +87,7 @@ class ModelFolder:
     locator_weights: Path | None
     prior: dict[str, float]
     meta: dict[str, Any]
+    classifier_weights: list[Path] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- configs
@@ -102,8 +108,11 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     missing, and so every stage downstream of it; the log says which setting changed.
     """
     from aggregation.splits import (
+        aggregator_fold_studies,
         aggregator_train_studies,
+        assert_no_classifier_leakage,
         assert_no_leakage,
+        classifier_train_studies,
         detector_train_studies,
         load_or_create_splits,
     )
@@ -123,9 +132,13 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
     splits = load_or_create_splits(out / "splits.json", labels, set(boxes[registry.STUDY_COL]),
                                    config=cfgs["aggregation"])
-    det_studies = detector_train_studies(splits)
+    oof = splits["scheme"] == "oof"
+    n_folds = int(splits["n_folds"])
     agg_studies = aggregator_train_studies(splits)
-    assert_no_leakage(splits, detector_train=det_studies, aggregator_train=agg_studies)
+    det_studies = _final_detector_studies(splits) if oof else detector_train_studies(splits)
+    fold_detector_studies = {k: detector_train_studies(splits, k) for k in range(n_folds)} if oof else None
+    assert_no_leakage(splits, detector_train=fold_detector_studies if oof else det_studies,
+                      aggregator_train=agg_studies)
     write_json_atomic(out / "prior.json", model_prior(labels))
 
     def stage(name: str, fn: Callable[[bool], dict[str, Any]], outputs: Sequence[Path],
@@ -164,12 +177,17 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     work = out / "work"
     det_ds = work / "detector_dataset" / "data.yaml"
     loc_ds = work / "locator_dataset" / "data.yaml"
+    cls_ds = work / CLASSIFIER_DATASET
     agg_detect = work / "aggregator_detect"
     segmented = _segmented_studies(data_root)
     use_locator = bool(config.locator.enabled) and bool(segmented)
     if config.locator.enabled and not segmented:
         log.warning("%s: no segmentations; levels come from relative z position (no locator)",
                     data_root / SEGMENTATIONS)
+    use_classifier = bool(config.classifier.enabled) and use_locator
+    if config.classifier.enabled and not use_locator:
+        log.warning("the vertebra classifier needs the locator (its crops follow the located vertebrae): "
+                    "trained without it")
 
     from detector.detect import detect_settings
     from detector.yolo_dataset import prepare_settings
@@ -188,33 +206,113 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
               [out / "locator" / WEIGHTS], _train_settings(cfgs["locator"], upstream("prepare-locator")))
     locator_weights = out / "locator" / WEIGHTS if use_locator else None
     locator_stage = upstream("copy-locator" if reuse else "train-locator") if use_locator else {}
-    stage("prepare-detector", lambda redo: _prepare(data_root, det_ds.parent, cfgs["detector"], det_studies, workers,
-                                                    progress, kind="detector", locator=locator_weights, cfgs=cfgs,
-                                                    overwrite=redo), [det_ds],
-          {**data, "studies": sorted(det_studies),     # the locator's weights count when it centres the ROI
-           "detector": prepare_settings(cfgs["detector"], kind="detector", locator=locator_weights,
-                                        locator_config=cfgs["locator"], levels_config=cfgs["levels"])})
-    stage("train-detector", lambda redo: _train(det_ds, out / "detector", cfgs["detector"]),
-          [out / "detector" / WEIGHTS], _train_settings(cfgs["detector"], upstream("prepare-detector")))
-    studies = [data_root / TRAIN_IMAGES / uid for uid in agg_studies]
-    stage("detect-aggregator-studies",
-          lambda redo: _detect(studies, out / "detector" / WEIGHTS, locator_weights, agg_detect, cfgs,
-                               workers=workers, progress=progress, labels=None, overlays=False, overwrite=redo),
-          [agg_detect / "boxes.csv", agg_detect / "slices.csv"],
-          {**data, "studies": sorted(agg_studies), "upstream": {**upstream("train-detector"), **locator_stage},
-           "detect": detect_settings(cfgs["detector"], weights=out / "detector" / WEIGHTS, locator=locator_weights,
-                                     locator_config=cfgs["locator"], levels_config=cfgs["levels"])})
-    stage("train-aggregator", lambda redo: _fit_aggregator(agg_detect, labels, agg_studies, out / "aggregator",
-                                                           cfgs["aggregation"]),
+    det_prepare = prepare_settings(cfgs["detector"], kind="detector", locator=locator_weights,
+                                   locator_config=cfgs["locator"], levels_config=cfgs["levels"])
+
+    def detector_stages(suffix: str, studies: Sequence[str], dataset: Path, run: Path) -> None:
+        """prepare-detector and train-detector (+ suffix) for `studies` (the final detector, or one fold's)."""
+        stage(f"prepare-detector{suffix}", lambda redo: _prepare(
+            data_root, dataset.parent, cfgs["detector"], studies, workers, progress, kind="detector",
+            locator=locator_weights, cfgs=cfgs, overwrite=redo), [dataset],
+            {**data, "studies": sorted(studies), "detector": det_prepare})   # the locator's weights count
+        stage(f"train-detector{suffix}", lambda redo: _train(dataset, run, cfgs["detector"]), [run / WEIGHTS],
+              _train_settings(cfgs["detector"], upstream(f"prepare-detector{suffix}")))
+
+    detector_stages("", det_studies, det_ds, out / "detector")
+    if oof:   # fold detectors only score the aggregator's studies of their fold: work files, not needed to predict
+        for k, studies in fold_detector_studies.items():
+            detector_stages(f"-fold{k}", studies, work / f"detector_dataset_fold{k}" / "data.yaml",
+                            work / "fold_detectors" / f"fold{k}")
+
+    classifier_runs: dict[int, Path] = {}
+    if use_classifier:
+        cls_train = classifier_train_studies(splits)
+        stage("prepare-classifier", lambda redo: _prepare_classifier(
+            data_root, cls_ds, cfgs, cls_train, locator_weights, workers, progress, overwrite=redo),
+              [cls_ds / "index.csv", *(cls_ds / f"fold{k}" / "train" for k in cls_train)],
+              {**data, "folds": {str(k): sorted(v) for k, v in cls_train.items()},
+               "crops": section(cfgs["classifier"], "crops"), "render": section(cfgs["classifier"], "render"),
+               "prepare": section(cfgs["classifier"], "prepare"), "upstream": locator_stage})
+        for k in cls_train:
+            run = out / CLASSIFIER_DIR / f"fold{k}"
+            classifier_runs[k] = run
+            stage(f"train-classifier-fold{k}", lambda redo, k=k, run=run: _train_classifier(
+                cls_ds / f"fold{k}", run, cfgs["classifier"]), [run / WEIGHTS],
+                  _train_settings(cfgs["classifier"], upstream("prepare-classifier")) | {"fold": k})
+
+    # the aggregator's studies: detected (and scored) by models that never trained on them
+    by_fold = use_classifier or oof
+    groups = aggregator_fold_studies(splits) if by_fold else {None: agg_studies}
+    if use_classifier:
+        assert_no_classifier_leakage(_classifier_fold_studies(cls_ds, classifier_runs),
+                                     {k: v for k, v in groups.items() if v})
+    folders = []
+    for k, studies_k in groups.items():
+        if not studies_k:
+            continue
+        suffix = f"-fold{k}" if k is not None else ""
+        folder = agg_detect / f"fold{k}" if k is not None else agg_detect
+        weights = work / "fold_detectors" / f"fold{k}" / WEIGHTS if oof else out / "detector" / WEIGHTS
+        classifier = [classifier_runs[k] / WEIGHTS] if use_classifier else None
+        ups = {**upstream(f"train-detector{suffix if oof else ''}"), **locator_stage,
+               **(upstream(f"train-classifier-fold{k}") if use_classifier else {})}
+        dirs = [data_root / TRAIN_IMAGES / uid for uid in studies_k]
+        stage(f"detect-aggregator-studies{suffix}",
+              lambda redo, dirs=dirs, weights=weights, folder=folder, classifier=classifier: _detect(
+                  dirs, weights, locator_weights, folder, cfgs, workers=workers, progress=progress, labels=None,
+                  overlays=False, overwrite=redo, classifier=classifier),
+              [folder / "boxes.csv", folder / "slices.csv"],
+              {**data, "studies": sorted(studies_k), "upstream": ups,
+               "detect": detect_settings(cfgs["detector"], weights=weights, locator=locator_weights,
+                                         locator_config=cfgs["locator"], levels_config=cfgs["levels"],
+                                         classifier=classifier, classifier_config=cfgs["classifier"])})
+        folders.append((suffix, folder))
+    stage("train-aggregator", lambda redo: _fit_aggregator([f for _, f in folders], labels, agg_studies,
+                                                           out / "aggregator", cfgs["aggregation"],
+                                                           features_csv=agg_detect / "features.csv"),
           [out / "aggregator" / "aggregator.json"],
           {"studies": sorted(agg_studies), "aggregation": plain(cfgs["aggregation"]),
-           "upstream": upstream("detect-aggregator-studies")})
+           "upstream": upstream(*(f"detect-aggregator-studies{s}" for s, _ in folders))})
     meta["locator"] = use_locator
+    meta["classifier"] = [str((classifier_runs[k] / WEIGHTS).relative_to(out)) for k in sorted(classifier_runs)]
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
     meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
+
+
+def _final_detector_studies(splits: Mapping[str, Any]) -> list[str]:
+    """The "oof" scheme's detector for predict: trained on every detector study (the fold detectors score the rest)."""
+    return [u for u, r in splits["roles"].items() if r == "detector"]
+
+
+def _prepare_classifier(data_root: Path, out: Path, cfgs: Mapping[str, Config], folds: Mapping[int, Sequence[str]],
+                        locator: Path | None, workers: int, progress: bool, *, overwrite: bool) -> dict[str, Any]:
+    from detector.classifier_dataset import prepare_classifier_dataset
+
+    studies = sorted({u for v in folds.values() for u in v})
+    prepare_classifier_dataset(data_root, out, config=cfgs["classifier"], studies=studies, folds=folds,
+                               locator=locator, locator_config=cfgs["locator"], levels_config=cfgs["levels"],
+                               workers=workers, progress=progress, overwrite=overwrite)
+    return {"counts": read_sidecar(out / "index.csv").get("counts", {})}
+
+
+def _train_classifier(fold_dir: Path, run: Path, cfg: Config) -> dict[str, Any]:
+    from detector.classifier import train_classifier
+
+    train_classifier(fold_dir, run, config=cfg)
+    meta_path = run / "train.meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    return {"epochs": meta.get("counts", {}).get("epochs_run"),
+            "metrics": meta.get("extra", {}).get("final_metrics", {})}
+
+
+def _classifier_fold_studies(dataset: Path, runs: Mapping[int, Path]) -> dict[int, set[str]]:
+    """Fold k -> the studies whose crops are in classifier k's training and validation folders (what it saw)."""
+    from detector.classifier_dataset import fold_studies
+
+    return {k: fold_studies(dataset / f"fold{k}") for k in runs}
 
 
 def _train_settings(cfg: Config, upstream: Mapping[str, Any]) -> dict[str, Any]:
@@ -269,7 +367,7 @@ def _train(data_yaml: Path, out: Path, cfg: Config) -> dict[str, Any]:
 
 def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: Path, cfgs: Mapping[str, Config], *,
             workers: int, progress: bool, labels: Path | None, overlays: bool, overwrite: bool = False,
-            device: str | None = None) -> dict[str, Any]:
+            device: str | None = None, classifier: Sequence[Path] | None = None) -> dict[str, Any]:
     from detector.detect import detect_studies
 
     det_cfg = cfgs["detector"]
@@ -277,30 +375,43 @@ def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: P
         det_cfg = load_config("detector", None, [*_flatten(det_cfg), "detect.overlays=false"])
     result = detect_studies(studies, weights=weights, out=out, config=det_cfg, labels=labels, locator=locator,
                             locator_config=cfgs["locator"], levels_config=cfgs["levels"], workers=workers,
-                            progress=progress, overwrite=overwrite, device=device)
+                            progress=progress, overwrite=overwrite, device=device, classifier=classifier,
+                            classifier_config=cfgs["classifier"])
     return {"finished": len(result.finished) + len(result.skipped), "failed": len(result.failed),
             "slices": result.n_slices, "backend": _backend_name(out)}
 
 
-def _fit_aggregator(detect_dir: Path, labels: pd.DataFrame, studies: Sequence[str], out: Path, cfg: Config
-                    ) -> dict[str, Any]:
-    from aggregation.features import build_features, load_detection_tables
+def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: Sequence[str], out: Path,
+                    cfg: Config, *, features_csv: Path) -> dict[str, Any]:
+    from aggregation.features import build_features
     from aggregation.metric import competition_loss
     from aggregation.model import StudyAggregator
 
-    boxes, slices = load_detection_tables(detect_dir / "boxes.csv", detect_dir / "slices.csv")
+    boxes, slices, vertebrae = _read_detections(detect_dirs)
     done = set(slices[registry.STUDY_COL].astype(str))
     usable = [u for u in studies if u in done]
     if len(usable) < len(studies):
-        log.warning("aggregator: %d of %d studies have no detections (failed, see %s) and are left out",
-                    len(studies) - len(usable), len(studies), detect_dir / "errors.csv")
-    features = build_features(boxes, slices, config=cfg, studies=usable)
-    write_csv_atomic(detect_dir / "features.csv", features)
+        log.warning("aggregator: %d of %d studies have no detections (failed, see errors.csv in %s) and are left "
+                    "out", len(studies) - len(usable), len(studies), ", ".join(str(d) for d in detect_dirs))
+    features = build_features(boxes, slices, config=cfg, studies=usable, vertebrae=vertebrae)
+    write_csv_atomic(features_csv, features)
     model = StudyAggregator(cfg).fit(features, labels)
     model.save(out)
     fitted = model.predict_proba(features)
     in_sample = competition_loss(labels[labels[registry.STUDY_COL].isin(usable)], fitted)
     return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4)}
+
+
+def _read_detections(detect_dirs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Read and stack boxes.csv, slices.csv and (where present) vertebrae.csv of detect folders."""
+    from aggregation.features import load_detection_tables, load_vertebrae_table
+
+    parts = [load_detection_tables(Path(d) / "boxes.csv", Path(d) / "slices.csv") for d in detect_dirs]
+    boxes = pd.concat([b for b, _ in parts if len(b)] or [parts[0][0]], ignore_index=True)
+    slices = pd.concat([s for _, s in parts], ignore_index=True)
+    found = [Path(d) / VERTEBRAE_CSV for d in detect_dirs if (Path(d) / VERTEBRAE_CSV).is_file()]
+    vertebrae = pd.concat([load_vertebrae_table(p) for p in found], ignore_index=True) if found else None
+    return boxes, slices, vertebrae
 
 
 # ---------------------------------------------------------------- predict
@@ -324,17 +435,19 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
     if MANIFEST_KEY not in meta:
         raise InputError(meta_path, "has no file manifest: training did not finish (rerun spinefrac train)")
     verify_manifest(root, meta[MANIFEST_KEY], MANIFEST_EXCLUDE)
-    configs = {stage: load_config(stage, root / f"{stage}.yaml") for stage in STAGE_CONFIGS}
+    configs = {stage: load_config(stage, root / f"{stage}.yaml" if (root / f"{stage}.yaml").is_file() else None)
+               for stage in STAGE_CONFIGS}   # a folder trained before a stage existed: its defaults (unused)
     detector = root / "detector" / WEIGHTS
     locator = root / "locator" / WEIGHTS if meta.get("locator") else None
-    for needed in (detector, locator, root / "aggregator" / "aggregator.json", root / "prior.json"):
+    classifiers = [root / rel for rel in meta.get("classifier") or []]
+    for needed in (detector, locator, *classifiers, root / "aggregator" / "aggregator.json", root / "prior.json"):
         if needed is not None and not needed.exists():
             raise InputError(needed, "missing from the model folder: training did not finish (rerun spinefrac train)")
-    for weights in (detector, locator):
+    for weights in (detector, locator, *classifiers):
         if weights is not None:
             read_weights(weights)  # refuse pickled weights before any study is read
     prior = load_prior(root / "prior.json")
-    return ModelFolder(root, configs, detector, locator, prior, meta)
+    return ModelFolder(root, configs, detector, locator, prior, meta, classifiers)
 
 
 @locks_output("out")
@@ -375,13 +488,15 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
                         test_csv, len(absent), ", ".join(absent[:MAX_NAMED]), " ..." if len(absent) > MAX_NAMED else "")
     info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs, workers=workers,
                    progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite,
-                   device=device)
+                   device=device, classifier=model.classifier_weights or None)
     errors = pd.read_csv(out / "errors.csv", dtype={registry.STUDY_COL: str})
     failed = set(errors[registry.STUDY_COL]) & set(uids)
     boxes, slices = _detections(out, failed=failed, uids=uids)
+    vertebrae = _vertebrae_table(out, failed=failed, uids=uids)
     finished = [u for u in uids if u not in failed and u in set(slices[registry.STUDY_COL].astype(str))]
     if finished:
-        features = build_features(boxes, slices, config=model.configs["aggregation"], studies=finished)
+        features = build_features(boxes, slices, config=model.configs["aggregation"], studies=finished,
+                                  vertebrae=vertebrae)
         write_csv_atomic(out / "features.csv", features)
         probs = aggregator.predict_proba(features)
     else:
@@ -390,7 +505,7 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     write_predictions(predictions, out / "predictions.csv")
     submission = make_submission(predictions, test_csv=test, prior=model.prior, failed=failed)
     write_submission(submission, out / "submission.csv")
-    write_csv_atomic(out / "evidence.csv", evidence_table(boxes, predictions))
+    write_csv_atomic(out / "evidence.csv", evidence_table(boxes, predictions, vertebrae=vertebrae))
     runtime = time.perf_counter() - t0
     write_sidecar(out / "predictions.csv", kind="predictions", inputs={"model": str(model.root),
                                                                       "studies": len(uids)},
@@ -416,8 +531,21 @@ def _detections(out: Path, *, failed: set[str], uids: Sequence[str]) -> tuple[pd
     return load_detection_tables(out / "boxes.csv", out / "slices.csv")
 
 
-def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EVIDENCE_TOP) -> pd.DataFrame:
-    """Per study and level: the probability and the top boxes (slice_number:score) assigned to that level."""
+def _vertebrae_table(out: Path, *, failed: set[str], uids: Sequence[str]) -> pd.DataFrame | None:
+    """This run's vertebrae.csv rows (finished studies only), or None when detect wrote none."""
+    from aggregation.features import load_vertebrae_table
+
+    path = out / VERTEBRAE_CSV
+    if set(uids) <= failed or not path.is_file():
+        return None
+    table = load_vertebrae_table(path)
+    return table[table[registry.STUDY_COL].astype(str).isin(set(uids) - failed)].reset_index(drop=True)
+
+
+def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EVIDENCE_TOP,
+                   vertebrae: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Per study and level: the probability, the top boxes (slice_number:score) assigned to that level, and
+    (from vertebrae.csv) the level's z-range and the vertebra classifier's scores (NaN without them)."""
     rows = []
     by_uid = {str(u): g for u, g in boxes.groupby(registry.STUDY_COL)} if len(boxes) else {}
     for rec in predictions.itertuples(index=False):
@@ -434,8 +562,12 @@ def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EV
                                  top_boxes=";".join(f"slice {int(r.slice_number)}: {r.score:.2f} x w {r.weighted / max(r.score, 1e-9):.2f}"
                                                     for r in on.head(top).itertuples(index=False)))
             rows.append(entry)
-    return pd.DataFrame(rows, columns=[registry.STUDY_COL, "level", "probability", "n_boxes", "max_score",
-                                       "top_boxes"])
+    table = pd.DataFrame(rows, columns=[registry.STUDY_COL, "level", "probability", "n_boxes", "max_score",
+                                        "top_boxes"])
+    extra = pd.DataFrame(columns=[registry.STUDY_COL, "level", *EVIDENCE_VERTEBRA_COLUMNS])
+    if vertebrae is not None and len(vertebrae):
+        extra = vertebrae[[registry.STUDY_COL, "level", *EVIDENCE_VERTEBRA_COLUMNS]].astype({registry.STUDY_COL: str})
+    return table.merge(extra, on=[registry.STUDY_COL, "level"], how="left")
 
 
 # ---------------------------------------------------------------- helpers

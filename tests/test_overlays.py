@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import cv2
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -10,8 +11,16 @@ import pytest
 from data_prep.config import load_config
 from data_prep.dicom_io import scan_study
 from data_prep.dicom_write import write_series
-from data_prep.registry import STUDY_COL
-from detector.overlays import CONTACT_SHEET, SCORE_PROFILE, write_overlays
+from data_prep.registry import LEVELS, STUDY_COL
+from detector.overlays import (
+    BAND_ALPHA,
+    BAND_SHADES,
+    CONTACT_SHEET,
+    SCORE_PROFILE,
+    LevelBand,
+    level_bands,
+    write_overlays,
+)
 
 ROWS, COLS, N = 40, 80, 12
 SIZE = 160                      # display: x scale 2, y scale 4
@@ -87,3 +96,102 @@ def test_no_boxes_still_writes_sheet_and_profile_and_clears_old_pngs(study, tmp_
         STUDY_COL, "slice_index", "slice_number", "z_mm", "x", "y", "width", "height", "score"]), out, config=cfg())
     assert [p.name for p in paths] == [CONTACT_SHEET, SCORE_PROFILE]
     assert not list(out.glob("01_slice*.png"))
+
+
+# --- level bands on the score profile (issue 12) ---
+
+def vertebrae_rows(found, cls=None, uid=UID):
+    """A vertebrae table C1..C7: `found` maps level -> (first_slice, last_slice); the rest are not found."""
+    cls = cls or {}
+    rows = []
+    for level in LEVELS:
+        first, last = found.get(level, (-1, -1))
+        rows.append({STUDY_COL: uid, "level": level, "first_slice": first, "last_slice": last,
+                     "n_slices": 0 if first < 0 else last - first + 1, "source": "locator" if first >= 0 else "",
+                     "n_crops": 0, "cls_max": cls.get(level, np.nan), "cls_topk": np.nan, "cls_mean": np.nan})
+    return pd.DataFrame(rows)
+
+
+def test_level_bands_map_slice_index_to_z_not_slice_number(study):
+    numbers = np.asarray(study.instance_numbers)
+    assert numbers[0] > numbers[-1]                   # feet_first: slice_number runs against slice_index
+    z = np.asarray(study.z_mm)                        # 0 = most superior = largest z, 2 mm apart
+    table = vertebrae_rows({"C1": (0, 2), "C2": (2, 5), "C4": (7, 7)}, cls={"C1": 0.8249})
+    bands = level_bands(table.iloc[::-1], study.z_mm, study=UID)     # row order does not matter
+    assert [b.label for b in bands] == ["C1 0.82", "C2", "C4"]       # C3 not found: skipped; NaN cls: no number
+    half = 1.0                                                       # half the 2 mm spacing on each side
+    assert bands[0] == LevelBand("C1 0.82", z[2] - half, z[0] + half)
+    assert bands[1][1:] == pytest.approx((z[5] - half, z[2] + half))
+    assert bands[2][1:] == pytest.approx((z[7] - half, z[7] + half))   # one slice: still 2 mm wide
+    assert all(b.x0 < b.x1 for b in bands)
+
+
+def test_level_bands_on_plain_arrays_either_direction():
+    rows = pd.DataFrame({"level": ["C3", "C5"], "first_slice": [1, -1], "last_slice": [2, -1]})
+    assert level_bands(rows, [10.0, 8.0, 6.0, 4.0]) == [("C3", 5.0, 9.0)]
+    assert level_bands(rows, [4.0, 6.0, 8.0, 10.0]) == [("C3", 5.0, 9.0)]   # z rising with slice_index too
+    assert level_bands(rows.iloc[:0], [1.0, 2.0]) == []
+    assert level_bands(rows, [10.0, 8.0, 6.0])[0][1:] == (5.0, 9.0)          # no cls_max column: bare level
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.drop(columns="last_slice"), "missing column(s) last_slice"),
+    (lambda t: t.assign(level=["C1", "C8", *LEVELS[2:]]), "row 1: unknown level 'C8'"),
+    (lambda t: t.assign(level=["C1", "C1", *LEVELS[2:]]), "row 1: level C1 appears twice"),
+    (lambda t: t.assign(first_slice=[3, *t.first_slice[1:]]), "row 0 (C1): first_slice 3, last_slice 2"),
+    (lambda t: t.assign(last_slice=[N, *t.last_slice[1:]]), f"< {N} (the study's slice count)"),
+    (lambda t: t.assign(first_slice=[np.nan, *t.first_slice[1:]]), "row 0: first_slice must be a slice_index"),
+    (lambda t: t.assign(first_slice=[1.5, *t.first_slice[1:]]), "found 1.5"),
+    (lambda t: t.assign(first_slice=[-1, *t.first_slice[1:]], n_slices=[3, *t.n_slices[1:]]), "row 0 (C1)"),
+    (lambda t: t.assign(cls_max=["high", *t.cls_max[1:]]), "row 0 (C1): cls_max must be a number or NaN"),
+])
+def test_level_bands_reject_bad_tables_naming_study_and_row(study, change, message):
+    table = change(vertebrae_rows({"C1": (0, 2)}))
+    with pytest.raises(ValueError, match="vertebrae table of study 5.5.5") as err:
+        level_bands(table, study.z_mm, study=UID)
+    assert message in str(err.value)
+
+
+def profile_bytes(study, out, **kw):
+    boxes = box_rows(study, [(3, 10.0, 5.0, 20.0, 8.0, 0.9), (7, 40.0, 20.0, 10.0, 5.0, 0.6)])
+    write_overlays(study, boxes, out, config=cfg(), **kw)
+    return (out / SCORE_PROFILE).read_bytes()
+
+
+def shade_columns(png, shade):
+    """Image columns filled top to bottom by a band shade (blended over white); line antialiasing is too short."""
+    rgb = np.array(matplotlib.colors.to_rgb(shade)) * BAND_ALPHA + (1 - BAND_ALPHA)
+    bgr = np.round(rgb[::-1] * 255)
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR).astype(float)
+    tall = (np.abs(image - bgr).max(axis=2) <= 2).sum(axis=0) >= image.shape[0] / 3   # fills the axes' height
+    return np.nonzero(tall)[0], image.shape[1]
+
+
+def test_bands_change_the_profile_deterministically_and_on_the_right_side(study, tmp_path):
+    plain = profile_bytes(study, tmp_path / "plain")
+    top = vertebrae_rows({"C1": (0, 2)}, cls={"C1": 0.5})          # superior slices: right of the plot
+    banded = profile_bytes(study, tmp_path / "a", vertebrae=top)
+    assert banded != plain
+    assert profile_bytes(study, tmp_path / "b", vertebrae=top) == banded
+    assert len(shade_columns(plain, BAND_SHADES[0])[0]) == 0
+    cols, width = shade_columns(banded, BAND_SHADES[0])
+    assert len(cols) and cols.min() > width / 2
+    bottom = profile_bytes(study, tmp_path / "c", vertebrae=vertebrae_rows({"C7": (9, 11)}))   # inferior: left
+    cols, width = shade_columns(bottom, BAND_SHADES[0])
+    assert len(cols) and cols.max() < width / 2
+    two = profile_bytes(study, tmp_path / "d", vertebrae=vertebrae_rows({"C1": (0, 2), "C2": (3, 6)}))
+    assert len(shade_columns(two, BAND_SHADES[1])[0])                # the neighbour gets the second shade
+
+
+def test_no_found_level_keeps_the_profile_byte_identical(study, tmp_path):
+    plain = profile_bytes(study, tmp_path / "plain")
+    assert profile_bytes(study, tmp_path / "none", vertebrae=None) == plain
+    assert profile_bytes(study, tmp_path / "missing", vertebrae=vertebrae_rows({})) == plain
+    other = vertebrae_rows({"C1": (0, 2)}, uid="other.study")
+    assert profile_bytes(study, tmp_path / "other", vertebrae=other) == plain       # not this study's rows
+
+
+def test_bad_vertebrae_table_fails_naming_the_study(study, tmp_path):
+    bad = vertebrae_rows({"C1": (0, N + 3)})
+    with pytest.raises(ValueError, match=r"study 5\.5\.5, row 0 \(C1\)"):
+        profile_bytes(study, tmp_path / "bad", vertebrae=bad)

@@ -27,6 +27,7 @@ def test_model_folder_is_self_describing(trained):
     roles = json.loads((model / "splits.json").read_text())["roles"]
     det_index = pd.read_csv(model / "work" / "detector_dataset" / "index.csv", dtype={STUDY_COL: str})
     agg_features = pd.read_csv(model / "work" / "aggregator_detect" / "features.csv", dtype={STUDY_COL: str})
+    assert (model / "classifier.yaml").is_file()
     assert set(det_index[STUDY_COL]).isdisjoint(agg_features[STUDY_COL])
     assert {roles[u] for u in det_index[STUDY_COL]} == {"detector"}
     assert {roles[u] for u in agg_features[STUDY_COL]} == {"aggregator"}
@@ -81,6 +82,13 @@ def test_predict_complete_submission_errors_and_overlays(trained, tmp_path):
     assert set(level_boxes["level"]) <= set(TARGETS[:7])
     evidence = pd.read_csv(out / "evidence.csv", dtype={STUDY_COL: str})
     assert len(evidence) == 7 * len(studies)
+    # the fold classifiers (averaged) scored the located levels of every finished study; the failed one has none
+    vertebrae = pd.read_csv(out / "vertebrae.csv", dtype={STUDY_COL: str})
+    assert set(vertebrae[STUDY_COL]) == {s.name for s in studies[1:]} and len(vertebrae) == 7 * (len(studies) - 1)
+    scored = evidence.dropna(subset=["cls_max"])
+    assert len(scored) and set(scored[STUDY_COL]) <= {s.name for s in studies[1:]}
+    assert scored["cls_max"].between(0, 1).all() and (scored["cls_max"] >= scored["cls_mean"] - 1e-9).all()
+    assert (scored["last_slice"] >= scored["first_slice"]).all()
     for study in studies[1:]:
         folder = out / "overlays" / study.name
         assert (folder / "score_profile.png").is_file() and (folder / "contact_sheet.png").is_file()
@@ -99,3 +107,39 @@ def test_predict_rejects_a_folder_that_is_not_a_model(tmp_path, trained, caplog)
                str(tmp_path / "p"), "--no-progress"])
     assert rc == 2
     assert "not a spinefrac model folder" in caplog.text
+
+
+@pytest.mark.slow
+def test_each_aggregator_study_was_scored_by_a_classifier_that_never_saw_it(trained):
+    """The no-leakage guard on a real run: the crops each fold classifier trained on vs the studies it scored."""
+    from detector.classifier_dataset import fold_studies
+
+    model = trained / "model"
+    meta = json.loads((model / "model.json").read_text())
+    splits = json.loads((model / "splits.json").read_text())
+    assert meta["classifier"] == [f"classifier/fold{k}/weights/best.pt" for k in range(splits["n_folds"])]
+    agg = {u for u, r in splits["roles"].items() if r == "aggregator"}
+    scored_all = set()
+    for k in range(splits["n_folds"]):
+        seen = fold_studies(model / "work" / "classifier_dataset" / f"fold{k}")
+        scored = {p.stem for p in (model / "work" / "aggregator_detect" / f"fold{k}" / "done").glob("*.json")}
+        assert seen and scored
+        assert not seen & scored                              # never scored by a model that trained on it
+        assert {splits["folds"][u] for u in scored} == {k}
+        assert seen & {u for u, r in splits["roles"].items() if r == "detector"}   # it learns from those too
+        scored_all |= scored
+        vertebrae = pd.read_csv(model / "work" / "aggregator_detect" / f"fold{k}" / "vertebrae.csv")
+        assert vertebrae["cls_max"].notna().any()
+    assert scored_all == agg
+    features = pd.read_csv(model / "work" / "aggregator_detect" / "features.csv", dtype={STUDY_COL: str})
+    assert set(features[STUDY_COL]) == agg
+
+
+@pytest.mark.slow
+def test_a_missing_fold_classifier_is_refused_before_any_study(trained, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model, ignore=shutil.ignore_patterns("work"))
+    (model / "classifier" / "fold1" / "weights" / "best.pt").unlink()
+    rc = main(["predict", str(trained / "test" / "test_images"), "--model", str(model), "--out",
+               str(tmp_path / "p"), "--no-progress"])
+    assert rc == 2 and not (tmp_path / "p" / "boxes.csv").exists()

@@ -121,3 +121,43 @@ def test_splits_file_is_written_once_and_reused(tmp_path):
     path.write_text("{not json")
     with pytest.raises(InputError, match="splits.json"):
         load_or_create_splits(path, labels, boxed, config=_cfg())
+
+
+def test_every_scheme_has_stratified_folds_and_classifier_k_never_sees_the_fold_it_scores():
+    from aggregation.splits import aggregator_fold_studies, classifier_train_studies
+
+    labels = _labels(30, 50)
+    boxed = {f"p{i}" for i in range(10)}
+    for scheme in ("boxed", "holdout", "oof"):
+        s = split_studies(labels, boxed, config=_cfg(f"splits.scheme={scheme}", "splits.n_folds=3"))
+        assert s["n_folds"] == 3 and set(s["folds"]) == set(labels[STUDY_COL])
+        pos_per_fold = [sum(1 for u, f in s["folds"].items() if f == k and u.startswith("p")) for k in range(3)]
+        assert max(pos_per_fold) - min(pos_per_fold) <= 1                    # stratified by patient_overall
+        train, scored = classifier_train_studies(s), aggregator_fold_studies(s)
+        agg = set(aggregator_train_studies(s))
+        assert set().union(*map(set, scored.values())) == agg                # every aggregator study scored once
+        for k in range(3):
+            assert not set(train[k]) & set(scored[k])
+            # classifier k learns from every other labelled study: detector studies and other folds' studies
+            assert set(train[k]) == set(labels[STUDY_COL]) - set(scored[k])
+
+
+def test_classifier_leakage_guard_names_the_crossed_studies():
+    from aggregation.splits import assert_no_classifier_leakage
+
+    assert_no_classifier_leakage({0: {"a", "b"}, 1: {"c"}}, {0: ["c"], 1: ["a"]})
+    with pytest.raises(LeakageError, match="1 aggregator studies were scored by a classifier that trained on them: b"):
+        assert_no_classifier_leakage({0: {"a", "b"}, 1: {"c"}}, {0: ["b"], 1: ["a"]})
+    with pytest.raises(LeakageError, match="more than one fold"):
+        assert_no_classifier_leakage({0: set(), 1: set()}, {0: ["x"], 1: ["x"]})
+
+
+def test_a_splits_file_without_folds_gets_them_and_keeps_its_roles(tmp_path):
+    labels = _labels(10, 20)
+    path = tmp_path / "splits.json"
+    s = load_or_create_splits(path, labels, set(), config=_cfg("splits.scheme=holdout"))
+    old = {k: v for k, v in s.items() if k not in ("folds", "n_folds")}
+    path.write_text(json.dumps(old))
+    again = load_or_create_splits(path, labels, set(), config=_cfg("splits.scheme=holdout"))
+    assert again["roles"] == s["roles"] and again["folds"] == s["folds"]
+    assert "folds" in json.loads(path.read_text())

@@ -1,0 +1,201 @@
+"""Ablation of issue 12 on held-out full-field synthetic studies: what each aggregator step and the classifier add.
+
+    python -m benchmarks.bench_classifier --work /work/runs/bench_cls
+    (or --model DIR --test DIR to reuse a trained model folder and synthetic test set, e.g. a demo's
+     demo_out/model and demo_out/test)
+
+Steps (through the library, as `spinefrac train` / `predict` run it):
+  1. `spinefrac synth` the demo's training set (seed S) and --test-studies held-out studies (seed S+1), unless
+     --model/--test are given.
+  2. `spinefrac train` with the demo's config (locator, detector, one vertebra classifier per fold): the
+     aggregator's studies get detector outputs and out-of-fold classifier scores (work/aggregator_detect/).
+  3. `spinefrac predict` once on the test studies (boxes, slices, vertebrae with the fold classifiers averaged).
+  4. Every row refits only the aggregator, with its own feature groups and sample weights, on the same
+     training features, and predicts the same test features. Rows:
+       today            groups [detector], sample_weights none   (the aggregator before issue 12)
+       + metric weights groups [detector], sample_weights metric
+       + length         groups [detector, length], metric
+       + classifier     groups [detector, length, classifier], metric
+       classifier alone groups [classifier], metric
+     --repeats N refits each row with N aggregator seeds (model.random_state) and reports the mean.
+Columns: per-study and global metric, patient AUC, per-level AUC, and the training time of what the row
+needs (the detector and locator for every row; the classifier folds too for rows using its features), beside
+the constant prior and the max-box-score rule. Compare as ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from data_prep.registry import LEVELS, STUDY_COL
+
+ROWS: tuple[tuple[str, list[str], str], ...] = (
+    ("today (detector features, unweighted)", ["detector"], "none"),
+    ("+ metric weights", ["detector"], "metric"),
+    ("+ length-normalised features", ["detector", "length"], "metric"),
+    ("+ classifier features", ["detector", "length", "classifier"], "metric"),
+    ("classifier features alone", ["classifier"], "metric"),
+)
+"""(row label, features.groups, model.sample_weights)."""
+CLASSIFIER_GROUP = "classifier"
+
+
+def _tables(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Stack boxes, slices and vertebrae tables of detect folders (the pipeline's own reader)."""
+    from spinefrac.pipeline import _read_detections
+
+    return _read_detections(folders)
+
+
+def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels_test: pd.DataFrame, *,
+             repeats: int) -> list[dict]:
+    """Refit the aggregator once per row (and seed) on the model's training features; score the test studies."""
+    from aggregation.evaluate import score_predictions
+    from aggregation.features import build_features
+    from aggregation.model import StudyAggregator
+    from data_prep.config import load_config
+    from data_prep.registry import TARGETS
+
+    agg_dir = model_dir / "work" / "aggregator_detect"
+    folders = sorted(p for p in agg_dir.glob("fold*") if (p / "slices.csv").is_file()) or [agg_dir]
+    tr_boxes, tr_slices, tr_vert = _tables(folders)
+    te_boxes, te_slices, te_vert = _tables([pred_dir])
+    train_uids = sorted(set(tr_slices[STUDY_COL].astype(str)))
+    test_uids = sorted(set(te_slices[STUDY_COL].astype(str)))
+    y = labels_test.set_index(STUDY_COL).loc[test_uids, list(TARGETS)].to_numpy(dtype=float)
+    rows = []
+    for label, groups, weights in ROWS:
+        losses, globals_, aucs, fit_s = [], [], [], []
+        for seed in range(repeats):
+            cfg = load_config("aggregation", model_dir / "aggregation.yaml",
+                              [f"features.groups={json.dumps(groups)}", f"model.sample_weights={weights}",
+                               f"model.random_state={seed}"])
+            t0 = time.perf_counter()
+            train_f = build_features(tr_boxes, tr_slices, config=cfg, studies=train_uids, vertebrae=tr_vert)
+            model = StudyAggregator(cfg).fit(train_f, labels_train)
+            fit_s.append(time.perf_counter() - t0)
+            test_f = build_features(te_boxes, te_slices, config=cfg, studies=test_uids, vertebrae=te_vert)
+            p = model.predict_proba(test_f).set_index(STUDY_COL).loc[test_uids, list(TARGETS)].to_numpy(float)
+            s = score_predictions(y, p, 0.5)
+            losses.append(s["competition_loss"])
+            globals_.append(s["global_loss"])
+            aucs.append(s["auc"])
+        rows.append({"row": label, "groups": groups, "sample_weights": weights,
+                     "loss_per_study": float(np.mean(losses)), "loss_per_study_sd": float(np.std(losses)),
+                     "loss_global": float(np.mean(globals_)),
+                     "auc": {t: float(np.nanmean([a[t] for a in aucs])) for t in TARGETS},
+                     "aggregator_fit_s": float(np.mean(fit_s))})
+    return rows
+
+
+def training_seconds(model_dir: Path) -> dict[str, float]:
+    """Seconds of the training stages (model.json), summed per model: locator, detector, classifier folds."""
+    stages = json.loads((model_dir / "model.json").read_text(encoding="utf-8"))["stages"]
+
+    def total(word: str) -> float:
+        return float(sum(v.get("runtime_s", 0.0) for k, v in stages.items() if word in k))
+
+    return {"locator_s": total("locator"), "detector_s": total("-detector"), "classifier_s": total("classifier"),
+            "detect_aggregator_studies_s": total("detect-aggregator")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the ablation and print the table."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--train-studies", type=int, default=None, help="default: the demo's (configs/pipeline.yaml)")
+    p.add_argument("--test-studies", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=3, help="aggregator seeds per row (mean reported)")
+    p.add_argument("--set", action="append", default=[], help="pipeline overrides (key=value), e.g. "
+                                                              "classifier.set=[\"train.epochs=30\"]")
+    p.add_argument("--model", type=Path, default=None, help="a trained model folder to reuse (skips training)")
+    p.add_argument("--test", type=Path, default=None, help="a synthetic test folder to reuse (test_images/, truth/)")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a new temp folder)")
+    args = p.parse_args(argv)
+
+    from data_prep.config import load_config
+    from data_prep.synth import synthesize
+    from data_prep.tables import read_table
+    from spinefrac.demo import demo_config
+    from spinefrac.pipeline import predict_all, train_all
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench_classifier_"))
+    work.mkdir(parents=True, exist_ok=True)
+    cfg = demo_config(None, args.set)
+    synth_cfg = load_config("synth", None, list(cfg.demo.synth_set))
+    data, test = work / "data", args.test or work / "test"
+    model = args.model or work / "model"
+    timings = {}
+    if args.model is None:
+        if not (data / "train.csv").is_file():
+            synthesize(data, n_studies=args.train_studies or int(cfg.demo.train_studies), seed=args.seed,
+                       split="train", config=synth_cfg, progress=False, overwrite=True)
+        t0 = time.perf_counter()
+        train_all(data, model, config=cfg, workers=args.workers, progress=False)
+        timings["train_s"] = round(time.perf_counter() - t0, 1)
+    if not (test / "test.csv").is_file():
+        synthesize(test, n_studies=args.test_studies, seed=args.seed + 1, split="test", config=synth_cfg,
+                   progress=False, overwrite=True)
+    pred = work / "pred"
+    t0 = time.perf_counter()
+    predict_all([test / "test_images"], model_dir=model, out=pred, test_csv=test / "test.csv", workers=args.workers,
+                progress=False, overwrite=True)
+    timings["predict_s"] = round(time.perf_counter() - t0, 1)
+    train_root = Path(json.loads((model / "model.json").read_text())["stages"]["prepare-detector"]["settings"]
+                      ["data_root"])
+    labels_train = read_table(train_root / "train.csv", "train")
+    labels_test = read_table(test / "truth" / "train.csv", "train")
+    rows = fit_rows(model, pred, labels_train, labels_test, repeats=args.repeats)
+    cost = training_seconds(model)
+    baselines = _baselines(model, pred, test)
+    result = {"rows": rows, "training": cost, "timings": timings, "baselines": baselines,
+              "test_studies": int(len(labels_test)), "model": str(model), "pred": str(pred)}
+    (work / "bench_classifier.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(format_table(result))
+    return 0
+
+
+def _baselines(model: Path, pred: Path, test: Path) -> dict:
+    """The prior and max-box-score rules on the same test studies (aggregation.evaluate)."""
+    from aggregation.evaluate import evaluate_predictions
+
+    report = evaluate_predictions(pred / "predictions.csv", labels=test / "truth" / "train.csv",
+                                  boxes=pred / "boxes.csv", prior=model / "prior.json").to_dict()
+    return {name: {"loss_per_study": report["scores"][name]["competition_loss"],
+                   "loss_global": report["scores"][name]["global_loss"],
+                   "auc_patient": report["scores"][name]["auc"]["patient_overall"]}
+            for name in ("prior", "max_score")}
+
+
+def format_table(result: dict) -> str:
+    """Markdown table: one row per ablation step, then the baselines."""
+    cost = result["training"]
+    head = ("| row | loss per study | loss global | patient AUC | C1-C7 AUC | training s |\n"
+            "|---|---|---|---|---|---|")
+    lines = [head]
+    for r in result["rows"]:
+        train_s = cost["locator_s"]        # every row: the locator gives the levels (and places the crops)
+        train_s += cost["detector_s"] if r["groups"] != [CLASSIFIER_GROUP] else 0
+        train_s += cost["classifier_s"] if CLASSIFIER_GROUP in r["groups"] else 0
+        levels = "/".join(f"{r['auc'][lv]:.2f}" for lv in LEVELS)
+        lines.append(f"| {r['row']} | {r['loss_per_study']:.3f} (sd {r['loss_per_study_sd']:.3f}) | "
+                     f"{r['loss_global']:.3f} | {r['auc']['patient_overall']:.3f} | {levels} | {train_s:.0f} |")
+    for name, b in result["baselines"].items():
+        lines.append(f"| {name} (baseline) | {b['loss_per_study']:.3f} | {b['loss_global']:.3f} | "
+                     f"{b['auc_patient']:.3f} | | |")
+    lines.append(f"\n{result['test_studies']} held-out studies; training seconds from model.json "
+                 f"(locator {cost['locator_s']:.0f} s, detector {cost['detector_s']:.0f} s, classifier folds "
+                 f"{cost['classifier_s']:.0f} s; detecting the aggregator's studies {cost['detect_aggregator_studies_s']:.0f} s)")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -353,3 +353,18 @@ def test_ultralytics_trains_on_a_fold_folder_of_symlinks(prepared, yolo_home, tm
     assert len(samples) == len(links)
     assert sorted((Path(s[0]).name, int(s[1])) for s in samples) == sorted((p.name, int(p.parent.name))
                                                                         for p in links)
+
+
+def test_a_narrower_selection_refuses_finished_studies_outside_it_unless_overwrite(root, tmp_path):
+    from data_prep.errors import InputError
+
+    seg = segmented_uids(root)
+    cfg = load_config("classifier", None, SETS)
+    out = prepare_classifier_dataset(root, tmp_path / "ds", config=cfg, studies=seg[:2], workers=1, progress=False)
+    assert set(read_classifier_index(out)[STUDY_COL]) == set(seg[:2])
+    with pytest.raises(InputError, match="not in the current selection"):
+        prepare_classifier_dataset(root, out, config=cfg, studies=seg[:1], workers=1, progress=False)
+    prepare_classifier_dataset(root, out, config=cfg, studies=seg[:1], workers=1, progress=False, overwrite=True)
+    assert set(read_classifier_index(out)[STUDY_COL]) == {seg[0]}
+    assert not (out / "images" / seg[1]).exists()                  # its crops went with its marker
+    assert fold_studies(out / "fold0") == {seg[0]}

@@ -189,8 +189,8 @@ def test_weights_the_model_passes_are_the_metrics(data, monkeypatch):
     preds = pd.DataFrame(p, columns=list(TARGETS)).assign(**{STUDY_COL: uids})
     assert ours == pytest.approx(competition_loss(y_wide.reset_index(), preds), rel=1e-12)
     # the same weights, spelled out: levels 1 / 2, patient 7 / 14
-    assert set(zip(y_lev.tolist(), w_lev.tolist())) == {(0, 1.0), (1, 2.0)}
-    assert set(zip(y_pat.tolist(), w_pat.tolist())) == {(0, 7.0), (1, 14.0)}
+    assert set(zip(y_lev.tolist(), w_lev.tolist(), strict=True)) == {(0, 1.0), (1, 2.0)}
+    assert set(zip(y_pat.tolist(), w_pat.tolist(), strict=True)) == {(0, 7.0), (1, 14.0)}
 
 
 def test_unweighted_option_passes_no_weights(data, monkeypatch):

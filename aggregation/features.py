@@ -1,11 +1,20 @@
-"""Study x level features from detection outputs (boxes.csv + slices.csv), and per-study patient features.
+"""Study x level features from detection outputs (boxes.csv + slices.csv, optionally vertebrae.csv), and per-study
+patient features.
 
 Inputs follow docs/contracts.md "Detection outputs". A box is *on* level L when its overlap weight
 `w_L >= features.min_level_weight` (when boxes.csv has only a `level` column, the weight is 1 on that
-level). Every feature is described in `FEATURES` (study x level rows) and `PATIENT_FEATURES` (one row
-per study); names with `{t}` expand to one feature per configured threshold, `{unit}` to the area unit.
-The same registries give the model its feature lists and the documentation its table
-(`features_markdown`). Studies without any box still get rows, with zero detection features.
+level). A level's *own slices* are those where slices.csv `p_L > features.presence_threshold`.
+Every feature is described in `FEATURES` (study x level rows) and `PATIENT_FEATURES` (one row per study),
+and belongs to one group in `FEATURE_GROUP` / `PATIENT_FEATURE_GROUP`:
+
+- "detector": counts and scores of the detector's boxes (the aggregator's original features);
+- "length": length-normalised features (a level's score profile over its own slices, shares of its slices);
+- "classifier": the vertebra classifier's scores from vertebrae.csv (NaN when absent);
+- "structural": `level_idx` and `study_n_slices`, kept whatever `features.groups` selects.
+
+Names with `{t}` expand to one feature per configured threshold, `{i}` to one per profile bin and
+`{unit}` to the area unit. The same registries give the model its feature lists and the documentation
+its table (`features_markdown`). Studies without any box still get rows, with zero detection features.
 """
 
 from __future__ import annotations
@@ -31,8 +40,17 @@ WEIGHT_COLS: tuple[str, ...] = tuple(f"w_{lv}" for lv in registry.LEVELS)
 PRESENCE_COLS: tuple[str, ...] = tuple(f"p_{lv}" for lv in registry.LEVELS)
 BOX_REQUIRED: tuple[str, ...] = (registry.STUDY_COL, "slice_index", "width", "height", "score")
 SLICE_REQUIRED: tuple[str, ...] = (registry.STUDY_COL, "slice_index", *PRESENCE_COLS)
+CLS_COLS: tuple[str, ...] = ("cls_max", "cls_topk", "cls_mean")
+VERTEBRAE_USED: tuple[str, ...] = (registry.STUDY_COL, LEVEL_COL, *CLS_COLS)
+VERTEBRAE_REQUIRED: tuple[str, ...] = (registry.STUDY_COL, LEVEL_COL, "first_slice", "last_slice", "n_slices",
+                                       "source", "n_crops", *CLS_COLS)
 AREA_UNITS: dict[str, str] = {"px": "px", "mm": "mm2"}
 PRED_PREFIX = "pred_"
+
+FEATURE_GROUPS: tuple[str, ...] = ("detector", "length", "classifier")
+"""The feature groups `features.groups` may select (an ablation switch)."""
+STRUCTURAL = "structural"
+"""The group of the features every model keeps (level_idx, study_n_slices)."""
 
 FEATURES: dict[str, str] = {
     "level_idx": "0-based index of the level (C1=0 .. C7=6); a categorical feature of the shared model",
@@ -49,6 +67,23 @@ FEATURES: dict[str, str] = {
     "det_slice_frac": "n_slices_ge at the lowest score threshold divided by level_slices (0 when level_slices is 0)",
     "above_max": "max_score of the neighbouring level above (cranial, L-1); 0 for C1",
     "below_max": "max_score of the neighbouring level below (caudal, L+1); 0 for C7",
+    "profile_bin_{i}": "score profile along the level: its own slices (in slice_index order) cut into "
+                       "features.profile_bins equal parts, and the highest per-slice score (max score of the boxes "
+                       "on the level on that slice, not weighted by w_L; 0 without a box) among the slices "
+                       "overlapping part i (0 = cranial end); a slice spanning two parts counts in both; "
+                       "NaN when the level has no slices",
+    "profile_topk_mean": "mean of the features.profile_top_k highest profile_bin values; NaN when the level has "
+                         "no slices",
+    "frac_slices_ge_{t}": "share of the level's own slices holding a box on the level scoring >= t (one feature "
+                          "per features.score_thresholds); NaN when the level has no slices",
+    "run_frac": "longest_run / level_slices, capped at 1 (a run may reach slices outside the level's own); "
+                "NaN when the level has no slices",
+    "cls_max": "vertebra classifier: highest fracture probability over the level's crops (vertebrae.csv); "
+               "NaN when no classifier ran or the level was not found",
+    "cls_topk": "vertebra classifier: mean of the top-k crop probabilities of the level (vertebrae.csv); NaN as cls_max",
+    "cls_mean": "vertebra classifier: mean crop probability of the level (vertebrae.csv); NaN as cls_max",
+    "cls_above_max": "cls_max of the neighbouring level above (L-1); NaN for C1 or when that level has none",
+    "cls_below_max": "cls_max of the neighbouring level below (L+1); NaN for C7 or when that level has none",
     "study_max_score": "highest score of any box in the study, whatever its level",
     "study_mass": "sum of the scores of all boxes in the study (overall detection mass)",
     "study_n_boxes": "number of boxes in the study",
@@ -57,9 +92,23 @@ FEATURES: dict[str, str] = {
 }
 """Study x level features (rows of features.csv), name -> description."""
 
+FEATURE_GROUP: dict[str, str] = {
+    "level_idx": STRUCTURAL,
+    **dict.fromkeys(("max_score", "top_k_mean", "n_boxes_ge_{t}", "n_slices_ge_{t}", "score_mass", "box_area_{unit}",
+                     "longest_run", "level_slices", "det_slice_frac", "above_max", "below_max"), "detector"),
+    **dict.fromkeys(("profile_bin_{i}", "profile_topk_mean", "frac_slices_ge_{t}", "run_frac"), "length"),
+    **dict.fromkeys(("cls_max", "cls_topk", "cls_mean", "cls_above_max", "cls_below_max"), "classifier"),
+    **dict.fromkeys(("study_max_score", "study_mass", "study_n_boxes", "study_longest_run"), "detector"),
+    "study_n_slices": STRUCTURAL,
+}
+"""Study x level feature name -> its group (one of FEATURE_GROUPS, or STRUCTURAL)."""
+
 PATIENT_FEATURES: dict[str, str] = {
     "level_max": "max over C1..C7 of the level max_score",
     "n_levels_ge_{t}": "number of levels whose max_score >= t (one feature per features.patient_thresholds)",
+    "study_cls_max": "max over C1..C7 of the level cls_max; NaN when no level has a classifier score",
+    "n_levels_cls_ge_{t}": "number of levels whose cls_max >= t (one feature per features.patient_thresholds); "
+                           "NaN when no level has a classifier score",
     "study_max_score": FEATURES["study_max_score"],
     "study_mass": FEATURES["study_mass"],
     "study_n_boxes": FEATURES["study_n_boxes"],
@@ -67,6 +116,14 @@ PATIENT_FEATURES: dict[str, str] = {
     "study_n_slices": FEATURES["study_n_slices"],
 }
 """Per-study features of the patient_overall model, name -> description."""
+
+PATIENT_FEATURE_GROUP: dict[str, str] = {
+    **dict.fromkeys(("level_max", "n_levels_ge_{t}"), "detector"),
+    **dict.fromkeys(("study_cls_max", "n_levels_cls_ge_{t}"), "classifier"),
+    **dict.fromkeys(("study_max_score", "study_mass", "study_n_boxes", "study_longest_run"), "detector"),
+    "study_n_slices": STRUCTURAL,
+}
+"""Patient feature name -> its group (one of FEATURE_GROUPS, or STRUCTURAL)."""
 
 LEVEL_PREDICTION_FEATURES: dict[str, str] = {
     **{f"{PRED_PREFIX}{lv}": f"the level model's probability for {lv} (out-of-fold when training)"
@@ -90,49 +147,92 @@ def _fmt(t: float) -> str:
     return f"{float(t):g}"
 
 
-def _expand(templates: Mapping[str, str], cfg: Mapping[str, Any], thresholds_key: str) -> dict[str, str]:
+def selected_groups(config: Mapping[str, Any] | None = None) -> tuple[str, ...]:
+    """Return the feature groups a config selects (features.groups), checked, in FEATURE_GROUPS order."""
+    groups = _section(config)["groups"]
+    if isinstance(groups, str) or not groups:
+        raise ValueError(f"features.groups must be a non-empty list of {', '.join(FEATURE_GROUPS)}, found {groups!r}")
+    unknown = [g for g in groups if g not in FEATURE_GROUPS]
+    if unknown:
+        raise ValueError(f"features.groups: unknown group(s) {', '.join(map(repr, unknown))}; choose from "
+                         f"{', '.join(FEATURE_GROUPS)}")
+    return tuple(g for g in FEATURE_GROUPS if g in groups)
+
+
+def _expand(templates: Mapping[str, str], group_of: Mapping[str, str], cfg: Mapping[str, Any],
+            thresholds_key: str, groups: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Return expanded name -> (group, description) for the templates of the selected groups (+ structural)."""
+    keep = {STRUCTURAL, *groups}
     unit = AREA_UNITS.get(cfg["area_unit"])
     if unit is None:
         raise ValueError(f"features.area_unit must be one of {', '.join(AREA_UNITS)}, found {cfg['area_unit']!r}")
-    out: dict[str, str] = {}
+    out: dict[str, tuple[str, str]] = {}
     for name, desc in templates.items():
+        group = group_of[name]
+        if group not in keep:
+            continue
         if "{t}" in name:
-            for t in cfg[thresholds_key]:
-                out[name.format(t=_fmt(t))] = desc.replace(">= t", f">= {_fmt(t)}")
+            key = "score_thresholds" if name.startswith("frac_slices") else thresholds_key
+            for t in cfg[key]:
+                out[name.format(t=_fmt(t))] = (group, desc.replace(">= t", f">= {_fmt(t)}"))
+        elif "{i}" in name:
+            bins = int(cfg["profile_bins"])
+            for i in range(bins):
+                out[name.format(i=i)] = (group, desc.replace("part i", f"part {i} of {bins}"))
         else:
-            out[name.format(unit=unit)] = desc
+            out[name.format(unit=unit)] = (group, desc)
     return out
 
 
-def level_feature_descriptions(config: Mapping[str, Any] | None = None) -> dict[str, str]:
-    """Return the expanded study x level feature names -> descriptions for a config."""
+def _level_expanded(config: Mapping[str, Any] | None, groups: Iterable[str] | None) -> dict[str, tuple[str, str]]:
     cfg = _section(config)
-    return _expand(FEATURES, cfg, "score_thresholds")
+    return _expand(FEATURES, FEATURE_GROUP, cfg, "score_thresholds",
+                   selected_groups(cfg) if groups is None else groups)
 
 
-def patient_feature_descriptions(config: Mapping[str, Any] | None = None) -> dict[str, str]:
+def _patient_expanded(config: Mapping[str, Any] | None, groups: Iterable[str] | None) -> dict[str, tuple[str, str]]:
+    cfg = _section(config)
+    return _expand(PATIENT_FEATURES, PATIENT_FEATURE_GROUP, cfg, "patient_thresholds",
+                   selected_groups(cfg) if groups is None else groups)
+
+
+def level_feature_descriptions(config: Mapping[str, Any] | None = None, *,
+                               groups: Iterable[str] | None = None) -> dict[str, str]:
+    """Return the expanded study x level feature names -> descriptions (groups: default features.groups)."""
+    return {name: desc for name, (_, desc) in _level_expanded(config, groups).items()}
+
+
+def patient_feature_descriptions(config: Mapping[str, Any] | None = None, *,
+                                 groups: Iterable[str] | None = None) -> dict[str, str]:
     """Return the expanded per-study patient feature names -> descriptions (without level predictions)."""
-    cfg = _section(config)
-    return _expand(PATIENT_FEATURES, cfg, "patient_thresholds")
+    return {name: desc for name, (_, desc) in _patient_expanded(config, groups).items()}
 
 
-def level_feature_names(config: Mapping[str, Any] | None = None) -> list[str]:
-    """Return the study x level feature columns, in order, for a config."""
-    return list(level_feature_descriptions(config))
+def level_feature_groups(config: Mapping[str, Any] | None = None, *,
+                         groups: Iterable[str] | None = None) -> dict[str, str]:
+    """Return the expanded study x level feature names -> group (FEATURE_GROUPS or STRUCTURAL)."""
+    return {name: group for name, (group, _) in _level_expanded(config, groups).items()}
 
 
-def patient_feature_names(config: Mapping[str, Any] | None = None) -> list[str]:
-    """Return the per-study patient feature columns, in order, for a config."""
-    return list(patient_feature_descriptions(config))
+def level_feature_names(config: Mapping[str, Any] | None = None, *, groups: Iterable[str] | None = None) -> list[str]:
+    """Return the study x level feature columns, in order, of the config's groups (or of `groups`)."""
+    return list(_level_expanded(config, groups))
+
+
+def patient_feature_names(config: Mapping[str, Any] | None = None, *,
+                          groups: Iterable[str] | None = None) -> list[str]:
+    """Return the per-study patient feature columns, in order, of the config's groups (or of `groups`)."""
+    return list(_patient_expanded(config, groups))
 
 
 def features_markdown(config: Mapping[str, Any] | None = None) -> str:
-    """Return a Markdown table documenting every feature (for docs and `features.csv` readers)."""
-    lines = ["| table | feature | meaning |", "|---|---|---|"]
-    for table, desc in (("features.csv (study x level)", level_feature_descriptions(config)),
-                        ("patient", patient_feature_descriptions(config)),
-                        ("patient (added by the model)", LEVEL_PREDICTION_FEATURES)):
-        lines += [f"| {table} | `{name}` | {text} |" for name, text in desc.items()]
+    """Return a Markdown table documenting every feature of every group (for docs and `features.csv` readers)."""
+    lines = ["| table | feature | group | meaning |", "|---|---|---|---|"]
+    for table, expanded in (("features.csv (study x level)", _level_expanded(config, FEATURE_GROUPS)),
+                            ("patient", _patient_expanded(config, FEATURE_GROUPS))):
+        lines += [f"| {table} | `{name}` | {group} | {text} |" for name, (group, text) in expanded.items()]
+    lines += [f"| patient (added by the model) | `{name}` | model | {text} |"
+              for name, text in LEVEL_PREDICTION_FEATURES.items()]
     return "\n".join(lines) + "\n"
 
 
@@ -181,9 +281,54 @@ def _box_areas(boxes: pd.DataFrame, unit: str, spacing: Mapping[str, tuple[float
     return area * scale
 
 
+def length_profile(per_slice: np.ndarray, bins: int) -> np.ndarray:
+    """Return `bins` maxima of a level's per-slice scores over equal parts of its length (NaN when it has no slice).
+
+    Slice k covers [k, k+1) of the n slices; part b covers [b n / bins, (b + 1) n / bins) and takes the max
+    over the slices overlapping it, so a slice spanning two parts counts in both and a short level repeats
+    its slices rather than leaving empty parts.
+    """
+    per_slice = np.asarray(per_slice, dtype=float)
+    n = per_slice.size
+    if n == 0:
+        return np.full(bins, np.nan)
+    out = np.empty(bins)
+    for b in range(bins):
+        lo, hi = (b * n) // bins, -(-((b + 1) * n) // bins)
+        out[b] = per_slice[lo:hi].max()
+    return out
+
+
+def _per_slice_max(own: np.ndarray, sl: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return (max box score, has a box) on each of the level's own slices `own` (sorted) for its boxes (sl, score)."""
+    best, has = np.zeros(own.size), np.zeros(own.size, dtype=bool)
+    inside = np.isin(sl, own)
+    pos = np.searchsorted(own, sl[inside])
+    np.maximum.at(best, pos, score[inside])
+    has[pos] = True
+    return best, has
+
+
+def _length_features(row: Mapping[str, float], own: np.ndarray, sl_on: np.ndarray, score_on: np.ndarray,
+                     cfg: Mapping[str, Any]) -> dict[str, float]:
+    """Return the "length" group features of one level from its own slices and its boxes."""
+    bins, k = int(cfg["profile_bins"]), int(cfg["profile_top_k"])
+    thresholds = [float(t) for t in cfg["score_thresholds"]]
+    best, has = _per_slice_max(own, sl_on, score_on)
+    profile = length_profile(best, bins)
+    out: dict[str, float] = {f"profile_bin_{i}": float(v) for i, v in enumerate(profile)}
+    out["profile_topk_mean"] = float(np.sort(profile)[::-1][:k].mean()) if own.size else np.nan
+    for t in thresholds:
+        out[f"frac_slices_ge_{_fmt(t)}"] = float((has & (best >= t)).mean()) if own.size else np.nan
+    n = row["level_slices"]
+    out["run_frac"] = float(min(row["longest_run"] / n, 1.0)) if n > 0 else np.nan
+    return out
+
+
 def _level_rows(score: np.ndarray, sl: np.ndarray, area: np.ndarray, w: np.ndarray, level_slices: np.ndarray,
-                cfg: Mapping[str, Any]) -> list[dict[str, float]]:
-    """Return the seven feature dicts (C1..C7) of one study from its box arrays."""
+                own_slices: Sequence[np.ndarray], cls: np.ndarray, cfg: Mapping[str, Any],
+                groups: Sequence[str]) -> list[dict[str, float]]:
+    """Return the seven feature dicts (C1..C7) of one study from its box arrays, level slices and (7, 3) cls scores."""
     min_w, k = float(cfg["min_level_weight"]), int(cfg["top_k"])
     thresholds = [float(t) for t in cfg["score_thresholds"]]
     unit = AREA_UNITS[cfg["area_unit"]]
@@ -208,22 +353,70 @@ def _level_rows(score: np.ndarray, sl: np.ndarray, area: np.ndarray, w: np.ndarr
         row["level_slices"] = int(level_slices[j])
         first = row[f"n_slices_ge_{_fmt(thresholds[0])}"] if thresholds else 0
         row["det_slice_frac"] = float(first / level_slices[j]) if level_slices[j] > 0 else 0.0
+        if "length" in groups:
+            row.update(_length_features(row, own_slices[j], sl[on], s_on, cfg))
+        row.update(dict(zip(CLS_COLS, (float(v) for v in cls[j]), strict=True)))
         rows.append(row)
     for j, row in enumerate(rows):
         row["above_max"] = rows[j - 1]["max_score"] if j > 0 else 0.0
         row["below_max"] = rows[j + 1]["max_score"] if j + 1 < len(rows) else 0.0
+        row["cls_above_max"] = rows[j - 1]["cls_max"] if j > 0 else np.nan
+        row["cls_below_max"] = rows[j + 1]["cls_max"] if j + 1 < len(rows) else np.nan
     return rows
 
 
+def check_vertebrae(vertebrae: pd.DataFrame, path: str | os.PathLike | None = None,
+                    required: Sequence[str] = VERTEBRAE_USED) -> pd.DataFrame:
+    """Return the vertebrae table with numeric cls_* columns; raise InputError on missing columns, bad levels, repeats."""
+    what = "vertebrae table"
+    _check_columns(vertebrae, required, what, path)
+    v = vertebrae.assign(**{registry.STUDY_COL: vertebrae[registry.STUDY_COL].astype(str),
+                            LEVEL_COL: vertebrae[LEVEL_COL].astype(str)})
+    bad = ~v[LEVEL_COL].isin(registry.LEVELS)
+    if bad.any():
+        i = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(path, f"{what} row {i + 1} (study {v[registry.STUDY_COL].iloc[i]}): level "
+                               f"{v[LEVEL_COL].iloc[i]!r} is not one of {', '.join(registry.LEVELS)}")
+    dup = v.duplicated([registry.STUDY_COL, LEVEL_COL])
+    if dup.any():
+        i = int(np.flatnonzero(dup.to_numpy())[0])
+        raise InputError(path, f"{what} row {i + 1}: study {v[registry.STUDY_COL].iloc[i]} level "
+                               f"{v[LEVEL_COL].iloc[i]} appears more than once")
+    for col in CLS_COLS:
+        values = pd.to_numeric(v[col], errors="coerce")
+        wrong = values.isna() & v[col].notna()
+        if wrong.any():
+            i = int(np.flatnonzero(wrong.to_numpy())[0])
+            raise InputError(path, f"{what} row {i + 1}, column {col}: {v[col].iloc[i]!r} is not a number")
+        v[col] = values.astype(float)
+    return v
+
+
+def _cls_lookup(vertebrae: pd.DataFrame | None, uids: Sequence[str]) -> dict[str, np.ndarray]:
+    """Return StudyInstanceUID -> (7, 3) array of cls_max, cls_topk, cls_mean (NaN where absent)."""
+    if vertebrae is None:
+        return {}
+    v = check_vertebrae(vertebrae)
+    v = v[v[registry.STUDY_COL].isin(set(uids))]
+    out: dict[str, np.ndarray] = {}
+    for uid, part in v.groupby(registry.STUDY_COL, sort=False):
+        out[str(uid)] = part.set_index(LEVEL_COL)[list(CLS_COLS)].reindex(list(registry.LEVELS)).to_numpy(float)
+    return out
+
+
 def build_features(boxes: pd.DataFrame, slices: pd.DataFrame, *, config: Mapping[str, Any] | None = None,
-                   studies: Iterable[str] | None = None, spacing: Mapping[str, tuple[float, float]] | None = None,
+                   studies: Iterable[str] | None = None, vertebrae: pd.DataFrame | None = None,
+                   spacing: Mapping[str, tuple[float, float]] | None = None,
                    progress: bool = False) -> pd.DataFrame:
-    """Return one row per study x level (long format: StudyInstanceUID, level, then FEATURES) from detection tables.
+    """Return one row per study x level (long format: StudyInstanceUID, level, then the selected FEATURES).
 
     `studies` fixes the studies (and their order); by default those of slices.csv then boxes.csv.
+    `vertebrae` is the detect stage's vertebrae.csv (classifier scores); None leaves the cls_* columns NaN.
     `spacing` maps StudyInstanceUID -> (row_mm, col_mm) and is needed only when features.area_unit is "mm".
+    Only the columns of features.groups (plus level_idx and study_n_slices) are returned.
     """
     cfg = _section(config)
+    groups = selected_groups(cfg)
     if not len(boxes.columns):
         boxes = pd.DataFrame(columns=list(BOX_REQUIRED))
     _check_columns(boxes, BOX_REQUIRED, "boxes table", None)
@@ -235,12 +428,15 @@ def build_features(boxes: pd.DataFrame, slices: pd.DataFrame, *, config: Mapping
         uids = list(dict.fromkeys([*slices[registry.STUDY_COL].astype(str), *boxes[registry.STUDY_COL].astype(str)]))
     else:
         uids = [str(u) for u in studies]
+    cls_of = _cls_lookup(vertebrae, uids)
+    no_cls = np.full((len(registry.LEVELS), len(CLS_COLS)), np.nan)
     box_uid = boxes[registry.STUDY_COL].astype(str).to_numpy()
     score_all = boxes["score"].to_numpy(dtype=float)
     sl_all = boxes["slice_index"].to_numpy(dtype=np.int64) if len(boxes) else np.zeros(0, np.int64)
     area_all = _box_areas(boxes, cfg["area_unit"], spacing) if len(boxes) else np.zeros(0)
     presence = slices[list(PRESENCE_COLS)].to_numpy(dtype=float) > float(cfg["presence_threshold"])
     slice_uid = slices[registry.STUDY_COL].astype(str).to_numpy()
+    slice_idx = slices["slice_index"].to_numpy(dtype=np.int64) if len(slices) else np.zeros(0, np.int64)
     box_groups = pd.Series(np.arange(len(box_uid))).groupby(box_uid).indices if len(box_uid) else {}
     slice_groups = pd.Series(np.arange(len(slice_uid))).groupby(slice_uid).indices if len(slice_uid) else {}
     run_min = float(cfg["run_min_score"])
@@ -251,7 +447,9 @@ def build_features(boxes: pd.DataFrame, slices: pd.DataFrame, *, config: Mapping
         if si.size == 0:
             logger.warning("study %s has no rows in slices.csv: level_slices and study_n_slices are 0", uid)
         score, sl = score_all[bi], sl_all[bi]
-        rows = _level_rows(score, sl, area_all[bi], w_all[bi], presence[si].sum(axis=0), cfg)
+        own = [np.unique(slice_idx[si][presence[si, j]]) for j in range(len(registry.LEVELS))]
+        rows = _level_rows(score, sl, area_all[bi], w_all[bi], presence[si].sum(axis=0), own,
+                           cls_of.get(uid, no_cls), cfg, groups)
         study = {
             "study_max_score": float(score.max()) if score.size else 0.0,
             "study_mass": float(score.sum()),
@@ -262,31 +460,41 @@ def build_features(boxes: pd.DataFrame, slices: pd.DataFrame, *, config: Mapping
         for lv, row in zip(registry.LEVELS, rows, strict=True):
             out.append({registry.STUDY_COL: uid, LEVEL_COL: lv, **row, **study})
     df = pd.DataFrame(out, columns=[registry.STUDY_COL, LEVEL_COL, *names])
-    logger.debug("features: %d studies x %d levels, %d features (area in %s)", len(uids), len(registry.LEVELS),
-                 len(names), unit)
+    logger.debug("features: %d studies x %d levels, %d features (groups %s, area in %s)", len(uids),
+                 len(registry.LEVELS), len(names), ",".join(groups), unit)
     return df
 
 
 def build_patient_features(level_features: pd.DataFrame, *, config: Mapping[str, Any] | None = None,
                            path: str | os.PathLike | None = None) -> pd.DataFrame:
-    """Return one row per study (StudyInstanceUID, then PATIENT_FEATURES) from the long study x level table."""
+    """Return one row per study (StudyInstanceUID, then the selected PATIENT_FEATURES) from the long table."""
     cfg = _section(config)
-    _check_columns(level_features, (registry.STUDY_COL, LEVEL_COL, "max_score", *[
-        c for c in PATIENT_FEATURES if c.startswith("study_")]), "features table", path)
+    groups = selected_groups(cfg)
+    names = patient_feature_names(cfg)
+    copied = [c for c in names if c in FEATURES]
+    needed = [*(["max_score"] if "detector" in groups else []), *(["cls_max"] if "classifier" in groups else [])]
+    _check_columns(level_features, (registry.STUDY_COL, LEVEL_COL, *needed, *copied), "features table", path)
     counts = level_features.groupby(registry.STUDY_COL, sort=False)[LEVEL_COL].nunique()
     short = counts[counts != len(registry.LEVELS)]
     if len(short):
         raise InputError(path, f"features table: study {short.index[0]} has {short.iloc[0]} of the "
                                f"{len(registry.LEVELS)} levels")
     g = level_features.groupby(registry.STUDY_COL, sort=False)
-    out = pd.DataFrame({"level_max": g["max_score"].max()})
-    for t in cfg["patient_thresholds"]:
-        out[f"n_levels_ge_{_fmt(t)}"] = g["max_score"].agg(lambda s, t=float(t): int((s >= t).sum()))
-    for c in PATIENT_FEATURES:
-        if c.startswith("study_"):
-            out[c] = g[c].first()
+    out = pd.DataFrame(index=pd.Index(counts.index, name=registry.STUDY_COL))
+    if "detector" in groups:
+        out["level_max"] = g["max_score"].max()
+        for t in cfg["patient_thresholds"]:
+            out[f"n_levels_ge_{_fmt(t)}"] = g["max_score"].agg(lambda s, t=float(t): int((s >= t).sum()))
+    if "classifier" in groups:
+        out["study_cls_max"] = g["cls_max"].max()
+        seen = g["cls_max"].agg(lambda s: bool(s.notna().any()))
+        for t in cfg["patient_thresholds"]:
+            n = g["cls_max"].agg(lambda s, t=float(t): int((s >= t).sum())).astype(float)
+            out[f"n_levels_cls_ge_{_fmt(t)}"] = n.where(seen)
+    for c in copied:
+        out[c] = g[c].first()
     out = out.reset_index()
-    return out[[registry.STUDY_COL, *patient_feature_names(cfg)]]
+    return out[[registry.STUDY_COL, *names]]
 
 
 def write_features(features: pd.DataFrame, path: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
@@ -298,7 +506,7 @@ def write_features(features: pd.DataFrame, path: str | os.PathLike, *, config: M
     out = write_csv_atomic(path, features)
     write_sidecar(out, kind="features", config=dict(cfg), inputs=inputs,
                   counts={"studies": int(features[registry.STUDY_COL].nunique()), "rows": len(features)},
-                  extra={"features": level_feature_descriptions(cfg)})
+                  extra={"groups": list(selected_groups(cfg)), "features": level_feature_descriptions(cfg)})
     return out
 
 
@@ -323,3 +531,9 @@ def load_detection_tables(boxes: str | os.PathLike, slices: str | os.PathLike) -
         level_weights(b, boxes)
     s = read_csv_table(slices, SLICE_REQUIRED, "slices table")
     return b, s
+
+
+def load_vertebrae_table(path: str | os.PathLike) -> pd.DataFrame:
+    """Read vertebrae.csv (detect's per study x level classifier scores), checking columns, levels and values."""
+    table = read_csv_table(path, VERTEBRAE_REQUIRED, "vertebrae table")
+    return check_vertebrae(table, path, VERTEBRAE_REQUIRED)

@@ -1,7 +1,8 @@
 """The RSNA 2022 competition metric: weighted log loss over C1-C7 and patient_overall.
 
-Row weights come from `data_prep.registry`: a vertebra row weighs 1 when negative and 2 when positive,
-`patient_overall` 7 when negative and 14 when positive. Probabilities are clipped to
+Row weights come from `data_prep.registry` through `label_weights` (which the StudyAggregator also uses as
+sample weights): a vertebra row weighs 1 when negative and 2 when positive, `patient_overall` 7 when
+negative and 14 when positive. Probabilities are clipped to
 [PROB_CLIP, 1 - PROB_CLIP]. Two normalisations are reported:
 
 - `competition_loss`: per study, the weighted mean of its eight row losses; then the mean over studies.
@@ -17,14 +18,20 @@ from data_prep import registry
 from data_prep.errors import InputError
 
 
+def label_weights(y: np.ndarray, *, patient: bool = False) -> np.ndarray:
+    """Return the metric weight of each 0/1 label: of a vertebra row (C1..C7), or of patient_overall when `patient`."""
+    neg, pos = ((registry.WEIGHT_PATIENT_NEG, registry.WEIGHT_PATIENT_POS) if patient
+                else (registry.WEIGHT_LEVEL_NEG, registry.WEIGHT_LEVEL_POS))
+    return np.where(np.asarray(y, dtype=float) > 0.5, pos, neg)
+
+
 def row_weights(y: np.ndarray) -> np.ndarray:
     """Return the metric weight of every entry of an (n_studies, 8) 0/1 label matrix in TARGETS order."""
     y = np.asarray(y, dtype=float)
     if y.ndim != 2 or y.shape[1] != len(registry.TARGETS):
         raise ValueError(f"labels must be (n_studies, {len(registry.TARGETS)}) in TARGETS order, got {y.shape}")
-    neg = np.array([registry.WEIGHT_LEVEL_NEG] * len(registry.LEVELS) + [registry.WEIGHT_PATIENT_NEG])
-    pos = np.array([registry.WEIGHT_LEVEL_POS] * len(registry.LEVELS) + [registry.WEIGHT_PATIENT_POS])
-    return np.where(y > 0.5, pos, neg)
+    n_levels = len(registry.LEVELS)
+    return np.column_stack([label_weights(y[:, :n_levels]), label_weights(y[:, n_levels:], patient=True)])
 
 
 def row_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:

@@ -9,6 +9,11 @@
   the folds shrink to the minority-class count; with fewer than two per class the booster is used
   uncalibrated, and with a single class a smoothed constant is predicted (never exactly 0 or 1).
 - `patient_overall` is never below the largest level probability: a fracture at any level is a fracture.
+- With model.sample_weights "metric", every model (boosters, calibrators, the out-of-fold level models) is
+  fitted with each row's weight in the competition metric (`aggregation.metric.label_weights`: a level row
+  1 negative / 2 positive, a patient row 7 / 14); "none" fits unweighted.
+- The models use the features of features.groups only; a features table may carry the columns of other
+  groups too (they are ignored), but a column no group knows, or a missing one, is a FeatureMismatchError.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from data_prep.artifacts import atomic_path, library_versions, write_json_atomic
 from data_prep.errors import InputError
 
 from .features import (
+    FEATURE_GROUPS,
     LEVEL_COL,
     LEVEL_PREDICTION_FEATURES,
     PRED_PREFIX,
@@ -39,6 +45,7 @@ from .features import (
     level_feature_names,
     patient_feature_names,
 )
+from .metric import label_weights
 
 logger = logging.getLogger("aggregation")
 
@@ -60,6 +67,14 @@ TRUSTED_TYPES = frozenset({
 LEVEL_IDX = "level_idx"
 LEVEL_MODES = ("shared", "per_level")
 CALIBRATION_METHODS = ("sigmoid", "isotonic", "none")
+SAMPLE_WEIGHT_CHOICES = ("metric", "none")
+MISSING_VALUE = -1.0
+"""A missing feature (NaN, e.g. cls_* without a classifier) as the boosters see it: below every real feature value
+(all are >= 0), so a split can still set it apart. Native NaN support is not used: scikit-learn's binning fails
+on a column that is entirely NaN within one fit (seen with 1.9.1), which an internal fold can produce."""
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"features": {"groups": ["detector"]}, "model": {"sample_weights": "none"}}
+"""What a saved config without these keys meant (it was written before they existed); other absent keys take
+today's defaults from configs/aggregation.yaml."""
 MIN_CALIBRATION_FOLDS = 2
 CONSTANT_SMOOTHING = 0.5
 """Pseudo-count added to each class when a model sees a single class (Jeffreys-style smoothing)."""
@@ -90,8 +105,12 @@ def _model_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def fit_binary(X: np.ndarray, y: np.ndarray, *, categorical: np.ndarray | None,
-               config: Mapping[str, Any]) -> Any:
-    """Fit one calibrated HistGradientBoostingClassifier on (X, y), degrading gracefully on tiny data."""
+               config: Mapping[str, Any], sample_weight: np.ndarray | None = None) -> Any:
+    """Fit one calibrated HistGradientBoostingClassifier on (X, y), degrading gracefully on tiny data.
+
+    `sample_weight` (one per row, or None) reaches the booster and, with calibration, both the boosters of
+    the internal folds and the calibrators (scikit-learn's CalibratedClassifierCV routes it to both).
+    """
     m = _model_section(config)
     y = np.asarray(y, dtype=int)
     counts = np.bincount(y, minlength=2)
@@ -110,12 +129,12 @@ def fit_binary(X: np.ndarray, y: np.ndarray, *, categorical: np.ndarray | None,
         raise ValueError(f"model.calibration must be one of {', '.join(CALIBRATION_METHODS)}, found {method!r}")
     folds = min(int(m["calibration_folds"]), int(counts.min()))
     if method == "none":
-        return booster.fit(X, y)
+        return booster.fit(X, y, sample_weight=sample_weight)
     if folds < MIN_CALIBRATION_FOLDS:
         logger.warning("only %d rows of the minority class: boosting without calibration", counts.min())
-        return booster.fit(X, y)
+        return booster.fit(X, y, sample_weight=sample_weight)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(m["random_state"]))
-    return CalibratedClassifierCV(booster, method=method, cv=cv).fit(X, y)
+    return CalibratedClassifierCV(booster, method=method, cv=cv).fit(X, y, sample_weight=sample_weight)
 
 
 def _positive_proba(model: Any, X: np.ndarray) -> np.ndarray:
@@ -135,7 +154,12 @@ class StudyAggregator:
         mode = self.config["model"]["level_mode"]
         if mode not in LEVEL_MODES:
             raise ValueError(f"model.level_mode must be one of {', '.join(LEVEL_MODES)}, found {mode!r}")
+        weights = self.config["model"]["sample_weights"]
+        if weights not in SAMPLE_WEIGHT_CHOICES:
+            raise ValueError(f"model.sample_weights must be one of {', '.join(SAMPLE_WEIGHT_CHOICES)}, "
+                             f"found {weights!r}")
         self.level_features: list[str] = level_feature_names(self.config)
+        self.known_level_features: set[str] = set(level_feature_names(self.config, groups=FEATURE_GROUPS))
         self.patient_features: list[str] = [*patient_feature_names(self.config), *LEVEL_PREDICTION_FEATURES]
         self.level_models_: dict[str, Any] | None = None
         self.patient_model_: Any = None
@@ -159,28 +183,36 @@ class StudyAggregator:
         oof = self._oof_level_predictions(features, y_wide)
         xp = self._patient_matrix(features, oof)
         y_patient = y_wide.loc[xp[registry.STUDY_COL], registry.PATIENT].to_numpy(dtype=int)
-        self.patient_model_ = fit_binary(xp[self.patient_features].to_numpy(dtype=float), y_patient,
-                                         categorical=None, config=self.config)
+        self.patient_model_ = fit_binary(_matrix(xp, self.patient_features), y_patient,
+                                         categorical=None, config=self.config,
+                                         sample_weight=self.sample_weights(y_patient, patient=True))
         self.training_ = {"n_studies": int(len(y_wide)),
                           "positives": {t: int(y_wide[t].sum()) for t in registry.TARGETS}}
         logger.info("aggregator fitted on %d studies (%d patient positives)", len(y_wide),
                     self.training_["positives"][registry.PATIENT])
         return self
 
+    def sample_weights(self, y: np.ndarray, *, patient: bool = False) -> np.ndarray | None:
+        """Return the fitting weights of 0/1 labels `y` (level rows, or patient rows): the metric's, or None."""
+        if self.config["model"]["sample_weights"] == "none":
+            return None
+        return label_weights(y, patient=patient)
+
     def _level_matrix(self, df: pd.DataFrame, *, with_level: bool) -> tuple[np.ndarray, np.ndarray]:
         cols = self.level_features if with_level else [c for c in self.level_features if c != LEVEL_IDX]
-        return df[cols].to_numpy(dtype=float), np.array([c == LEVEL_IDX for c in cols])
+        return _matrix(df, cols), np.array([c == LEVEL_IDX for c in cols])
 
     def _fit_levels(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> dict[str, Any]:
         y = _level_targets(features, y_wide)
         if self.config["model"]["level_mode"] == "shared":
             X, cat = self._level_matrix(features, with_level=True)
-            return {"shared": fit_binary(X, y, categorical=cat, config=self.config)}
+            return {"shared": fit_binary(X, y, categorical=cat, config=self.config, sample_weight=self.sample_weights(y))}
         models = {}
         for lv in registry.LEVELS:
             rows = (features[LEVEL_COL] == lv).to_numpy()
             X, _ = self._level_matrix(features[rows], with_level=False)
-            models[lv] = fit_binary(X, y[rows], categorical=None, config=self.config)
+            models[lv] = fit_binary(X, y[rows], categorical=None, config=self.config,
+                                    sample_weight=self.sample_weights(y[rows]))
         return models
 
     def _predict_levels(self, models: Mapping[str, Any], features: pd.DataFrame) -> pd.DataFrame:
@@ -244,7 +276,7 @@ class StudyAggregator:
         features = _str_uids(features)
         levels = self._predict_levels(self.level_models_, features)
         xp = self._patient_matrix(features, levels)
-        patient = _positive_proba(self.patient_model_, xp[self.patient_features].to_numpy(dtype=float))
+        patient = _positive_proba(self.patient_model_, _matrix(xp, self.patient_features))
         out = levels.set_index(registry.STUDY_COL).loc[xp[registry.STUDY_COL]].reset_index()
         out[registry.PATIENT] = np.maximum(patient, out[list(registry.LEVELS)].max(axis=1).to_numpy())
         return out[[registry.STUDY_COL, *registry.TARGETS]]
@@ -252,7 +284,7 @@ class StudyAggregator:
     def _check_features(self, features: pd.DataFrame, path: str | os.PathLike | None = None) -> None:
         given = [c for c in features.columns if c not in (registry.STUDY_COL, LEVEL_COL)]
         missing = [c for c in self.level_features if c not in given]
-        extra = [c for c in given if c not in self.level_features]
+        extra = [c for c in given if c not in self.level_features and c not in self.known_level_features]
         for key in (registry.STUDY_COL, LEVEL_COL):
             if key not in features.columns:
                 raise FeatureMismatchError(path, f"features table lacks the key column {key}")
@@ -307,7 +339,7 @@ class StudyAggregator:
         if meta.get("format_version") != FORMAT_VERSION or meta.get("targets") != list(registry.TARGETS):
             raise InputError(meta_path, f"format {meta.get('format_version')} / targets {meta.get('targets')} "
                                         f"differ from this code ({FORMAT_VERSION}, {list(registry.TARGETS)})")
-        agg = cls(meta["config"])
+        agg = cls(_upgrade_config(meta["config"]))
         for kind, saved, current in (("level", meta["level_features"], agg.level_features),
                                      ("patient", meta["patient_features"], agg.patient_features)):
             missing = [c for c in saved if c not in current]
@@ -357,6 +389,25 @@ def _mismatch_text(missing: list[str], extra: list[str], where: str, order_only:
     if extra:
         parts.append(f"not known to the model (extra): {', '.join(extra)}")
     return "feature mismatch with the trained aggregator; " + "; ".join(parts)
+
+
+def _matrix(df: pd.DataFrame, cols: list[str]) -> np.ndarray:
+    """Return the float matrix of `cols` with missing values (NaN) as MISSING_VALUE."""
+    return np.nan_to_num(df[cols].to_numpy(dtype=float), nan=MISSING_VALUE)
+
+
+def _upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """Return a saved aggregator config with keys added since it was written (LEGACY_SETTINGS, else defaults)."""
+    from data_prep.config import load_config
+
+    config = _plain(saved)
+    defaults = load_config("aggregation").to_dict()
+    for section in ("features", "model"):
+        part = config.setdefault(section, {})
+        for key, value in defaults[section].items():
+            if key not in part:
+                part[key] = LEGACY_SETTINGS.get(section, {}).get(key, value)
+    return config
 
 
 def _plain(obj: Any) -> Any:

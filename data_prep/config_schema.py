@@ -31,6 +31,8 @@ OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam
 LEVEL_MODES = ("shared", "per_level")                          # aggregation/model.py LEVEL_MODES
 CALIBRATIONS = ("sigmoid", "isotonic", "none")                 # aggregation/model.py CALIBRATION_METHODS
 AREA_UNITS = ("px", "mm")                                      # aggregation/features.py AREA_UNITS
+FEATURE_GROUPS = ("detector", "length", "classifier")          # aggregation/features.py FEATURE_GROUPS
+SAMPLE_WEIGHTS = ("metric", "none")                            # aggregation/model.py SAMPLE_WEIGHT_CHOICES
 SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/splits.py SCHEMES
 ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
 CROP_SOURCES = ("auto", "locator")                             # detector/vertebra_crops.py CROP_SOURCES
@@ -336,9 +338,21 @@ class FeaturesSection(Section):
     presence_threshold: Prob
     patient_thresholds: Annotated[list[Prob], Field(min_length=1)]
     area_unit: Literal[AREA_UNITS]  # type: ignore[valid-type]
+    profile_bins: PosInt
+    profile_top_k: PosInt
+    groups: Annotated[list[Literal[FEATURE_GROUPS]], Field(min_length=1)]  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _top_k_within_bins(self) -> FeaturesSection:
+        if self.profile_top_k > self.profile_bins:
+            raise ValueError(f"profile_top_k {self.profile_top_k} must not exceed profile_bins {self.profile_bins}")
+        if len(set(self.groups)) != len(self.groups):
+            raise ValueError(f"groups lists a group twice: {self.groups}")
+        return self
 
 
 class ModelSection(Section):
+    sample_weights: Literal[SAMPLE_WEIGHTS]  # type: ignore[valid-type]
     level_mode: Literal[LEVEL_MODES]  # type: ignore[valid-type]
     learning_rate: Pos
     max_iter: PosInt

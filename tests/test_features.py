@@ -13,6 +13,7 @@ from aggregation.features import (
     build_patient_features,
     features_markdown,
     level_feature_descriptions,
+    level_feature_groups,
     longest_run,
     patient_feature_names,
 )
@@ -119,8 +120,13 @@ def test_level_features_match_hand_computation():
 def test_study_without_boxes_gets_zero_rows():
     f = build_features(_boxes(), _slices(), config=_cfg())
     s2 = f[f[STUDY_COL] == "s2"].set_index("level")
-    detection = [c for c in f.columns if c not in (STUDY_COL, "level", "level_idx", "level_slices", "study_n_slices")]
+    groups = level_feature_groups(_cfg())
+    detection = [c for c, g in groups.items() if g == "detector" and c != "level_slices"]
     assert (s2[detection].to_numpy() == 0).all()
+    length = [c for c, g in groups.items() if g == "length"]
+    assert (s2.loc["C5", length].to_numpy() == 0).all()          # present on 4 slices, no box: zeros
+    assert s2.drop(index="C5")[length].isna().all().all()         # absent levels: NaN
+    assert s2[[c for c, g in groups.items() if g == "classifier"]].isna().all().all()   # no vertebrae table
     assert s2.loc["C5", "level_slices"] == 4 and s2.loc["C1", "level_slices"] == 0
     assert (s2["study_n_slices"] == 6).all()
     assert list(s2["level_idx"]) == list(range(7))

@@ -17,7 +17,9 @@ def test_model_folder_is_self_describing(trained):
     model = trained / "model"
     meta = json.loads((model / "model.json").read_text())
     assert set(meta["stages"]) >= {"prepare-detector", "train-detector", "prepare-locator", "train-locator",
-                                   "detect-aggregator-studies", "train-aggregator"}
+                                   "prepare-classifier", "train-classifier-fold0", "train-classifier-fold1",
+                                   "detect-aggregator-studies-fold0", "detect-aggregator-studies-fold1",
+                                   "train-aggregator"}
     assert meta["locator"] is True and "torch" in meta["versions"] and "ultralytics" in meta["versions"]
     for name in ("config.yaml", "detector.yaml", "locator.yaml", "levels.yaml", "aggregation.yaml", "splits.json",
                  "prior.json", "detector/weights/best.pt", "detector/results.csv", "locator/weights/best.pt",

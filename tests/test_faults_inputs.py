@@ -412,9 +412,9 @@ def test_empty_study_folder_in_predict_gets_the_prior(tmp_path, fake_model, monk
     configs = {"detector": load_config("detector", None, [f"render.imgsz={IMGSZ}", "overlays.display_size=64",
                                                           "overlays.top_n=1"]),
                "locator": load_config("locator"), "levels": load_config("levels"),
-               "aggregation": load_config("aggregation")}
+               "aggregation": load_config("aggregation"), "classifier": load_config("classifier")}
     model = SimpleNamespace(root=tmp_path / "model", configs=configs, detector_weights=tmp_path / "w.pt",
-                            locator_weights=None, prior=prior, meta={})
+                            locator_weights=None, prior=prior, meta={}, classifier_weights=[])
     monkeypatch.setattr("spinefrac.pipeline.open_model", lambda model_dir: model)
 
     class HalfAggregator:

@@ -319,17 +319,19 @@ def test_train_rerun_with_a_changed_detector_setting_redoes_the_detector_stages_
     model = tmp_path / "model"
     shutil.copytree(trained_pipeline / "model", model)
     before = json.loads((model / "model.json").read_text())["stages"]
-    cfg = tmp_path / "pipeline.yaml"
-    cfg.write_text(
-        'detector:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false",'
-        ' "prepare.margin_slices=3"]\n'
-        'locator:\n  set: ["train.epochs=1", "render.imgsz=64", "train.plots=false", "train.val=false"]\n')
+    cfg = tmp_path / "pipeline.yaml"          # the session's config with one detector setting changed
+    session = (trained_pipeline / "pipeline.yaml").read_text()
+    changed = session.replace('"train.val=false"]', '"train.val=false", "prepare.margin_slices=3"]', 1)
+    assert changed != session
+    cfg.write_text(changed)
     log = train_cli(trained_pipeline / "data", model, cfg)
     after = json.loads((model / "model.json").read_text())["stages"]
-    for name in ("prepare-locator", "train-locator"):                       # kept, untouched
+    for name in ("prepare-locator", "train-locator", "prepare-classifier", "train-classifier-fold0",
+                 "train-classifier-fold1"):                                 # kept, untouched
         assert after[name] == before[name], name
         assert f"stage {name}: done already" in log
-    for name in ("prepare-detector", "train-detector", "detect-aggregator-studies", "train-aggregator"):
+    for name in ("prepare-detector", "train-detector", "detect-aggregator-studies-fold0",
+                 "detect-aggregator-studies-fold1", "train-aggregator"):
         assert after[name]["key"] != before[name]["key"], name
         assert f"stage {name} redone: its settings changed" in log, name
     assert "detector.prepare.margin_slices: 10 -> 3" in log
@@ -337,9 +339,10 @@ def test_train_rerun_with_a_changed_detector_setting_redoes_the_detector_stages_
     meta = json.loads((model / "work" / "detector_dataset" / "index.csv.meta.json").read_text())
     assert meta["config"]["prepare"]["margin_slices"] == 3                  # the dataset was rebuilt
     # the aggregator's detections were made by the new detector weights, with the settings the stage recorded
-    det_meta = json.loads((model / "work" / "aggregator_detect" / "boxes.csv.meta.json").read_text())
-    assert det_meta["extra"]["settings_key"] == settings_key(after["detect-aggregator-studies"]["settings"]["detect"])
-    assert after["detect-aggregator-studies"]["settings"]["detect"]["detector"]["weights_sha256"] == \
+    det_meta = json.loads((model / "work" / "aggregator_detect" / "fold0" / "boxes.csv.meta.json").read_text())
+    fold0 = after["detect-aggregator-studies-fold0"]["settings"]["detect"]
+    assert det_meta["extra"]["settings_key"] == settings_key(fold0)
+    assert fold0["detector"]["weights_sha256"] == \
         file_sha256(model / "detector" / "weights" / "best.pt")
     # a second rerun with the same settings does nothing
     log = train_cli(trained_pipeline / "data", model, cfg)

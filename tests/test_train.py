@@ -115,7 +115,7 @@ def test_missing_weights_fail_before_any_work(tmp_path):
     assert not out.exists()
     with pytest.raises(ConfigError, match="architecture YAML"):
         train_yolo(data, out, config=cfg, model="yolov8n")
-    with pytest.raises(InputError, match="dataset YAML not found"):
+    with pytest.raises(InputError, match="dataset not found: neither a dataset YAML"):
         train_yolo(tmp_path / "nope.yaml", out, config=cfg)
     assert not out.exists()
 

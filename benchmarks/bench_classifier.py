@@ -55,8 +55,12 @@ def _tables(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFra
 
 
 def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels_test: pd.DataFrame, *,
-             repeats: int) -> list[dict]:
-    """Refit the aggregator once per row (and seed) on the model's training features; score the test studies."""
+             repeats: int, rows_spec: tuple[tuple[str, list[str], str], ...] = ROWS,
+             test_vertebrae: pd.DataFrame | None = None) -> list[dict]:
+    """Refit the aggregator once per row (and seed) on the model's training features; score the test studies.
+
+    `test_vertebrae` replaces the prediction folder's vertebrae.csv (another way of scoring the test crops).
+    """
     from aggregation.evaluate import score_predictions
     from aggregation.features import build_features
     from aggregation.model import StudyAggregator
@@ -67,11 +71,12 @@ def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels
     folders = sorted(p for p in agg_dir.glob("fold*") if (p / "slices.csv").is_file()) or [agg_dir]
     tr_boxes, tr_slices, tr_vert = _tables(folders)
     te_boxes, te_slices, te_vert = _tables([pred_dir])
+    te_vert = test_vertebrae if test_vertebrae is not None else te_vert
     train_uids = sorted(set(tr_slices[STUDY_COL].astype(str)))
     test_uids = sorted(set(te_slices[STUDY_COL].astype(str)))
     y = labels_test.set_index(STUDY_COL).loc[test_uids, list(TARGETS)].to_numpy(dtype=float)
     rows = []
-    for label, groups, weights in ROWS:
+    for label, groups, weights in rows_spec:
         losses, globals_, aucs, fit_s = [], [], [], []
         for seed in range(repeats):
             cfg = load_config("aggregation", model_dir / "aggregation.yaml",
@@ -93,6 +98,55 @@ def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels
                      "auc": {t: float(np.nanmean([a[t] for a in aucs])) for t in TARGETS},
                      "aggregator_fit_s": float(np.mean(fit_s))})
     return rows
+
+
+def ensemble_check(model: Path, test: Path, work: Path, labels_train: pd.DataFrame, labels_test: pd.DataFrame, *,
+                   repeats: int, workers: int) -> list[dict]:
+    """Predict-time classifier choice: the mean of the K fold models, one model retrained on every study, fold 0.
+
+    The aggregator is the same in all three (trained on the fold models' out-of-fold scores); only the test
+    studies' classifier scores change. Retraining on all studies costs one more classifier training (timed).
+    """
+    from data_prep.config import load_config
+    from detector.classifier import train_classifier
+    from detector.classifier_dataset import read_classifier_index, write_fold_layout
+    from detector.detect import detect_studies
+    from spinefrac.pipeline import CLASSIFIER_DATASET, WEIGHTS, open_model
+
+    folder = open_model(model)
+    ccfg = folder.configs["classifier"]
+    dataset = model / "work" / CLASSIFIER_DATASET
+    all_ds = work / "classifier_all"
+    all_ds.mkdir(parents=True, exist_ok=True)
+    if not (all_ds / "images").exists():
+        (all_ds / "images").symlink_to((dataset / "images").resolve())
+    index = read_classifier_index(dataset)
+    patient = labels_train.set_index(STUDY_COL)["patient_overall"].astype(int).to_dict()
+    write_fold_layout(all_ds, index, folds={0: sorted(set(index[STUDY_COL].astype(str)))}, patient=patient,
+                      val_share=float(ccfg["prepare"]["val_share"]), seed=int(ccfg["prepare"]["seed"]))
+    run = work / "classifier_all_run"
+    t0 = time.perf_counter()
+    if not (run / WEIGHTS).is_file():
+        train_classifier(all_ds / "fold0", run, config=ccfg)
+    retrain_s = time.perf_counter() - t0
+    variants = {"mean of the fold models (predict's default)": folder.classifier_weights,
+                "one model retrained on every study": [run / WEIGHTS],
+                "fold 0 alone": folder.classifier_weights[:1]}
+    full = tuple(r for r in ROWS if r[1] == ["detector", "length", "classifier"])
+    out = []
+    for name, weights in variants.items():
+        pred = work / f"pred_cls_{len(out)}"
+        detect_studies([test / "test_images"], weights=folder.detector_weights, out=pred,
+                       config=load_config("detector", model / "detector.yaml", ["detect.overlays=false"]),
+                       locator=folder.locator_weights, locator_config=folder.configs["locator"],
+                       levels_config=folder.configs["levels"], classifier=weights, classifier_config=ccfg,
+                       workers=workers, progress=False, overwrite=True)
+        from aggregation.features import load_vertebrae_table
+
+        rows = fit_rows(model, pred, labels_train, labels_test, repeats=repeats, rows_spec=full,
+                        test_vertebrae=load_vertebrae_table(pred / "vertebrae.csv"))
+        out.append({**rows[0], "row": name, "extra_training_s": retrain_s if "retrained" in name else 0.0})
+    return out
 
 
 def training_seconds(model_dir: Path) -> dict[str, float]:
@@ -117,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
                                                               "classifier.set=[\"train.epochs=30\"]")
     p.add_argument("--model", type=Path, default=None, help="a trained model folder to reuse (skips training)")
     p.add_argument("--test", type=Path, default=None, help="a synthetic test folder to reuse (test_images/, truth/)")
+    p.add_argument("--ensemble-check", action="store_true",
+                   help="also compare the predict-time classifier: mean of the fold models vs one retrained on "
+                        "every study vs fold 0 alone")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a new temp folder)")
     args = p.parse_args(argv)
@@ -158,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     baselines = _baselines(model, pred, test)
     result = {"rows": rows, "training": cost, "timings": timings, "baselines": baselines,
               "test_studies": int(len(labels_test)), "model": str(model), "pred": str(pred)}
+    if args.ensemble_check:
+        result["ensemble"] = ensemble_check(model, test, work, labels_train, labels_test, repeats=args.repeats,
+                                            workers=args.workers)
     (work / "bench_classifier.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
     print(format_table(result))
     return 0
@@ -191,6 +251,12 @@ def format_table(result: dict) -> str:
     for name, b in result["baselines"].items():
         lines.append(f"| {name} (baseline) | {b['loss_per_study']:.3f} | {b['loss_global']:.3f} | "
                      f"{b['auc_patient']:.3f} | | |")
+    if result.get("ensemble"):
+        lines.append("\n| classifier at predict (aggregator: every feature group) | loss per study | loss global | "
+                     "patient AUC | extra training s |\n|---|---|---|---|---|")
+        for r in result["ensemble"]:
+            lines.append(f"| {r['row']} | {r['loss_per_study']:.3f} | {r['loss_global']:.3f} | "
+                         f"{r['auc']['patient_overall']:.3f} | {r['extra_training_s']:.0f} |")
     lines.append(f"\n{result['test_studies']} held-out studies; training seconds from model.json "
                  f"(locator {cost['locator_s']:.0f} s, detector {cost['detector_s']:.0f} s, classifier folds "
                  f"{cost['classifier_s']:.0f} s; detecting the aggregator's studies {cost['detect_aggregator_studies_s']:.0f} s)")

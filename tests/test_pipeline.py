@@ -8,6 +8,7 @@ import shutil
 import pandas as pd
 import pytest
 
+from data_prep.manifest import file_sha256
 from data_prep.registry import STUDY_COL, TARGETS
 from spinefrac.cli import main
 
@@ -145,3 +146,39 @@ def test_a_missing_fold_classifier_is_refused_before_any_study(trained, tmp_path
     rc = main(["predict", str(trained / "test" / "test_images"), "--model", str(model), "--out",
                str(tmp_path / "p"), "--no-progress"])
     assert rc == 2 and not (tmp_path / "p" / "boxes.csv").exists()
+
+
+@pytest.mark.slow
+def test_oof_scheme_trains_fold_detectors_and_the_aggregator_on_every_study(trained, tmp_path):
+    """splits.scheme=oof end to end: detector k never saw the studies it detected for the aggregator."""
+    from detector.classifier_dataset import fold_studies
+
+    cfg = tmp_path / "pipeline.yaml"
+    session = (trained / "pipeline.yaml").read_text()
+    oof = session.replace('"splits.n_folds=2"]', '"splits.n_folds=2", "splits.scheme=oof"]')
+    assert oof != session
+    cfg.write_text(oof)
+    model = tmp_path / "model"
+    assert main(["train", str(trained / "data"), "--out", str(model), "--config", str(cfg), "--no-progress"]) == 0
+    splits = json.loads((model / "splits.json").read_text())
+    meta = json.loads((model / "model.json").read_text())
+    assert splits["scheme"] == "oof"
+    everyone = set(splits["roles"])
+    features = pd.read_csv(model / "work" / "aggregator_detect" / "features.csv", dtype={STUDY_COL: str})
+    assert set(features[STUDY_COL]) == everyone                   # the aggregator learns from every study
+    for k in range(2):
+        assert {"prepare-detector-fold%d" % k, "train-detector-fold%d" % k} <= set(meta["stages"])
+        trained_on = set(pd.read_csv(model / "work" / f"detector_dataset_fold{k}" / "index.csv",
+                                     dtype={STUDY_COL: str})[STUDY_COL])
+        detected = {p.stem for p in (model / "work" / "aggregator_detect" / f"fold{k}" / "done").glob("*.json")}
+        assert detected and not trained_on & detected and {splits["folds"][u] for u in detected} == {k}
+        assert not fold_studies(model / "work" / "classifier_dataset" / f"fold{k}") & detected
+        used = meta["stages"][f"detect-aggregator-studies-fold{k}"]["settings"]["detect"]["detector"]
+        assert used["weights_sha256"] == file_sha256(model / "work" / "fold_detectors" / f"fold{k}" / "weights"
+                                                     / "best.pt")
+    # the final detector (trained on every detector study) is what predict uses; fold detectors stay in work/
+    assert not any(name.startswith("work/") for name in meta["files"])
+    out = tmp_path / "pred"
+    assert main(["predict", str(trained / "test" / "test_images"), "--model", str(model), "--out", str(out),
+                 "--no-progress"]) == 0
+    assert pd.read_csv(out / "predictions.csv")[list(TARGETS)].notna().all().all()

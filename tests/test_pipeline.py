@@ -156,7 +156,8 @@ def test_oof_scheme_trains_fold_detectors_and_the_aggregator_on_every_study(trai
     cfg = tmp_path / "pipeline.yaml"
     session = (trained / "pipeline.yaml").read_text()
     oof = session.replace('"splits.n_folds=2"]', '"splits.n_folds=2", "splits.scheme=oof"]')
-    assert oof != session
+    oof = oof.replace('"train.val=false"]', '"train.val=false", "prepare.n_folds=2"]', 1)   # 4-study fold datasets
+    assert oof.count("oof") == 1 and "prepare.n_folds=2" in oof
     cfg.write_text(oof)
     model = tmp_path / "model"
     assert main(["train", str(trained / "data"), "--out", str(model), "--config", str(cfg), "--no-progress"]) == 0
@@ -167,7 +168,7 @@ def test_oof_scheme_trains_fold_detectors_and_the_aggregator_on_every_study(trai
     features = pd.read_csv(model / "work" / "aggregator_detect" / "features.csv", dtype={STUDY_COL: str})
     assert set(features[STUDY_COL]) == everyone                   # the aggregator learns from every study
     for k in range(2):
-        assert {"prepare-detector-fold%d" % k, "train-detector-fold%d" % k} <= set(meta["stages"])
+        assert {f"prepare-detector-fold{k}", f"train-detector-fold{k}"} <= set(meta["stages"])
         trained_on = set(pd.read_csv(model / "work" / f"detector_dataset_fold{k}" / "index.csv",
                                      dtype={STUDY_COL: str})[STUDY_COL])
         detected = {p.stem for p in (model / "work" / "aggregator_detect" / f"fold{k}" / "done").glob("*.json")}

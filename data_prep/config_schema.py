@@ -36,6 +36,7 @@ SAMPLE_WEIGHTS = ("metric", "none")                            # aggregation/mod
 SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/splits.py SCHEMES
 ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
 CROP_SOURCES = ("auto", "locator")                             # detector/vertebra_crops.py CROP_SOURCES
+CROP_LABELS = ("study", "boxes_where_known")                   # detector/vertebra_crops.py LABEL_CHOICES
 
 # ---------------------------------------------------------------- limits
 N_LEVELS = 7                 # C1..C7
@@ -270,6 +271,8 @@ class CropsSection(Section):
     source: Literal[CROP_SOURCES]  # type: ignore[valid-type]
     presence_threshold: Prob
     pad_hu: Real
+    label: Literal[CROP_LABELS]  # type: ignore[valid-type]
+    box_near_slices: Count
 
 
 class ClassifierPrepareSection(Section):

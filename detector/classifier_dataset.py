@@ -52,6 +52,7 @@ FOLD_PREFIX = "fold"
 TRAIN, VAL = "train", "val"
 IMAGE_EXT = ".png"
 TRAIN_CSV = "train.csv"
+BOXES_CSV = "train_bounding_boxes.csv"
 TRAIN_IMAGES = "train_images"
 SEGMENTATIONS = "segmentations"
 SEG_EXTS: tuple[str, ...] = (".nii", ".nii.gz")
@@ -64,8 +65,9 @@ MAX_NAMED = 5                # studies named in one log line
 LOCATOR_BACKEND = "auto"     # the locator's backend in the workers (as detect's default)
 MIN_STRATUM = 2              # a patient_overall class needs this many studies to be stratified on
 DEFAULT_FOLD = 0             # folds=None: one model, fold 0, trained on every study
-INDEX_COLUMNS: tuple[str, ...] = (STUDY_COL, "level", "slice_index", "label", "image", "source", "crop_x", "crop_y",
-                                  "crop_width", "crop_height", "first_slice", "last_slice", "n_slices")
+INDEX_COLUMNS: tuple[str, ...] = (STUDY_COL, "level", "slice_index", "label", "label_source", "image", "source",
+                                  "crop_x", "crop_y", "crop_width", "crop_height", "first_slice", "last_slice",
+                                  "n_slices")
 SKIPPED_COLUMNS: tuple[str, ...] = (STUDY_COL, "reason", "detail")
 
 
@@ -80,6 +82,7 @@ class ClassifierTask:
     render: dict[str, Any]
     segmentation: Path | None = None         # used when set (crops.source "auto" and the study has one)
     locate: Any = None                       # detector.yolo_dataset.LocateSpec, else None
+    fracture_boxes: tuple[tuple[float, ...], ...] | None = None   # (slice_number, x, y, w, h) per box; None: unboxed
 
 
 @dataclass
@@ -147,6 +150,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
     if not uids:
         raise InputError(data_root / TRAIN_IMAGES, f"no labelled study of {TRAIN_CSV} has a folder here")
     labels = train.drop_duplicates(STUDY_COL).set_index(STUDY_COL)
+    fracture_boxes = _fracture_boxes(data_root, crops)
     segs = _segmentations(data_root / SEGMENTATIONS) if crops["source"] == "auto" else {}
     locate = None
     if locator is not None:
@@ -166,7 +170,8 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
             continue
         tasks.append(ClassifierTask(uid, data_root / TRAIN_IMAGES / uid, out,
                                     tuple(int(labels.at[uid, lv]) for lv in LEVELS), crops, render,
-                                    segmentation=seg, locate=None if seg is not None else locate))
+                                    segmentation=seg, locate=None if seg is not None else locate,
+                                    fracture_boxes=fracture_boxes.get(uid)))
     if skipped:
         log.warning("prepare-classifier: %d studies skipped: no segmentation and no locator (e.g. %s)", len(skipped),
                     ", ".join(s[STUDY_COL] for s in skipped[:MAX_NAMED]))
@@ -301,6 +306,8 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     from detector.detect import LazySlices
     from detector.render import context_slices
     from detector.vertebra_crops import (
+        boxed_level_slices,
+        crop_labels,
         crop_plan,
         level_slice_boxes_from_locator,
         level_slice_boxes_from_segmentation,
@@ -324,8 +331,17 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
                                                      geometry=geometry)
         boxes = level_slice_boxes_from_locator(level_boxes, slice_levels, task.crops)
         source = SOURCE_LOCATOR
-    plan = crop_plan(boxes, geometry, task.crops).sort_values(["slice_index", "level"],
-                                                                              kind="stable").reset_index(drop=True)
+    level_labels = dict(zip(LEVELS, task.labels, strict=True))
+    boxed = None
+    if task.fracture_boxes is not None:
+        numbers = {int(n): i for i, n in enumerate(geometry.instance_numbers)}
+        frac = pd.DataFrame([(numbers[int(b[0])], *b[1:]) for b in task.fracture_boxes if int(b[0]) in numbers],
+                            columns=["slice_index", "x", "y", "width", "height"])
+        boxed = {lv: s for lv, s in boxed_level_slices(boxes, frac).items() if level_labels[lv]}
+    plan = crop_plan(boxes, geometry, task.crops, extra_slices=boxed).sort_values(
+        ["slice_index", "level"], kind="stable").reset_index(drop=True)
+    crop_label, label_source = crop_labels(plan, level_labels, boxed,
+                                           near_slices=int(task.crops["box_near_slices"]))
     if not len(plan):
         outcome.reason = f"{source} found no cervical vertebra"
         return outcome
@@ -345,7 +361,8 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
         rel = f"{IMAGES_DIR}/{task.uid}/{name}"
         outcome.files.append(rel)
         outcome.rows.append({STUDY_COL: task.uid, "level": row.level, "slice_index": int(row.slice_index),
-                             "label": task.labels[LEVELS.index(row.level)], "image": rel, "source": source,
+                             "label": int(crop_label[k]), "label_source": label_source[k], "image": rel,
+                             "source": source,
                              "crop_x": int(row.crop_x), "crop_y": int(row.crop_y),
                              "crop_width": int(row.crop_width), "crop_height": int(row.crop_height),
                              "first_slice": int(row.first_slice), "last_slice": int(row.last_slice),
@@ -353,9 +370,20 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     return outcome
 
 
+def _fracture_boxes(data_root: Path, crops: Mapping[str, Any]) -> dict[str, tuple[tuple[float, ...], ...]]:
+    """uid -> its train_bounding_boxes.csv boxes (slice_number, x, y, width, height), when crops.label uses them."""
+    path = data_root / BOXES_CSV
+    if crops["label"] != "boxes_where_known" or not path.is_file():
+        return {}
+    table = read_table(path, "boxes")
+    return {str(uid): tuple(tuple(float(v) for v in row) for row in
+                            g[["slice_number", "x", "y", "width", "height"]].itertuples(index=False))
+            for uid, g in table.groupby(STUDY_COL)}
+
+
 def _task_inputs_key(task: ClassifierTask) -> str:
-    """Hash of a study's own inputs besides the settings: its labels and its level source."""
-    return settings_key({"labels": task.labels,
+    """Hash of a study's own inputs besides the settings: its labels, its boxes and its level source."""
+    return settings_key({"labels": task.labels, "fracture_boxes": task.fracture_boxes,
                          "segmentation": task.segmentation.name if task.segmentation else None,
                          "locator": task.locate is not None})
 

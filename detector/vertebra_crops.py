@@ -34,6 +34,11 @@ PLAN_COLUMNS: tuple[str, ...] = ("level", "slice_index", "crop_x", "crop_y", "cr
 """`crop_plan` columns: crop corner and size in original px (may reach outside the image)."""
 EXTENT_COLUMNS: tuple[str, ...] = ("level", "first_slice", "last_slice", "n_slices", "source")
 NOT_FOUND = -1
+LABEL_STUDY, LABEL_BOXES = "study", "boxes"
+LABEL_CHOICES = (LABEL_STUDY, "boxes_where_known")
+"""crops.label: "study" = every crop of a level gets the level's study label (weak); "boxes_where_known" = in a
+study with fracture boxes, a fractured level's crop is 1 only near a slice where a box lies on it, and that
+level's boxed slices are cropped too (the study label elsewhere)."""
 """first_slice / last_slice of a level that was not found (n_slices 0, source "none")."""
 BOX_VALUES: tuple[str, ...] = ("x", "y", "width", "height")
 
@@ -65,10 +70,12 @@ def level_slice_boxes_from_locator(level_boxes: pd.DataFrame | None, slice_level
 
 
 def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping[str, Any], *,
-              source: str | None = None) -> pd.DataFrame:
+              source: str | None = None, extra_slices: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Plan the crops of every level found (module doc): one row per (level, chosen slice), PLAN_COLUMNS.
 
     source: the plan's `source` value; None = the box table's `source` column (its first value).
+    extra_slices: level -> slice indices cropped besides the evenly spaced ones (those inside the level's range;
+    prepare-classifier adds a fractured level's boxed slices this way).
     """
     k = int(crops_cfg["slices_per_level"])
     margin, min_size = float(crops_cfg["margin_mm"]), float(crops_cfg["min_size_mm"])
@@ -94,7 +101,9 @@ def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping
                                                      y2=("_y2", "max"))   # one box per slice (union if several)
         have = g.index.to_numpy(dtype=int)
         first, last = int(have[0]), int(have[-1])
-        chosen = np.unique(np.rint(np.linspace(first, last, k)).astype(int))
+        chosen = np.rint(np.linspace(first, last, k)).astype(int)
+        extra = np.asarray(list((extra_slices or {}).get(level, ())), dtype=int)
+        chosen = np.unique(np.concatenate([chosen, extra[(extra >= first) & (extra <= last)]]))
         nearest = have[np.abs(have[None, :] - chosen[:, None]).argmin(axis=1)]
         b = g.loc[nearest]
         w_mm = (b["x2"] - b["x1"]).to_numpy(float) * col_mm
@@ -112,6 +121,31 @@ def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("level", "source") else np.int64)
                              for c in PLAN_COLUMNS})
     return pd.concat(frames, ignore_index=True)[list(PLAN_COLUMNS)]
+
+
+def boxed_level_slices(level_slice_boxes: pd.DataFrame, fracture_boxes: pd.DataFrame) -> dict[str, set[int]]:
+    """Level -> slice indices where a fracture box (slice_index, x, y, width, height) overlaps the level's box."""
+    out: dict[str, set[int]] = {}
+    if not len(fracture_boxes) or not len(level_slice_boxes):
+        return out
+    pairs = level_slice_boxes.merge(fracture_boxes, on="slice_index", suffixes=("", "_f"))
+    overlap = ((pairs["x"] < pairs["x_f"] + pairs["width_f"]) & (pairs["x_f"] < pairs["x"] + pairs["width"])
+               & (pairs["y"] < pairs["y_f"] + pairs["height_f"]) & (pairs["y_f"] < pairs["y"] + pairs["height"]))
+    for level, group in pairs[overlap].groupby("level"):
+        out[str(level)] = set(group["slice_index"].astype(int))
+    return out
+
+
+def crop_labels(plan: pd.DataFrame, level_labels: Mapping[str, int], boxed: Mapping[str, set[int]] | None, *,
+                near_slices: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each crop's label and its source: the level's study label ("study"), or, when the study has fracture
+    boxes (`boxed` not None), 1 only within `near_slices` of a slice where a box lies on that level ("boxes")."""
+    study = np.array([int(level_labels[lv]) for lv in plan["level"]], dtype=int)
+    if boxed is None:
+        return study, np.full(len(plan), LABEL_STUDY, dtype=object)
+    near = np.array([any(abs(int(s) - b) <= near_slices for b in boxed.get(lv, ()))
+                     for lv, s in zip(plan["level"], plan["slice_index"], strict=True)], dtype=bool)
+    return (study.astype(bool) & near).astype(int), np.full(len(plan), LABEL_BOXES, dtype=object)
 
 
 def vertebra_extents(plan: pd.DataFrame) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from detector.yolo_dataset import LocateSpec
 
 N_STUDIES = 6
 IMGSZ = 32
-SETS = [f"render.imgsz={IMGSZ}", "crops.slices_per_level=3"]
+SETS = [f"render.imgsz={IMGSZ}", "crops.slices_per_level=3", "crops.label=study"]   # weak labels: the layout tests
 
 
 class C3Locator:
@@ -368,3 +368,53 @@ def test_a_narrower_selection_refuses_finished_studies_outside_it_unless_overwri
     assert set(read_classifier_index(out)[STUDY_COL]) == {seg[0]}
     assert not (out / "images" / seg[1]).exists()                  # its crops went with its marker
     assert fold_studies(out / "fold0") == {seg[0]}
+
+
+def test_box_labels_mark_only_the_crops_near_a_boxed_slice_of_a_fractured_level(root, tmp_path):
+    """crops.label=boxes_where_known on the segmented studies: a 1 lies within box_near_slices of a truth box on
+    that level (whose slices are cropped too); other crops of a fractured level are 0; unboxed studies keep the
+    study label."""
+    cfg = load_config("classifier", None, [f"render.imgsz={IMGSZ}", "crops.slices_per_level=3",
+                                           "crops.label=boxes_where_known", "crops.box_near_slices=1"])
+    out = prepare_classifier_dataset(root, tmp_path / "ds", config=cfg, workers=1, progress=False)
+    index = read_classifier_index(out)
+    train = pd.read_csv(root / "train.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)
+    truth = pd.read_csv(root / "train_bounding_boxes.csv", dtype={STUDY_COL: str})
+    from data_prep.dicom_io import scan_study
+
+    boxed_any = False
+    for uid, rows in index.groupby(STUDY_COL):
+        numbers = {int(n): i for i, n in enumerate(scan_study(root / "train_images" / uid).instance_numbers)}
+        boxed = {numbers[int(n)] for n in truth.loc[truth[STUDY_COL] == uid, "slice_number"]}
+        if not boxed:
+            assert set(rows["label_source"]) == {"study"}
+            assert (rows["label"] == rows["level"].map(train.loc[uid])).all()
+            continue
+        assert set(rows["label_source"]) == {"boxes"}
+        for r in rows.itertuples(index=False):
+            near = min(abs(r.slice_index - b) for b in boxed) <= 1
+            if r.label == 1:
+                assert train.loc[uid, r.level] == 1 and near
+            elif train.loc[uid, r.level] == 0:
+                assert r.label == 0
+        positive = rows[rows["label"] == 1]
+        boxed_any |= len(positive) > 0
+        # the boxed slices of a fractured level are cropped besides the evenly spaced ones
+        assert set(positive["slice_index"]) <= boxed | {b + d for b in boxed for d in (-1, 1)}
+    assert boxed_any, "no boxed fractured level among the segmented studies: the test saw nothing"
+
+
+def test_boxed_level_slices_and_crop_labels_by_hand():
+    from detector.vertebra_crops import boxed_level_slices, crop_labels
+
+    levels = pd.DataFrame({"slice_index": [4, 4, 5, 9], "level": ["C2", "C3", "C3", "C3"],
+                           "x": [0, 50, 50, 50], "y": [0, 0, 0, 0], "width": [40, 40, 40, 40],
+                           "height": [40, 40, 40, 40]})
+    fracture = pd.DataFrame({"slice_index": [4, 9], "x": [55, 10], "y": [5, 5], "width": [5, 5], "height": [5, 5]})
+    boxed = boxed_level_slices(levels, fracture)
+    assert boxed == {"C3": {4}}                  # slice 4: on C3's box, not C2's; slice 9: off C3's box
+    plan = pd.DataFrame({"level": ["C2", "C3", "C3", "C3"], "slice_index": [4, 4, 5, 9]})
+    labels, source = crop_labels(plan, {lv: int(lv in ("C2", "C3")) for lv in LEVELS}, boxed, near_slices=1)
+    assert labels.tolist() == [0, 1, 1, 0] and set(source) == {"boxes"}
+    weak, source = crop_labels(plan, {lv: int(lv in ("C2", "C3")) for lv in LEVELS}, None, near_slices=1)
+    assert weak.tolist() == [1, 1, 1, 1] and set(source) == {"study"}

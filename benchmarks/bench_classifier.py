@@ -178,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a new temp folder)")
     args = p.parse_args(argv)
 
+    from detector.offline import configure_ultralytics
+
+    configure_ultralytics()            # before anything imports Ultralytics (offline, settings in our cache)
     from data_prep.config import load_config
     from data_prep.synth import synthesize
     from data_prep.tables import read_table

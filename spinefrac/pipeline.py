@@ -284,7 +284,9 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
 def _final_detector_studies(splits: Mapping[str, Any]) -> list[str]:
     """The "oof" scheme's detector for predict: trained on every detector study (the fold detectors score the rest)."""
-    return [u for u, r in splits["roles"].items() if r == "detector"]
+    from aggregation.splits import DETECTOR
+
+    return [u for u, r in splits["roles"].items() if r == DETECTOR]
 
 
 def _prepare_classifier(data_root: Path, out: Path, cfgs: Mapping[str, Config], folds: Mapping[int, Sequence[str]],

@@ -171,8 +171,26 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from spinefrac.pipeline import predict_all
 
     predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
-                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device)
+                workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device,
+                shard=args.shard)
     return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    from spinefrac.shards import merge_predictions
+
+    merge_predictions(args.shards, model_dir=args.model, out=args.out, test_csv=args.test_csv,
+                      overwrite=args.overwrite)
+    return 0
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    from spinefrac.shards import parse_shard
+
+    try:
+        return parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _cmd_convert_weights(args: argparse.Namespace) -> int:
@@ -342,6 +360,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--device", default=None, help=DEVICE_HELP)
+    p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
+                   help="only shard I of N (1-based; a study's shard follows from its folder name alone), for a "
+                        "batch scheduler's array jobs; combine the N output folders with `spinefrac merge`")
+
+    p = _sub(sub, "merge", "combine the output folders of `predict --shard I/N` jobs into one prediction folder",
+             "spinefrac merge work/pred_1 work/pred_2 --model models/m1 --out work/pred --test-csv data/rsna/test.csv",
+             _cmd_merge)
+    p.add_argument("shards", type=Path, nargs="+", help="the shard jobs' --out folders")
+    p.add_argument("--model", type=Path, required=True, help="the model folder the shards predicted with")
+    p.add_argument("--out", type=Path, required=True, help="the combined prediction folder")
+    p.add_argument("--test-csv", type=Path, default=None, help="Kaggle test.csv: submission rows to produce")
+    p.add_argument("--overwrite", action="store_true", help="merge into a folder that holds finished studies")
 
     p = _sub(sub, "convert-weights", "convert an Ultralytics .pt you trust into spinefrac's weights-only format",
              "spinefrac convert-weights yolov8n_colleague.pt --out start.pt --trust", _cmd_convert_weights)

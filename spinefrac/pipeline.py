@@ -456,24 +456,18 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True, overwrite: bool = False,
-                device: str | None = None) -> Path:
+                device: str | None = None, shard: tuple[int, int] | None = None) -> Path:
     """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays.
 
     The model folder (manifest, safe weights, prior, aggregator) and `test_csv` are checked before any
     detection. A failed study, or a test.csv study without a folder, gets the training prior. When every
     study fails, predictions.csv and submission.csv are still written (all prior) and AllStudiesFailedError
     is raised afterwards. device: "cpu", "0", ... (None: the first GPU if there is one, else the CPU; never
-    the training config's).
+    the training config's). shard (i, n): only the studies of shard i of n (spinefrac/shards.py), with the
+    test.csv rows of those studies; `spinefrac merge` combines the shards' folders.
     """
-    from aggregation.features import build_features
     from aggregation.model import StudyAggregator
-    from aggregation.submission import (
-        complete_predictions,
-        make_submission,
-        read_test_csv,
-        write_predictions,
-        write_submission,
-    )
+    from aggregation.submission import read_test_csv
     from detector.detect import find_studies
 
     t0 = time.perf_counter()
@@ -482,6 +476,12 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     test = read_test_csv(test_csv) if test_csv is not None else None     # checked before any detection
     aggregator = StudyAggregator.load(model.root / "aggregator")  # refuse a bad aggregator before any detection
     study_dirs = find_studies(studies)
+    if shard is not None:
+        from spinefrac.shards import select_shard
+
+        study_dirs = select_shard(study_dirs, *shard)
+        if test is not None:
+            test = test[test["_uid"].isin({s.name for s in study_dirs})].reset_index(drop=True)
     uids = [s.name for s in study_dirs]
     if test is not None:
         absent = [u for u in dict.fromkeys(test["_uid"]) if u not in set(uids)]
@@ -491,6 +491,22 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs, workers=workers,
                    progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite,
                    device=device, classifier=model.classifier_weights or None)
+    return aggregate_detections(out, model=model, aggregator=aggregator, uids=uids, test=test, started=t0,
+                                extra={"detect": info})
+
+
+def aggregate_detections(out: Path, *, model: ModelFolder, aggregator: Any, uids: Sequence[str],
+                         test: pd.DataFrame | None, started: float, extra: Mapping[str, Any]) -> Path:
+    """From a detect folder's tables to predictions, submission and evidence (predict, and merge of shards)."""
+    from aggregation.features import build_features
+    from aggregation.submission import (
+        complete_predictions,
+        make_submission,
+        write_predictions,
+        write_submission,
+    )
+
+    t0 = started
     errors = pd.read_csv(out / "errors.csv", dtype={registry.STUDY_COL: str})
     failed = set(errors[registry.STUDY_COL]) & set(uids)
     boxes, slices = _detections(out, failed=failed, uids=uids)
@@ -512,7 +528,7 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     write_sidecar(out / "predictions.csv", kind="predictions", inputs={"model": str(model.root),
                                                                       "studies": len(uids)},
                   counts={"studies": len(uids), "failed": len(failed), "boxes": len(boxes)}, runtime_s=runtime,
-                  extra={"detect": info})
+                  extra=dict(extra))
     log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
              out / "predictions.csv")
     if uids and not finished:

@@ -202,13 +202,19 @@ def _listed(uids: Iterable[str]) -> str:
 
 
 def assert_no_leakage(splits: Mapping[str, Any], *, detector_train: Iterable[str] | Mapping[int, Iterable[str]],
-                      aggregator_train: Iterable[str]) -> None:
-    """Raise LeakageError when a study trains the detector and also (via its outputs) the aggregator.
+                      aggregator_train: Iterable[str],
+                      classifier_train: Mapping[int, Iterable[str]] | None = None,
+                      classifier_scored: Mapping[int, Iterable[str]] | None = None) -> None:
+    """Raise LeakageError when a study trains the detector (or a classifier) and also, via its outputs, the aggregator.
 
     For "boxed"/"holdout" splits `detector_train` is the set of studies the detector trained on; for "oof"
     it maps each fold to the studies its detector trained on, and each aggregator study must have been
-    predicted by the detector of its own fold, which must not have seen it.
+    predicted by the detector of its own fold, which must not have seen it. With `classifier_train` (fold k ->
+    the studies classifier k saw) and `classifier_scored` (fold k -> the aggregator studies it scored), no
+    aggregator study may have been scored by a classifier that saw it (`assert_no_classifier_leakage`).
     """
+    if classifier_train is not None or classifier_scored is not None:
+        assert_no_classifier_leakage(classifier_train or {}, classifier_scored or {})
     agg = {str(u) for u in aggregator_train}
     unknown = agg - set(splits["roles"])
     if unknown:

@@ -110,7 +110,6 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     from aggregation.splits import (
         aggregator_fold_studies,
         aggregator_train_studies,
-        assert_no_classifier_leakage,
         assert_no_leakage,
         classifier_train_studies,
         detector_train_studies,
@@ -243,9 +242,11 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     # the aggregator's studies: detected (and scored) by models that never trained on them
     by_fold = use_classifier or oof
     groups = aggregator_fold_studies(splits) if by_fold else {None: agg_studies}
-    if use_classifier:
-        assert_no_classifier_leakage(_classifier_fold_studies(cls_ds, classifier_runs),
-                                     {k: v for k, v in groups.items() if v})
+    if use_classifier:       # the classifiers' actual datasets against the studies each one will score
+        assert_no_leakage(splits, detector_train=fold_detector_studies if oof else det_studies,
+                          aggregator_train=agg_studies,
+                          classifier_train=_classifier_fold_studies(cls_ds, classifier_runs),
+                          classifier_scored={k: v for k, v in groups.items() if v})
     folders = []
     for k, studies_k in groups.items():
         if not studies_k:

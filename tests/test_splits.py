@@ -150,6 +150,15 @@ def test_classifier_leakage_guard_names_the_crossed_studies():
         assert_no_classifier_leakage({0: {"a", "b"}, 1: {"c"}}, {0: ["b"], 1: ["a"]})
     with pytest.raises(LeakageError, match="more than one fold"):
         assert_no_classifier_leakage({0: set(), 1: set()}, {0: ["x"], 1: ["x"]})
+    # the same guard through assert_no_leakage, beside the detector's
+    labels = _labels(4, 6)
+    s = split_studies(labels, {f"p{i}" for i in range(4)}, config=_cfg("splits.scheme=boxed"))
+    det, agg = detector_train_studies(s), aggregator_train_studies(s)
+    assert_no_leakage(s, detector_train=det, aggregator_train=agg, classifier_train={0: set(det)},
+                      classifier_scored={0: agg})
+    with pytest.raises(LeakageError, match="scored by a classifier that trained on them"):
+        assert_no_leakage(s, detector_train=det, aggregator_train=agg, classifier_train={0: {agg[0]}},
+                          classifier_scored={0: agg})
 
 
 def test_a_splits_file_without_folds_gets_them_and_keeps_its_roles(tmp_path):

@@ -237,7 +237,7 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         if volume is not None:
             hu = chunk.hu[chunk.start - chunk.lo:chunk.stop - chunk.lo]
             volume[chunk.start:chunk.stop] = np.clip(np.rint(hu), HU_INT16_MIN, HU_INT16_MAX)
-            if want_body:
+            if want_body and locator is None:   # with a locator: only if it locates nothing (below)
                 body += _body_centres(chunk, [i for i in indices if i % body_every == 0], float(roi_cfg["body_hu"]))
             timings["preprocess"] += time.perf_counter() - t
         if roi_cfg is None:
@@ -260,6 +260,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     source = _VolumeSource(volume) if volume is not None else None
     if roi_cfg is not None:
         t = time.perf_counter()
+        if want_body and locator is not None and (level_boxes is None or not len(level_boxes)):
+            body = _body_centres(source, range(0, n, body_every), float(roi_cfg["body_hu"]))
         rois = _rois_from(geometry, roi_cfg, level_boxes, body)
         crops = rois.boxes()
         timings["preprocess"] += time.perf_counter() - t

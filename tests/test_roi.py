@@ -420,20 +420,31 @@ def test_roi_is_centred_on_the_located_vertebra(tmp_path, roi_config):
     assert set(found.boxes["level"]) == {"C3"}
 
 
-@pytest.mark.parametrize("with_locator", [False, True])
+class BlindLocator(C3Locator):
+    """A locator that finds nothing: the ROI falls back to the body outline."""
+
+    def predict(self, images):
+        self.sizes.append(images.shape[1])
+        return [np.zeros((0, 6), dtype=np.float32) for _ in images]
+
+
+@pytest.mark.parametrize("with_locator", [False, True, "blind"])
 def test_study_rois_for_training_equal_the_rois_detect_uses(tmp_path, with_locator):
-    """prepare-detector crops with study_rois; it must give each slice the very ROI detect_study uses."""
+    """prepare-detector crops with study_rois; it must give each slice the very ROI detect_study uses (also when
+    the locator finds nothing and detect measures the body outline only then, from the decoded volume)."""
     config = load_config("detector", None, ["roi.enabled=true", f"roi.size_mm={SIZE_MM}", "roi.smooth_mm=3",
                                             f"render.imgsz={IMGSZ}", "detect.batch=5"])
     study = write_marker_study(tmp_path, "5.2", shape=(ROWS, COLS), body=moving_body, marker=(36, 100, 16, 32),
                                order="feet_first")
-    locator = Locator(C3Locator(), load_config("locator", None, ["render.imgsz=32"]),
+    fake = BlindLocator() if with_locator == "blind" else C3Locator()
+    locator = Locator(fake, load_config("locator", None, ["render.imgsz=32"]),
                       load_config("levels")) if with_locator else None
     found = detect_study(study, MarkerPredictor(), config=config, locator=locator, workers=1)
     rois = study_rois(study, config=config, locator=locator)
     pd.testing.assert_frame_equal(rois.table(), found.slices[list(ROI_COLUMNS)].reset_index(drop=True))
     sources = set(found.slices["roi_source"])
-    assert ("locator" in sources and sources <= {"locator", "held"}) if with_locator else sources == {"body"}
+    located = with_locator is True
+    assert ("locator" in sources and sources <= {"locator", "held"}) if located else sources == {"body"}
 
 
 # ---------------------------------------------------------------- slices.csv and overlays through detect_studies

@@ -47,13 +47,6 @@ ROWS: tuple[tuple[str, list[str], str], ...] = (
 CLASSIFIER_GROUP = "classifier"
 
 
-def _tables(folders: list[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """Stack boxes, slices and vertebrae tables of detect folders (the pipeline's own reader)."""
-    from spinefrac.pipeline import _read_detections
-
-    return _read_detections(folders)
-
-
 def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels_test: pd.DataFrame, *,
              repeats: int, rows_spec: tuple[tuple[str, list[str], str], ...] = ROWS,
              test_vertebrae: pd.DataFrame | None = None) -> list[dict]:
@@ -66,11 +59,12 @@ def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels
     from aggregation.model import StudyAggregator
     from data_prep.config import load_config
     from data_prep.registry import TARGETS
+    from spinefrac.pipeline import read_detections
 
     agg_dir = model_dir / "work" / "aggregator_detect"
     folders = sorted(p for p in agg_dir.glob("fold*") if (p / "slices.csv").is_file()) or [agg_dir]
-    tr_boxes, tr_slices, tr_vert = _tables(folders)
-    te_boxes, te_slices, te_vert = _tables([pred_dir])
+    tr_boxes, tr_slices, tr_vert = read_detections(folders)
+    te_boxes, te_slices, te_vert = read_detections([pred_dir])
     te_vert = test_vertebrae if test_vertebrae is not None else te_vert
     train_uids = sorted(set(tr_slices[STUDY_COL].astype(str)))
     test_uids = sorted(set(te_slices[STUDY_COL].astype(str)))

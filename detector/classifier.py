@@ -83,19 +83,20 @@ def load_classifier(weights: Sequence[str | os.PathLike], *, config: Mapping[str
                     device: Any = None, threads: int | None = None) -> VertebraClassifier:
     """Load fold classifiers (spinefrac weights files, read weights-only) with their configs/classifier.yaml."""
     from data_prep.config import load_config
+    from detector.offline import configure_ultralytics
     from detector.weights import TASK_CLASSIFY, build_model
 
     cfg = config if config is not None else load_config("classifier")
     paths = [Path(w) for w in weights]
     if not paths:
         raise ValueError("load_classifier needs at least one weights file")
-    models_probe = build_model(paths[0])   # configures Ultralytics offline before anything of it is imported
+    configure_ultralytics()              # offline, before anything of Ultralytics is imported
     from ultralytics.utils.torch_utils import select_device
 
     dev = select_device("" if device in (None, "") else str(device), verbose=False)
     models, positive = [], []
     for path in paths:
-        model = models_probe if path == paths[0] else build_model(path)
+        model = build_model(path)
         if model.task != TASK_CLASSIFY:
             raise InputError(path, f"holds a {model.task} network, not a classifier (train one with train-classifier)")
         names = {int(k): str(v) for k, v in model.names.items()}

@@ -69,7 +69,6 @@ TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
     "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
 WEIGHTS = Path("weights") / "best.pt"
 EVIDENCE_TOP = 3  # boxes listed per level in evidence.csv
-VERTEBRAE_CSV = "vertebrae.csv"
 EVIDENCE_VERTEBRA_COLUMNS = ("first_slice", "last_slice", "n_slices", "cls_max", "cls_topk", "cls_mean")
 """vertebrae.csv columns copied into evidence.csv per study and level (the z-range and the classifier's scores)."""
 MAX_NAMED = 5     # studies named in one log line
@@ -390,7 +389,7 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
     from aggregation.metric import competition_loss
     from aggregation.model import StudyAggregator
 
-    boxes, slices, vertebrae = _read_detections(detect_dirs)
+    boxes, slices, vertebrae = read_detections(detect_dirs)
     done = set(slices[registry.STUDY_COL].astype(str))
     usable = [u for u in studies if u in done]
     if len(usable) < len(studies):
@@ -405,9 +404,10 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
     return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4)}
 
 
-def _read_detections(detect_dirs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """Read and stack boxes.csv, slices.csv and (where present) vertebrae.csv of detect folders."""
+def read_detections(detect_dirs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Read and stack boxes.csv, slices.csv and (where present) vertebrae.csv of detect folders (one per fold)."""
     from aggregation.features import load_detection_tables, load_vertebrae_table
+    from detector.detect import VERTEBRAE_CSV
 
     parts = [load_detection_tables(Path(d) / "boxes.csv", Path(d) / "slices.csv") for d in detect_dirs]
     boxes = pd.concat([b for b, _ in parts if len(b)] or [parts[0][0]], ignore_index=True)
@@ -553,6 +553,7 @@ def _detections(out: Path, *, failed: set[str], uids: Sequence[str]) -> tuple[pd
 def _vertebrae_table(out: Path, *, failed: set[str], uids: Sequence[str]) -> pd.DataFrame | None:
     """This run's vertebrae.csv rows (finished studies only), or None when detect wrote none."""
     from aggregation.features import load_vertebrae_table
+    from detector.detect import VERTEBRAE_CSV
 
     path = out / VERTEBRAE_CSV
     if set(uids) <= failed or not path.is_file():

@@ -22,14 +22,17 @@ from pathlib import Path
 
 from data_prep.errors import InputError
 from data_prep.locks import locks_output
+from detector.detect import BOXES_CSV, DONE_DIR, ERRORS_DIR, OVERLAYS_DIR, PARTS_DIR
+
+COPIED_DIRS = (DONE_DIR, PARTS_DIR, ERRORS_DIR, OVERLAYS_DIR)
+"""What a shard's prediction folder holds per study (detector/detect.py); merge copies these."""
+SETTINGS_META = f"{BOXES_CSV}.meta.json"
 
 log = logging.getLogger("spinefrac")
 
 SHARD_SEPARATOR = "/"
 HASH_HEX_DIGITS = 16
 """Leading hex digits of the SHA-256 of a study's folder name that decide its shard."""
-COPIED_DIRS = ("done", "parts", "errors", "overlays")
-SETTINGS_META = "boxes.csv.meta.json"
 
 
 def parse_shard(text: str) -> tuple[int, int]:
@@ -73,7 +76,7 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
     test = read_test_csv(test_csv) if test_csv is not None else None
     aggregator = StudyAggregator.load(model.root / "aggregator")
     key = _common_settings_key(shards)
-    if (out / "done").is_dir() and any((out / "done").iterdir()):
+    if (out / DONE_DIR).is_dir() and any((out / DONE_DIR).iterdir()):
         if not overwrite:
             raise InputError(out, "already holds finished studies: merge into a new folder, or pass --overwrite")
         for sub in COPIED_DIRS:
@@ -81,7 +84,7 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
     owner: dict[str, Path] = {}
     for shard in shards:
         markers = detect_markers(shard)
-        uids = set(markers.done_uids()) | {p.stem for p in (shard / "errors").glob("*.json")}
+        uids = set(markers.done_uids()) | {p.stem for p in (shard / ERRORS_DIR).glob("*.json")}
         twice = sorted(u for u in uids if u in owner)
         if twice:
             raise InputError(shard, f"holds {len(twice)} studies that {owner[twice[0]]} holds too (e.g. {twice[0]}): "

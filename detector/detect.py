@@ -132,6 +132,16 @@ class DetectResult:
     n_slices: int = 0
     timings: dict[str, float] = field(default_factory=dict)
 
+    def add(self, outcome: StudyOutcome) -> None:
+        """Count one study's outcome in this run's totals."""
+        if not outcome.finished:
+            self.failed.append(outcome.uid)
+            return
+        self.finished.append(outcome.uid)
+        self.n_slices += outcome.n_slices
+        for k, v in outcome.timings.items():
+            self.timings[k] = self.timings.get(k, 0.0) + v
+
 
 # ---------------------------------------------------------------- public API
 def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
@@ -564,38 +574,19 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     """
     from tqdm.auto import tqdm
 
-    from detector.backends import load_predictor
-
     t0 = time.perf_counter()
     out = Path(out)
     study_dirs = find_studies(studies)
-    label_table = read_table(labels, "boxes") if labels is not None else None
-    if classifier and locator is None:
-        raise InputError(None, "the vertebra classifier needs the locator (its crops follow the located vertebrae)")
-    markers = detect_markers(out, detect_settings(config, weights=weights, locator=locator,
-                                                  locator_config=locator_config, levels_config=levels_config,
-                                                  classifier=classifier, classifier_config=classifier_config))
+    runner = StudyRunner(out, weights=weights, config=config, labels=labels, locator=locator,
+                         locator_config=locator_config, levels_config=levels_config, workers=workers, device=device,
+                         classifier=classifier, classifier_config=classifier_config)
+    markers = runner.markers
     plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)    # refuses other settings now
     if overwrite:
         _drop_other_errors(out, markers.key)
     det = config["detect"]
-    train = config.get("train") or {}
-    device = None if device in (None, "") else device  # None: Ultralytics' select_device picks GPU 0 or the CPU
-    threads = train.get("threads") or None
-    predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
-                               backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),
-                               max_det=int(det["max_det"]), threads=threads)
-    loc = load_locator(locator, config=locator_config, levels_config=levels_config, device=device,
-                       backend=str(det["backend"]), threads=threads) if locator is not None else None
-    clf = None
-    if classifier:
-        from detector.classifier import load_classifier
-
-        clf = load_classifier(classifier, config=classifier_config, device=device, threads=threads)
     result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
                           timings=dict.fromkeys(TIMING_KEYS, 0.0))
-    for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
-        (out / sub).mkdir(parents=True, exist_ok=True)
     rebuild_every = max(1, int(det["rebuild_every"]))
     result.skipped = list(plan.skip)
     todo = [s for s in study_dirs if s.name not in set(plan.skip)]
@@ -604,22 +595,85 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                  len(result.skipped), len(study_dirs), out)
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
-            _run_study(study, predictor, markers=markers, config=config, locator=loc, levels_config=levels_config,
-                       labels=label_table, workers=workers, result=result, classifier=clf)
+            result.add(runner.run(study))
             if k % rebuild_every == 0:
                 rebuild_outputs(out, config=config)
     finally:
         rebuild_outputs(out, config=config, runtime_s=time.perf_counter() - t0,
-                        extra={"weights": str(weights), "backend": getattr(predictor, "backend", None),
-                               "settings_key": markers.key,
-                               "locator": str(locator) if locator else None,
-                               "classifier": [str(w) for w in classifier] if classifier else None,
-                               "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
+                        extra={**runner.describe(), "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
                                             "failed": len(result.failed), "slices": result.n_slices,
                                             "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}})
     if result.failed:
         log.warning("detect: %d studies failed, see %s", len(result.failed), result.errors_csv)
     return result
+
+
+@dataclass
+class StudyOutcome:
+    """What detecting one study gave: finished or failed, its slice count and timings (s)."""
+
+    uid: str
+    finished: bool
+    n_slices: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+class StudyRunner:
+    """The loaded models and settings of a detect run: detects one study at a time into `out`.
+
+    `detect_studies` runs one; a Ray actor (spinefrac/ray_runner.py) holds one per worker, so models load
+    once per worker and every study's parts, done marker or failure record land in `out` as in a local run.
+    """
+
+    def __init__(self, out: str | os.PathLike, *, weights: str | os.PathLike, config: Mapping[str, Any],
+                 labels: str | os.PathLike | None = None, locator: str | os.PathLike | None = None,
+                 locator_config: Mapping[str, Any] | None = None, levels_config: Mapping[str, Any] | None = None,
+                 workers: int = 2, device: str | int | None = None,
+                 classifier: Sequence[str | os.PathLike] | None = None,
+                 classifier_config: Mapping[str, Any] | None = None) -> None:
+        from detector.backends import load_predictor
+
+        if classifier and locator is None:
+            raise InputError(None, "the vertebra classifier needs the locator (its crops follow the located "
+                                   "vertebrae)")
+        self.out = Path(out)
+        self.config = config
+        self.levels_config = levels_config
+        self.workers = workers
+        self.labels = read_table(labels, "boxes") if labels is not None else None
+        self.weights, self.locator_weights = weights, locator
+        self.classifier_weights = list(classifier) if classifier else None
+        self.markers = detect_markers(self.out, detect_settings(
+            config, weights=weights, locator=locator, locator_config=locator_config, levels_config=levels_config,
+            classifier=classifier, classifier_config=classifier_config))
+        det = config["detect"]
+        threads = (config.get("train") or {}).get("threads") or None
+        device = None if device in (None, "") else device  # None: Ultralytics' select_device picks GPU 0 or CPU
+        self.predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
+                                        backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),
+                                        max_det=int(det["max_det"]), threads=threads)
+        self.locator = load_locator(locator, config=locator_config, levels_config=levels_config, device=device,
+                                    backend=str(det["backend"]), threads=threads) if locator is not None else None
+        self.classifier = None
+        if classifier:
+            from detector.classifier import load_classifier
+
+            self.classifier = load_classifier(classifier, config=classifier_config, device=device, threads=threads)
+        for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
+            (self.out / sub).mkdir(parents=True, exist_ok=True)
+
+    def run(self, study: str | os.PathLike) -> StudyOutcome:
+        """Detect one study: its parts and done marker, or errors/<uid>.json when it fails (never raises for it)."""
+        return _run_study(Path(study), self.predictor, markers=self.markers, config=self.config,
+                          locator=self.locator, levels_config=self.levels_config, labels=self.labels,
+                          workers=self.workers, classifier=self.classifier)
+
+    def describe(self) -> dict[str, Any]:
+        """The run's provenance for the tables' sidecars: weights, backend, settings key, locator, classifiers."""
+        return {"weights": str(self.weights), "backend": getattr(self.predictor, "backend", None),
+                "settings_key": self.markers.key,
+                "locator": str(self.locator_weights) if self.locator_weights else None,
+                "classifier": [str(w) for w in self.classifier_weights] if self.classifier_weights else None}
 
 
 def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
@@ -655,7 +709,7 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
 # ---------------------------------------------------------------- internals
 def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
                locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
-               workers: int, result: DetectResult, classifier: Any = None) -> None:
+               workers: int, classifier: Any = None) -> StudyOutcome:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
     uid = study.name
     out = markers.root
@@ -679,8 +733,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
         log.debug("%s", traceback.format_exc())
         write_json_atomic(error_file, {STUDY_COL: uid, "path": str(study), "stage": stage,
                                        "error": f"{type(exc).__name__}: {exc}", "settings_key": markers.key})
-        result.failed.append(uid)
-        return
+        return StudyOutcome(uid, finished=False)
     if bool(config["detect"]["overlays"]):
         try:
             from detector.overlays import write_overlays
@@ -695,10 +748,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
     markers.write(uid, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
                         "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - t0, 3),
                         "timings_s": {k: round(v, 4) for k, v in found.timings.items()}}, files=files)
-    result.finished.append(uid)
-    result.n_slices += found.n_slices
-    for k, v in found.timings.items():
-        result.timings[k] = result.timings.get(k, 0.0) + v
+    return StudyOutcome(uid, finished=True, n_slices=found.n_slices, timings=dict(found.timings))
 
 
 def _drop_other_errors(out: Path, key: str) -> None:

@@ -1,7 +1,10 @@
 """The predictor API: batches of rendered slices in memory -> boxes after NMS, on PyTorch, ONNX Runtime or OpenVINO.
 
-All three run through Ultralytics' `AutoBackend` (loading, metadata, static-batch padding) and its
-`non_max_suppression`, so a batch gives the same boxes as `YOLO.predict` on the same arrays, without files.
+All three run through Ultralytics' `AutoBackend` (loading, metadata, static-batch padding). Boxes follow
+Ultralytics' `non_max_suppression` (best class per anchor, class-aware NMS, at most max_det per image), so a
+batch gives the same boxes as `YOLO.predict` on the same arrays, without files; but the candidate filter runs
+in NumPy over the whole batch and the NMS is one `torchvision.ops.batched_nms` call per batch (Ultralytics
+loops over images with small torch ops, which on 2 busy cores cost more than the model: see `batch_nms`).
 Images follow Ultralytics' convention for NumPy input: uint8 (B, H, W, 3) in OpenCV (BGR) channel order,
 i.e. the arrays one would pass to `cv2.imwrite` to write the training PNGs; they are flipped to RGB here,
 exactly as the Ultralytics dataloader and predictor do.
@@ -34,6 +37,8 @@ CPU_PREFERENCE = (("openvino", "openvino"), ("onnx", "onnxruntime"))
 PIXEL_MAX = 255.0
 BOX_COLUMNS = ("x1", "y1", "x2", "y2", "score", "class")
 OV_LATENCY_HINT = ("PERFORMANCE_HINT", "LATENCY")  # what Ultralytics compiles OpenVINO models with
+MAX_NMS = 30000      # at most this many candidates per image enter NMS (Ultralytics' max_nms)
+MAX_WH = 7680        # class offset in class-aware NMS (Ultralytics' max_wh); only the grouping matters here
 
 
 @dataclass
@@ -70,9 +75,6 @@ class Predictor:
 
     def predict(self, images: np.ndarray) -> list[np.ndarray]:
         """Detect boxes on a uint8 (B, imgsz, imgsz, 3) BGR batch; pixel coordinates of the imgsz image."""
-        from ultralytics.utils.nms import non_max_suppression
-        from ultralytics.utils.ops import clip_boxes
-
         t0 = time.perf_counter()
         x = self._to_tensor(images)
         if x is None:
@@ -80,12 +82,7 @@ class Predictor:
         t1 = time.perf_counter()
         raw = self._run(x)
         t2 = time.perf_counter()
-        dets = non_max_suppression(raw, conf_thres=self.conf, iou_thres=self.iou, max_det=self.max_det)
-        out = []
-        for d in dets:
-            d = d[:, :len(BOX_COLUMNS)].float()
-            clip_boxes(d[:, :4], (self.imgsz, self.imgsz))  # as Ultralytics predict does when scaling boxes
-            out.append(d.cpu().numpy())
+        out = batch_nms(raw, conf=self.conf, iou=self.iou, max_det=self.max_det, imgsz=self.imgsz)
         t3 = time.perf_counter()
         self.timings.preprocess += t1 - t0
         self.timings.model += t2 - t1
@@ -115,8 +112,7 @@ class Predictor:
                              f"got {images.dtype} {images.shape}")
         if len(images) == 0:
             return None
-        x = np.ascontiguousarray(images[..., ::-1].transpose(0, 3, 1, 2))  # BGR BHWC -> RGB BCHW
-        return torch.from_numpy(x).to(self.device).float().div_(PIXEL_MAX)
+        return torch.from_numpy(to_model_input(images)).to(self.device)
 
     def _run(self, x: Any) -> Any:
         """Run the backend on a prepared tensor, with torch's CPU threads at the configured count."""
@@ -130,6 +126,57 @@ class Predictor:
     def reset_timings(self) -> None:
         """Zero the per-stage timers."""
         self.timings = StageTimings()
+
+
+def to_model_input(images: np.ndarray) -> np.ndarray:
+    """uint8 BGR (B, H, W, 3) -> float32 RGB (B, 3, H, W) in [0, 1], in NumPy (no torch threads on the hot path)."""
+    x = np.empty((images.shape[0], images.shape[3], images.shape[1], images.shape[2]), dtype=np.float32)
+    np.multiply(images[..., ::-1].transpose(0, 3, 1, 2), np.float32(1.0 / PIXEL_MAX), out=x, dtype=np.float32)
+    return x
+
+
+def batch_nms(raw: Any, *, conf: float, iou: float, max_det: int, imgsz: int) -> list[np.ndarray]:
+    """Ultralytics' NMS for a batch of raw YOLO outputs (B, 4 + classes, anchors): (k, 6) xyxy-score-class per image.
+
+    As `ultralytics.utils.nms.non_max_suppression` with its defaults (best class per anchor, score > conf,
+    class-aware NMS at `iou`, at most max_det boxes per image by score, boxes clipped to the image), but the
+    score filter runs in NumPy over the whole batch, and every image's NMS is one torchvision call: few
+    anchors pass `conf`, and per-image small torch ops each start the thread pool, which stalls when the
+    decode workers keep both cores busy.
+    """
+    import torch
+    from torchvision.ops import batched_nms
+
+    pred = raw[0] if isinstance(raw, (list, tuple)) else raw
+    p = pred.float().cpu().numpy() if hasattr(pred, "cpu") else np.asarray(pred, dtype=np.float32)
+    n_images, n_classes = p.shape[0], p.shape[1] - 4
+    cls_scores = p[:, 4:, :]
+    scores = cls_scores.max(axis=1)                       # (B, anchors)
+    image, anchor = np.nonzero(scores > conf)
+    out = [np.zeros((0, len(BOX_COLUMNS)), np.float32) for _ in range(n_images)]
+    if not len(image):
+        return out
+    s = scores[image, anchor]
+    counts = np.bincount(image, minlength=n_images)
+    if counts.max() > MAX_NMS:                            # keep each image's MAX_NMS best, as Ultralytics does
+        order = np.lexsort((-s, image))
+        rank = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+        keep = order[rank < MAX_NMS]
+        image, anchor, s = image[keep], anchor[keep], s[keep]
+    cls = cls_scores[image, :, anchor].argmax(axis=1)
+    cx, cy, w, h = (p[image, k, anchor] for k in range(4))
+    boxes = np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], axis=1)
+    groups = image.astype(np.int64) * n_classes + cls
+    kept = batched_nms(torch.from_numpy(boxes), torch.from_numpy(s), torch.from_numpy(groups), iou).numpy()
+    kept = kept[np.lexsort((np.arange(len(kept)), image[kept]))]   # by image, score order kept within each
+    img_k = image[kept]
+    first = np.searchsorted(img_k, np.arange(n_images))
+    rank = np.arange(len(kept)) - first[img_k]
+    kept, img_k = kept[rank < max_det], img_k[rank < max_det]
+    rows = np.column_stack([np.clip(boxes[kept], 0, imgsz), s[kept], cls[kept]]).astype(np.float32)
+    for i in np.unique(img_k):
+        out[i] = rows[img_k == i]
+    return out
 
 
 def load_predictor(weights: Path, *, imgsz: int, device: str | int | None = "cpu", backend: str = "auto",

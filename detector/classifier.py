@@ -27,7 +27,6 @@ log = logging.getLogger("detector")
 
 POSITIVE_CLASS = "1"
 """The class folder name of a fractured vertebra's crops (prepare-classifier writes train/0 and train/1)."""
-PIXEL_MAX = 255.0
 SCORE_COLUMNS: tuple[str, ...] = ("n_crops", "cls_max", "cls_topk", "cls_mean")
 VERTEBRA_COLUMNS: tuple[str, ...] = (STUDY_COL, "level", "first_slice", "last_slice", "n_slices", "source",
                                      *SCORE_COLUMNS)
@@ -54,6 +53,7 @@ class VertebraClassifier:
         """Return the mean fracture probability of the models for a uint8 (B, imgsz, imgsz, 3) BGR batch."""
         import torch
 
+        from detector.backends import to_model_input
         from detector.offline import restore_threads
 
         images = np.asarray(images)
@@ -64,8 +64,7 @@ class VertebraClassifier:
         if len(images) == 0:
             return np.zeros(0)
         # BGR BHWC -> RGB BCHW in [0, 1]: what Ultralytics' classify dataset feeds the network from the PNGs
-        x = torch.from_numpy(np.ascontiguousarray(images[..., ::-1].transpose(0, 3, 1, 2))).float().div_(PIXEL_MAX)
-        x = x.to(self.device)
+        x = torch.from_numpy(to_model_input(images)).to(self.device)
         if self.device is None or getattr(self.device, "type", "cpu") == "cpu":
             restore_threads(self.threads)
         total = np.zeros(len(images))

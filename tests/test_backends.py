@@ -305,3 +305,33 @@ def test_failed_export_leaves_the_previous_export_and_no_temp_files(weights, tmp
         export_weights(w, fmt="onnx", imgsz=IMGSZ)
     assert good.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.onnx", "best.onnx.meta.json", "best.pt"]
+
+
+@pytest.mark.parametrize("n_classes", [1, 7])
+def test_batch_nms_gives_ultralytics_nms_boxes(n_classes):
+    """The batched NMS keeps exactly Ultralytics' boxes: best class, class-aware suppression, max_det, clipping."""
+    import torch
+    from ultralytics.utils.nms import non_max_suppression
+    from ultralytics.utils.ops import clip_boxes
+
+    from detector.backends import batch_nms
+
+    rng = np.random.default_rng(n_classes)
+    n_images, n_anchors, size = 5, 400, 96
+    raw = np.zeros((n_images, 4 + n_classes, n_anchors), np.float32)
+    centres = rng.uniform(0, size, (n_images, 2, 1))          # clustered boxes overlap: suppression matters
+    raw[:, :2] = centres + rng.normal(0, 6, (n_images, 2, n_anchors))
+    raw[:, 2:4] = rng.uniform(4, 40, (n_images, 2, n_anchors))
+    raw[:, 4:] = rng.uniform(0, 1, (n_images, n_classes, n_anchors)) ** 4   # most anchors under conf
+    raw[2, 4:] = 0.0                                                         # an image with no candidate
+    ours = batch_nms(torch.from_numpy(raw), conf=CONF, iou=IOU, max_det=MAX_DET, imgsz=size)
+    ref = non_max_suppression(torch.from_numpy(raw), conf_thres=CONF, iou_thres=IOU, max_det=MAX_DET)
+    assert len(ours) == n_images
+    assert len(ours[2]) == 0
+    for mine, theirs in zip(ours, ref, strict=True):
+        theirs = theirs[:, :6].clone()
+        clip_boxes(theirs[:, :4], (size, size))
+        theirs = theirs.numpy()
+        assert mine.shape == theirs.shape
+        np.testing.assert_allclose(mine, theirs, atol=1e-4)
+    assert sum(len(m) for m in ours) > n_images       # several boxes survived: the comparison had substance

@@ -200,7 +200,7 @@ def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None
 
 def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: Mapping[str, Any],
                  locator: Locator | None = None, levels_config: Mapping[str, Any] | None = None,
-                 workers: int = 2, classifier: Any = None) -> StudyDetections:
+                 workers: int = 2, classifier: Any = None, stream: Any = None) -> StudyDetections:
     """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns).
 
     With `roi.enabled` the study is decoded once into memory; the locator runs on every k-th slice while it
@@ -209,10 +209,12 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     Levels come from `locator` when given; else, with `levels_config`, from relative z position alone
     (configs/levels.yaml `relative_z`); else the tables carry no level columns. With levels, `vertebrae`
     holds each level's z-range; with a `classifier` (detector.classifier.VertebraClassifier) and a locator,
-    also its crops' scores, from the same decoded volume.
+    also its crops' scores, from the same decoded volume. `stream` (data_prep.readahead.StudyStream): the
+    study as a read-ahead reader delivers it (geometry and chunks, read while the previous study was in the
+    models); without it the study is scanned and decoded here.
     """
     from data_prep.dicom_io import iter_chunks, scan_study
-    from detector.render import context_slices, image_xyxy_to_original, render_crops, render_slices
+    from detector.render import image_xyxy_to_original, render_crops, render_slices
     from detector.roi import crop_xyxy_to_original, full_rois, roi_enabled
 
     study_dir = Path(study_dir)
@@ -222,21 +224,20 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     conf = float(det["conf"])
     roi_cfg = config["roi"] if roi_enabled(config) else None
     timings = dict.fromkeys(TIMING_KEYS, 0.0)
-    geometry = scan_study(study_dir)
+    geometry = stream.geometry if stream is not None else scan_study(study_dir)
     n = len(geometry.paths)
     shape = (int(geometry.shape[0]), int(geometry.shape[1]))
     z = np.asarray(geometry.z_mm, dtype=float)
     numbers = np.asarray(geometry.instance_numbers)
     before = _stage_seconds(predictor)
-    context = context_slices(geometry, render) if roi_cfg is None else 0
-    if locator is not None:
-        context = max(context, context_slices(geometry, locator.config["render"]))
+    context = chunk_context(geometry, config, locator)
     body_every = locator.every_k if locator is not None else int(roi_cfg["every_k"]) if roi_cfg else 0
     want_body = roi_cfg is not None and roi_cfg["fallback"] == "body"
     keep_volume = roi_cfg is not None or (classifier is not None and locator is not None)
     volume = np.empty((n, *shape), dtype=np.int16) if keep_volume else None
-    chunks = prefetch(iter_chunks(geometry, chunk_size=int(det["batch"]), context=context, workers=workers),
-                      depth=int(det["prefetch"]))
+    chunks = stream.chunks() if stream is not None else prefetch(
+        iter_chunks(geometry, chunk_size=int(det["batch"]), context=context, workers=workers),
+        depth=int(det["prefetch"]))
     box_parts: list[np.ndarray] = []      # rows: slice_index, x, y, w, h, score
     loc_slices: list[int] = []
     loc_dets: list[np.ndarray] = []       # rows: slice_index, x, y, w, h, conf, cls (original px)
@@ -319,6 +320,17 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     after = _stage_seconds(predictor)
     timings.update({f"model_{k}": after[k] - before.get(k, 0.0) for k in after})
     return StudyDetections(uid, boxes, slices, n, timings, geometry, level_boxes, vertebrae)
+
+
+def chunk_context(geometry: Any, config: Mapping[str, Any], locator: Locator | None) -> int:
+    """Neighbour slices each chunk of this study needs: the detector's 2.5D context on whole slices, the locator's."""
+    from detector.render import context_slices
+    from detector.roi import roi_enabled
+
+    context = context_slices(geometry, config["render"]) if not roi_enabled(config) else 0
+    if locator is not None:
+        context = max(context, context_slices(geometry, locator.config["render"]))
+    return context
 
 
 def _vertebrae(uid: str, geometry: Any, slices: pd.DataFrame, slice_levels: pd.DataFrame | None,
@@ -593,12 +605,14 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     if result.skipped:
         log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
                  len(result.skipped), len(study_dirs), out)
+    streams = runner.read_ahead(todo)
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
-            result.add(runner.run(study))
+            result.add(runner.run(study, stream=next(streams)))
             if k % rebuild_every == 0:
                 rebuild_outputs(out, config=config)
     finally:
+        streams.close()     # stops the reader thread (an interrupted run leaves no reader behind)
         rebuild_outputs(out, config=config, runtime_s=time.perf_counter() - t0,
                         extra={**runner.describe(), "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
                                             "failed": len(result.failed), "slices": result.n_slices,
@@ -662,11 +676,26 @@ class StudyRunner:
         for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
 
-    def run(self, study: str | os.PathLike) -> StudyOutcome:
-        """Detect one study: its parts and done marker, or errors/<uid>.json when it fails (never raises for it)."""
+    def run(self, study: str | os.PathLike, stream: Any = None) -> StudyOutcome:
+        """Detect one study: its parts and done marker, or errors/<uid>.json when it fails (never raises for it).
+
+        stream: the study from `read_ahead` (data_prep.readahead), when a batch reads studies ahead.
+        """
         return _run_study(Path(study), self.predictor, markers=self.markers, config=self.config,
                           locator=self.locator, levels_config=self.levels_config, labels=self.labels,
-                          workers=self.workers, classifier=self.classifier)
+                          workers=self.workers, classifier=self.classifier, stream=stream)
+
+    def read_ahead(self, studies: Sequence[Path]) -> Iterator[Any]:
+        """The studies' StudyStreams, read `detect.prefetch` chunks ahead across studies (None each when 0)."""
+        det = self.config["detect"]
+        depth = int(det["prefetch"])
+        if depth <= 0:
+            yield from (None for _ in studies)
+            return
+        from data_prep.readahead import read_ahead
+
+        yield from read_ahead(studies, chunk_size=int(det["batch"]), workers=self.workers, depth=depth,
+                              context=lambda geometry: chunk_context(geometry, self.config, self.locator))
 
     def describe(self) -> dict[str, Any]:
         """The run's provenance for the tables' sidecars: weights, backend, settings key, locator, classifiers."""
@@ -709,7 +738,7 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
 # ---------------------------------------------------------------- internals
 def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
                locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
-               workers: int, classifier: Any = None) -> StudyOutcome:
+               workers: int, classifier: Any = None, stream: Any = None) -> StudyOutcome:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
     uid = study.name
     out = markers.root
@@ -718,8 +747,12 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
     stage = "detect"
     t0 = time.perf_counter()
     try:
-        found = detect_study(study, predictor, config=config, locator=locator, levels_config=levels_config,
-                             workers=workers, classifier=classifier)
+        try:
+            found = detect_study(study, predictor, config=config, locator=locator, levels_config=levels_config,
+                                 workers=workers, classifier=classifier, stream=stream)
+        finally:
+            if stream is not None:
+                stream.close()    # the reader moves on to the next study
         stage = "write"
         parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes,
                  VERTEBRAE_SUFFIX: found.vertebrae}

@@ -31,6 +31,10 @@ SCORE_COLUMNS: tuple[str, ...] = ("n_crops", "cls_max", "cls_topk", "cls_mean")
 VERTEBRA_COLUMNS: tuple[str, ...] = (STUDY_COL, "level", "first_slice", "last_slice", "n_slices", "source",
                                      *SCORE_COLUMNS)
 """vertebrae.csv: one row per study x level (docs/contracts.md "Detection outputs")."""
+DETECT_CPU_THREADS = 1
+"""Torch threads for the classifier at detect on the CPU: a study's few small crops gain nothing from a second
+thread, and while the decode workers keep both cores busy a 2-thread forward stalled (measured: 28 crops of
+64 px, 2 models: 17-20 ms with 1 thread, 49-425 ms with 2)."""
 
 
 @dataclass

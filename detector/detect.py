@@ -670,9 +670,10 @@ class StudyRunner:
                                     backend=str(det["backend"]), threads=threads) if locator is not None else None
         self.classifier = None
         if classifier:
-            from detector.classifier import load_classifier
+            from detector.classifier import DETECT_CPU_THREADS, load_classifier
 
-            self.classifier = load_classifier(classifier, config=classifier_config, device=device, threads=threads)
+            self.classifier = load_classifier(classifier, config=classifier_config, device=device,
+                                              threads=DETECT_CPU_THREADS)
         for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
 

@@ -64,7 +64,7 @@ def _child_naive(args: argparse.Namespace) -> dict:
     configure_ultralytics()
     from detector.weights import yolo_from_weights
 
-    render = load_config("detector", None, [f"render.imgsz={args.imgsz}"]).render
+    render = load_config("detector", None, [f"render.imgsz={args.imgsz}", *args.render_set]).render
     png_dir = Path(args.out) / "png"
     t_write = t_predict = 0.0
     speeds = {"preprocess": 0.0, "inference": 0.0, "postprocess": 0.0}
@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=("detect", "naive"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--render-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="detector config override for the naive path's rendering, e.g. render.recipe=windows")
     args = p.parse_args(argv)
 
     if args.child:

@@ -69,8 +69,9 @@ LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
 HU_INT16_MIN, HU_INT16_MAX = -32768, 32767
 """A study held in memory for the ROI pass is stored as int16 HU (CT values are whole HU)."""
 TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate", "classify",
-                                 "classify_model")
-"""Per-study timers (s); `classify` covers the vertebra crops and scores, `classify_model` the network inside it."""
+                                 "classify_model", "outputs")
+"""Per-study timers (s); `decode` is the wait for decoded slices, `classify` covers the vertebra crops and scores,
+`classify_model` the network inside it, `outputs` the study's parts and overlays."""
 DEFAULT_PRESENCE_THRESHOLD = 0.5
 """vertebrae.csv without a classifier: a slice belongs to level L when p_L > this (as configs/classifier.yaml)."""
 MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
@@ -755,6 +756,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
             if stream is not None:
                 stream.close()    # the reader moves on to the next study
         stage = "write"
+        t_out = time.perf_counter()
         parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes,
                  VERTEBRAE_SUFFIX: found.vertebrae}
         files = []
@@ -778,6 +780,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
             files.append(f"{OVERLAYS_DIR}/{uid}")
         except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)
+    found.timings["outputs"] = time.perf_counter() - t_out
     error_file.unlink(missing_ok=True)
     markers.write(uid, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
                         "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - t0, 3),

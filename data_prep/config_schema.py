@@ -188,6 +188,7 @@ class DetectSection(Section):
     max_det: PosInt
     batch: PosInt
     prefetch: Count
+    inference_threads: Count
     backend: Literal[BACKENDS]  # type: ignore[valid-type]
     overlays: StrictBool
     rebuild_every: PosInt

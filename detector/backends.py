@@ -185,8 +185,8 @@ def load_predictor(weights: Path, *, imgsz: int, device: str | int | None = "cpu
                    openvino_precision: str | None = None) -> Predictor:
     """Load `.pt`, `.onnx` or `*_openvino_model/` weights; "auto" picks the fastest installed backend for a .pt.
 
-    threads: torch CPU threads (None/0 = every core). export_options: the `export:` config section used when a
-    .pt has to be exported once (default: configs/detector.yaml). openvino_precision: None keeps OpenVINO's
+    threads: CPU threads of the model, torch or OpenVINO (None/0 = every core). export_options: the `export:`
+    config section used when a .pt has to be exported once (default: configs/detector.yaml). openvino_precision: None keeps OpenVINO's
     default (bf16 on CPUs that have it, boxes within ~1 px of PyTorch), "f32" matches PyTorch at about 2x the cost.
     """
     weights = Path(weights)
@@ -221,8 +221,8 @@ def load_predictor(weights: Path, *, imgsz: int, device: str | int | None = "cpu
         if static and model_size != (imgsz, imgsz):
             raise InputError(path, f"exported for a fixed {model_size[0]}x{model_size[1]} input, but imgsz is "
                                    f"{imgsz}: export again with that size, or with export.dynamic=true")
-    if chosen == "openvino" and openvino_precision is not None:
-        _set_openvino_precision(model, path, openvino_precision)
+    if chosen == "openvino" and (openvino_precision is not None or threads):
+        _recompile_openvino(model, path, precision=openvino_precision, threads=threads)
     if torch_device.type == "cpu":
         restore_threads(threads)
     log.info("detector backend: %s (%s, loaded in %.1f s)", chosen, path.name, time.perf_counter() - start)
@@ -274,11 +274,15 @@ def _resolve_backend(weights: Path, kind: str, backend: str, device_type: str, i
     return "pytorch", weights
 
 
-def _set_openvino_precision(model: Any, path: Path, precision: str) -> None:
-    """Recompile an AutoBackend OpenVINO model with INFERENCE_PRECISION_HINT = `precision` (e.g. "f32")."""
+def _recompile_openvino(model: Any, path: Path, *, precision: str | None, threads: int | None) -> None:
+    """Recompile an AutoBackend OpenVINO model with INFERENCE_PRECISION_HINT and/or INFERENCE_NUM_THREADS."""
     import openvino as ov
 
     backend = model.backend
     xml = path if path.suffix == ".xml" else next(path.glob("*.xml"))
-    config = {OV_LATENCY_HINT[0]: OV_LATENCY_HINT[1], "INFERENCE_PRECISION_HINT": precision}
+    config = {OV_LATENCY_HINT[0]: OV_LATENCY_HINT[1]}
+    if precision is not None:
+        config["INFERENCE_PRECISION_HINT"] = precision
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = int(threads)
     backend.ov_compiled_model = backend.compile_model(ov.Core().read_model(str(xml)), config=config)

@@ -76,7 +76,7 @@ DEFAULT_PRESENCE_THRESHOLD = 0.5
 """vertebrae.csv without a classifier: a slice belongs to level L when p_L > this (as configs/classifier.yaml)."""
 MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
 """Stage timers a predictor may keep itself; reported per study as model_<stage> (inside `model`)."""
-DETECT_RUN_ONLY: tuple[str, ...] = ("overlays", "rebuild_every", "prefetch", "batch")
+DETECT_RUN_ONLY: tuple[str, ...] = ("overlays", "rebuild_every", "prefetch", "batch", "inference_threads")
 """detect: keys that change how a run goes, not its boxes and slices (left out of the settings key)."""
 ROI_PREPARE_ONLY: tuple[str, ...] = ("jitter_mm",)
 """roi: keys used only by prepare-detector (left out of detect's settings key)."""
@@ -662,7 +662,7 @@ class StudyRunner:
             config, weights=weights, locator=locator, locator_config=locator_config, levels_config=levels_config,
             classifier=classifier, classifier_config=classifier_config))
         det = config["detect"]
-        threads = (config.get("train") or {}).get("threads") or None
+        threads = int(det["inference_threads"]) or None
         device = None if device in (None, "") else device  # None: Ultralytics' select_device picks GPU 0 or CPU
         self.predictor = load_predictor(Path(weights), imgsz=int(config["render"]["imgsz"]), device=device,
                                         backend=str(det["backend"]), conf=float(det["conf"]), iou=float(det["iou"]),

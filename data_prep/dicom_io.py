@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pydicom.pixels
+from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
@@ -56,6 +57,11 @@ DEFAULT_EXECUTOR = "thread"
 benchmarks/bench_decode.py on the shared 2-core machine, 2 threads were as fast as or faster than
 2 processes for uncompressed, RLE and JPEG 2000 (processes pay ~1 MB of IPC per 512x512 slice);
 re-measure on a quiet machine before changing this."""
+FAST_JPEG_LOSSLESS = (registry.TS_JPEG_LOSSLESS_SV1, "1.2.840.10008.1.2.4.57")
+"""Decoded by imagecodecs' libjpeg-turbo when installed: bit-identical to GDCM and about 4x faster (300 slices of
+512 px: 1.2 vs 4.8 ms per slice on one core; tests/test_dicom_io.py checks the identity, signed and unsigned)."""
+JPEG_LOSSLESS_BITS = 16
+"""BitsAllocated of the JPEG Lossless images the fast path takes (CT)."""
 PREFETCH_CHUNKS = 1
 """iter_chunks decodes this many chunks ahead of the one being consumed (bounded memory)."""
 MAX_DECODED_BYTES = 64 * 2**20
@@ -81,7 +87,8 @@ PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
 """Decoding plugins to try per transfer syntax, fastest first; others use pydicom's default choice."""
 
 INSTALL_HINTS: dict[str, str] = {
-    registry.TS_JPEG_LOSSLESS_SV1: "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
+    registry.TS_JPEG_LOSSLESS_SV1: "pip install imagecodecs  (fastest; or: pip install pylibjpeg pylibjpeg-libjpeg, "
+                                   "or: pip install python-gdcm)",
     "1.2.840.10008.1.2.4.57": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
     "1.2.840.10008.1.2.4.50": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
     "1.2.840.10008.1.2.4.51": "pip install pylibjpeg pylibjpeg-libjpeg  (or: pip install python-gdcm)",
@@ -370,6 +377,9 @@ def read_slice_hu(path: str | os.PathLike, *, max_bytes: int | None = None) -> n
         raise NoPixelDataError(path, "has no Pixel Data element (not an image)")
     check_claimed_size(ds, path, max_bytes=max_bytes)
     ts = UID(str(ds.file_meta.get("TransferSyntaxUID", registry.TS_IMPLICIT_LE)))
+    stored = _decode_jpeg_lossless(ds) if str(ts) in FAST_JPEG_LOSSLESS else None
+    if stored is not None:
+        return _rescale(stored, ds)
     plugin = _choose_plugin(ts, path)
     try:
         if plugin:
@@ -385,9 +395,41 @@ def read_slice_hu(path: str | os.PathLike, *, max_bytes: int | None = None) -> n
                              ) from None
     if stored.ndim != 2:
         raise DicomReadError(path, f"expected one 2D frame, found pixel array of shape {stored.shape}")
+    return _rescale(stored, ds)
+
+
+def _rescale(stored: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
+    """Stored values -> HU (RescaleSlope, RescaleIntercept) as float32."""
     slope = float(ds.get("RescaleSlope", 1.0) or 1.0)
     intercept = float(ds.get("RescaleIntercept", 0.0) or 0.0)
     return (stored * slope + intercept).astype(np.float32)
+
+
+def _decode_jpeg_lossless(ds: pydicom.Dataset) -> np.ndarray | None:
+    """A one-frame, one-sample JPEG Lossless image decoded by imagecodecs (libjpeg-turbo), as pydicom returns it.
+
+    None when imagecodecs is not installed or the file is anything else or does not decode: pydicom's
+    plugins then decode it, or report the file's problem in their words.
+    """
+    try:
+        import imagecodecs
+    except ImportError:
+        return None
+    rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
+    if int(ds.get("NumberOfFrames", 1) or 1) != 1 or int(ds.get("SamplesPerPixel", 1)) != 1 \
+            or int(ds.get("BitsAllocated", 0)) != JPEG_LOSSLESS_BITS:
+        return None
+    try:
+        frame = next(generate_frames(ds.PixelData, number_of_frames=1))
+        raw = imagecodecs.jpeg8_decode(frame)
+    except Exception:   # noqa: BLE001 - pydicom's decoders try next and name the problem
+        return None
+    if raw.shape != (rows, cols) or raw.dtype != np.uint16:
+        return None
+    if int(ds.get("PixelRepresentation", 0)) != 1:
+        return raw
+    shift = JPEG_LOSSLESS_BITS - int(ds.get("BitsStored", JPEG_LOSSLESS_BITS))
+    return (raw.view(np.int16) << shift) >> shift      # two's complement of BitsStored bits, sign-extended
 
 
 def read_volume(geometry: StudyGeometry, *, workers: int = 1, executor: str = DEFAULT_EXECUTOR) -> np.ndarray:

@@ -325,6 +325,7 @@ def test_ct_modality_is_fine(tmp_path, volume):
 def test_missing_decoder_names_the_packages(tmp_path, volume, monkeypatch):
     study = _write(tmp_path, volume, transfer_syntax=registry.TS_JPEG_LOSSLESS_SV1)
     monkeypatch.setattr(dicom_io, "_available_plugins", lambda ts: ())
+    monkeypatch.setattr(dicom_io, "FAST_JPEG_LOSSLESS", ())     # as without imagecodecs
     geom = scan_study(study)
     with pytest.raises(MissingDecoderError) as info:
         read_volume(geom)
@@ -361,3 +362,47 @@ def test_unknown_instance_number(tmp_path, volume):
         geom.index_of_instance(999)
     with pytest.raises(KeyError):
         geom.index_of_instance(0)
+
+
+@pytest.mark.parametrize("pixel_representation", [0, 1])
+def test_fast_jpeg_lossless_path_is_bit_identical_to_gdcm(tmp_path, volume, pixel_representation, monkeypatch):
+    """imagecodecs (libjpeg-turbo) decodes JPEG Lossless to exactly GDCM's values, signed and unsigned."""
+    imagecodecs = pytest.importorskip("imagecodecs")
+    study = _write(tmp_path, volume, transfer_syntax=registry.TS_JPEG_LOSSLESS_SV1,
+                   pixel_representation=pixel_representation)
+    calls = []
+    real = imagecodecs.jpeg8_decode
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", lambda data: calls.append(1) or real(data))
+    geom = scan_study(study)
+    fast = read_volume(geom)
+    assert len(calls) == N                                   # every slice went through the fast path
+    monkeypatch.setattr(dicom_io, "FAST_JPEG_LOSSLESS", ())   # pydicom's plugins (GDCM first)
+    np.testing.assert_array_equal(fast, read_volume(geom))
+    np.testing.assert_array_equal(fast, volume)
+    assert fast.min() < 0                                     # negative HU survived the sign handling
+
+
+def test_fast_jpeg_lossless_path_on_real_files(realdata, monkeypatch):
+    """The real RSNA slice and pydicom's real JPEG Lossless file: fast path == pydicom's GDCM decode."""
+    pytest.importorskip("imagecodecs")
+    sources = [_testdata("bad_sequence.dcm")]
+    try:
+        sources.append(realdata("test1.dcm"))
+    except pytest.skip.Exception:
+        pass
+    for src in sources:
+        fast = read_slice_hu(src)
+        monkeypatch.setattr(dicom_io, "FAST_JPEG_LOSSLESS", ())
+        np.testing.assert_array_equal(fast, read_slice_hu(src))
+        monkeypatch.undo()
+
+
+def test_corrupt_jpeg_lossless_is_named(tmp_path, volume):
+    study = _write(tmp_path, volume, transfer_syntax=registry.TS_JPEG_LOSSLESS_SV1)
+    path = study / "5.dcm"
+    data = bytearray(path.read_bytes())
+    start = data.rindex(b"\xfe\xff\x00\xe0")      # the one fragment: break its JPEG markers
+    data[start + 8:start + 40] = b"\x00" * 32
+    path.write_bytes(bytes(data))
+    with pytest.raises(DicomReadError, match="5.dcm"):
+        read_volume(scan_study(study))

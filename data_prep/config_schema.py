@@ -383,10 +383,16 @@ class EvaluateSection(Section):
     calibration_bins: Annotated[int, Field(ge=2)]
 
 
+class OperatingSection(Section):
+    target_sensitivity: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    heldout_folds: Folds
+
+
 class AggregationConfig(Section):
     features: FeaturesSection
     model: ModelSection
     splits: SplitsSection
+    operating: OperatingSection
     evaluate: EvaluateSection
 
 

@@ -535,6 +535,9 @@ def aggregate_detections(out: Path, *, model: ModelFolder, aggregator: Any, uids
                   extra=dict(extra))
     log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
              out / "predictions.csv")
+    from spinefrac.report import write_report
+
+    write_report(out, model_dir=model.root)   # worklist.csv and report/ (prints the operating point)
     if uids and not finished:
         first = errors[errors[registry.STUDY_COL].isin(failed)].head(1)
         example = f" (first: {first[registry.STUDY_COL].iloc[0]}: {first['error'].iloc[0]})" if len(first) else ""

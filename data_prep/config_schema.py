@@ -195,6 +195,10 @@ class DetectSection(Section):
 
 class OverlaysSection(Section):
     top_n: Count
+    min_gap_mm: NonNeg
+    zoom: bool
+    zoom_margin: NonNeg
+    inset_size: Count
     min_score: Prob
     max_boxes: Count
     display_size: PosInt

@@ -275,3 +275,39 @@ def test_slug_is_safe_and_unique():
     assert len(slugs) == 5
     assert all(s.replace("-", "").replace("_", "").replace(".", "").isalnum() and not s.startswith(".")
                for s in slugs)
+
+
+@pytest.mark.slow
+def test_trained_model_operating_point_is_reproduced_and_predict_writes_the_report(trained, tmp_path, caplog):
+    """The session-trained tiny model stores its operating point; predict prints it and writes the report."""
+    from aggregation.operating_point import achieved
+
+    aggregator = trained / "model" / "aggregator"
+    point = json.loads((aggregator / OPERATING_FILE).read_text())
+    heldout = pd.read_csv(aggregator / HELDOUT_FILE, dtype={STUDY_COL: str})
+    roles = json.loads((trained / "model" / "splits.json").read_text())["roles"]
+    assert sorted(heldout[STUDY_COL]) == sorted(u for u, r in roles.items() if r == "aggregator")
+    assert point["n_studies"] == len(heldout) and point["n_positive"] == int(heldout["label"].sum())
+    if point["threshold"] is not None:          # a tiny split may hold too few positives for two folds
+        again = achieved(heldout["label"].to_numpy(), heldout["probability"].to_numpy(), point["threshold"])
+        assert again == pytest.approx({"sensitivity": point["sensitivity"], "specificity": point["specificity"]})
+        assert point["sensitivity"] >= point["target_sensitivity"]
+    else:
+        assert point["reason"]
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "pred"
+    assert main(["predict", str(trained / "test" / "test_images"), "--model", str(trained / "model"), "--out",
+                 str(out), "--no-progress"]) == 0
+    expected = "operating point: flag patient_overall >=" if point["threshold"] is not None \
+        else "worklist without a flag"
+    assert expected in caplog.text, caplog.text[-3000:]
+    worklist = pd.read_csv(out / "worklist.csv", dtype={STUDY_COL: str})
+    predictions = pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str})
+    assert sorted(worklist[STUDY_COL]) == sorted(predictions[STUDY_COL])
+    assert worklist[PATIENT].is_monotonic_decreasing
+    if point["threshold"] is not None:
+        assert (worklist["flagged"] == (worklist[PATIENT] >= point["threshold"]).astype(int)).all()
+    index = out / REPORT_DIR / "index.html"
+    assert [r["data-uid"] for r in parse(index).rows] == list(worklist[STUDY_COL])
+    for url in parse(index).hrefs + parse(index).srcs:
+        local_target(index, url, out / REPORT_DIR)

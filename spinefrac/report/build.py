@@ -64,7 +64,8 @@ def write_report(pred_dir: str | os.PathLike, *, model_dir: str | os.PathLike | 
     t0 = time.perf_counter()
     pred_dir = Path(pred_dir)
     if not pred_dir.is_dir():
-        raise InputError(pred_dir, "not found: not a prediction folder")
+        raise InputError(pred_dir, ("is a file" if pred_dir.exists() else "not found") +
+                         ": expected a prediction folder (written by spinefrac predict)")
     worklist, point = write_worklist(pred_dir, model_dir=model_dir)
     evidence = _read_optional(pred_dir / EVIDENCE_CSV)
     boxes = _read_optional(pred_dir / BOXES_CSV)

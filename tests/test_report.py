@@ -198,6 +198,7 @@ def test_study_pages_link_prev_next_in_worklist_order_and_show_their_images(pred
     assert pages["1.2.failed"].srcs == [] and ERROR in "".join(pages["1.2.failed"].text)
     assert "training prior" in "".join(pages["1.2.failed"].text)
     assert "flag" in "".join(pages[WEIRD].text) and WEIRD in "".join(pages[WEIRD].text)
+    assert not any("nan" in t.split() for p in pages.values() for t in p.text)   # empty cells stay empty
 
 
 def test_old_model_folder_without_operating_point_gives_no_flag_and_says_why(tmp_path, caplog):

@@ -197,7 +197,7 @@ def _evidence_rows(df: pd.DataFrame | None) -> list[dict[str, Any]]:
         found = first is not None and not pd.isna(first) and float(first) >= 0
         out.append({"level": r.get("level", ""), "probability": _fmt(r.get("probability")),
                     "n_boxes": _fmt(r.get("n_boxes"), "g"), "max_score": _fmt(r.get("max_score")),
-                    "top_boxes": [b for b in str(r.get("top_boxes") or "").split(";") if b],
+                    "top_boxes": [b for b in _fmt(r.get("top_boxes")).split(";") if b],
                     "slices": f"{int(first)}-{int(last)}" if found else "", "n_slices": _fmt(r.get("n_slices"), "g"),
                     "cls_max": _fmt(r.get("cls_max")), "cls_topk": _fmt(r.get("cls_topk")),
                     "cls_mean": _fmt(r.get("cls_mean"))})
@@ -210,7 +210,7 @@ def _box_rows(df: pd.DataFrame | None) -> list[dict[str, Any]]:
         return []
     top = df.sort_values("score", ascending=False, kind="stable").head(TOP_BOXES)
     return [{"slice_number": _fmt(r.get("slice_number"), "g"), "slice_index": _fmt(r.get("slice_index"), "g"),
-             "z_mm": _fmt(r.get("z_mm"), ".1f"), "score": _fmt(r.get("score")), "level": r.get("level", "") or "",
+             "z_mm": _fmt(r.get("z_mm"), ".1f"), "score": _fmt(r.get("score")), "level": _fmt(r.get("level")),
              "xywh": ", ".join(_fmt(r.get(c), ".0f") for c in ("x", "y", "width", "height"))}
             for r in top.to_dict("records")]
 

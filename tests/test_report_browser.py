@@ -69,10 +69,10 @@ def report(tmp_path_factory) -> Path:
     return write_report(make_pred_dir(root, model=make_model_dir(root)))
 
 
-def browse(chromium: str, page: Path, profile: Path, *extra: str) -> str:
+def browse(chromium: str, page: Path, profile: Path, *extra: str, fragment: str = "") -> str:
     """Run headless Chromium on a local page; return its stdout (the DOM with --dump-dom)."""
     cmd = [chromium, *QUIET, f"--user-data-dir={profile}", f"--virtual-time-budget={VIRTUAL_TIME_MS}",
-           f"--window-size={WINDOW}", *extra, page.resolve().as_uri()]
+           f"--window-size={WINDOW}", *extra, page.resolve().as_uri() + fragment]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -118,9 +118,21 @@ def test_index_in_the_browser_shows_rows_in_rank_order(chromium, report, artifac
     assert [int(r["data-rank"]) for r in page.rows] == [1, 2, 3, 4, 5]
     loaded, total = image_check(page, html)
     assert total == 4 and loaded == total                      # every thumbnail (the failed study has none)
+    assert 'id="shown" class="note">5 of 5 shown<' in html                 # the page's script ran
     shot = artifacts / "report_index.png"
     browse(chromium, report, tmp_path / "profile", f"--screenshot={shot}")
     assert shot.stat().st_size > 0
+
+
+@pytest.mark.parametrize("show, expected", [("flagged", ["1.2.high", WEIRD]), ("failed", ["1.2.failed"]),
+                                            ("either", ["1.2.failed", "1.2.high", WEIRD])])
+def test_index_filter_for_flagged_and_failed(chromium, report, tmp_path, show, expected):
+    html = browse(chromium, report, tmp_path / "profile", "--dump-dom", fragment=f"#{show}")
+    page = Page()
+    page.feed(html)
+    visible = [r["data-uid"] for r in page.rows if "hidden" not in r.get("class", "").split()]
+    assert visible == expected
+    assert f"{len(expected)} of 5 shown" in html
 
 
 def test_study_page_in_the_browser_loads_every_image(chromium, report, artifacts, tmp_path):

@@ -54,9 +54,9 @@ def artifacts(tmp_path_factory, pytestconfig) -> Path:
     """Where screenshots go: $SPINEFRAC_TEST_ARTIFACTS, else a folder under pytest's temp dir (printed)."""
     folder = Path(os.environ.get("SPINEFRAC_TEST_ARTIFACTS") or tmp_path_factory.mktemp("artifacts"))
     folder.mkdir(parents=True, exist_ok=True)
-    reporter = pytestconfig.pluginmanager.getplugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"report screenshots: {folder}")
+    capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+    with capture.global_and_fixture_disabled():          # shown even while pytest captures output
+        print(f"\nreport screenshots: {folder}", flush=True)
     return folder
 
 

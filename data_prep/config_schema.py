@@ -196,6 +196,10 @@ class DetectSection(Section):
 
 class OverlaysSection(Section):
     top_n: Count
+    min_gap_mm: NonNeg
+    zoom: bool
+    zoom_margin: NonNeg
+    inset_size: Count
     min_score: Prob
     max_boxes: Count
     display_size: PosInt
@@ -384,10 +388,16 @@ class EvaluateSection(Section):
     calibration_bins: Annotated[int, Field(ge=2)]
 
 
+class OperatingSection(Section):
+    target_sensitivity: Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
+    heldout_folds: Folds
+
+
 class AggregationConfig(Section):
     features: FeaturesSection
     model: ModelSection
     splits: SplitsSection
+    operating: OperatingSection
     evaluate: EvaluateSection
 
 

@@ -1,14 +1,17 @@
 """Review overlays per study: the top-scoring slices with their boxes, a contact sheet, a score profile.
 
 Written into OUT/overlays/<uid>/ by `spinefrac detect` (config `detect.overlays`):
-    NN_slice<slice_number>.png   top-N slices by maximum box score, predicted boxes with scores,
-                                 ground-truth boxes in a second colour when labels are given
+    NN_slice<slice_number>.png   top-N slices by maximum box score, from distinct runs along z (each at least
+                                 `min_gap_mm` from every better one), predicted boxes labelled with their level
+                                 and score, ground-truth boxes in a second colour when labels are given; zoomed
+                                 to the slice's spine ROI (slices.csv roi_*, plus `zoom_margin`, grown to hold
+                                 every drawn box) with a small whole-slice inset marking the zoom
     contact_sheet.png            those slices side by side
     score_profile.png            slice position (z, mm) against the slice's maximum box score; given the
                                  study's vertebrae table, each found level's z-range is a shaded band
                                  labelled C1..C7 (with the vertebra classifier's cls_max when it ran)
-Slices are shown in a display window, stretched to a square `display_size` like the model input; all
-text uses OpenCV's built-in Hershey font (no font files).
+Slices (or their zoom region) are shown in a display window, stretched to a square `display_size` like the
+model input; all text uses OpenCV's built-in Hershey font (no font files).
 """
 
 from __future__ import annotations
@@ -44,6 +47,18 @@ BAND_LABEL_ROW_PT = 9.0               # pt between the two staggered label rows 
 BAND_LABEL_ROWS = 2                   # label rows above the axes; band k uses row k % BAND_LABEL_ROWS
 TITLE_PAD_PT = 6.0                    # pt between the axes (or its band labels) and the title (matplotlib's default)
 CLS_LABEL = "{level} {cls:.2f}"       # band label when the vertebra classifier scored the level
+BOX_LABEL = "{level} {score:.2f}"     # a predicted box's label when boxes.csv has its level
+INSET_BORDER = (255, 255, 255)        # BGR white: the inset's frame
+ZOOM_SOURCES_SKIPPED = ("full",)      # roi_source values with no spine ROI to zoom to (the whole slice)
+
+
+class Region(NamedTuple):
+    """A displayed part of a slice in original pixels: upper-left corner and size (may reach outside the image)."""
+
+    x: float
+    y: float
+    width: float
+    height: float
 
 
 class LevelBand(NamedTuple):
@@ -106,11 +121,16 @@ def _slice_of(value: Any, where: str, row: int, column: str) -> int:
     return int(number)
 
 
-def display_box(xywh: Sequence[float], shape: Sequence[int], size: int) -> tuple[int, int, int, int]:
-    """Map an original-pixel [x, y, width, height] box to integer display corners (x1, y1, x2, y2)."""
-    rows, cols = float(shape[0]), float(shape[1])
-    sx, sy = size / cols, size / rows
+def display_box(xywh: Sequence[float], shape: Sequence[int], size: int,
+                region: Region | None = None) -> tuple[int, int, int, int]:
+    """Map an original-pixel [x, y, width, height] box to integer display corners (x1, y1, x2, y2).
+
+    The display shows `region` of the slice (default: the whole slice, `shape` = rows, cols) on `size` x `size` px.
+    """
+    region = region or Region(0.0, 0.0, float(shape[1]), float(shape[0]))
+    sx, sy = size / region.width, size / region.height
     x, y, w, h = (float(v) for v in xywh)
+    x, y = x - region.x, y - region.y
     x1, y1 = int(round(x * sx)), int(round(y * sy))
     x2, y2 = int(round((x + w) * sx)) - 1, int(round((y + h) * sy)) - 1
     clip = size - 1
@@ -140,23 +160,31 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
     n = len(geometry.paths)
     numbers = np.asarray(geometry.instance_numbers)
     shown = boxes[boxes["score"] >= float(cfg["min_score"])] if len(boxes) else boxes
-    top = _top_slices(shown, int(cfg["top_n"]))
+    top = _top_slices(shown, int(cfg["top_n"]), z_mm=geometry.z_mm, min_gap_mm=float(cfg["min_gap_mm"]))
     truth = _truth_by_index(labels, geometry) if labels is not None else {}
     written: list[Path] = []
     tiles: list[np.ndarray] = []
+    window = float(cfg["window_level"]), float(cfg["window_width"])
     for rank, index in enumerate(top, start=1):
         hu = read_slice_hu(geometry.paths[index])
-        gray = apply_window(resize_to(hu, size), float(cfg["window_level"]), float(cfg["window_width"]))
-        image = cv2.cvtColor(gray, cv2.COLOR_GRAY2BGR)
         roi = _roi_of(slices, index)
-        if roi is not None:
-            _draw_box(image, display_box(roi, shape, size), tuple(cfg["roi_color"]), None, cfg)
-        for xywh in truth.get(index, []):
-            _draw_box(image, display_box(xywh, shape, size), tuple(cfg["truth_color"]), None, cfg)
         slice_boxes = shown[shown["slice_index"] == index].nlargest(int(cfg["max_boxes"]), "score")
-        for r in slice_boxes.itertuples(index=False):
-            _draw_box(image, display_box((r.x, r.y, r.width, r.height), shape, size), tuple(cfg["box_color"]),
-                      float(r.score), cfg)
+        xywhs = [(r.x, r.y, r.width, r.height) for r in slice_boxes.itertuples(index=False)]
+        region = zoom_region(roi, [*xywhs, *truth.get(index, [])], float(cfg["zoom_margin"])) \
+            if bool(cfg["zoom"]) else None
+        view = _crop(hu, region) if region is not None else hu
+        image = cv2.cvtColor(apply_window(resize_to(view, size), *window), cv2.COLOR_GRAY2BGR)
+        if roi is not None:
+            _draw_box(image, display_box(roi, shape, size, region), tuple(cfg["roi_color"]), None, cfg)
+        for xywh in truth.get(index, []):
+            _draw_box(image, display_box(xywh, shape, size, region), tuple(cfg["truth_color"]), None, cfg)
+        for xywh, r in zip(xywhs, slice_boxes.to_dict("records"), strict=True):
+            level = r.get("level")
+            label = BOX_LABEL.format(level=level, score=float(r["score"])) \
+                if isinstance(level, str) and level in LEVELS else f"{float(r['score']):.2f}"
+            _draw_box(image, display_box(xywh, shape, size, region), tuple(cfg["box_color"]), label, cfg)
+        if region is not None and int(cfg["inset_size"]) > 0:
+            _inset(image, hu, region, cfg)
         caption = f"slice {int(numbers[index])} (#{index}) z {float(geometry.z_mm[index]):.1f} mm"
         _caption(image, caption, cfg)
         path = out_dir / f"{rank:02d}_slice{int(numbers[index])}{PNG_EXT}"
@@ -192,12 +220,67 @@ def _roi_of(slices: pd.DataFrame | None, index: int) -> tuple[float, float, floa
     return float(r["roi_x"]), float(r["roi_y"]), float(r["roi_width"]), float(r["roi_height"])
 
 
-def _top_slices(boxes: pd.DataFrame, top_n: int) -> list[int]:
-    """Slice indices of the top-N maximum box scores, best first."""
+def _top_slices(boxes: pd.DataFrame, top_n: int, *, z_mm: Sequence[float] | None = None,
+                min_gap_mm: float = 0.0) -> list[int]:
+    """Slice indices of the top-N maximum box scores, best first, each at least `min_gap_mm` (in z) from every
+    better one: the peaks of distinct runs along z, not neighbours of one run (0: plain top-N)."""
     if not len(boxes) or top_n <= 0:
         return []
     best = boxes.groupby("slice_index")["score"].max().sort_values(ascending=False, kind="stable")
-    return [int(i) for i in best.index[:top_n]]
+    if z_mm is None or min_gap_mm <= 0:
+        return [int(i) for i in best.index[:top_n]]
+    z = np.asarray(z_mm, dtype=float)
+    chosen: list[int] = []
+    for index in best.index:
+        if all(abs(z[int(index)] - z[c]) >= min_gap_mm for c in chosen):
+            chosen.append(int(index))
+            if len(chosen) == top_n:
+                break
+    return chosen
+
+
+def zoom_region(roi: Sequence[float] | None, boxes: Sequence[Sequence[float]], margin: float) -> Region | None:
+    """The part of a slice a tile shows: the spine ROI widened by `margin` x its size on each side, grown to hold
+    every box; None (the whole slice) without a ROI."""
+    if roi is None:
+        return None
+    x, y, w, h = (float(v) for v in roi)
+    x0, y0, x1, y1 = x - margin * w, y - margin * h, x + w + margin * w, y + h + margin * h
+    for bx, by, bw, bh in boxes:
+        x0, y0 = min(x0, float(bx)), min(y0, float(by))
+        x1, y1 = max(x1, float(bx) + float(bw)), max(y1, float(by) + float(bh))
+    side_x, side_y = x1 - x0, y1 - y0
+    if side_x * h > side_y * w:                       # keep the ROI's aspect (square in mm): grow the short side
+        grow = side_x * h / w - side_y
+        y0, y1 = y0 - grow / 2, y1 + grow / 2
+    else:
+        grow = side_y * w / h - side_x
+        x0, x1 = x0 - grow / 2, x1 + grow / 2
+    return Region(x0, y0, x1 - x0, y1 - y0)
+
+
+def _crop(hu: np.ndarray, region: Region) -> np.ndarray:
+    """The region of a slice in whole pixels; parts outside the image are the slice's lowest value (air)."""
+    x0, y0 = int(np.floor(region.x)), int(np.floor(region.y))
+    x1, y1 = int(np.ceil(region.x + region.width)), int(np.ceil(region.y + region.height))
+    out = np.full((y1 - y0, x1 - x0), float(hu.min()), dtype=hu.dtype)
+    sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, hu.shape[1]), min(y1, hu.shape[0])
+    if sx1 > sx0 and sy1 > sy0:
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = hu[sy0:sy1, sx0:sx1]
+    return out
+
+
+def _inset(image: np.ndarray, hu: np.ndarray, region: Region, cfg: Mapping[str, Any]) -> None:
+    """Draw the whole slice, small, in the tile's upper-right corner, with the zoomed region outlined."""
+    from detector.render import apply_window, resize_to
+
+    side = min(int(cfg["inset_size"]), image.shape[0], image.shape[1])
+    small = cv2.cvtColor(apply_window(resize_to(hu, side), float(cfg["window_level"]), float(cfg["window_width"])),
+                         cv2.COLOR_GRAY2BGR)
+    corners = display_box(region, hu.shape, side)
+    cv2.rectangle(small, corners[:2], corners[2:], tuple(int(c) for c in cfg["roi_color"]), 1, lineType=BOX_LINE)
+    cv2.rectangle(small, (0, 0), (side - 1, side - 1), INSET_BORDER, 1, lineType=BOX_LINE)
+    image[:side, image.shape[1] - side:] = small
 
 
 def _truth_by_index(labels: pd.DataFrame, geometry: Any) -> dict[int, list[tuple[float, float, float, float]]]:
@@ -215,16 +298,16 @@ def _truth_by_index(labels: pd.DataFrame, geometry: Any) -> dict[int, list[tuple
     return out
 
 
-def _draw_box(image: np.ndarray, corners: tuple[int, int, int, int], color: tuple[int, ...], score: float | None,
+def _draw_box(image: np.ndarray, corners: tuple[int, int, int, int], color: tuple[int, ...], label: str | None,
               cfg: Mapping[str, Any]) -> None:
     x1, y1, x2, y2 = corners
     color = tuple(int(c) for c in color)
     cv2.rectangle(image, (x1, y1), (x2, y2), color, int(cfg["line_thickness"]), lineType=BOX_LINE)
-    if score is not None:
+    if label is not None:
         scale = float(cfg["font_scale"])
-        (_, th), _ = cv2.getTextSize(f"{score:.2f}", FONT, scale, 1)
+        (_, th), _ = cv2.getTextSize(label, FONT, scale, 1)
         y_text = y1 - TEXT_MARGIN if y1 - TEXT_MARGIN - th >= 0 else y2 + TEXT_MARGIN + th
-        cv2.putText(image, f"{score:.2f}", (x1, y_text), FONT, scale, color, 1, cv2.LINE_AA)
+        cv2.putText(image, label, (x1, y_text), FONT, scale, color, 1, cv2.LINE_AA)
 
 
 def _caption(image: np.ndarray, text: str, cfg: Mapping[str, Any]) -> None:

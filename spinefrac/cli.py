@@ -26,6 +26,7 @@ stages, in order:
   spinefrac detect data/rsna/test_images --weights runs/det/weights/best.pt --out work/detect
   spinefrac train data/rsna --out models/m1                   # every stage, one model folder
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
+  spinefrac report work/pred                                  # worklist.csv + report/index.html (predict writes them too)
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
 
@@ -181,6 +182,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     merge_predictions(args.shards, model_dir=args.model, out=args.out, test_csv=args.test_csv,
                       overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from spinefrac.report import write_report
+
+    print(write_report(args.pred_dir, model_dir=args.model))
     return 0
 
 
@@ -372,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="the combined prediction folder")
     p.add_argument("--test-csv", type=Path, default=None, help="Kaggle test.csv: submission rows to produce")
     p.add_argument("--overwrite", action="store_true", help="merge into a folder that holds finished studies")
+
+    p = _sub(sub, "report", "write worklist.csv and the offline HTML review (report/index.html) of a prediction folder",
+             "spinefrac report work/pred --model models/m1", _cmd_report)
+    p.add_argument("pred_dir", type=Path, help="a folder written by `spinefrac predict` or `spinefrac merge`")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder whose operating point flags studies (default: the one predictions.csv names)")
 
     p = _sub(sub, "convert-weights", "convert an Ultralytics .pt you trust into spinefrac's weights-only format",
              "spinefrac convert-weights yolov8n_colleague.pt --out start.pt --trust", _cmd_convert_weights)

@@ -270,7 +270,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     stage("train-aggregator", lambda redo: _fit_aggregator([f for _, f in folders], labels, agg_studies,
                                                            out / "aggregator", cfgs["aggregation"],
                                                            features_csv=agg_detect / "features.csv"),
-          [out / "aggregator" / "aggregator.json"],
+          [out / "aggregator" / "aggregator.json", out / "aggregator" / "operating_point.json"],
           {"studies": sorted(agg_studies), "aggregation": plain(cfgs["aggregation"]),
            "upstream": upstream(*(f"detect-aggregator-studies{s}" for s, _ in folders))})
     meta["locator"] = use_locator
@@ -388,6 +388,7 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
     from aggregation.features import build_features
     from aggregation.metric import competition_loss
     from aggregation.model import StudyAggregator
+    from aggregation.operating_point import write_operating_point
 
     boxes, slices, vertebrae = read_detections(detect_dirs)
     done = set(slices[registry.STUDY_COL].astype(str))
@@ -399,9 +400,11 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
     write_csv_atomic(features_csv, features)
     model = StudyAggregator(cfg).fit(features, labels)
     model.save(out)
+    operating = write_operating_point(out, features, labels, cfg)   # the worklist's flag threshold (held-out)
     fitted = model.predict_proba(features)
     in_sample = competition_loss(labels[labels[registry.STUDY_COL].isin(usable)], fitted)
-    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4)}
+    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4),
+            "operating_threshold": operating["threshold"]}
 
 
 def read_detections(detect_dirs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
@@ -532,6 +535,9 @@ def aggregate_detections(out: Path, *, model: ModelFolder, aggregator: Any, uids
                   extra=dict(extra))
     log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
              out / "predictions.csv")
+    from spinefrac.report import write_report
+
+    write_report(out, model_dir=model.root)   # worklist.csv and report/ (prints the operating point)
     if uids and not finished:
         first = errors[errors[registry.STUDY_COL].isin(failed)].head(1)
         example = f" (first: {first[registry.STUDY_COL].iloc[0]}: {first['error'].iloc[0]})" if len(first) else ""

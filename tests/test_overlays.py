@@ -18,8 +18,10 @@ from detector.overlays import (
     CONTACT_SHEET,
     SCORE_PROFILE,
     LevelBand,
+    Region,
     level_bands,
     write_overlays,
+    zoom_region,
 )
 
 ROWS, COLS, N = 40, 80, 12
@@ -62,7 +64,7 @@ def test_boxes_land_on_their_display_edges(study, tmp_path):
                              (9, 1.0, 1.0, 5.0, 5.0, 0.05)])     # below min_score: no overlay
     labels = pd.DataFrame([{STUDY_COL: UID, "slice_number": int(study.instance_numbers[3]),
                             "x": 50.0, "y": 25.0, "width": 12.0, "height": 6.0}])
-    config = cfg()
+    config = cfg(min_gap_mm=0)          # slices 3 and 7 are 8 mm apart: both shown only without the z gap
     paths = write_overlays(study, boxes, tmp_path / "ov", labels=labels, config=config)
     names = [p.name for p in paths]
     n3, n7 = int(study.instance_numbers[3]), int(study.instance_numbers[7])
@@ -195,3 +197,70 @@ def test_bad_vertebrae_table_fails_naming_the_study(study, tmp_path):
     bad = vertebrae_rows({"C1": (0, N + 3)})
     with pytest.raises(ValueError, match=r"study 5\.5\.5, row 0 \(C1\)"):
         profile_bytes(study, tmp_path / "bad", vertebrae=bad)
+
+
+# --- overlays worth looking at (issue 14): distinct runs, zoom to the spine ROI with an inset, level labels ---
+
+def roi_slices(geometry, roi=(20, 10, 20, 10), source="body"):
+    """slices.csv rows of the study with one ROI on every slice."""
+    return pd.DataFrame([{STUDY_COL: UID, "slice_index": i, "slice_number": int(geometry.instance_numbers[i]),
+                          "roi_x": roi[0], "roi_y": roi[1], "roi_width": roi[2], "roi_height": roi[3],
+                          "roi_source": source} for i in range(N)])
+
+
+def test_top_slices_come_from_distinct_runs_along_z(study, tmp_path):
+    # one run of three high slices (2-4) and a weaker run (9-10); slices are 2 mm apart
+    boxes = box_rows(study, [(i, 10.0, 5.0, 5.0, 5.0, s) for i, s in
+                             ((2, 0.9), (3, 0.95), (4, 0.92), (9, 0.6), (10, 0.5))])
+    paths = write_overlays(study, boxes, tmp_path / "gap", config=cfg(top_n=3, min_gap_mm=5))
+    numbers = study.instance_numbers
+    assert [p.name for p in paths[:-2]] == [f"01_slice{numbers[3]}.png", f"02_slice{numbers[9]}.png"]
+    plain = write_overlays(study, boxes, tmp_path / "plain", config=cfg(top_n=3, min_gap_mm=0))
+    assert [p.name for p in plain[:-2]] == [f"0{k}_slice{numbers[i]}.png" for k, i in ((1, 3), (2, 4), (3, 2))]
+
+
+def test_zoom_region_keeps_the_roi_aspect_and_holds_every_box():
+    assert zoom_region(None, [(1, 1, 2, 2)], 0.1) is None
+    assert zoom_region((20, 10, 20, 10), [], 0.0) == Region(20, 10, 20, 10)
+    assert zoom_region((20, 10, 20, 10), [], 0.5) == Region(10, 5, 40, 20)
+    assert zoom_region((20, 10, 20, 10), [(0, 0, 5, 5)], 0.0) == Region(0, 0, 40, 20)
+    assert zoom_region((20, 10, 20, 10), [(50, 15, 5, 5)], 0.0) == Region(20, 6.25, 35, 17.5)
+
+
+def test_tiles_zoom_to_the_roi_with_an_inset_and_label_boxes_with_their_level(study, tmp_path):
+    config = cfg(zoom_margin=0, inset_size=32)
+    slices = roi_slices(study)
+    boxes = box_rows(study, [(3, 25.0, 12.0, 10.0, 5.0, 0.9)]).assign(level="C3")
+    path = write_overlays(study, boxes, tmp_path / "z", config=config, slices=slices)[0]
+    image = cv2.imread(str(path))
+    # ROI (20, 10, 20, 10) fills the 160 px tile: x scale 8, y scale 16; the box lands at x 40..119, y 32..111
+    frac, hit = edge_fraction(image, tuple(config.box_color), 40, 32, 119, 111)
+    assert frac > 0.95 and not hit[36:108, 44:116].any()
+    # the inset: the whole slice in the upper-right 32 px, framed, the zoom outlined in the ROI colour
+    inset = image[:32, SIZE - 32:]
+    assert (inset[0] == 255).all() and (inset[:, 0] == 255).all()
+    cyan = np.all(inset == np.array(tuple(config.roi_color), np.uint8), axis=2)
+    # the zoom (20, 10, 20, 10) on an 80 x 40 slice shown at 32 px: x 8..15, y 8..15
+    assert cyan[8, 8:16].all() and cyan[8:16, 8].all() and not cyan[20:, :].any()
+    # the level label: "C3 0.90" is wider than the bare score drawn without a level
+    bare = cv2.imread(str(write_overlays(study, boxes.drop(columns="level"), tmp_path / "b", config=config,
+                                         slices=slices)[0]))
+    red = np.array(tuple(config.box_color), np.uint8)
+
+    def text_width(img):
+        cols = np.nonzero(np.all(img[:30, :SIZE - 32] == red, axis=2).any(axis=0))[0]
+        return cols.max() - cols.min()
+
+    assert text_width(image) > text_width(bare) > 0
+
+
+def test_full_slice_roi_or_zoom_off_draws_the_whole_slice(study, tmp_path):
+    boxes = box_rows(study, [(3, 10.0, 5.0, 20.0, 8.0, 0.9)])
+    whole = write_overlays(study, boxes, tmp_path / "a", config=cfg())[0].read_bytes()
+    full = write_overlays(study, boxes, tmp_path / "b", config=cfg(), slices=roi_slices(study, (0, 0, COLS, ROWS),
+                                                                                          "full"))[0]
+    assert full.read_bytes() == whole
+    off = write_overlays(study, boxes, tmp_path / "c", config=cfg(zoom="false"), slices=roi_slices(study))[0]
+    image = cv2.imread(str(off))
+    frac, _ = edge_fraction(image, tuple(cfg().box_color), 20, 20, 59, 51)      # whole-slice place, as above
+    assert frac > 0.95

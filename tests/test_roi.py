@@ -331,7 +331,9 @@ CASES = {
 def roi_config():
     return load_config("detector", None, ["roi.enabled=true", f"roi.size_mm={SIZE_MM}", "roi.fallback=body",
                                           f"render.imgsz={IMGSZ}", "detect.batch=5", "overlays.display_size=64",
-                                          "overlays.top_n=2"])
+                                          # whole-slice overlays: the outline check below is in whole-slice pixels
+                                          # (the zoom is tested in test_overlays.py)
+                                          "overlays.top_n=2", "overlays.zoom=false"])
 
 
 def check_marker_boxes(found, case, order):

@@ -1,0 +1,146 @@
+"""The worklist: a prediction folder's studies ranked for review, with the operating point's flag.
+
+Order: failed studies first (they have no model output and need a reader whatever their prior says), then by
+patient_overall, highest first (ties keep predictions.csv order). `flagged` is 1 when patient_overall >= the
+model folder's operating threshold (aggregator/operating_point.json), 0 below it and for failed studies, and empty
+when the model folder has none (a warning says why).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import pandas as pd
+import pandera.pandas as pa
+from pandera.errors import SchemaErrors
+
+from aggregation.operating_point import describe, read_operating_point
+from data_prep import registry
+from data_prep.artifacts import read_sidecar, write_csv_atomic, write_sidecar
+from data_prep.errors import InputError
+from data_prep.tables import TableError, format_problem
+
+log = logging.getLogger("spinefrac")
+
+PREDICTIONS_CSV = "predictions.csv"
+ERRORS_CSV = "errors.csv"
+WORKLIST_CSV = "worklist.csv"
+AGGREGATOR_DIR = "aggregator"
+MAX_LISTED = 10
+WORKLIST_COLUMNS = ("rank", registry.STUDY_COL, registry.PATIENT, *registry.LEVELS, "flagged", "failed", "error")
+
+
+def _probability(series: pd.Series) -> pd.Series:
+    return series.between(0.0, 1.0)
+
+
+PREDICTIONS_SCHEMA = pa.DataFrameSchema(
+    {registry.STUDY_COL: pa.Column(str, nullable=False, unique=True, report_duplicates="all"),
+     **{t: pa.Column(float, pa.Check(_probability, error="must be a probability in [0, 1]"), coerce=True,
+                     nullable=False) for t in registry.TARGETS},
+     "failed": pa.Column(int, pa.Check.isin([0, 1], error="must be 0 or 1"), coerce=True, nullable=False)},
+    strict=False, name=PREDICTIONS_CSV)
+"""predictions.csv as docs/contracts.md "Study-level outputs" defines it; extra columns pass."""
+
+
+class OperatingPoint(NamedTuple):
+    """The threshold record (None when there is none) and, when there is none, why."""
+
+    record: dict[str, Any] | None
+    reason: str
+
+
+def read_predictions(pred_dir: str | os.PathLike) -> pd.DataFrame:
+    """predictions.csv of a prediction folder, validated; an InputError names the file, row and column."""
+    path = Path(pred_dir) / PREDICTIONS_CSV
+    if not path.is_file():
+        raise InputError(path, "not found: not a prediction folder (write one with spinefrac predict)")
+    try:
+        df = pd.read_csv(path, dtype={registry.STUDY_COL: str}, keep_default_na=False, na_values=[""])
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"is not a readable CSV: {exc}") from None
+    try:
+        return PREDICTIONS_SCHEMA.validate(df.reset_index(drop=True), lazy=True)
+    except SchemaErrors as exc:
+        problems = tuple(dict.fromkeys(format_problem(c) for _, c in exc.failure_cases.iterrows()))
+        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        raise TableError(path, f"{len(problems)} problem(s): {'; '.join(problems[:MAX_LISTED])}{more}",
+                         problems) from None
+
+
+def read_errors(pred_dir: str | os.PathLike) -> dict[str, str]:
+    """{study: error text} from errors.csv (empty when the file is absent)."""
+    path = Path(pred_dir) / ERRORS_CSV
+    if not path.is_file():
+        return {}
+    try:
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"is not a readable CSV: {exc}") from None
+    missing = [c for c in (registry.STUDY_COL, "error") if c not in df.columns]
+    if missing:
+        raise InputError(path, f"lacks column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+    return dict(zip(df[registry.STUDY_COL], df["error"], strict=True))
+
+
+def model_dir_of(pred_dir: str | os.PathLike) -> Path | None:
+    """The model folder predictions.csv was made with (its sidecar's inputs.model), or None."""
+    try:
+        model = read_sidecar(Path(pred_dir) / PREDICTIONS_CSV).get("inputs", {}).get("model")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+    return Path(model) if model else None
+
+
+def operating_point(model_dir: str | os.PathLike | None) -> OperatingPoint:
+    """The model folder's operating point, or None with the reason (no model folder, or one trained before)."""
+    if model_dir is None:
+        return OperatingPoint(None, "no model folder known (predictions.csv.meta.json names none; pass --model)")
+    if not Path(model_dir).is_dir():
+        return OperatingPoint(None, f"model folder {model_dir} not found (pass --model)")
+    record, reason = read_operating_point(Path(model_dir) / AGGREGATOR_DIR)
+    return OperatingPoint(record, reason)
+
+
+def worklist_table(predictions: pd.DataFrame, errors: dict[str, str],
+                   threshold: float | None) -> pd.DataFrame:
+    """The ranked worklist (WORKLIST_COLUMNS): failed studies first, then by patient_overall, highest first."""
+    df = predictions.reset_index(drop=True).assign(_order=lambda d: range(len(d)))
+    df = df.sort_values(["failed", registry.PATIENT, "_order"], ascending=[False, False, True], kind="stable")
+    df = df.reset_index(drop=True)
+    df["rank"] = range(1, len(df) + 1)
+    failed = df["failed"].astype(bool)
+    if threshold is None:
+        df["flagged"] = pd.array([pd.NA] * len(df), dtype="Int64")
+    else:
+        df["flagged"] = ((df[registry.PATIENT] >= threshold) & ~failed).astype("Int64")
+    df["error"] = [errors.get(u, "failed (no error recorded)") if f else ""
+                   for u, f in zip(df[registry.STUDY_COL], failed, strict=True)]
+    return df[list(WORKLIST_COLUMNS)]
+
+
+def write_worklist(pred_dir: str | os.PathLike, *, model_dir: str | os.PathLike | None = None
+                   ) -> tuple[pd.DataFrame, OperatingPoint]:
+    """Write OUT/worklist.csv (+ sidecar) from predictions.csv and errors.csv; return it and the operating point."""
+    pred_dir = Path(pred_dir)
+    predictions = read_predictions(pred_dir)
+    model_dir = Path(model_dir) if model_dir is not None else model_dir_of(pred_dir)
+    point = operating_point(model_dir)
+    if point.record is None:
+        log.warning("worklist without a flag: %s", point.reason)
+    else:
+        log.info("%s", describe(point.record))
+    threshold = None if point.record is None else float(point.record["threshold"])
+    table = worklist_table(predictions, read_errors(pred_dir), threshold)
+    path = pred_dir / WORKLIST_CSV
+    write_csv_atomic(path, table)
+    write_sidecar(path, kind="worklist", inputs={"predictions": str(pred_dir / PREDICTIONS_CSV),
+                                                 "model": str(model_dir) if model_dir else None},
+                  counts={"studies": len(table), "failed": int(table["failed"].sum()),
+                          "flagged": int(table["flagged"].fillna(0).sum())},
+                  extra={"operating_point": point.record, "no_flag_reason": point.reason or None})
+    return table, point

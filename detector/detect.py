@@ -243,6 +243,8 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     loc_slices: list[int] = []
     loc_dets: list[np.ndarray] = []       # rows: slice_index, x, y, w, h, conf, cls (original px)
     body: list[tuple[int, float, float]] = []
+    loc_pending: list[tuple[list[int], np.ndarray]] = []   # rendered locator images, run `batch` at a time
+    loc_scale = (1.0, 1.0)
     for chunk in _timed(chunks, timings, "decode"):
         indices = list(range(chunk.start, chunk.stop))
         t = time.perf_counter()
@@ -261,8 +263,11 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
         if locator is not None:
             t = time.perf_counter()
             sampled = [i for i in indices if i % locator.every_k == 0]
-            loc_slices += sampled
-            loc_dets += _locate_slices(locator, chunk, sampled, geometry)
+            if sampled:
+                images, loc_scale = render_slices(chunk, sampled, geometry, render=locator.config["render"])
+                loc_pending.append((sampled, images))
+            if sum(len(i) for i, _ in loc_pending) >= int(det["batch"]) or chunk.stop == n:
+                loc_slices, loc_dets = _flush_locator(locator, loc_pending, loc_scale, shape, loc_slices, loc_dets)
             timings["locate"] += time.perf_counter() - t
     slice_levels = level_boxes = None
     if locator is not None:
@@ -439,17 +444,37 @@ def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu
 
 def _locate_slices(locator: Locator, source: Any, indices: Sequence[int], geometry: Any) -> list[np.ndarray]:
     """Run the locator on whole slices `indices`; rows (slice_index, x, y, w, h, conf, cls) in original px."""
-    from detector.render import image_xyxy_to_original, render_slices
+    from detector.render import render_slices
 
     if not indices:
         return []
     shape = (int(geometry.shape[0]), int(geometry.shape[1]))
     images, scale = render_slices(source, indices, geometry, render=locator.config["render"])
+    return _locator_rows(indices, locator.predictor.predict(images), scale, shape)
+
+
+def _locator_rows(indices: Sequence[int], preds: Sequence[np.ndarray], scale: tuple[float, float],
+                  shape: tuple[int, int]) -> list[np.ndarray]:
+    """Locator boxes of slices `indices` as rows (slice_index, x, y, w, h, conf, cls) in original px."""
+    from detector.render import image_xyxy_to_original
+
     out = []
-    for index, p in zip(indices, locator.predictor.predict(images), strict=True):
+    for index, p in zip(indices, preds, strict=True):
         p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
         out.append(np.column_stack([np.full(len(p), index), image_xyxy_to_original(p[:, :4], scale, shape), p[:, 4:]]))
     return out
+
+
+def _flush_locator(locator: Locator, pending: list[tuple[list[int], np.ndarray]], scale: tuple[float, float],
+                   shape: tuple[int, int], slices: list[int], dets: list[np.ndarray]
+                   ) -> tuple[list[int], list[np.ndarray]]:
+    """Run the locator once on every pending rendered slice (one batch, not one call per chunk); empty `pending`."""
+    if not pending:
+        return slices, dets
+    indices = [i for idx, _ in pending for i in idx]
+    images = np.concatenate([imgs for _, imgs in pending])
+    pending.clear()
+    return slices + indices, dets + _locator_rows(indices, locator.predictor.predict(images), scale, shape)
 
 
 def _body_centres(source: Any, indices: Sequence[int], body_hu: float) -> list[tuple[int, float, float]]:

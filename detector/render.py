@@ -121,24 +121,27 @@ def _render(chunk: SliceSource, indices: Sequence[int], geometry: Any, *, render
     if render["recipe"] == "2.5d":
         off = neighbour_offset(geometry, render["neighbour_mm"])
         level, width = float(render["window_level"]), float(render["window_width"])
-        cache: dict[tuple[int, tuple[int, ...] | None], np.ndarray] = {}   # neighbours are shared between images
-
-        def windowed(j: int, k: int) -> np.ndarray:
-            key = (min(max(j, 0), n_slices - 1), None if crops is None else tuple(int(v) for v in crops[k]))
-            if key not in cache:
-                cache[key] = apply_window(cut(j, k), level, width)
-            return cache[key]
-
+        slot: dict[tuple[int, tuple[int, ...] | None], int] = {}   # neighbours are shared between images
+        sources: list[np.ndarray] = []
+        picks = np.empty((len(indices), N_CHANNELS), dtype=np.intp)
         for k, i in enumerate(indices):
-            images[k, ..., 0] = windowed(i - off, k)   # superior neighbour (z + d)
-            images[k, ..., 1] = windowed(i, k)
-            images[k, ..., 2] = windowed(i + off, k)   # inferior neighbour (z - d)
+            crop = None if crops is None else tuple(int(v) for v in crops[k])
+            # superior neighbour (z + d), the slice, inferior neighbour (z - d)
+            for c, j in enumerate((i - off, i, i + off)):
+                key = (min(max(j, 0), n_slices - 1), crop)
+                if key not in slot:
+                    slot[key] = len(sources)
+                    sources.append(cut(j, k))
+                picks[k, c] = slot[key]
+        if sources:
+            windowed = apply_window(np.stack(sources), level, width)   # one vectorised pass per batch
+            images[:] = windowed[picks].transpose(0, 2, 3, 1)
     else:
         windows = _windows(render)
-        for k, i in enumerate(indices):
-            r = cut(i, k)
+        if indices:
+            resized = np.stack([cut(i, k) for k, i in enumerate(indices)])
             for c, (level, width) in enumerate(windows):
-                images[k, ..., c] = apply_window(r, level, width)
+                images[..., c] = apply_window(resized, level, width)
     return images
 
 

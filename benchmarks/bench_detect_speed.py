@@ -64,6 +64,11 @@ def _child_naive(args: argparse.Namespace) -> dict:
     configure_ultralytics()
     from detector.weights import yolo_from_weights
 
+    if args.pydicom_decode:      # decoding as pydicom's own plugins do it (GDCM), not the project's fast path
+        from data_prep import dicom_io
+
+        dicom_io.FAST_JPEG_LOSSLESS = ()
+
     render = load_config("detector", None, [f"render.imgsz={args.imgsz}", *args.render_set]).render
     png_dir = Path(args.out) / "png"
     t_write = t_predict = 0.0
@@ -172,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--child", choices=("detect", "naive"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--backend", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--pydicom-decode", action="store_true",
+                   help="naive path: decode with pydicom's plugins (GDCM) instead of the project's JPEG Lossless path")
     p.add_argument("--render-set", action="append", default=[], metavar="KEY=VALUE",
                    help="detector config override for the naive path's rendering, e.g. render.recipe=windows")
     args = p.parse_args(argv)

@@ -15,9 +15,10 @@ Every measurement runs in its own child process, one after the other (never two 
                No NMS, no rendering, no reading.
   limit        decode + models: what a study costs if nothing else ran and nothing overlapped; predict / limit
                is the overhead ratio (below 1 when decoding and the models overlap on the 2 cores).
-  naive        every slice rendered to PNG on disk, then Ultralytics `YOLO.predict` (PyTorch) on the files with
-               the same detector weights, imgsz and recipe (benchmarks/bench_detect_speed.py's naive child), on
-               the first --naive-studies studies; scaled to the mean study.
+  naive        every slice decoded by pydicom's own plugins (GDCM for JPEG Lossless), rendered to PNG on disk,
+               then Ultralytics `YOLO.predict` (PyTorch) on the files with the same detector weights, imgsz and
+               recipe (benchmarks/bench_detect_speed.py's naive child), on the first --naive-studies studies;
+               scaled to the mean study. The detector alone: no locator, no classifier, no aggregation.
   rss N        `spinefrac predict` over N study folders (links to the studies, cycled), peak RSS of the
                whole process tree (sampled every RSS_POLL_S) and of the main process.
 Without --studies-dir, full-size synthetic studies are written first: 512 px, about 300 slices, every file
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = _link_farm(studies[:args.naive_studies], args.naive_studies, work / "naive_in")
         cmd = [sys.executable, "-m", "benchmarks.bench_detect_speed", "--child", "naive", "--backend", "pytorch",
                "--weights", str(model.detector_weights), "--studies-dir", str(folder), "--out", str(work / "naive"),
-               "--imgsz", str(det["render"]["imgsz"]), "--workers", str(args.workers)]
+               "--imgsz", str(det["render"]["imgsz"]), "--workers", str(args.workers), "--pydicom-decode"]
         for key in ("recipe", "window_level", "window_width", "neighbour_mm", "windows"):
             if key in det["render"]:
                 value = det["render"][key]

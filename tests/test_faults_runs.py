@@ -117,6 +117,7 @@ def test_every_study_fails_still_gives_a_complete_prior_submission(trained_pipel
         raise MissingDecoderError(path, "no decoder for this syntax is installed; install pylibjpeg")
 
     monkeypatch.setattr("data_prep.dicom_io._choose_plugin", no_decoder)
+    monkeypatch.setattr("data_prep.dicom_io.FAST_JPEG_LOSSLESS", ())     # no imagecodecs either
     out = tmp_path / "pred"
     rc = _predict(test_set / "test_images", trained_pipeline / "model", out, "--test-csv", str(test_set / "test.csv"))
     assert rc == EXIT_ALL_FAILED                         # documented in README "Failure handling"

@@ -57,6 +57,8 @@ DEFAULT_EXECUTOR = "thread"
 benchmarks/bench_decode.py on the shared 2-core machine, 2 threads were as fast as or faster than
 2 processes for uncompressed, RLE and JPEG 2000 (processes pay ~1 MB of IPC per 512x512 slice);
 re-measure on a quiet machine before changing this."""
+SCAN_PROCESSES = 1
+"""Worker processes of scan_study_async: the read-ahead scans one study at a time, ahead of the decoders."""
 FAST_JPEG_LOSSLESS = (registry.TS_JPEG_LOSSLESS_SV1, "1.2.840.10008.1.2.4.57")
 """Decoded by imagecodecs' libjpeg-turbo when installed: bit-identical to GDCM and about 4x faster (300 slices of
 512 px: 1.2 vs 4.8 ms per slice on one core; tests/test_dicom_io.py checks the identity, signed and unsigned)."""
@@ -430,6 +432,11 @@ def _decode_jpeg_lossless(ds: pydicom.Dataset) -> np.ndarray | None:
         return raw
     shift = JPEG_LOSSLESS_BITS - int(ds.get("BitsStored", JPEG_LOSSLESS_BITS))
     return (raw.view(np.int16) << shift) >> shift      # two's complement of BitsStored bits, sign-extended
+
+
+def scan_study_async(study_dir: str | os.PathLike) -> Future:
+    """scan_study in a worker process (a Future of its StudyGeometry): header parsing off this process's GIL."""
+    return _pool(SCAN_PROCESSES, "process").submit(scan_study, Path(study_dir))
 
 
 def read_volume(geometry: StudyGeometry, *, workers: int = 1, executor: str = DEFAULT_EXECUTOR) -> np.ndarray:

@@ -18,10 +18,11 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from data_prep.dicom_io import Chunk, StudyGeometry, iter_chunks, scan_study
+from data_prep.dicom_io import Chunk, StudyGeometry, iter_chunks, scan_study, scan_study_async
 
 POLL_S = 0.1
 """How often a blocked reader checks whether its consumer has gone (s)."""
@@ -81,8 +82,12 @@ class StudyStream:
 
 
 def read_ahead(study_dirs: Sequence[str | Path], *, chunk_size: int, context: Callable[[StudyGeometry], int],
-               workers: int, depth: int) -> Iterator[StudyStream]:
-    """Yield a StudyStream per study, in order, filled by one background reader `depth` chunks ahead."""
+               workers: int, depth: int, scan_ahead: bool = True) -> Iterator[StudyStream]:
+    """Yield a StudyStream per study, in order, filled by one background reader `depth` chunks ahead.
+
+    scan_ahead: parse each study's headers in a worker process, one study ahead (dicom_io.scan_study_async),
+    so the header parsing (pure Python) does not compete with the models' process for its GIL.
+    """
     streams: queue.Queue = queue.Queue(maxsize=1)
     stop = threading.Event()
 
@@ -95,11 +100,19 @@ def read_ahead(study_dirs: Sequence[str | Path], *, chunk_size: int, context: Ca
                 continue
         return False
 
+    scans: dict[int, Future] = {}
+
+    def scan(i: int) -> None:
+        if scan_ahead and i < len(study_dirs) and i not in scans:
+            scans[i] = scan_study_async(study_dirs[i])
+
     def work() -> None:
-        for study_dir in study_dirs:
+        for i, study_dir in enumerate(study_dirs):
             stream = StudyStream(Path(study_dir), depth)
+            scan(i)
+            scan(i + 1)       # the next study's headers are parsed while this one decodes
             try:
-                stream._geometry = scan_study(study_dir)
+                stream._geometry = scans.pop(i).result() if scan_ahead else scan_study(study_dir)
             except Exception as exc:   # noqa: BLE001 - the consumer raises it in the study's context
                 stream._error = exc
             if not offer(stream):
@@ -121,6 +134,8 @@ def read_ahead(study_dirs: Sequence[str | Path], *, chunk_size: int, context: Ca
                 if chunks is not None:
                     chunks.close()    # a dropped study: its queued decodes are cancelled now
         offer(_END)
+        for future in scans.values():
+            future.cancel()
 
     thread = threading.Thread(target=work, name="study-read-ahead", daemon=True)
     thread.start()

@@ -123,6 +123,8 @@ def check_architecture(arch: Mapping[str, Any], path: str | os.PathLike | None) 
     """Refuse an architecture dict whose layers are not nn.Module classes or whose strings would be eval-ed."""
     import torch
     import torchvision
+
+    configure_ultralytics()     # before the first import of ultralytics: offline, settings under the project home
     from ultralytics.nn import tasks
 
     for section in ARCH_SECTIONS:

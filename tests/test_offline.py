@@ -155,3 +155,24 @@ def test_training_and_export_complete_with_network_unreachable(tmp_path):
     assert report["n_out"] == 2 and report["backend"] in ("openvino", "onnx", "pytorch")
     assert _files_under(fake_home) == [], "something was written under $HOME"
     assert _files_under(work) == [], "something was written in the current folder"
+
+
+CHECK_ARCHITECTURE = r'''
+import json, os, sys
+from pathlib import Path
+args = json.loads(sys.argv[1])
+os.environ["SPINEFRAC_HOME"] = args["home"]
+from detector.weights import check_architecture
+check_architecture({"backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": [[-1, 1, "Conv", [16, 3, 2]]]}, None)
+from ultralytics.utils import USER_CONFIG_DIR
+Path(args["report"]).write_text(json.dumps({"user_config_dir": str(USER_CONFIG_DIR)}))
+'''
+
+
+def test_checking_a_model_folder_imports_ultralytics_configured(tmp_path):
+    """open_model checks architectures first: that first import of Ultralytics must already be configured."""
+    fake_home, home = tmp_path / "fake_home", tmp_path / "spinefrac_home"
+    fake_home.mkdir()
+    report = _run(CHECK_ARCHITECTURE, {"home": str(home), "report": str(tmp_path / "r.json")}, fake_home, tmp_path)
+    assert Path(report["user_config_dir"]) == home / "ultralytics" / "Ultralytics"
+    assert _files_under(fake_home) == [], "something was written under $HOME"

@@ -208,108 +208,139 @@ def _actor_options(ray: Any, actors: int | None, gpu: bool) -> tuple[int, dict[s
 def _stream(ray: Any, todo: Sequence[Path], *, out: Path, kwargs: Mapping[str, Any], actors: int | None, gpu: bool,
             run: RayRun, progress: bool, rebuild_every: int, key: str) -> dict[str, Any]:
     """Stream `todo` through the actors, replacing dead ones and retrying their studies; return the provenance."""
-    from ray.exceptions import RayActorError, RayTaskError
+    from ray.exceptions import RayActorError
     from tqdm.auto import tqdm
 
     from detector.detect import rebuild_outputs
 
     n, options = _actor_options(ray, actors, gpu)
     remote = ray.remote(DetectActor).options(max_restarts=0, max_task_retries=0, **options)
-
-    def start() -> Any:
-        return remote.remote(str(out), dict(kwargs))
-
-    pool = [start() for _ in range(min(n, len(todo)))]
-    run.actors = len(pool)
-    log.info("Ray: %d actors (%s each) over %d studies", len(pool), options, len(todo))
-    try:
-        describe = ray.get(pool[0].describe.remote())
-    except RayActorError as exc:       # its models failed to load: every actor would fail the same way
-        raise RayUnavailableError(f"a Ray worker could not load the models: {_cause(exc)}") from None
-    queue: deque[Path] = deque(todo)
-    attempts: dict[str, int] = {}
-    on_actor: dict[int, deque[Any]] = {i: deque() for i in range(len(pool))}   # refs in submission order
-    in_flight: dict[Any, tuple[int, Path]] = {}
-    budget = REPLACEMENTS_PER_ACTOR * len(pool)
-    done = 0
+    pool = _Pool(ray, lambda: remote.remote(str(out), dict(kwargs)), min(n, len(todo)), out=out, key=key, run=run)
+    log.info("Ray: %d actors (%s each) over %d studies", run.actors, options, len(todo))
     bar = tqdm(total=len(todo), desc="detect (ray)", unit="study", disable=not progress)
     try:
-        while queue or in_flight:
-            for i, actor in enumerate(pool):
-                while actor is not None and queue and len(on_actor[i]) < IN_FLIGHT_PER_ACTOR:
-                    study = queue.popleft()
-                    ref = actor.run.remote(str(study))
-                    on_actor[i].append(ref)
-                    in_flight[ref] = (i, study)
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            ref = ready[0]
-            i, study = in_flight[ref]
-            try:
-                outcome = ray.get(ref)
-            except RayActorError as exc:
-                budget = _replace(pool, i, on_actor, in_flight, queue, attempts, run, exc, budget=budget,
-                                  start=start, out=out, key=key)
-                done = len(run.finished) + len(run.failed)
-                bar.n = done
-                bar.refresh()
-                continue
-            except RayTaskError as exc:    # run() itself broke (not the study: that is recorded, never raised)
-                outcome = None
-                _record_failure(out, study, key=key, error=f"the Ray worker raised: {_cause(exc)}")
-            del in_flight[ref]
-            on_actor[i].remove(ref)
-            if outcome is not None and outcome.finished:
-                run.finished.append(outcome.uid)
-                run.n_slices += outcome.n_slices
-                for k, v in outcome.timings.items():
-                    run.timings[k] = run.timings.get(k, 0.0) + v
-            else:
-                run.failed.append(study.name)
-            done += 1
-            bar.update(1)
-            if done % rebuild_every == 0:
+        try:
+            describe = ray.get(pool.actors[0].describe.remote())
+        except RayActorError as exc:       # its models failed to load: every actor would fail the same way
+            raise RayUnavailableError(f"a Ray worker could not load the models: {_cause(exc)}") from None
+        pool.queue.extend(todo)
+        rebuilt = 0
+        while pool.queue or pool.in_flight:
+            pool.fill()
+            pool.collect()
+            bar.update(pool.settled - bar.n)
+            if pool.settled - rebuilt >= rebuild_every:
                 rebuild_outputs(out, config=kwargs["config"])
+                rebuilt = pool.settled
     finally:
         bar.close()
-        for actor in pool:
-            if actor is not None:
-                ray.kill(actor)
+        pool.kill()
     return describe
 
 
-def _replace(pool: list[Any], i: int, on_actor: dict[int, deque[Any]], in_flight: dict[Any, tuple[int, Path]],
-             queue: deque[Path], attempts: dict[str, int], run: RayRun, exc: Exception, *, budget: int,
-             start: Any, out: Path, key: str) -> int:
-    """Actor i died: charge the study it was running, requeue its other studies, start a replacement."""
-    refs = list(on_actor[i])
-    on_actor[i].clear()
-    for k, ref in enumerate(refs):
-        _, study = in_flight.pop(ref)
-        if k:                               # queued behind the running one: never started, requeued free
-            queue.appendleft(study)
-            continue
-        uid = study.name
-        attempts[uid] = attempts.get(uid, 0) + 1
-        run.retried.append(uid)
-        if attempts[uid] >= MAX_ATTEMPTS:
-            log.warning("study %s: its Ray worker died %d times while detecting it; recorded as failed", uid,
-                        attempts[uid])
-            _record_failure(out, study, key=key, error=f"the Ray worker died {attempts[uid]} times while detecting "
-                                                       f"this study (last: {_cause(exc)})")
-            run.failed.append(uid)
+class _Pool:
+    """The driver's view of the actors: a queue of studies, the studies in flight on each actor (in submission
+    order: an actor runs them one after another), tries of studies whose worker died, replacements left."""
+
+    def __init__(self, ray: Any, start: Any, n: int, *, out: Path, key: str, run: RayRun) -> None:
+        self.ray, self.start, self.out, self.key, self.run = ray, start, out, key, run
+        self.actors: list[Any] = [start() for _ in range(n)]
+        self.on_actor: list[deque[Any]] = [deque() for _ in range(n)]
+        self.in_flight: dict[Any, tuple[int, Path]] = {}
+        self.queue: deque[Path] = deque()
+        self.attempts: dict[str, int] = {}
+        self.replacements = REPLACEMENTS_PER_ACTOR * n
+        self.settled = 0
+        run.actors = n
+
+    def fill(self) -> None:
+        """Give every live actor studies until IN_FLIGHT_PER_ACTOR are queued on it."""
+        for i, actor in enumerate(self.actors):
+            while actor is not None and self.queue and len(self.on_actor[i]) < IN_FLIGHT_PER_ACTOR:
+                study = self.queue.popleft()
+                ref = actor.run.remote(str(study))
+                self.on_actor[i].append(ref)
+                self.in_flight[ref] = (i, study)
+
+    def collect(self) -> None:
+        """Wait for one result and count it; when its actor died, settle or requeue all of that actor's studies."""
+        (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
+        i, _ = self.in_flight[ref]
+        died = self._settle(ref)
+        if died is not None:
+            self._actor_died(i, died)
+
+    def _settle(self, ref: Any) -> Exception | None:
+        """Count a finished ref's outcome; return the error instead (leaving it in flight) when its actor died."""
+        from ray.exceptions import RayActorError, RayTaskError
+
+        i, study = self.in_flight[ref]
+        try:
+            outcome = self.ray.get(ref)
+        except RayActorError as exc:
+            return exc
+        except RayTaskError as exc:                # run() itself broke (a study's failure is recorded, never raised)
+            _record_failure(self.out, study, key=self.key, error=f"the Ray worker raised: {_cause(exc)}")
+            outcome = None
+        del self.in_flight[ref]
+        self.on_actor[i].remove(ref)
+        if outcome is not None and outcome.finished:
+            self.run.finished.append(outcome.uid)
+            self.run.n_slices += outcome.n_slices
+            for k, v in outcome.timings.items():
+                self.run.timings[k] = self.run.timings.get(k, 0.0) + v
         else:
+            self.run.failed.append(study.name)
+        self.settled += 1
+        return None
+
+    def _actor_died(self, i: int, exc: Exception) -> None:
+        """Actor i died: count what it finished, charge the study it was running, requeue the rest, replace it."""
+        running, waiting = None, []
+        for ref in list(self.on_actor[i]):
+            if running is None and self._settle(ref) is None:
+                continue                           # it had finished this one before it died
+            _, study = self.in_flight.pop(ref)
+            self.on_actor[i].remove(ref)
+            if running is None:
+                running = study
+            else:                                  # queued behind the running one: never started, requeued free
+                waiting.append(study)
+        self.queue.extendleft(reversed(waiting))
+        if running is not None:
+            self._charge(running, exc)
+        if self.replacements <= 0:
+            self.actors[i] = None
+            if all(a is None for a in self.actors) and (self.queue or self.in_flight):
+                raise RayUnavailableError(f"every Ray worker died ({_cause(exc)}); finished studies are kept in "
+                                          f"{self.out} and a rerun resumes")
+            return
+        self.actors[i] = self.start()
+        self.replacements -= 1
+        self.run.replaced += 1
+
+    def _charge(self, study: Path, exc: Exception) -> None:
+        """One more try of a study whose worker died on it: requeue it, or after MAX_ATTEMPTS record it as failed."""
+        uid = study.name
+        self.attempts[uid] = self.attempts.get(uid, 0) + 1
+        self.run.retried.append(uid)
+        if self.attempts[uid] < MAX_ATTEMPTS:
             log.warning("study %s: its Ray worker died (%s); retrying it on another worker (try %d of %d)", uid,
-                        _cause(exc), attempts[uid] + 1, MAX_ATTEMPTS)
-            queue.append(study)
-    if budget <= 0:
-        pool[i] = None
-        if all(a is None for a in pool):
-            raise RayUnavailableError(f"every Ray worker died ({_cause(exc)}); finished studies are kept in {out} "
-                                      "and a rerun resumes")
-        return budget
-    pool[i] = start()
-    run.replaced += 1
-    return budget - 1
+                        _cause(exc), self.attempts[uid] + 1, MAX_ATTEMPTS)
+            self.queue.append(study)
+            return
+        log.warning("study %s: its Ray worker died %d times while detecting it; recorded as failed", uid,
+                    self.attempts[uid])
+        _record_failure(self.out, study, key=self.key, error=f"the Ray worker died {self.attempts[uid]} times while "
+                                                             f"detecting this study (last: {_cause(exc)})")
+        self.run.failed.append(uid)
+        self.settled += 1
+
+    def kill(self) -> None:
+        """End every live actor (their models' memory is freed at once on a shared cluster)."""
+        for actor in self.actors:
+            if actor is not None:
+                self.ray.kill(actor)
 
 
 def _record_failure(out: Path, study: Path, *, key: str, error: str) -> None:
@@ -337,6 +368,12 @@ def _drop_other_errors(out: Path, key: str) -> None:
 
 
 def _cause(exc: BaseException) -> str:
-    """The first line of a Ray error's message (its tracebacks are long)."""
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """One line of a Ray error's long message: the raised exception's line for an error inside the worker's code
+    (a RayTaskError, or an actor whose __init__ raised), else the first line (why the worker died)."""
+    from ray.exceptions import RayTaskError
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    inside = isinstance(exc, RayTaskError) or bool(getattr(exc, "actor_init_failed", False))
+    return lines[-1] if inside else lines[0]

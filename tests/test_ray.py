@@ -168,6 +168,8 @@ def test_a_study_its_workers_keep_dying_on_is_recorded_as_failed(local_ray, trai
     assert main(_predict_args(trained, studies, out, "--ray", "--ray-actors", "2")) == 0
     errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)
     assert set(errors.index) == set(pd.read_csv(single / "errors.csv", dtype={STUDY_COL: str})[STUDY_COL]) | {good}
+    run = _this_run(out)
+    assert run["retried"] == [good] and run["actors_replaced"] == MAX_ATTEMPTS   # no other study was charged
     assert errors.loc[good, "stage"] == RAY_STAGE
     assert f"died {MAX_ATTEMPTS} times" in errors.loc[good, "error"]
     predictions = pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)
@@ -175,3 +177,29 @@ def test_a_study_its_workers_keep_dying_on_is_recorded_as_failed(local_ray, trai
     others = [u for u in reference.index if u != good]
     pd.testing.assert_frame_equal(predictions.loc[others], reference.loc[others])   # the rest are untouched
     assert not (out / "done" / f"{good}.json").exists()
+
+
+def _no_models() -> type:
+    """An actor whose models cannot load (defined in a function: Ray ships it to the workers by value)."""
+
+    class NoModels(DetectActor):
+        def __init__(self, out, runner_kwargs):
+            raise OSError("weights unreadable on this node")
+
+    return NoModels
+
+
+@needs_ray
+@pytest.mark.slow
+def test_workers_that_cannot_load_or_all_die_stop_the_run_with_a_clear_message(local_ray, trained, studies, tmp_path,
+                                                                              monkeypatch, caplog):
+    monkeypatch.setattr(ray_runner, "DetectActor", _no_models())
+    assert main(_predict_args(trained, studies, tmp_path / "a", "--ray")) == EXIT_ERROR
+    assert "could not load the models" in caplog.text and "weights unreadable on this node" in caplog.text
+
+    first = sorted((studies / "test_images").iterdir())[0].name
+    monkeypatch.setattr(ray_runner, "DetectActor", _dying_actor(first, None))
+    monkeypatch.setattr(ray_runner, "REPLACEMENTS_PER_ACTOR", 0)
+    assert main(_predict_args(trained, studies, tmp_path / "b", "--ray", "--ray-actors", "1")) == EXIT_ERROR
+    assert "every Ray worker died" in caplog.text and "a rerun resumes" in caplog.text
+    assert not (tmp_path / "b" / "predictions.csv").exists()

@@ -171,7 +171,8 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
 
 # ---------------------------------------------------------------- internals
 def _connect(ray: Any, address: str) -> bool:
-    """Start or join Ray unless this process is connected already; return whether this call connected."""
+    """Start or join Ray; return whether this call connected. A process connected already (ray.init by the
+    caller, e.g. a notebook or a test) keeps its connection and `address` is not used."""
     if ray.is_initialized():
         return False
     try:
@@ -189,7 +190,8 @@ def _connect(ray: Any, address: str) -> bool:
 
 
 def _actor_options(ray: Any, actors: int | None, gpu: bool) -> tuple[int, dict[str, Any]]:
-    """How many actors and the resources each reserves (CPU_PER_ACTOR, fewer if asked for more actors than fit)."""
+    """How many actors and the resources each reserves (CPUS_PER_ACTOR and GPUS_PER_ACTOR, or the cluster's
+    share when asked for more actors than that allows, so that every actor can start)."""
     resources = ray.cluster_resources()
     cpus = float(resources.get("CPU", 0.0))
     if gpu:
@@ -197,8 +199,8 @@ def _actor_options(ray: Any, actors: int | None, gpu: bool) -> tuple[int, dict[s
         if gpus < GPUS_PER_ACTOR:
             raise RayUnavailableError("--device names a GPU but the Ray cluster has none: start GPU workers "
                                       "(`ray start --address ... --num-gpus N`) or pass --device cpu")
-        n = actors or gpus // GPUS_PER_ACTOR
-        return n, {"num_gpus": GPUS_PER_ACTOR, "num_cpus": min(CPUS_PER_ACTOR, cpus / n) if cpus else 0}
+        n = actors or gpus // GPUS_PER_ACTOR      # more actors than GPUs share them (fractions of a GPU)
+        return n, {"num_gpus": min(float(GPUS_PER_ACTOR), gpus / n), "num_cpus": min(CPUS_PER_ACTOR, cpus / n)}
     if cpus <= 0:
         raise RayUnavailableError("the Ray cluster offers no CPUs to run workers on")
     n = actors or max(1, int(cpus // CPUS_PER_ACTOR))

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -47,6 +48,38 @@ def test_ray_missing_names_the_extra_before_any_work(monkeypatch, tmp_path, capl
     assert 'pip install "spinefrac[ray]"' in caplog.text
     assert "no_model" not in caplog.text                   # refused before the model folder is even opened
     assert not out.exists()
+
+
+class _FakeCluster:
+    """Stands in for the ray module where only cluster_resources() is read."""
+
+    def __init__(self, **resources):
+        self.resources = resources
+
+    def cluster_resources(self):
+        return self.resources
+
+
+@pytest.mark.parametrize(("resources", "actors", "gpu", "expected"), [
+    ({"CPU": 16.0}, None, False, (8, {"num_cpus": 2.0})),                # CPUS_PER_ACTOR each by default
+    ({"CPU": 3.0}, None, False, (1, {"num_cpus": 2.0})),
+    ({"CPU": 2.0}, 4, False, (4, {"num_cpus": 0.5})),                    # more actors than fit: they share
+    ({"CPU": 8.0, "GPU": 2.0}, None, True, (2, {"num_gpus": 1.0, "num_cpus": 2.0})),
+    ({"CPU": 8.0, "GPU": 2.0}, 4, True, (4, {"num_gpus": 0.5, "num_cpus": 2.0})),
+])
+def test_actors_default_to_the_clusters_cpus_or_gpus_and_always_fit(resources, actors, gpu, expected):
+    assert ray_runner._actor_options(_FakeCluster(**resources), actors, gpu) == expected
+
+
+def test_a_gpu_device_on_a_cluster_without_gpus_is_refused():
+    with pytest.raises(ray_runner.RayUnavailableError, match="has none"):
+        ray_runner._actor_options(_FakeCluster(CPU=8.0), None, True)
+
+
+def test_spinefrac_imports_without_loading_ray():
+    code = ("import sys, spinefrac.cli, spinefrac.pipeline, spinefrac.ray_runner; "
+            "sys.exit(1 if 'ray' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1]).returncode == 0
 
 
 # ---------------------------------------------------------------- on a local Ray instance

@@ -386,8 +386,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="detect on Ray actors (needs spinefrac[ray]): alone, a local instance; 'auto', HOST:6379 "
                         "or ray://HOST:10001, an existing cluster (STUDIES, --model and --out on a shared filesystem)")
     p.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
-                   help="Ray actors, each loading the models once (default: the cluster's CPUs / 2, or its GPUs "
-                        "with a GPU --device)")
+                   help="number of Ray actors, each loading the models once; unset: the cluster's CPUs / 2, or its GPUs "
+                        "with a GPU --device")
 
     p = _sub(sub, "merge", "combine the output folders of `predict --shard I/N` jobs into one prediction folder",
              "spinefrac merge work/pred_1 work/pred_2 --model models/m1 --out work/pred --test-csv data/rsna/test.csv",

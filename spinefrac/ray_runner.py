@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 from collections import deque
 from collections.abc import Mapping, Sequence
@@ -48,6 +49,9 @@ MAX_ATTEMPTS = 3
 """Tries of a study during which its worker died; then it is recorded as failed (errors/<uid>.json)."""
 REPLACEMENTS_PER_ACTOR = 2
 """A dead actor is replaced by a new one at most this many times per actor requested; then the run stops."""
+CONNECT_TIMEOUT_S = 10.0
+"""How long a cluster address may take to accept a TCP connection before --ray gives up on it."""
+RAY_CLIENT_PREFIX = "ray://"
 RAY_STAGE = "ray"
 """The `stage` of a failure record the driver writes for a study its workers kept dying on."""
 
@@ -88,7 +92,7 @@ def require_ray() -> Any:
 def parse_address(text: str) -> str:
     """Check a --ray address ("local", "auto", "host:port" or "ray://host:port"); raise ValueError otherwise."""
     text = str(text).strip()
-    if text in (LOCAL_ADDRESS, "auto") or text.startswith("ray://"):
+    if text in (LOCAL_ADDRESS, "auto") or text.startswith(RAY_CLIENT_PREFIX):
         return text
     host, sep, port = text.rpartition(":")
     if sep and host and port.isdigit():
@@ -124,6 +128,19 @@ def runner_kwargs(model: Any, *, labels: Path | None, workers: int, device: str 
             "device": device,
             "classifier": [str(Path(w).absolute()) for w in model.classifier_weights] or None,
             "classifier_config": cfgs["classifier"]}
+
+
+def actor_config(config: Mapping[str, Any], cpus: float) -> Mapping[str, Any]:
+    """The detector config an actor runs with: torch threads = the CPUs it reserved, unless `train.threads` is set
+    (0, every core, would make each actor use all of its node's cores). Not a detect setting: the key is the same."""
+    from data_prep.config import Config
+
+    train = config.get("train") or {}
+    if train.get("threads"):
+        return config
+    data = config.to_dict() if hasattr(config, "to_dict") else json.loads(json.dumps(config))
+    data.setdefault("train", {})["threads"] = max(1, int(cpus))
+    return Config(data, "detector")
 
 
 def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address: str = LOCAL_ADDRESS,
@@ -175,6 +192,7 @@ def _connect(ray: Any, address: str) -> bool:
     caller, e.g. a notebook or a test) keeps its connection and `address` is not used."""
     if ray.is_initialized():
         return False
+    _check_reachable(address)
     try:
         if address == LOCAL_ADDRESS:
             ray.init(address=LOCAL_ADDRESS, object_store_memory=LOCAL_OBJECT_STORE_MB * MB, include_dashboard=False,
@@ -187,6 +205,22 @@ def _connect(ray: Any, address: str) -> bool:
             from None
     log.info("Ray: %s, resources %s", address, ray.cluster_resources())
     return True
+
+
+def _check_reachable(address: str) -> None:
+    """Refuse a HOST:PORT (or ray://HOST:PORT) where nothing answers, at once: Ray itself waits on it for minutes."""
+    if address in (LOCAL_ADDRESS, "auto"):
+        return
+    host, sep, port = address.removeprefix(RAY_CLIENT_PREFIX).rpartition(":")
+    if not (sep and port.isdigit()):
+        return                           # ray://HOST without a port: Ray Client's default port, left to Ray
+    try:
+        with socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S):
+            pass
+    except OSError as exc:
+        raise RayUnavailableError(f"--ray {address}: nothing answers at {host}:{port} ({exc}); start the cluster "
+                                  "with `ray start --head` there, check the address, or run --ray alone for a "
+                                  "local instance") from None
 
 
 def _actor_options(ray: Any, actors: int | None, gpu: bool) -> tuple[int, dict[str, Any]]:
@@ -217,7 +251,13 @@ def _stream(ray: Any, todo: Sequence[Path], *, out: Path, kwargs: Mapping[str, A
 
     n, options = _actor_options(ray, actors, gpu)
     remote = ray.remote(DetectActor).options(max_restarts=0, max_task_retries=0, **options)
-    pool = _Pool(ray, lambda: remote.remote(str(out), dict(kwargs)), min(n, len(todo)), out=out, key=key, run=run)
+    actor_kwargs = {**kwargs, "config": actor_config(kwargs["config"], options["num_cpus"])}
+    try:
+        pool = _Pool(ray, lambda: remote.remote(str(out), actor_kwargs), min(n, len(todo)), out=out, key=key,
+                     run=run)
+    except Exception as exc:   # noqa: BLE001 - e.g. Ray Client: the cluster cannot import spinefrac's actor class
+        raise RayUnavailableError(f"cannot start a Ray worker ({type(exc).__name__}: {_cause(exc)}): every node "
+                                  f"needs the same spinefrac installed ({RAY_EXTRA})") from None
     log.info("Ray: %d actors (%s each) over %d studies", run.actors, options, len(todo))
     bar = tqdm(total=len(todo), desc="detect (ray)", unit="study", disable=not progress)
     try:
@@ -225,6 +265,9 @@ def _stream(ray: Any, todo: Sequence[Path], *, out: Path, kwargs: Mapping[str, A
             describe = ray.get(pool.actors[0].describe.remote())
         except RayActorError as exc:       # its models failed to load: every actor would fail the same way
             raise RayUnavailableError(f"a Ray worker could not load the models: {_cause(exc)}") from None
+        except Exception as exc:   # noqa: BLE001 - anything else that stops the first worker: named, no traceback
+            raise RayUnavailableError(f"cannot start a Ray worker ({type(exc).__name__}: {_cause(exc)}): every "
+                                      f"node needs the same spinefrac installed ({RAY_EXTRA})") from None
         pool.queue.extend(todo)
         rebuilt = 0
         while pool.queue or pool.in_flight:

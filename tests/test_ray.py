@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,37 @@ def test_actors_default_to_the_clusters_cpus_or_gpus_and_always_fit(resources, a
 def test_a_gpu_device_on_a_cluster_without_gpus_is_refused():
     with pytest.raises(ray_runner.RayUnavailableError, match="has none"):
         ray_runner._actor_options(_FakeCluster(CPU=8.0), None, True)
+
+
+def test_each_actor_uses_as_many_threads_as_cpus_it_reserved_with_the_same_settings_key():
+    from data_prep.config import load_config
+    from detector.detect import detect_settings
+
+    every_core = load_config("detector", None, ["train.threads=0"])
+    one = ray_runner.actor_config(every_core, 1.5)
+    assert one["train"]["threads"] == 1 and ray_runner.actor_config(every_core, 0.5)["train"]["threads"] == 1
+    assert detect_settings(one, weights="w.pt") == detect_settings(every_core, weights="w.pt")
+    chosen = load_config("detector", None, ["train.threads=3"])
+    assert ray_runner.actor_config(chosen, 1.0)["train"]["threads"] == 3       # the user's choice stands
+
+
+class _NeverInit:
+    """A ray module stand-in that fails the test if Ray is asked to connect."""
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        raise AssertionError("ray.init was called for an address where nothing answers")
+
+
+@pytest.mark.parametrize("scheme", ["", "ray://"])
+def test_an_address_where_nothing_answers_is_refused_at_once(scheme):
+    with socket.socket() as probe:               # a port that was free a moment ago: nothing listens there
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(ray_runner.RayUnavailableError, match=f"nothing answers at 127.0.0.1:{port}"):
+        ray_runner._connect(_NeverInit(), f"{scheme}127.0.0.1:{port}")
 
 
 def test_spinefrac_imports_without_loading_ray():

@@ -172,7 +172,7 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
         if todo:
             describe = _stream(ray, todo, out=out, kwargs=kwargs, actors=actors, gpu=gpu, run=run,
                                progress=progress, rebuild_every=max(1, int(kwargs["config"]["detect"]["rebuild_every"])),
-                               key=markers.key)
+                               markers=markers, overwrite=overwrite)
     finally:
         rebuild_outputs(out, config=kwargs["config"], runtime_s=time.perf_counter() - t0,
                         extra={**describe, "this_run": run.summary(), "ray": {"address": address}})
@@ -242,7 +242,7 @@ def _actor_options(ray: Any, actors: int | None, gpu: bool) -> tuple[int, dict[s
 
 
 def _stream(ray: Any, todo: Sequence[Path], *, out: Path, kwargs: Mapping[str, Any], actors: int | None, gpu: bool,
-            run: RayRun, progress: bool, rebuild_every: int, key: str) -> dict[str, Any]:
+            run: RayRun, progress: bool, rebuild_every: int, markers: Any, overwrite: bool) -> dict[str, Any]:
     """Stream `todo` through the actors, replacing dead ones and retrying their studies; return the provenance."""
     from ray.exceptions import RayActorError
     from tqdm.auto import tqdm
@@ -253,8 +253,8 @@ def _stream(ray: Any, todo: Sequence[Path], *, out: Path, kwargs: Mapping[str, A
     remote = ray.remote(DetectActor).options(max_restarts=0, max_task_retries=0, **options)
     actor_kwargs = {**kwargs, "config": actor_config(kwargs["config"], options["num_cpus"])}
     try:
-        pool = _Pool(ray, lambda: remote.remote(str(out), actor_kwargs), min(n, len(todo)), out=out, key=key,
-                     run=run)
+        pool = _Pool(ray, lambda: remote.remote(str(out), actor_kwargs), min(n, len(todo)), markers=markers,
+                     overwrite=overwrite, run=run)
     except Exception as exc:   # noqa: BLE001 - e.g. Ray Client: the cluster cannot import spinefrac's actor class
         raise RayUnavailableError(f"cannot start a Ray worker ({type(exc).__name__}: {_cause(exc)}): every node "
                                   f"needs the same spinefrac installed ({RAY_EXTRA})") from None
@@ -287,11 +287,12 @@ class _Pool:
     """The driver's view of the actors: a queue of studies, the studies in flight on each actor (in submission
     order: an actor runs them one after another), tries of studies whose worker died, replacements left."""
 
-    def __init__(self, ray: Any, start: Any, n: int, *, out: Path, key: str, run: RayRun) -> None:
-        self.ray, self.start, self.out, self.key, self.run = ray, start, out, key, run
+    def __init__(self, ray: Any, start: Any, n: int, *, markers: Any, overwrite: bool, run: RayRun) -> None:
+        self.ray, self.start, self.markers, self.overwrite, self.run = ray, start, markers, overwrite, run
+        self.out, self.key = Path(markers.root), markers.key
         self.actors: list[Any] = [start() for _ in range(n)]
         self.on_actor: list[deque[Any]] = [deque() for _ in range(n)]
-        self.in_flight: dict[Any, tuple[int, Path]] = {}
+        self.in_flight: dict[Any, tuple[int, Path, float]] = {}    # ref -> actor, study, wall time sent
         self.queue: deque[Path] = deque()
         self.attempts: dict[str, int] = {}
         self.replacements = REPLACEMENTS_PER_ACTOR * n
@@ -305,12 +306,12 @@ class _Pool:
                 study = self.queue.popleft()
                 ref = actor.run.remote(str(study))
                 self.on_actor[i].append(ref)
-                self.in_flight[ref] = (i, study)
+                self.in_flight[ref] = (i, study, time.time())
 
     def collect(self) -> None:
         """Wait for one result and count it; when its actor died, settle or requeue all of that actor's studies."""
         (ref,), _ = self.ray.wait(list(self.in_flight), num_returns=1)
-        i, _ = self.in_flight[ref]
+        i = self.in_flight[ref][0]
         died = self._settle(ref)
         if died is not None:
             self._actor_died(i, died)
@@ -319,7 +320,7 @@ class _Pool:
         """Count a finished ref's outcome; return the error instead (leaving it in flight) when its actor died."""
         from ray.exceptions import RayActorError, RayTaskError
 
-        i, study = self.in_flight[ref]
+        study = self.in_flight[ref][1]
         try:
             outcome = self.ray.get(ref)
         except RayActorError as exc:
@@ -327,17 +328,39 @@ class _Pool:
         except RayTaskError as exc:                # run() itself broke (a study's failure is recorded, never raised)
             _record_failure(self.out, study, key=self.key, error=f"the Ray worker raised: {_cause(exc)}")
             outcome = None
-        del self.in_flight[ref]
-        self.on_actor[i].remove(ref)
         if outcome is not None and outcome.finished:
-            self.run.finished.append(outcome.uid)
-            self.run.n_slices += outcome.n_slices
-            for k, v in outcome.timings.items():
-                self.run.timings[k] = self.run.timings.get(k, 0.0) + v
+            self._finished(ref, outcome.n_slices, outcome.timings)
         else:
+            self._drop(ref)
             self.run.failed.append(study.name)
-        self.settled += 1
+            self.settled += 1
         return None
+
+    def _finished(self, ref: Any, n_slices: int, timings: Mapping[str, float]) -> None:
+        """Count a finished study of this run."""
+        study = self._drop(ref)
+        self.run.finished.append(study.name)
+        self.run.n_slices += int(n_slices)
+        for k, v in timings.items():
+            self.run.timings[k] = self.run.timings.get(k, 0.0) + float(v)
+        self.settled += 1
+
+    def _drop(self, ref: Any) -> Path:
+        """Take a ref out of flight; return its study."""
+        i, study, _ = self.in_flight.pop(ref)
+        self.on_actor[i].remove(ref)
+        return study
+
+    def _done_on_disk(self, ref: Any) -> dict[str, Any] | None:
+        """The done marker this try wrote, when the actor died after finishing the study but before its reply
+        reached the driver (the files are the truth); None when there is none."""
+        _, study, sent = self.in_flight[ref]
+        data = self.markers.read(study.name)
+        if data is None or data.get("settings_key") != self.key:
+            return None
+        if self.overwrite and self.markers.marker(study.name).stat().st_mtime < sent:
+            return None                    # --overwrite: the previous run's marker, not this try's
+        return data
 
     def _actor_died(self, i: int, exc: Exception) -> None:
         """Actor i died: count what it finished, charge the study it was running, requeue the rest, replace it."""
@@ -345,8 +368,11 @@ class _Pool:
         for ref in list(self.on_actor[i]):
             if running is None and self._settle(ref) is None:
                 continue                           # it had finished this one before it died
-            _, study = self.in_flight.pop(ref)
-            self.on_actor[i].remove(ref)
+            done = self._done_on_disk(ref) if running is None else None
+            if done is not None:
+                self._finished(ref, done.get("n_slices", 0), done.get("timings_s") or {})
+                continue
+            study = self._drop(ref)
             if running is None:
                 running = study
             else:                                  # queued behind the running one: never started, requeued free

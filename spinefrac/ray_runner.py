@@ -44,7 +44,7 @@ GPUS_PER_ACTOR = 1
 """GPUs one actor reserves when --device names a GPU."""
 CPU_DEVICES = ("cpu", "")
 IN_FLIGHT_PER_ACTOR = 2
-"""Studies queued on one actor at a time: one running, one waiting (decode of the next is not shared)."""
+"""Studies queued on one actor at a time: one running and one waiting, so an actor never idles between studies."""
 MAX_ATTEMPTS = 3
 """Tries of a study during which its worker died; then it is recorded as failed (errors/<uid>.json)."""
 REPLACEMENTS_PER_ACTOR = 2

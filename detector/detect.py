@@ -621,7 +621,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     markers = runner.markers
     plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)    # refuses other settings now
     if overwrite:
-        _drop_other_errors(out, markers.key)
+        drop_other_errors(out, markers.key)
     det = config["detect"]
     result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
                           timings=dict.fromkeys(TIMING_KEYS, 0.0))
@@ -813,7 +813,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
     return StudyOutcome(uid, finished=True, n_slices=found.n_slices, timings=dict(found.timings))
 
 
-def _drop_other_errors(out: Path, key: str) -> None:
+def drop_other_errors(out: Path, key: str) -> None:
     """Remove failure records made with other settings (with overwrite: errors.csv then speaks of this run only)."""
     for path in sorted((out / ERRORS_DIR).glob("*.json")) if (out / ERRORS_DIR).is_dir() else []:
         try:

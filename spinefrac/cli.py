@@ -173,7 +173,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
                 workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device,
-                shard=args.shard)
+                shard=args.shard, ray=args.ray, ray_actors=args.ray_actors)
     return 0
 
 
@@ -199,6 +199,25 @@ def _shard_arg(text: str) -> tuple[int, int]:
         return parse_shard(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _ray_arg(text: str) -> str:
+    from spinefrac.ray_runner import parse_address
+
+    try:
+        return parse_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1; found {text!r}")
+    return value
 
 
 def _cmd_convert_weights(args: argparse.Namespace) -> int:
@@ -371,6 +390,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard", type=_shard_arg, default=None, metavar="I/N",
                    help="only shard I of N (1-based; a study's shard follows from its folder name alone), for a "
                         "batch scheduler's array jobs; combine the N output folders with `spinefrac merge`")
+    p.add_argument("--ray", nargs="?", const="local", default=None, type=_ray_arg, metavar="ADDRESS",
+                   help="detect on Ray actors (needs spinefrac[ray]): alone, a local instance; 'auto', HOST:6379 "
+                        "or ray://HOST:10001, an existing cluster (STUDIES, --model and --out on a shared filesystem)")
+    p.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
+                   help="number of Ray actors, each loading the models once; unset: the cluster's CPUs / 2, or its GPUs "
+                        "with a GPU --device")
 
     p = _sub(sub, "merge", "combine the output folders of `predict --shard I/N` jobs into one prediction folder",
              "spinefrac merge work/pred_1 work/pred_2 --model models/m1 --out work/pred --test-csv data/rsna/test.csv",

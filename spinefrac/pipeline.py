@@ -460,7 +460,8 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True, overwrite: bool = False,
-                device: str | None = None, shard: tuple[int, int] | None = None) -> Path:
+                device: str | None = None, shard: tuple[int, int] | None = None, ray: str | None = None,
+                ray_actors: int | None = None) -> Path:
     """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays.
 
     The model folder (manifest, safe weights, prior, aggregator) and `test_csv` are checked before any
@@ -468,7 +469,9 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     study fails, predictions.csv and submission.csv are still written (all prior) and AllStudiesFailedError
     is raised afterwards. device: "cpu", "0", ... (None: the first GPU if there is one, else the CPU; never
     the training config's). shard (i, n): only the studies of shard i of n (spinefrac/shards.py), with the
-    test.csv rows of those studies; `spinefrac merge` combines the shards' folders.
+    test.csv rows of those studies; `spinefrac merge` combines the shards' folders. ray: detect on the
+    actors of a Ray cluster at this address ("local": a private instance; spinefrac/ray_runner.py), with
+    `ray_actors` actors (None: by the cluster's CPUs); the outputs are the same files.
     """
     from aggregation.model import StudyAggregator
     from aggregation.submission import read_test_csv
@@ -476,6 +479,10 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
 
     t0 = time.perf_counter()
     out = Path(out)
+    if ray is not None:
+        from spinefrac.ray_runner import require_ray
+
+        require_ray()         # a missing extra is named before any work
     model = open_model(model_dir)
     test = read_test_csv(test_csv) if test_csv is not None else None     # checked before any detection
     aggregator = StudyAggregator.load(model.root / "aggregator")  # refuse a bad aggregator before any detection
@@ -492,9 +499,16 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
         if absent:
             log.warning("%s: %d studies have no folder among the inputs and get the training prior: %s%s",
                         test_csv, len(absent), ", ".join(absent[:MAX_NAMED]), " ..." if len(absent) > MAX_NAMED else "")
-    info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs, workers=workers,
-                   progress=progress, labels=Path(labels) if labels else None, overlays=True, overwrite=overwrite,
-                   device=device, classifier=model.classifier_weights or None)
+    if ray is not None:
+        from spinefrac.ray_runner import detect_on_ray
+
+        info = detect_on_ray(study_dirs, model=model, out=out, address=ray, actors=ray_actors, workers=workers,
+                             labels=Path(labels) if labels else None, progress=progress, overwrite=overwrite,
+                             device=device)
+    else:
+        info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs,
+                       workers=workers, progress=progress, labels=Path(labels) if labels else None, overlays=True,
+                       overwrite=overwrite, device=device, classifier=model.classifier_weights or None)
     return aggregate_detections(out, model=model, aggregator=aggregator, uids=uids, test=test, started=t0,
                                 extra={"detect": info})
 

@@ -76,6 +76,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, config_path: str | os.PathL
     print(f"  model folder:  {model}")
     print(f"  submission:    {pred / 'submission.csv'}")
     print(f"  evidence:      {pred / 'evidence.csv'}")
+    print(f"  review report: {pred / 'report' / 'index.html'} (worklist ranked by patient_overall; open in a browser)")
     print(f"  overlays:      {pred / 'overlays'}/<StudyInstanceUID>/ (contact_sheet.png, score_profile.png)")
     print(f"  evaluation:    {out / 'eval'} (metrics.json, ROC and calibration PNGs)")
     return {"report": report.to_dict(), "timings_s": timings, "total_s": round(total, 1)}

@@ -536,5 +536,6 @@ def describe(studies: Iterable[FoundStudy]) -> list[str]:
         head = (f"{s.key}: series {s.series_uid} ({s.description}, {len(s.paths)} files)" if s.usable
                 else f"{s.key}: {s.problem}")
         lines.append(head)
-        lines += [f"  skipped {k.series_uid} ({k.description}): {k.reason}" for k in s.skipped]
+        lines += [f"  skipped {k.series_uid or '(no SeriesInstanceUID)'} ({k.description}): {k.reason}"
+                  for k in s.skipped]
     return lines

@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 
+from data_prep import study_finder
 from data_prep.errors import InputError
 from data_prep.study_finder import find_dicom_studies, kernel_class, search_dicom
 from data_prep.synth_export import write_export
@@ -144,20 +145,25 @@ def test_two_studies_in_one_folder_are_keyed_by_uid(export, tmp_path):
 
 def test_unreadable_and_foreign_files_are_skipped_and_counted(export, tmp_path, caplog):
     root, exported = _copy(export, tmp_path)
-    series_dir = _series_files(root, exported[0].chosen)[0].parent
+    chosen_files = _series_files(root, exported[0].chosen)
+    series_dir = chosen_files[0].parent
     (root / "README.TXT").write_text("exported by a PACS\n")
     (root / "PAT001" / "EMPTY").write_bytes(b"")
-    good = _series_files(root, exported[0].chosen)[0].read_bytes()
+    good = chosen_files[0].read_bytes()
     truncated = series_dir / "IM99999"
     truncated.write_bytes(good[:200])  # the preamble and a cut header
     garbage = series_dir / "IM99998"
     garbage.write_bytes(b"\0" * 128 + b"DICM" + bytes(range(256)) * 4)
+    ds = pydicom.dcmread(chosen_files[1])
+    del ds.StudyInstanceUID
+    ds.save_as(series_dir / "IM99997")
     with caplog.at_level(logging.INFO, logger="data_prep"):
         search = search_dicom(root)
     assert sorted(p.name for p in search.non_dicom) == ["EMPTY", "README.TXT"]
-    assert sorted(p.name for p, _ in search.unreadable) == ["IM99998", "IM99999"]
-    assert all(reason for _, reason in search.unreadable)
-    assert "2 DICOM file(s) could not be read" in caplog.text and "IM99999" in caplog.text
+    reasons = {p.name: r for p, r in search.unreadable}
+    assert sorted(reasons) == ["IM99997", "IM99998", "IM99999"]
+    assert reasons["IM99997"] == "no StudyInstanceUID" and all(reasons.values())
+    assert "3 DICOM file(s) could not be read" in caplog.text and "IM99999" in caplog.text
     chosen = {s.study_uid: s.series_uid for s in search.studies}
     assert chosen == {e.study_uid: e.chosen for e in exported}
 
@@ -239,7 +245,7 @@ def test_kernel_classes(kernel, cls):
     assert kernel_class(kernel) == cls
 
 
-def test_bad_inputs_name_the_path(tmp_path):
+def test_bad_inputs_name_the_path(tmp_path, monkeypatch):
     with pytest.raises(InputError, match="missing.*does not exist"):
         search_dicom(tmp_path / "missing")
     text = tmp_path / "notes.txt"
@@ -250,6 +256,12 @@ def test_bad_inputs_name_the_path(tmp_path):
     bad_zip.write_bytes(b"PK not really a zip")
     with pytest.raises(InputError, match="export.zip: is not a readable zip file"):
         search_dicom(bad_zip, extract_to=tmp_path / "cache")
+    good_zip = tmp_path / "good.zip"
+    write_export(good_zip, variant="zip")
+    monkeypatch.setattr(study_finder.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(InputError, match=r"good.zip: extracting needs \d+ MiB but .*cache has only 0 MiB free"):
+        search_dicom(good_zip, extract_to=tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())
     folder = tmp_path / "fs"
     folder.mkdir()
     (folder / "DICOMDIR").write_bytes(b"garbage")

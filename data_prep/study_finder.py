@@ -179,10 +179,12 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
         files, missing = _dicomdir_files(dicomdir)
         unreadable += missing
     else:
-        files = _walk(root)
+        files = _walk(root, unreadable)
     headers, non_dicom, bad = _read_headers(files, progress)
     unreadable += bad
-    studies = _group(headers)
+    # files at the top of a zip form a Kaggle-like folder named after the zip, not after the cache folder
+    names = {root: path.stem} if root != path else {}
+    studies = _group(headers, names)
     if non_dicom:
         log.info("%s: %d file(s) are not DICOM and were skipped (e.g. %s)", path, len(non_dicom),
                  ", ".join(str(p) for p in non_dicom[:LISTED]))
@@ -269,10 +271,17 @@ def _dicomdir_files(dicomdir: Path) -> tuple[list[Path], list[tuple[Path, str]]]
     return files, missing
 
 
-def _walk(root: Path) -> list[Path]:
-    """Every file under `root` (any depth, any name), hidden files and folders left out, in a stable order."""
+def _walk(root: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
+    """Every file under `root` (any depth, any name), hidden files and folders left out, in a stable order.
+
+    A folder that cannot be listed is added to `unreadable` with the system's reason.
+    """
     files = []
-    for folder, dirs, names in os.walk(root):
+
+    def failed(exc: OSError) -> None:
+        unreadable.append((Path(exc.filename or root), f"cannot list the folder ({exc.strerror or exc})"))
+
+    for folder, dirs, names in os.walk(root, onerror=failed):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(folder) / n for n in sorted(names) if not n.startswith(".")]
     return files
@@ -329,8 +338,11 @@ def _header(path: Path, ds: pydicom.Dataset) -> _Header | None:
         instance=int(instance) if instance not in (None, "") else None)
 
 
-def _group(headers: list[_Header]) -> list[FoundStudy]:
-    """Group headers into studies and series, choose a series per study, key each study."""
+def _group(headers: list[_Header], folder_names: dict[Path, str]) -> list[FoundStudy]:
+    """Group headers into studies and series, choose a series per study, key each study.
+
+    `folder_names` renames folders for the key (the extraction folder of a zip is named after the zip).
+    """
     by_study: dict[str, dict[str, list[_Header]]] = {}
     for h in headers:
         by_study.setdefault(h.study_uid, {}).setdefault(h.series_uid, []).append(h)
@@ -342,7 +354,7 @@ def _group(headers: list[_Header]) -> list[FoundStudy]:
         folders = {h.path.parent for hs in groups.values() for h in hs}
         folder = next(iter(folders))
         flat = len(folders) == 1 and studies_in_folder[folder] == {study_uid}
-        key = folder.name if flat else study_uid
+        key = folder_names.get(folder, folder.name) if flat else study_uid
         found.append(_choose_series(key, study_uid, [_Series(uid, hs) for uid, hs in groups.items()]))
     keys = Counter(s.key for s in found)
     if any(n > 1 for n in keys.values()):

@@ -125,6 +125,41 @@ def test_kaggle_layout_gives_the_keys_of_find_studies(tmp_path):
     assert any(p.name == "train.csv" for p in search.non_dicom)
 
 
+def test_a_zipped_kaggle_study_is_keyed_by_its_folder_or_the_zip_name(tmp_path):
+    import zipfile
+
+    from data_prep.synth import synthesize
+
+    images = synthesize(tmp_path / "data", n_studies=2, seed=6, progress=False, workers=1,
+                        config=_tiny_synth()) / "train_images"
+    uids = sorted(p.name for p in images.iterdir())
+    with zipfile.ZipFile(tmp_path / "all.zip", "w") as zf:
+        for path in sorted(images.rglob("*.dcm")):
+            zf.write(path, path.relative_to(images).as_posix())
+    with zipfile.ZipFile(tmp_path / "one_study.zip", "w") as zf:
+        for path in sorted((images / uids[0]).glob("*.dcm")):
+            zf.write(path, path.name)  # the files at the top of the zip
+    assert [s.key for s in find_dicom_studies(tmp_path / "all.zip", extract_to=tmp_path / "cache")] == uids
+    assert [s.key for s in find_dicom_studies(tmp_path / "one_study.zip", extract_to=tmp_path / "cache")] == [
+        "one_study"]
+
+
+def test_a_folder_that_cannot_be_listed_is_counted(export, tmp_path, monkeypatch):
+    root, exported = _copy(export, tmp_path)
+    locked = root / "PAT002"
+    real_scandir = study_finder.os.scandir
+
+    def scandir(path):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(study_finder.os, "scandir", scandir)
+    search = search_dicom(root)
+    assert search.unreadable == [(locked, "cannot list the folder (Permission denied)")]
+    assert len(search.studies) == 1
+
+
 def _tiny_synth():
     from data_prep.config import load_config
 

@@ -116,7 +116,7 @@ def _derived_uid(study_uid: str, *parts: str) -> str:
     uid = ".".join((study_uid, *parts))
     if len(uid) <= MAX_UID_LENGTH and UID(uid).is_valid:
         return uid
-    return generate_uid(prefix=None, entropy_srcs=[study_uid, *parts])
+    return generate_uid(entropy_srcs=[study_uid, *parts])   # pydicom's prefix: prefix=None ignores the entropy
 
 
 def _slice_dataset(pixels: np.ndarray, *, study_uid: str, series_uid: str, instance: int,

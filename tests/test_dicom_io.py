@@ -405,3 +405,15 @@ def test_corrupt_jpeg_lossless_is_named(tmp_path, volume):
     path.write_bytes(bytes(data))
     with pytest.raises(DicomReadError, match="5.dcm"):
         read_volume(scan_study(study))
+
+
+def test_a_too_long_derived_uid_is_still_deterministic():
+    """Study UIDs too long for a dotted suffix get a hashed UID: the same inputs, the same UID, valid."""
+    from pydicom.uid import UID
+
+    from data_prep.dicom_write import _derived_uid
+
+    long_study = "1.2.826.0.1.3680043." + "1" * 44
+    first, second = _derived_uid(long_study, "1"), _derived_uid(long_study, "1")
+    assert first == second and UID(first).is_valid and len(first) <= 64
+    assert _derived_uid(long_study, "2") != first

@@ -344,14 +344,18 @@ def test_syntax_pydicom_cannot_decode(tmp_path, volume):
         read_slice_hu(path)
 
 
+def _scramble_fragment(path, n_bytes: int, fill: bytes) -> None:
+    """Overwrite the first n_bytes of the file's one pixel-data fragment (after its item tag and length)."""
+    data = bytearray(path.read_bytes())
+    start = data.rindex(b"\xfe\xff\x00\xe0")
+    data[start + 8:start + 8 + n_bytes] = fill * n_bytes
+    path.write_bytes(bytes(data))
+
+
 @pytest.mark.parametrize(("workers", "executor"), [(1, "thread"), (2, "thread"), (2, "process")])
 def test_corrupt_compressed_data_is_named_even_from_workers(tmp_path, volume, workers, executor):
     study = _write(tmp_path, volume, transfer_syntax=registry.TS_RLE)
-    path = study / "7.dcm"
-    data = bytearray(path.read_bytes())
-    start = data.rindex(b"\xfe\xff\x00\xe0")  # the one fragment: scramble its RLE header
-    data[start + 8:start + 72] = b"\xff" * 64
-    path.write_bytes(bytes(data))
+    _scramble_fragment(study / "7.dcm", 64, b"\xff")     # its RLE header
     geom = scan_study(study)
     with pytest.raises(DicomReadError, match="7.dcm"):
         read_volume(geom, workers=workers, executor=executor)
@@ -398,11 +402,7 @@ def test_fast_jpeg_lossless_path_on_real_files(realdata, monkeypatch):
 
 def test_corrupt_jpeg_lossless_is_named(tmp_path, volume):
     study = _write(tmp_path, volume, transfer_syntax=registry.TS_JPEG_LOSSLESS_SV1)
-    path = study / "5.dcm"
-    data = bytearray(path.read_bytes())
-    start = data.rindex(b"\xfe\xff\x00\xe0")      # the one fragment: break its JPEG markers
-    data[start + 8:start + 40] = b"\x00" * 32
-    path.write_bytes(bytes(data))
+    _scramble_fragment(study / "5.dcm", 32, b"\x00")     # its JPEG markers
     with pytest.raises(DicomReadError, match="5.dcm"):
         read_volume(scan_study(study))
 

@@ -33,7 +33,13 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "roi": ("benchmarks.bench_roi", ["--train-studies", "120", "--test-studies", "40", "--budget-min", "6"],
             ["--train-studies", "16", "--test-studies", "6", "--slices", "60", "--budget-min", "0.5",
              "--locator-epochs", "1"]),
+    "predict_speed": ("benchmarks.bench_predict_speed",
+                      ["--model", "demo_out/model", "--studies", "20", "--work", "bench_out/predict_speed"],
+                      ["--model", "demo_out/model", "--studies", "4", "--naive-studies", "1", "--rss-studies", "4",
+                       "--work", "bench_out/predict_speed_quick"]),
 }
+NEEDS: dict[str, Path] = {"predict_speed": Path("demo_out/model")}
+"""Benchmarks that need a model folder: skipped, with the command that makes it, when it is missing."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     failed = 0
     for name in args.only:
         module, full, quick = BENCHMARKS[name]
+        needed = NEEDS.get(name)
+        if needed is not None and not needed.exists():
+            print(f"== {name}: skipped, it needs {needed} (run `make demo` first)\n", flush=True)
+            continue
         cmd = [sys.executable, "-m", module, *(quick if args.quick else full)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         t0 = time.perf_counter()

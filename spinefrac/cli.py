@@ -72,9 +72,24 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
     from data_prep.synth import synthesize
 
+    if args.export:
+        return _synth_export(args)
     cfg = load_config("synth", args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
     synthesize(args.out, n_studies=args.studies, seed=args.seed, split=args.split, config=cfg,
                progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers)
+    return 0
+
+
+def _synth_export(args: argparse.Namespace) -> int:
+    """`synth --export VARIANT`: studies as a PACS exports them (data_prep/synth_export.py), for issue 16's reader."""
+    from data_prep.errors import InputError
+    from data_prep.synth_export import DEFAULT_SIZE, DEFAULT_SLICES, write_export
+
+    try:
+        write_export(args.out, n_studies=args.studies, seed=args.seed, variant=args.export,
+                     size=args.size or DEFAULT_SIZE, slices=args.slices or DEFAULT_SLICES)
+    except FileExistsError as exc:
+        raise InputError(args.out, "exists and is not empty; choose a new path") from exc
     return 0
 
 
@@ -265,6 +280,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
     p.add_argument("--split", choices=("train", "test"), default="train",
                    help="train: train_images/ + labels; test: test_images/ + test.csv + truth/")
+    p.add_argument("--export", choices=("tree", "dicomdir", "zip"), default=None,
+                   help="write the studies as a PACS exports them instead (nested PATIENT/STUDY/SERIES tree without "
+                        "extensions, with a scout, a soft-tissue kernel, derived reformats and an SR; as a tree, a "
+                        "DICOMDIR set or a .zip at OUT): input for `data_prep.study_finder`")
     p.add_argument("--size", type=int, default=None, help="image rows=cols (config image.size)")
     p.add_argument("--slices", type=int, default=None, help="approximate slices per study (config volume.slices)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset root")

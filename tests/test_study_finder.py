@@ -305,3 +305,18 @@ def test_bad_inputs_name_the_path(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert search_dicom(empty).studies == []
+
+
+def test_synth_export_from_the_command_line(tmp_path, caplog):
+    """`spinefrac synth OUT --export zip` writes an export the finder reads; a second run into OUT is refused."""
+    from spinefrac.cli import main
+
+    out = tmp_path / "export.zip"
+    assert main(["synth", str(out), "--export", "zip", "--studies", "1", "--seed", "5", "-q"]) == 0
+    expected = write_export(tmp_path / "same_seed", n_studies=1, seed=5)   # the same study, written directly
+    found = find_dicom_studies(out, extract_to=tmp_path / "cache")
+    assert [(s.study_uid, s.series_uid) for s in found] == [(e.study_uid, e.chosen) for e in expected]
+    assert len(found[0].skipped) == len(REASONS)
+    with caplog.at_level(logging.ERROR, logger="spinefrac"):
+        assert main(["synth", str(out), "--export", "zip", "--studies", "1", "-q"]) == 2
+    assert "export.zip: exists and is not empty" in caplog.text

@@ -25,9 +25,9 @@ from sklearn.metrics import roc_auc_score
 from data_prep import registry
 from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
-from data_prep.tables import read_table
+from data_prep.tables import read_csv_table, read_table
 
-from .features import LEVEL_COL, WEIGHT_COLS, read_csv_table
+from .features import LEVEL_COL, WEIGHT_COLS
 from .metric import competition_loss_arrays, global_loss_arrays
 from .submission import (
     FAILED_COL,

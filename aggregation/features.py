@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from data_prep import registry
 from data_prep.errors import InputError
+from data_prep.tables import check_columns, read_csv_table
 
 logger = logging.getLogger("aggregation")
 
@@ -246,12 +247,6 @@ def longest_run(indices: Iterable[int]) -> int:
     return int(np.diff(np.r_[-1, breaks, a.size - 1]).max())
 
 
-def _check_columns(df: pd.DataFrame, required: Sequence[str], what: str, path: str | os.PathLike | None) -> None:
-    missing = [c for c in required if c not in df.columns]
-    if missing:
-        raise InputError(path, f"{what} lacks column(s) {', '.join(missing)} (see docs/contracts.md)")
-
-
 def level_weights(boxes: pd.DataFrame, path: str | os.PathLike | None = None) -> np.ndarray:
     """Return the (n_boxes, 7) level weights: w_C1..w_C7 when present, else one-hot of `level` (unknown = 0)."""
     if all(c in boxes.columns for c in WEIGHT_COLS):
@@ -369,7 +364,7 @@ def check_vertebrae(vertebrae: pd.DataFrame, path: str | os.PathLike | None = No
                     required: Sequence[str] = VERTEBRAE_USED) -> pd.DataFrame:
     """Return the vertebrae table with numeric cls_* columns; raise InputError on missing columns, bad levels, repeats."""
     what = "vertebrae table"
-    _check_columns(vertebrae, required, what, path)
+    check_columns(vertebrae, required, what, path)
     v = vertebrae.assign(**{registry.STUDY_COL: vertebrae[registry.STUDY_COL].astype(str),
                             LEVEL_COL: vertebrae[LEVEL_COL].astype(str)})
     bad = ~v[LEVEL_COL].isin(registry.LEVELS)
@@ -419,8 +414,8 @@ def build_features(boxes: pd.DataFrame, slices: pd.DataFrame, *, config: Mapping
     groups = selected_groups(cfg)
     if not len(boxes.columns):
         boxes = pd.DataFrame(columns=list(BOX_REQUIRED))
-    _check_columns(boxes, BOX_REQUIRED, "boxes table", None)
-    _check_columns(slices, SLICE_REQUIRED, "slices table", None)
+    check_columns(boxes, BOX_REQUIRED, "boxes table", None)
+    check_columns(slices, SLICE_REQUIRED, "slices table", None)
     names = level_feature_names(cfg)
     unit = AREA_UNITS[cfg["area_unit"]]
     w_all = level_weights(boxes)
@@ -473,7 +468,7 @@ def build_patient_features(level_features: pd.DataFrame, *, config: Mapping[str,
     names = patient_feature_names(cfg)
     copied = [c for c in names if c in FEATURES]
     needed = [*(["max_score"] if "detector" in groups else []), *(["cls_max"] if "classifier" in groups else [])]
-    _check_columns(level_features, (registry.STUDY_COL, LEVEL_COL, *needed, *copied), "features table", path)
+    check_columns(level_features, (registry.STUDY_COL, LEVEL_COL, *needed, *copied), "features table", path)
     counts = level_features.groupby(registry.STUDY_COL, sort=False)[LEVEL_COL].nunique()
     short = counts[counts != len(registry.LEVELS)]
     if len(short):
@@ -511,19 +506,6 @@ def write_features(features: pd.DataFrame, path: str | os.PathLike, *, config: M
 
 
 # ---------------------------------------------------------------- reading tables
-def read_csv_table(path: str | os.PathLike, required: Sequence[str], what: str) -> pd.DataFrame:
-    """Read a CSV with StudyInstanceUID as text; raise InputError naming the file when it is absent or lacks columns."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(path, f"{what} not found")
-    try:
-        df = pd.read_csv(path, dtype={registry.STUDY_COL: str})
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"{what} is not a readable CSV: {exc}") from None
-    _check_columns(df, required, what, path)
-    return df
-
-
 def load_detection_tables(boxes: str | os.PathLike, slices: str | os.PathLike) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Read boxes.csv and slices.csv, checking the columns the features need (levels included)."""
     b = read_csv_table(boxes, BOX_REQUIRED, "boxes table")

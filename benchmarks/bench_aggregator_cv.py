@@ -19,11 +19,11 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
-from aggregation.features import read_csv_table
 from aggregation.metric import competition_loss
 from aggregation.model import StudyAggregator
 from data_prep import registry
 from data_prep.config import load_config
+from data_prep.tables import read_csv_table
 
 FEATURES = Path("work") / "aggregator_detect" / "features.csv"
 DEFAULT_VARIANTS = (

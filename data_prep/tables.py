@@ -8,8 +8,9 @@ Every problem is collected and reported at once as a `TableError` naming the fil
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -186,15 +187,42 @@ def read_table(path: str | os.PathLike, kind: str) -> pd.DataFrame:
 
 def validate_table(df: pd.DataFrame, kind: str, *, path: str | os.PathLike | None = None) -> pd.DataFrame:
     """Validate an already-read table against its schema; return it with clean dtypes (labels as int)."""
-    table_schema = schema(kind)
+    return CASTS[kind](validate_frame(df, schema(kind), path=path, name=FILE_NAMES[kind]))
+
+
+def validate_frame(df: pd.DataFrame, table_schema: pa.DataFrameSchema, *, path: str | os.PathLike | None,
+                   name: str) -> pd.DataFrame:
+    """Validate a table against any pandera schema; TableError names the file, rows, lines and columns."""
     df = df.reset_index(drop=True)
     try:
-        valid = table_schema.validate(df, lazy=True)
+        return table_schema.validate(df, lazy=True)
     except SchemaErrors as exc:
-        raise _table_error(path, kind, exc.failure_cases) from None
+        raise _table_error(path, name, exc.failure_cases) from None
     except SchemaError as exc:  # non-lazy failures (should not happen with lazy=True)
-        raise TableError(path if path is not None else FILE_NAMES[kind], f"invalid table: {exc}") from None
-    return CASTS[kind](valid)
+        raise TableError(path if path is not None else name, f"invalid table: {exc}") from None
+
+
+def read_csv_table(path: str | os.PathLike, required: Sequence[str] = (), what: str = "table",
+                   **read_csv: Any) -> pd.DataFrame:
+    """Read a CSV (StudyInstanceUID as text unless `dtype` is given); InputError naming the file when it is
+    absent, unreadable or lacks a `required` column. `read_csv`: further pandas.read_csv arguments."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, f"{what} not found")
+    read_csv.setdefault("dtype", {registry.STUDY_COL: str})
+    try:
+        df = pd.read_csv(path, **read_csv)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(path, f"is not a readable CSV ({what}): {exc}") from None
+    check_columns(df, required, what, path)
+    return df
+
+
+def check_columns(df: pd.DataFrame, required: Sequence[str], what: str, path: str | os.PathLike | None) -> None:
+    """Raise InputError naming the file and every `required` column the table lacks."""
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise InputError(path, f"lacks column(s) {', '.join(missing)} ({what}; see docs/contracts.md)")
 
 
 def format_problem(case: pd.Series) -> str:
@@ -224,7 +252,7 @@ def _where(index: object) -> str:
     return f"row {i + 1} (line {i + 1 + HEADER_LINES})"
 
 
-def _table_error(path: str | os.PathLike | None, kind: str, cases: pd.DataFrame) -> TableError:
+def _table_error(path: str | os.PathLike | None, name: str, cases: pd.DataFrame) -> TableError:
     checks = cases["check"].astype(str)
     keys = cases["column"].astype(str) + "|" + cases["index"].astype(str)
     not_numbers = set(keys[checks.str.startswith("coerce_dtype")])
@@ -236,5 +264,5 @@ def _table_error(path: str | os.PathLike | None, kind: str, cases: pd.DataFrame)
     problems = tuple(dict.fromkeys(format_problem(c) for _, c in cases.iterrows()))
     listed = "; ".join(problems[:MAX_LISTED])
     more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-    return TableError(path if path is not None else FILE_NAMES[kind],
-                      f"{len(problems)} problem(s) ({FILE_NAMES[kind]} schema): {listed}{more}", problems)
+    return TableError(path if path is not None else name,
+                      f"{len(problems)} problem(s) ({name} schema): {listed}{more}", problems)

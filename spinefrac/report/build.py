@@ -28,6 +28,7 @@ import pandas as pd
 
 from data_prep import registry
 from data_prep.errors import InputError
+from data_prep.tables import read_csv_table
 from spinefrac.report.worklist import write_worklist
 
 log = logging.getLogger("spinefrac")
@@ -117,13 +118,7 @@ def _read_optional(path: Path) -> pd.DataFrame | None:
     """A documented CSV of the prediction folder, or None when absent; unreadable is an InputError naming it."""
     if not path.is_file():
         return None
-    try:
-        df = pd.read_csv(path, dtype={registry.STUDY_COL: str}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(path, f"is not a readable CSV: {exc}") from None
-    if registry.STUDY_COL not in df.columns:
-        raise InputError(path, f"lacks the column {registry.STUDY_COL}; found {', '.join(df.columns)}")
-    return df
+    return read_csv_table(path, (registry.STUDY_COL,), path.name, keep_default_na=False, na_values=[""])
 
 
 def _group(df: pd.DataFrame | None) -> dict[str, pd.DataFrame]:

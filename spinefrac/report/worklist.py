@@ -16,13 +16,12 @@ from typing import Any, NamedTuple
 
 import pandas as pd
 import pandera.pandas as pa
-from pandera.errors import SchemaErrors
 
 from aggregation.operating_point import describe, read_operating_point
 from data_prep import registry
 from data_prep.artifacts import read_sidecar, write_csv_atomic, write_sidecar
 from data_prep.errors import InputError
-from data_prep.tables import TableError, format_problem
+from data_prep.tables import read_csv_table, validate_frame
 
 log = logging.getLogger("spinefrac")
 
@@ -30,7 +29,6 @@ PREDICTIONS_CSV = "predictions.csv"
 ERRORS_CSV = "errors.csv"
 WORKLIST_CSV = "worklist.csv"
 AGGREGATOR_DIR = "aggregator"
-MAX_LISTED = 10
 WORKLIST_COLUMNS = ("rank", registry.STUDY_COL, registry.PATIENT, *registry.LEVELS, "flagged", "failed", "error")
 
 
@@ -59,17 +57,8 @@ def read_predictions(pred_dir: str | os.PathLike) -> pd.DataFrame:
     path = Path(pred_dir) / PREDICTIONS_CSV
     if not path.is_file():
         raise InputError(path, "not found: not a prediction folder (write one with spinefrac predict)")
-    try:
-        df = pd.read_csv(path, dtype={registry.STUDY_COL: str}, keep_default_na=False, na_values=[""])
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(path, f"is not a readable CSV: {exc}") from None
-    try:
-        return PREDICTIONS_SCHEMA.validate(df.reset_index(drop=True), lazy=True)
-    except SchemaErrors as exc:
-        problems = tuple(dict.fromkeys(format_problem(c) for _, c in exc.failure_cases.iterrows()))
-        more = f"; and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
-        raise TableError(path, f"{len(problems)} problem(s): {'; '.join(problems[:MAX_LISTED])}{more}",
-                         problems) from None
+    df = read_csv_table(path, (), "predictions", keep_default_na=False, na_values=[""])
+    return validate_frame(df, PREDICTIONS_SCHEMA, path=path, name=PREDICTIONS_CSV)
 
 
 def read_errors(pred_dir: str | os.PathLike) -> dict[str, str]:
@@ -77,13 +66,7 @@ def read_errors(pred_dir: str | os.PathLike) -> dict[str, str]:
     path = Path(pred_dir) / ERRORS_CSV
     if not path.is_file():
         return {}
-    try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(path, f"is not a readable CSV: {exc}") from None
-    missing = [c for c in (registry.STUDY_COL, "error") if c not in df.columns]
-    if missing:
-        raise InputError(path, f"lacks column(s) {', '.join(missing)}; found {', '.join(df.columns)}")
+    df = read_csv_table(path, (registry.STUDY_COL, "error"), "detect errors", dtype=str, keep_default_na=False)
     return dict(zip(df[registry.STUDY_COL], df["error"], strict=True))
 
 

@@ -590,6 +590,24 @@ def detect_settings(config: Mapping[str, Any], *, weights: str | os.PathLike,
     return settings
 
 
+def plan_studies(study_dirs: Sequence[Path], markers: StudyMarkers, *, overwrite: bool
+                 ) -> tuple[list[str], list[Path]]:
+    """(finished studies skipped, study folders to run) of a detect run into markers.root.
+
+    Finished studies made with other settings raise SettingsChangedError here, before any work, unless
+    `overwrite` (then every study is redone and failure records made with other settings are dropped).
+    """
+    plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)
+    if overwrite:
+        _drop_other_errors(markers.root, markers.key)
+    skipped = list(plan.skip)
+    todo = [s for s in study_dirs if s.name not in set(skipped)]
+    if skipped:
+        log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
+                 len(skipped), len(study_dirs), markers.root)
+    return skipped, todo
+
+
 def detect_markers(out: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> StudyMarkers:
     """The done markers and parts of a detect output folder (for `settings`, when checking or writing)."""
     return StudyMarkers(Path(out), dict(settings or {}), done_dir=DONE_DIR, parts_dir=PARTS_DIR, what="detect",
@@ -626,19 +644,11 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     runner = StudyRunner(out, weights=weights, config=config, labels=labels, locator=locator,
                          locator_config=locator_config, levels_config=levels_config, workers=workers, device=device,
                          classifier=classifier, classifier_config=classifier_config)
-    markers = runner.markers
-    plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)    # refuses other settings now
-    if overwrite:
-        drop_other_errors(out, markers.key)
     det = config["detect"]
     result = DetectResult(out, out / BOXES_CSV, out / SLICES_CSV, out / ERRORS_CSV,
                           timings=dict.fromkeys(TIMING_KEYS, 0.0))
     rebuild_every = max(1, int(det["rebuild_every"]))
-    result.skipped = list(plan.skip)
-    todo = [s for s in study_dirs if s.name not in set(plan.skip)]
-    if result.skipped:
-        log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
-                 len(result.skipped), len(study_dirs), out)
+    result.skipped, todo = plan_studies(study_dirs, runner.markers, overwrite=overwrite)
     streams = runner.read_ahead(todo)
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
@@ -648,7 +658,8 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     finally:
         streams.close()     # stops the reader thread (an interrupted run leaves no reader behind)
         rebuild_outputs(out, config=config, runtime_s=time.perf_counter() - t0,
-                        extra={**runner.describe(), "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
+                        extra={**runner.describe(),
+                               "this_run": {"finished": len(result.finished), "skipped": len(result.skipped),
                                             "failed": len(result.failed), "slices": result.n_slices,
                                             "timings_s": {k: round(v, 3) for k, v in result.timings.items()}}})
     if result.failed:
@@ -821,7 +832,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
     return StudyOutcome(uid, finished=True, n_slices=found.n_slices, timings=dict(found.timings))
 
 
-def drop_other_errors(out: Path, key: str) -> None:
+def _drop_other_errors(out: Path, key: str) -> None:
     """Remove failure records made with other settings (with overwrite: errors.csv then speaks of this run only)."""
     for path in sorted((out / ERRORS_DIR).glob("*.json")) if (out / ERRORS_DIR).is_dir() else []:
         try:

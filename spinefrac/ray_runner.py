@@ -147,7 +147,7 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
                   actors: int | None = None, labels: Path | None = None, workers: int = 2, progress: bool = True,
                   overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
     """Detect every study on Ray actors into `out` and rebuild its tables; return predict's detect summary."""
-    from detector.detect import detect_markers, detect_settings, drop_other_errors, rebuild_outputs
+    from detector.detect import detect_markers, detect_settings, plan_studies, rebuild_outputs
 
     ray = require_ray()
     t0 = time.perf_counter()
@@ -158,14 +158,9 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
                                locator_config=kwargs["locator_config"], levels_config=kwargs["levels_config"],
                                classifier=kwargs["classifier"], classifier_config=kwargs["classifier_config"])
     markers = detect_markers(out, settings)
-    plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)   # refuses other settings, before Ray
-    if overwrite:
-        drop_other_errors(out, markers.key)
-    run = RayRun(skipped=list(plan.skip))
-    todo = [Path(s).absolute() for s in study_dirs if s.name not in set(plan.skip)]
-    if run.skipped:
-        log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
-                 len(run.skipped), len(study_dirs), out)
+    skipped, todo = plan_studies(study_dirs, markers, overwrite=overwrite)   # refuses other settings, before Ray
+    run = RayRun(skipped=skipped)
+    todo = [Path(s).absolute() for s in todo]
     started_here = _connect(ray, address)
     describe: dict[str, Any] = {"settings_key": markers.key}
     try:

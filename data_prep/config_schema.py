@@ -546,6 +546,70 @@ class SynthConfig(Section):
     files: FilesSection
 
 
+# ---------------------------------------------------------------- serve.yaml
+AE_TITLE_MAX = 16            # DICOM AE titles: at most 16 characters (PS3.5 VR AE)
+PORT_MAX = 65535
+
+
+def _ae_title(value: str) -> str:
+    if not value.strip() or "\\" in value or not value.isprintable():
+        raise ValueError("an AE title needs 1-16 printable characters without a backslash")
+    return value
+
+
+AeTitle = Annotated[StrictStr, Field(min_length=1, max_length=AE_TITLE_MAX), AfterValidator(_ae_title)]
+Port = Annotated[int, Field(ge=0, le=PORT_MAX)]
+
+
+class NodeSection(Section):
+    ae_title: AeTitle
+    host: Annotated[StrictStr, Field(min_length=1)]
+    port: Port
+    require_called_ae_title: StrictBool
+    max_associations: PosInt
+    network_timeout_s: Pos
+    dimse_timeout_s: Pos
+
+
+class ServePathsSection(Section):
+    spool: OptStr
+    out: OptStr
+    model: OptStr
+
+
+class ServeWorkerSection(Section):
+    quiet_seconds: NonNeg
+    poll_seconds: Pos
+    workers: PosInt
+    device: OptStr
+    max_spool_studies: Count
+    min_free_mb: Count
+
+
+class DestinationSection(Section):
+    ae_title: AeTitle | None
+    host: Annotated[StrictStr, Field(min_length=1)] | None
+    port: Annotated[int, Field(ge=1, le=PORT_MAX)] | None
+    timeout_s: Pos
+    tries: PosInt
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> DestinationSection:
+        given = [name for name in ("ae_title", "host", "port") if getattr(self, name) is not None]
+        if given and len(given) < 3:
+            missing = [name for name in ("ae_title", "host", "port") if name not in given]
+            raise ValueError(f"a destination needs ae_title, host and port (or none of them); "
+                             f"missing: {', '.join(missing)}")
+        return self
+
+
+class ServeConfig(Section):
+    node: NodeSection
+    paths: ServePathsSection
+    worker: ServeWorkerSection
+    destination: DestinationSection
+
+
 SCHEMAS: dict[str, type[Section]] = {
     "detector": DetectorConfig,
     "locator": LocatorConfig,
@@ -554,6 +618,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "aggregation": AggregationConfig,
     "pipeline": PipelineConfig,
     "synth": SynthConfig,
+    "serve": ServeConfig,
 }
 """The schema of each stage's config, by stage name (configs/<stage>.yaml)."""
 

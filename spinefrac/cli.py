@@ -29,6 +29,7 @@ stages, in order:
   spinefrac report work/pred                                  # worklist.csv + report/index.html (predict writes them too)
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
+  spinefrac serve --config serve.yaml                         # a DICOM node: receive, predict, send SR/SC
 
 exit status: 0 done; 2 bad input, config or model folder, or an OS error (one line naming the file);
 3 predict: every study failed (predictions.csv and submission.csv hold the training prior); 130 interrupted
@@ -251,6 +252,14 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from data_prep.config import load_config
+    from spinefrac.serve import serve
+
+    serve(load_config("serve", args.config, args.overrides))
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from spinefrac.demo import run_demo
 
@@ -449,6 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prior", type=Path, default=None,
                    help="MODEL_DIR/prior.json: the constant-prior baseline uses the training positive rates "
                         "(default: the labels' own rates, which flatters the baseline)")
+
+    p = _sub(sub, "serve", "run a DICOM node: receive studies (C-STORE), predict each complete one, send SR/SC back",
+             "spinefrac serve --config serve.yaml --set paths.model=models/m1 --set node.port=11112", _cmd_serve)
+    _add_config_args(p, "serve")
 
     p = _sub(sub, "demo", "synthesise, train, predict and evaluate end to end on the CPU",
              "spinefrac demo --out demo_out", _cmd_demo)

@@ -1,0 +1,341 @@
+"""`spinefrac serve`: a DICOM node receives studies over C-STORE, predicts each complete one with the loaded
+model, writes what predict writes and sends the SR/SC results to a destination SCP; bad objects and garbage
+on the port are refused without stopping it; the spool survives a restart mid-study."""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+import pydicom
+import pytest
+
+from data_prep.config import ConfigError, load_config
+from data_prep.errors import InputError
+from spinefrac.cli import main
+from spinefrac.serve import ServeNode
+from spinefrac.serve.scp import (
+    STATUS_CANNOT_DECODE,
+    STATUS_INVALID_UID,
+    STATUS_MISSING_UID,
+    STATUS_SUCCESS,
+    store_instance,
+)
+from spinefrac.serve.spool import DONE, INCOMING, OUT_OF_RESOURCES, READY, TMP, Spool, SpoolError
+
+pytest.importorskip("pynetdicom")
+
+QUIET_S = 1.5           # quiet time of the node in the tests (s)
+POLL_S = 0.3
+WAIT_S = 240.0          # longest wait for a study to be predicted and sent on a busy 2-core machine
+RESTART_QUIET_S = 6.0   # long enough that half a study is not taken as complete while the node restarts
+SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22")
+"""Comprehensive 3D SR, Comprehensive SR, Enhanced SR."""
+EXIT_ERROR = 2
+
+
+# ---------------------------------------------------------------- helpers
+def _study_dirs(trained: Path) -> list[Path]:
+    return sorted((trained / "test" / "test_images").iterdir())
+
+
+def _send(port: int, items: Sequence[pydicom.Dataset | Path], ae_title: str = "SPINEFRAC") -> list[int | None]:
+    """C-STORE each item (a dataset, or a file sent as it is on disk) in one association; return the statuses."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+    from pynetdicom import AE
+
+    ae = AE(ae_title="TESTSCU")
+    pairs = set()
+    for item in items:
+        meta = pydicom.filereader.read_file_meta_info(item) if isinstance(item, Path) else item.file_meta
+        pairs.add((str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+    for sop_class, syntax in sorted(pairs):
+        ae.add_requested_context(sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian, ImplicitVRLittleEndian])))
+    assoc = ae.associate("127.0.0.1", port, ae_title=ae_title)
+    assert assoc.is_established, f"no association with the node on port {port}"
+    statuses = []
+    try:
+        for item in items:
+            status = assoc.send_c_store(item)
+            statuses.append(int(status.Status) if status and "Status" in status else None)
+    finally:
+        assoc.release()
+    return statuses
+
+
+def _echo(port: int) -> int | None:
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title="TESTSCU")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPINEFRAC")
+    if not assoc.is_established:
+        return None
+    try:
+        status = assoc.send_c_echo()
+        return int(status.Status) if status and "Status" in status else None
+    finally:
+        assoc.release()
+
+
+class _Destination:
+    """A loopback C-STORE SCP (the PACS the node sends its results to) keeping every dataset it receives."""
+
+    def __init__(self) -> None:
+        from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+
+        self.received: list[pydicom.Dataset] = []
+        ae = AE(ae_title="TESTPACS")
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        self.server = ae.start_server(("127.0.0.1", 0), block=False,
+                                      evt_handlers=[(evt.EVT_C_STORE, self._store)])
+        self.port = int(self.server.server_address[1])
+
+    def _store(self, event) -> int:
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        self.received.append(ds)
+        return 0x0000
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+@pytest.fixture
+def destination():
+    dest = _Destination()
+    yield dest
+    dest.close()
+
+
+def _node_config(trained: Path, tmp_path: Path, *, quiet: float = QUIET_S, dest_port: int | None = None,
+                 port: int = 0):
+    sets = [f"paths.spool={tmp_path / 'spool'}", f"paths.out={tmp_path / 'out'}", f"paths.model={trained / 'model'}",
+            f"node.port={port}", f"worker.quiet_seconds={quiet}", f"worker.poll_seconds={POLL_S}", "worker.device=cpu",
+            "worker.min_free_mb=0", "destination.timeout_s=10"]
+    if dest_port is not None:
+        sets += ["destination.ae_title=TESTPACS", "destination.host=127.0.0.1", f"destination.port={dest_port}"]
+    return load_config("serve", None, sets)
+
+
+def _wait_for(predicate: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return
+        time.sleep(POLL_S)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _numbers(ds: pydicom.Dataset) -> list[float]:
+    """Every NUM content item's value in an SR's content tree."""
+    found = []
+    for item in ds.get("ContentSequence", []):
+        if item.get("ValueType") == "NUM" and "MeasuredValueSequence" in item:
+            found.append(float(item.MeasuredValueSequence[0].NumericValue))
+        found += _numbers(item)
+    return found
+
+
+def _truncated(path: Path, tmp_path: Path) -> Path:
+    """A copy of a DICOM file cut in the middle of its pixel data: its file meta is intact, its dataset is not."""
+    data = path.read_bytes()
+    cut = tmp_path / "truncated.dcm"
+    cut.write_bytes(data[: len(data) // 2])
+    return cut
+
+
+# ---------------------------------------------------------------- fast: the spool and the SCP handler
+def test_spool_writes_instances_atomically_and_refuses_unsafe_uids(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    path = spool.store("1.2.3", "1.2.3.4", b"DICM-bytes")
+    assert path == tmp_path / "spool" / INCOMING / "1.2.3" / "1.2.3.4.dcm" and path.read_bytes() == b"DICM-bytes"
+    assert list((tmp_path / "spool" / TMP).iterdir()) == []             # no temp file left behind
+    for study, sop in (("../../etc", "1.2.3.4"), ("1.2.3", "../x"), ("1.2.3", "1.2/3"), ("1.2.3", "")):
+        with pytest.raises(SpoolError) as err:
+            spool.store(study, sop, b"x")
+        assert err.value.status == STATUS_INVALID_UID and "not a valid DICOM UID" in err.value.reason
+    assert [p.name for p in (tmp_path / "spool" / INCOMING).iterdir()] == ["1.2.3"]   # nothing written outside
+
+    full = Spool(tmp_path / "full", max_studies=1)
+    full.store("1.2.3", "1.2.3.4", b"a")
+    full.store("1.2.3", "1.2.3.5", b"b")                                   # the same study: accepted
+    with pytest.raises(SpoolError) as err:
+        full.store("1.2.4", "1.2.4.1", b"c")
+    assert err.value.status == OUT_OF_RESOURCES and "max_spool_studies" in err.value.reason
+
+
+def test_store_handler_refuses_bad_objects_with_a_failure_status(tmp_path, caplog):
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    spool = Spool(tmp_path / "spool")
+
+    def encoded(**keep) -> bytes:
+        ds = pydicom.Dataset()
+        ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        ds.update(keep)
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+    study, sop = generate_uid(), generate_uid()
+    assert store_instance(spool, encoded(StudyInstanceUID=study, SOPInstanceUID=sop)) == STATUS_SUCCESS
+    assert (spool.folder(INCOMING, study) / f"{sop}.dcm").is_file()
+    assert store_instance(spool, encoded(SOPInstanceUID=generate_uid())) == STATUS_MISSING_UID
+    assert store_instance(spool, encoded(StudyInstanceUID="../../x", SOPInstanceUID=sop)) == STATUS_INVALID_UID
+    good = encoded(StudyInstanceUID=study, SOPInstanceUID=generate_uid())
+    assert store_instance(spool, good[: len(good) - 7]) == STATUS_CANNOT_DECODE      # cut inside an element
+    assert store_instance(spool, b"\x00garbage" * 50) == STATUS_CANNOT_DECODE
+    assert len(spool.instances(INCOMING, study)) == 1
+    assert "has no StudyInstanceUID" in caplog.text and "does not decode" in caplog.text
+
+
+def test_a_new_version_of_a_done_study_is_merged_into_it(tmp_path):
+    spool = Spool(tmp_path / "spool")
+    spool.store("1.2.3", "1.2.3.1", b"old-1")
+    spool.store("1.2.3", "1.2.3.2", b"old-2")
+    assert spool.promote("1.2.3", 0.0) is None
+    spool.move("1.2.3", READY, DONE)
+    spool.store("1.2.3", "1.2.3.2", b"new-2")                           # resent: the new file wins
+    spool.store("1.2.3", "1.2.3.3", b"new-3")
+    assert spool.promote("1.2.3", 60.0) == "busy"                       # not quiet yet: left where it is
+    assert spool.promote("1.2.3", 0.0) == DONE
+    files = {p.name: p.read_bytes() for p in spool.instances(READY, "1.2.3")}
+    assert files == {"1.2.3.1.dcm": b"old-1", "1.2.3.2.dcm": b"new-2", "1.2.3.3.dcm": b"new-3"}
+    assert not spool.folder(INCOMING, "1.2.3").exists() and not spool.folder(DONE, "1.2.3").exists()
+
+
+def test_serve_config_errors_are_clear(tmp_path, caplog):
+    with pytest.raises(ConfigError, match="destination needs ae_title, host and port"):
+        load_config("serve", None, ["destination.host=pacs"])
+    with pytest.raises(ConfigError, match="at most 16 characters"):
+        load_config("serve", None, ["node.ae_title=A_VERY_LONG_AE_TITLE"])
+    with pytest.raises(InputError, match="paths.spool, paths.out, paths.model"):
+        ServeNode(load_config("serve"))
+    assert main(["serve", "--set", f"paths.spool={tmp_path}"]) == EXIT_ERROR
+    assert "needs paths.out, paths.model" in caplog.text
+    assert main(["serve", "--set", f"paths.spool={tmp_path / 's'}", "--set", f"paths.out={tmp_path / 'o'}",
+                 "--set", f"paths.model={tmp_path / 'nomodel'}"]) == EXIT_ERROR
+    assert "not a spinefrac model folder" in caplog.text
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s" / ".spinefrac.lock").exists()   # locks released
+
+
+# ---------------------------------------------------------------- slow: the node with the session's model
+@pytest.mark.slow
+def test_node_predicts_two_studies_refuses_bad_objects_and_sends_the_sr(trained_pipeline, tmp_path, destination,
+                                                                         caplog):
+    studies = _study_dirs(trained_pipeline)[:2]
+    with ServeNode(_node_config(trained_pipeline, tmp_path, dest_port=destination.port)) as node:
+        # garbage bytes on the port: that connection is dropped, the node still answers
+        with socket.create_connection(("127.0.0.1", node.port), timeout=5) as sock:
+            sock.sendall(b"\x07\xff GET / HTTP/1.1\r\n\r\n" + os.urandom(512))
+            time.sleep(0.5)
+        assert _echo(node.port) == STATUS_SUCCESS
+
+        files = {s.name: sorted(s.glob("*.dcm")) for s in studies}
+        no_study = pydicom.dcmread(files[studies[0].name][0])
+        del no_study.StudyInstanceUID
+        bad_uid = pydicom.dcmread(files[studies[0].name][1])
+        bad_uid.StudyInstanceUID = "../../../tmp/evil"
+        statuses = _send(node.port, [*files[studies[0].name], no_study, bad_uid,
+                                     _truncated(files[studies[1].name][0], tmp_path), *files[studies[1].name]])
+        n0 = len(files[studies[0].name])
+        assert statuses[:n0] == [STATUS_SUCCESS] * n0
+        assert statuses[n0:n0 + 3] == [STATUS_MISSING_UID, STATUS_INVALID_UID, STATUS_CANNOT_DECODE]
+        assert statuses[n0 + 3:] == [STATUS_SUCCESS] * len(files[studies[1].name])
+        assert _echo(node.port) == STATUS_SUCCESS                       # the bad objects did not stop it
+
+        spool = tmp_path / "spool"
+        _wait_for(lambda: all((spool / DONE / s.name).is_dir() for s in studies), "both studies in done/")
+
+    out = tmp_path / "out"
+    predictions = pd.read_csv(out / "predictions.csv", dtype={"StudyInstanceUID": str})
+    assert sorted(predictions["StudyInstanceUID"]) == sorted(s.name for s in studies)
+    assert (predictions["failed"] == 0).all()
+    slices = pd.read_csv(out / "slices.csv", dtype={"StudyInstanceUID": str})
+    for s in studies:                                                   # every slice received was predicted
+        assert (slices["StudyInstanceUID"] == s.name).sum() == len(files[s.name])
+        assert sorted(p.name for p in (spool / DONE / s.name).iterdir()) == sorted(
+            f"{pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm" for f in files[s.name])
+    assert (out / "report" / "index.html").is_file() and (out / "worklist.csv").is_file()
+    assert not (Path("/tmp/evil")).exists() and not any((spool / INCOMING).iterdir())
+
+    srs = [ds for ds in destination.received if str(ds.SOPClassUID) in SR_CLASSES]
+    assert sorted(str(ds.StudyInstanceUID) for ds in srs) == sorted(s.name for s in studies)
+    for ds in srs:                                                      # a probability read back from the SR
+        row = predictions[predictions["StudyInstanceUID"] == str(ds.StudyInstanceUID)].iloc[0]
+        values = _numbers(ds)
+        assert any(abs(v - float(row["patient_overall"])) < 1e-6 for v in values), (values, row.to_dict())
+
+    log = pd.read_csv(out / "serve_log.csv", dtype={"study": str})
+    assert sorted(log["study"]) == sorted(s.name for s in studies)
+    assert (log["status"] == "done").all() and (log["version"] == 1).all()
+    assert (log["latency_s"] >= QUIET_S).all() and (log["results"] >= 1).all()
+    assert "does not decode" in caplog.text
+    assert "from its last instance received to its results sent" in caplog.text
+
+
+@pytest.mark.slow
+def test_restart_mid_study_predicts_it_once_with_every_slice(trained_pipeline, tmp_path, destination):
+    study = _study_dirs(trained_pipeline)[2]
+    files = sorted(study.glob("*.dcm"))
+    half = len(files) // 2
+    config = _node_config(trained_pipeline, tmp_path, quiet=RESTART_QUIET_S, dest_port=destination.port)
+    with ServeNode(config) as node:
+        assert _send(node.port, files[:half]) == [STATUS_SUCCESS] * half
+    incoming = tmp_path / "spool" / INCOMING / study.name
+    assert len(list(incoming.glob("*.dcm"))) == half                  # kept on disk across the stop
+    assert not (tmp_path / "out" / "predictions.csv").exists()
+
+    with ServeNode(config) as node:                                     # the same spool: the study resumes
+        assert _send(node.port, files[half:]) == [STATUS_SUCCESS] * (len(files) - half)
+        _wait_for(lambda: (tmp_path / "spool" / DONE / study.name).is_dir(), "the study in done/")
+    slices = pd.read_csv(tmp_path / "out" / "slices.csv", dtype={"StudyInstanceUID": str})
+    assert (slices["StudyInstanceUID"] == study.name).sum() == len(files)
+    log = pd.read_csv(tmp_path / "out" / "serve_log.csv", dtype={"study": str})
+    assert log["study"].tolist() == [study.name] and log["version"].tolist() == [1]   # predicted exactly once
+    assert log["instances"].tolist() == [len(files)]
+    srs = [ds for ds in destination.received if str(ds.SOPClassUID) in SR_CLASSES]
+    assert [str(ds.StudyInstanceUID) for ds in srs] == [study.name]  # one SR sent, not one per half
+
+
+@pytest.mark.slow
+def test_cli_serve_stops_gracefully_on_sigterm(trained_pipeline, tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text(f"paths:\n  spool: {tmp_path / 'spool'}\n  out: {tmp_path / 'out'}\n"
+                      f"  model: {trained_pipeline / 'model'}\nnode:\n  port: 0\nworker:\n  device: cpu\n")
+    proc = subprocess.Popen([sys.executable, "-m", "spinefrac", "serve", "--config", str(config)],
+                            cwd=Path(__file__).resolve().parents[1], stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        _wait_for(lambda: any("listening on" in line for line in lines) or proc.poll() is not None,
+                  "the node to listen", timeout=120)
+        match = next(re.search(r"listening on 127\.0\.0\.1:(\d+)", line) for line in lines if "listening" in line)
+        assert _echo(int(match.group(1))) == STATUS_SUCCESS
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=5)
+    assert any("serve: stopped" in line for line in lines), "".join(lines)
+    assert not (tmp_path / "spool" / ".spinefrac.lock.json").exists()

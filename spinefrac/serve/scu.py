@@ -31,7 +31,6 @@ def destination_of(config: Mapping[str, Any]) -> dict[str, Any] | None:
 def send_files(files: Sequence[str | os.PathLike], *, calling_ae: str, destination: Mapping[str, Any]) -> int:
     """Send DICOM files in one association to the destination; return how many were stored, or raise SendError."""
     from pydicom import dcmread
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
     from pynetdicom import AE
 
     where = f"{destination['ae_title']}@{destination['host']}:{destination['port']}"
@@ -48,8 +47,7 @@ def send_files(files: Sequence[str | os.PathLike], *, calling_ae: str, destinati
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets}):
-        ae.add_requested_context(sop_class, list(dict.fromkeys([syntax, ExplicitVRLittleEndian,
-                                                                 ImplicitVRLittleEndian])))
+        ae.add_requested_context(sop_class, syntax)   # one context per transfer syntax: each file goes as written
     assoc = ae.associate(destination["host"], int(destination["port"]), ae_title=destination["ae_title"])
     if not assoc.is_established:
         why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "not established"

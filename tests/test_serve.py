@@ -193,6 +193,24 @@ def test_spool_writes_instances_atomically_and_refuses_unsafe_uids(tmp_path):
     with pytest.raises(SpoolError) as err:
         full.store("1.2.4", "1.2.4.1", b"c")
     assert err.value.status == OUT_OF_RESOURCES and "max_spool_studies" in err.value.reason
+    with pytest.raises(SpoolError) as err:
+        Spool(tmp_path / "small", min_free_mb=2 ** 40).store("1.2.3", "1.2.3.4", b"a")
+    assert err.value.status == OUT_OF_RESOURCES and "min_free_mb" in err.value.reason
+
+
+def test_a_disk_error_while_writing_is_out_of_resources_and_leaves_nothing(tmp_path, monkeypatch):
+    import errno
+
+    spool = Spool(tmp_path / "spool")
+
+    def full_disk(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("spinefrac.serve.spool.os.fsync", full_disk)
+    with pytest.raises(SpoolError) as err:
+        spool.store("1.2.3", "1.2.3.4", b"a")
+    assert err.value.status == OUT_OF_RESOURCES and "No space left" in err.value.reason
+    assert list((tmp_path / "spool" / TMP).iterdir()) == [] and spool.instances(INCOMING, "1.2.3") == []
 
 
 def test_store_handler_refuses_bad_objects_with_a_failure_status(tmp_path, caplog):
@@ -252,7 +270,102 @@ def test_serve_config_errors_are_clear(tmp_path, caplog):
     assert main(["serve", "--set", f"paths.spool={tmp_path / 's'}", "--set", f"paths.out={tmp_path / 'o'}",
                  "--set", f"paths.model={tmp_path / 'nomodel'}"]) == EXIT_ERROR
     assert "not a spinefrac model folder" in caplog.text
-    assert not (tmp_path / "o").exists() and not (tmp_path / "s" / ".spinefrac.lock").exists()   # locks released
+    assert not (tmp_path / "o").exists() and not (tmp_path / "s" / ".spinefrac.lock.json").exists()   # released
+
+
+class _FakePredictor:
+    """Stands in for the model in worker tests: records the studies it predicts, writes one result file each."""
+
+    def __init__(self, out: Path, *, fail: set[str] = frozenset()) -> None:
+        self.out, self.fail, self.calls = out, set(fail), []
+
+    def predict(self, study_dir: Path) -> bool:
+        self.calls.append((study_dir.name, len(list(study_dir.glob("*.dcm")))))
+        return study_dir.name not in self.fail
+
+    def failure(self, uid: str) -> str:
+        return "detect: GeometryError: slices of two sizes"
+
+    def write_results(self, uid: str) -> list[Path]:
+        from pydicom.dataset import FileMetaDataset
+        from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+        ds = pydicom.Dataset()
+        ds.SOPClassUID, ds.SOPInstanceUID, ds.StudyInstanceUID = SR_CLASSES[0], generate_uid(), uid
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+        path = self.out / "dicom" / uid / "SR.dcm"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ds.save_as(path, enforce_file_format=True)
+        return [path]
+
+
+def _worker(tmp_path: Path, predictor_fail: set[str] = frozenset(), *, dest_port: int | None = None,
+            tries: int = 2) -> ServeNode:
+    """A node that is not listening, with a spool and a fake predictor: its worker is driven by poll_once()."""
+    sets = [f"paths.spool={tmp_path / 'spool'}", f"paths.out={tmp_path / 'out'}", f"paths.model={tmp_path / 'm'}",
+            "worker.quiet_seconds=0", f"destination.tries={tries}", "destination.timeout_s=2"]
+    if dest_port is not None:
+        sets += ["destination.ae_title=PACS", "destination.host=127.0.0.1", f"destination.port={dest_port}"]
+    node = ServeNode(load_config("serve", None, sets))
+    node.spool = Spool(tmp_path / "spool")
+    node.predictor = _FakePredictor(tmp_path / "out", fail=predictor_fail)
+    return node
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_worker_moves_studies_through_the_spool_and_predicts_a_new_version_again(tmp_path):
+    node = _worker(tmp_path, predictor_fail={"1.2.9"})
+    spool = node.spool
+    for sop in ("1.2.3.1", "1.2.3.2"):
+        spool.store("1.2.3", sop, b"x")
+    spool.store("1.2.9", "1.2.9.1", b"x")
+    node.poll_once()
+    assert node.predictor.calls == [("1.2.3", 2), ("1.2.9", 1)]
+    assert spool.folder(DONE, "1.2.3").is_dir() and spool.folder("failed", "1.2.9").is_dir()
+    log = pd.read_csv(tmp_path / "out" / "serve_log.csv", dtype={"study": str}).set_index("study")
+    assert log.loc["1.2.3", "status"] == "done" and log.loc["1.2.3", "latency_s"] >= 0
+    assert log.loc["1.2.9", "status"] == "failed" and "GeometryError" in log.loc["1.2.9", "reason"]
+
+    node.poll_once()                                                    # nothing new: nothing predicted again
+    assert len(node.predictor.calls) == 2
+    spool.store("1.2.3", "1.2.3.3", b"x")                               # a new instance of a done study
+    node.predictor.fail.clear()
+    spool.store("1.2.9", "1.2.9.2", b"x")                               # and of a failed one
+    node.poll_once()
+    assert node.predictor.calls[2:] == [("1.2.3", 3), ("1.2.9", 2)]     # whole studies, predicted again
+    log = pd.read_csv(tmp_path / "out" / "serve_log.csv", dtype={"study": str}).set_index("study")
+    assert log["version"].to_dict() == {"1.2.3": 2, "1.2.9": 2} and (log["status"] == "done").all()
+
+
+def test_a_send_failure_is_retried_then_the_study_goes_to_failed(tmp_path, destination):
+    node = _worker(tmp_path, dest_port=_closed_port(), tries=2)
+    node.spool.store("1.2.3", "1.2.3.1", b"x")
+    node.poll_once()
+    assert node.spool.folder(READY, "1.2.3").is_dir()                  # kept for the next poll
+    assert node.spool.read_state("1.2.3")["send_tries"] == 1
+    node.poll_once()
+    assert node.spool.folder("failed", "1.2.3").is_dir()
+    record = node.spool.read_state("1.2.3")
+    assert record["status"] == "failed" and record["send_tries"] == 2 and "association" in record["reason"]
+    assert node.predictor.calls == [("1.2.3", 1)]                       # predicted once, sent twice
+
+    # a study predicted before a restart (its results on disk) is sent at the next poll, not predicted again
+    node = _worker(tmp_path / "second", dest_port=destination.port)
+    node.spool.store("1.2.4", "1.2.4.1", b"x")
+    results = node.predictor.write_results("1.2.4")
+    assert node.spool.promote("1.2.4", 0.0) is None
+    node.spool.write_state("1.2.4", {"study": "1.2.4", "version": 1, "status": "predicted", "send_tries": 0,
+                                     "results": [str(p) for p in results]})
+    node.poll_once()
+    assert node.predictor.calls == [] and node.spool.folder(DONE, "1.2.4").is_dir()
+    assert [str(ds.StudyInstanceUID) for ds in destination.received] == ["1.2.4"]
 
 
 # ---------------------------------------------------------------- slow: the node with the session's model

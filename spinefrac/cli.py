@@ -35,6 +35,9 @@ exit status: 0 done; 2 bad input, config or model folder, or an OS error (one li
 """
 
 
+STUDIES_HELP = ("study folders of .dcm files, folders of them (the Kaggle layout), or PACS exports: a folder tree of any "
+                "depth and file names, a DICOMDIR or a .zip (one series per study is chosen by documented rules; "
+                "series.csv records the series read and those left out)")
 DEVICE_HELP = "cpu, 0 (first GPU), 0,1; default: the first GPU if there is one, else cpu (never train.device)"
 
 
@@ -290,9 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="studies built in parallel processes")
     _add_config_args(p, "synth")
 
-    p = _sub(sub, "inspect", "summarise a study folder (or every study under a dataset root) and list problems",
+    p = _sub(sub, "inspect", "summarise a study folder, every study under a dataset root, or a PACS export (the series "
+                              "read and each left out, with why) and list problems",
              "spinefrac inspect data/synth/train_images/1.2.826.0.1.3680043.90001", _cmd_inspect)
-    p.add_argument("path", type=Path, help="a study folder of .dcm files, or a folder of study folders")
+    p.add_argument("path", type=Path, help=STUDIES_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
     p.add_argument("--strict", action="store_true", help="exit 1 when any problem is an error")
 
@@ -352,8 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "detect", "find fracture boxes on every slice of every study in a folder",
              "spinefrac detect data/synth/test_images --weights runs/det/weights/best.pt --out work/detect",
              _cmd_detect)
-    p.add_argument("studies", type=Path, nargs="+",
-                   help="a folder of study folders (test_images/ layout), or study folders")
+    p.add_argument("studies", type=Path, nargs="+", help=STUDIES_HELP)
     p.add_argument("--weights", type=Path, required=True, help=".pt, or an exported ONNX/OpenVINO model")
     p.add_argument("--out", type=Path, required=True, help="output folder (boxes.csv, slices.csv, overlays/)")
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: draw ground truth too")
@@ -398,7 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "predict", "study-level C1-C7 and patient_overall probabilities for DICOM study folders",
              "spinefrac predict data/rsna/test_images --model models/m1 --out work/pred --test-csv data/rsna/test.csv",
              _cmd_predict)
-    p.add_argument("studies", type=Path, nargs="+")
+    p.add_argument("studies", type=Path, nargs="+", help=STUDIES_HELP)
     p.add_argument("--model", type=Path, required=True, help="model folder written by `spinefrac train`")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--test-csv", type=Path, default=None, help="Kaggle test.csv: submission rows to produce")

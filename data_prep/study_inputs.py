@@ -43,7 +43,7 @@ Study = Path | FoundStudy
 """A study as detect reads it: a Kaggle-layout folder, or a study the finder chose a series of (both have `.name`)."""
 
 
-def find_inputs(paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
+def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, *,
                 extract_to: str | os.PathLike | None = None, progress: bool = False) -> list[Study]:
     """Expand input paths into studies: Kaggle study folders as Paths, anything else through the study finder."""
     if isinstance(paths, (str, os.PathLike)):
@@ -51,6 +51,9 @@ def find_inputs(paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
     studies: list[Study] = []
     empty: list[Path] = []
     for raw in paths:
+        if isinstance(raw, FoundStudy):      # found already (predict passes its studies on to detect)
+            studies.append(raw)
+            continue
         path = Path(raw)
         if _for_finder(path):
             studies += _found(path, extract_to, progress)

@@ -146,7 +146,7 @@ class DetectResult:
 
 
 # ---------------------------------------------------------------- public API
-def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike, *,
+def find_studies(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, *,
                  extract_to: str | os.PathLike | None = None, progress: bool = False) -> list[Study]:
     """Expand inputs into studies: Kaggle study folders (Paths) or found studies (data_prep.study_inputs).
 

@@ -156,3 +156,19 @@ def test_inspect_lists_the_series_read_and_those_left_out(exports, caplog):
             assert f"left out {e.series[role]}" in text
             line = next(t for t in text.splitlines() if f"left out {e.series[role]}" in t)
             assert f": {start}" in line, line
+
+
+@pytest.mark.slow
+def test_predict_on_a_zipped_export_with_the_trained_model(trained_pipeline, exports, tmp_path):
+    from spinefrac.cli import main
+
+    source, exported = exports["zip"]
+    out = tmp_path / "pred"
+    assert main(["predict", str(source), "--model", str(trained_pipeline / "model"), "--out", str(out),
+                 "--no-progress", "-q"]) == 0
+    pred = pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str})
+    assert sorted(pred[STUDY_COL]) == sorted(e.study_uid for e in exported) and (pred["failed"] == 0).all()
+    series = pd.read_csv(out / "series.csv", dtype=str)
+    assert sorted(series.loc[series["chosen"] == "1", "series_uid"]) == sorted(e.chosen for e in exported)
+    worklist = pd.read_csv(out / "worklist.csv", dtype={STUDY_COL: str})
+    assert sorted(worklist[STUDY_COL]) == sorted(e.study_uid for e in exported)

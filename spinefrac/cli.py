@@ -14,7 +14,7 @@ from pathlib import Path
 from spinefrac import __version__
 
 log = logging.getLogger("spinefrac")
-NOISY_LOGGERS = ("matplotlib", "PIL")
+NOISY_LOGGERS = ("matplotlib", "PIL", "highdicom")
 
 EXAMPLES = """\
 stages, in order:
@@ -27,6 +27,7 @@ stages, in order:
   spinefrac train data/rsna --out models/m1                   # every stage, one model folder
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
   spinefrac report work/pred                                  # worklist.csv + report/index.html (predict writes them too)
+  spinefrac dicom-out work/pred --out work/dicom              # per study an SR (TID 1500) + SC overlays (spinefrac[dicom])
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
 
@@ -207,6 +208,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from spinefrac.report import write_report
 
     print(write_report(args.pred_dir, model_dir=args.model))
+    return 0
+
+
+def _cmd_dicom_out(args: argparse.Namespace) -> int:
+    from spinefrac.dicom_out import write_dicom_results
+
+    results = write_dicom_results(args.pred_dir, args.out, studies=args.study, model_dir=args.model,
+                                  progress=not args.no_progress)
+    written = {key: files for key, files in results.items() if files}
+    print(f"{sum(map(len, written.values()))} DICOM files for {len(written)} studies in {args.out} "
+          f"({len(results) - len(written)} failed studies without any)")
     return 0
 
 
@@ -433,6 +445,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred_dir", type=Path, help="a folder written by `spinefrac predict` or `spinefrac merge`")
     p.add_argument("--model", type=Path, default=None,
                    help="model folder whose operating point flags studies (default: the one predictions.csv names)")
+
+    p = _sub(sub, "dicom-out", "write a prediction folder's results as DICOM: per study a Comprehensive 3D SR "
+             "(TID 1500) and a Secondary Capture series of the overlays (needs spinefrac[dicom])",
+             "spinefrac dicom-out work/pred --out work/dicom --model models/m1", _cmd_dicom_out)
+    p.add_argument("pred_dir", type=Path, help="a folder written by `spinefrac predict` (with series.csv)")
+    p.add_argument("--out", type=Path, required=True, help="folder for OUT/<study>/SR.dcm, SC_01.dcm, ...")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder (name and operating point; default: the one predictions.csv names)")
+    p.add_argument("--study", action="append", default=None, metavar="KEY",
+                   help="only this study key (repeatable; default: every study of predictions.csv)")
 
     p = _sub(sub, "convert-weights", "convert an Ultralytics .pt you trust into spinefrac's weights-only format",
              "spinefrac convert-weights yolov8n_colleague.pt --out start.pt --trust", _cmd_convert_weights)

@@ -1,0 +1,384 @@
+"""spinefrac/dicom_out: a hand-built prediction folder around real synthetic DICOM slices, written as SR + SC and
+read back with highdicom/pydicom (values, references, modules, UIDs), checked with dciodvfy, and its faults."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+from pydicom import dcmread
+
+from data_prep import registry
+from data_prep.dicom_io import scan_study
+from data_prep.dicom_write import write_series
+
+hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
+
+from spinefrac.dicom_out import codes as sf_codes  # noqa: E402
+from spinefrac.dicom_out import study_folder, write_dicom_results  # noqa: E402
+from spinefrac.dicom_out.inputs import MIN_BOX_SCORE  # noqa: E402
+from spinefrac.dicom_out.sr import box_polyline  # noqa: E402
+
+DCIODVFY = Path(sys.executable).with_name("dciodvfy")
+ROWS, COLS, N_SLICES = 48, 40, 6
+THRESHOLD = 0.3
+STUDY_EXTRA = {"PatientBirthDate": "19700101", "PatientSex": "F", "AccessionNumber": "ACC42", "StudyID": "S7",
+               "StudyDate": "20260102", "StudyTime": "101500", "StudyDescription": "CT C-SPINE",
+               "ReferringPhysicianName": "Doe^Jane", "PatientAge": "056Y"}
+"""Patient/study attributes added to the first study's source files (write_series writes only name and ID)."""
+PATIENT_STUDY = ("PatientName", "PatientID", "StudyInstanceUID", *STUDY_EXTRA)
+
+# probabilities with more digits than a DS can hold: the SR must keep them exactly (FloatingPointValue)
+PROBS = {"A": [0.123456789012345678, 0.9, 0.0, 1.0, 0.5, 1e-17, 0.333333333333333333, 0.7071067811865476],
+         "B": [0.2] * 8, "C": [0.6, 0.1, 0.05, 0.2, 0.3, 0.4, 0.01, 0.25]}
+
+
+@dataclass
+class Folder:
+    """A prediction folder and the inputs it was built around."""
+
+    pred: Path
+    inputs: Path
+    model: Path
+    keys: dict[str, str]
+    """Study letter -> study key (folder name); B failed."""
+
+
+def _write_study(root: Path, key: str, study_uid: str, *, order: str, extra: dict | None, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    hu = rng.integers(-1000, 1500, (N_SLICES, ROWS, COLS)).astype(np.float32)
+    folder = root / key
+    write_series(folder, hu, study_uid=study_uid, pixel_spacing=(0.4, 0.45), slice_thickness=2.0,
+                 instance_order=order, modality="CT")
+    for path in folder.iterdir():
+        if extra:
+            ds = dcmread(path)
+            for keyword, value in extra.items():
+                setattr(ds, keyword, value)
+            ds.save_as(path)
+    return folder
+
+
+def make_prediction_folder(root: Path, *, threshold: float | None = THRESHOLD) -> Folder:
+    """Three studies (A with boxes and overlays, B failed, C with boxes) as predict would leave them."""
+    inputs, pred, model = root / "input", root / "pred", root / "model"
+    keys = {"A": "1.2.826.0.1.3680043.8.498.101", "B": "1.2.826.0.1.3680043.8.498.102",
+            "C": "1.2.826.0.1.3680043.8.498.103"}
+    pred.mkdir(parents=True)
+    slices, series, boxes, preds = [], [], [], []
+    for letter, key in keys.items():
+        preds.append({registry.STUDY_COL: key, **dict(zip(registry.TARGETS, PROBS[letter], strict=True)),
+                      "failed": int(letter == "B")})
+        folder = _write_study(inputs, key, key, order="feet_first" if letter == "A" else "head_first",
+                              extra=STUDY_EXTRA if letter == "A" else None, seed=len(slices))
+        if letter == "B":
+            continue
+        geometry = scan_study(folder)
+        for index, (path, number) in enumerate(zip(geometry.paths, geometry.instance_numbers, strict=True)):
+            slices.append({registry.STUDY_COL: key, "slice_number": number, "slice_index": index,
+                           "z_mm": geometry.z_mm[index], "max_score": 0.5, "n_boxes": 1,
+                           "sop_instance_uid": dcmread(path, stop_before_pixels=True).SOPInstanceUID})
+        header = dcmread(geometry.paths[0], stop_before_pixels=True)
+        series.append({registry.STUDY_COL: key, "dicom_study_uid": key, "series_uid": header.SeriesInstanceUID,
+                       "series_number": 1, "description": "", "modality": "CT", "n_files": N_SLICES, "chosen": 1,
+                       "reason": "", "example_file": str(geometry.paths[0].resolve()),
+                       "sop_class_uid": header.SOPClassUID})
+        series.append({registry.STUDY_COL: key, "dicom_study_uid": key, "series_uid": key + ".77",
+                       "series_number": 2, "description": "scout", "modality": "CT", "n_files": 2, "chosen": 0,
+                       "reason": "scout/localizer", "example_file": "", "sop_class_uid": ""})
+        boxes += [
+            {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[1], "slice_index": 1, "z_mm": 0.0,
+             "x": 10.123456789012345, "y": 3.5, "width": 7.25, "height": 12.000000000000002, "score": 0.8765432101,
+             "level": "C2"},
+            {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[4], "slice_index": 4, "z_mm": 0.0,
+             "x": 0.0, "y": 20.1, "width": 1.5, "height": 2.0, "score": 0.31, "level": ""},
+            {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[2], "slice_index": 2, "z_mm": 0.0,
+             "x": 5.0, "y": 5.0, "width": 3.0, "height": 3.0, "score": MIN_BOX_SCORE / 2, "level": "C3"}]
+        overlay_dir = pred / "overlays" / key
+        overlay_dir.mkdir(parents=True)
+        rng = np.random.default_rng(7)
+        for rank, index in ((1, 1), (2, 4)):
+            image = rng.integers(0, 255, (50 + rank, 64, 3), dtype=np.uint8)
+            cv2.imwrite(str(overlay_dir / f"{rank:02d}_slice{geometry.instance_numbers[index]}.png"), image)
+        (overlay_dir / "contact_sheet.png").write_bytes((overlay_dir / f"01_slice{geometry.instance_numbers[1]}.png")
+                                                        .read_bytes())
+    pd.DataFrame(preds).to_csv(pred / "predictions.csv", index=False, float_format="%.17g")
+    pd.DataFrame(slices).to_csv(pred / "slices.csv", index=False)
+    pd.DataFrame(series).to_csv(pred / "series.csv", index=False)
+    pd.DataFrame(boxes).to_csv(pred / "boxes.csv", index=False, float_format="%.17g")
+    (pred / "predictions.csv.meta.json").write_text(json.dumps({"inputs": {"model": str(model)}}))
+    (model / "aggregator").mkdir(parents=True)
+    if threshold is not None:
+        (model / "aggregator" / "operating_point.json").write_text(json.dumps(
+            {"format_version": 1, "target_sensitivity": 0.9, "threshold": threshold, "sensitivity": 0.9,
+             "specificity": 0.5, "n_studies": 10, "n_positive": 5, "n_negative": 5, "heldout_file": "x.csv"}))
+    return Folder(pred, inputs, model, keys)
+
+
+def _tree_hashes(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The folder, the input hashes before, and two runs' results into two output folders."""
+    root = tmp_path_factory.mktemp("dicom_out")
+    folder = make_prediction_folder(root)
+    before = _tree_hashes(folder.inputs), _tree_hashes(folder.pred)
+    first = write_dicom_results(folder.pred, root / "out1")
+    second = write_dicom_results(folder.pred, root / "out2")
+    return folder, before, first, second
+
+
+def _text(path: Path) -> pd.DataFrame:
+    """A CSV with every value as text, so the test compares with Python's own float() of what was written."""
+    return pd.read_csv(path, dtype=str, keep_default_na=False)
+
+
+def _input_files(folder: Folder, letter: str) -> dict[str, tuple[Path, int]]:
+    """SOPInstanceUID -> (file, canonical slice_index) of a study's input slices (read from the files themselves)."""
+    geometry = scan_study(folder.inputs / folder.keys[letter])
+    return {dcmread(p, stop_before_pixels=True).SOPInstanceUID: (p, i) for i, p in enumerate(geometry.paths)}
+
+
+def _all_input_uids(folder: Folder) -> set[str]:
+    uids = set()
+    for path in folder.inputs.rglob("*.dcm"):
+        ds = dcmread(path)
+        uids |= {str(e.value) for e in ds.iterall() if e.VR == "UI"}
+        uids |= {str(e.value) for e in ds.file_meta if e.VR == "UI"}
+    return uids
+
+
+def _groups_by_id(sr) -> dict[str, object]:
+    return {g.tracking_identifier: g for g in sr.content.get_image_measurement_groups()}
+
+
+def _read_sr(path: Path):
+    return hd.sr.srread(path)
+
+
+# ---------------------------------------------------------------- what the SR says, read back
+def test_level_and_patient_probabilities_read_back_exactly(written):
+    folder, _, first, _ = written
+    for letter in ("A", "C"):
+        key = folder.keys[letter]
+        sr = _read_sr(first[key][0])
+        assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.34"          # Comprehensive 3D SR
+        text = _text(folder.pred / "predictions.csv").set_index(registry.STUDY_COL).loc[key]
+        groups = _groups_by_id(sr)
+        assert list(groups) == [*registry.LEVELS, "patient_overall"]
+        for level in registry.LEVELS:
+            group = groups[level]
+            assert group.finding_type == sf_codes.FRACTURE
+            assert [s.value for s in group.finding_sites] == [sf_codes.VERTEBRA_CODES[level]]
+            (measurement,) = group.get_measurements(name=sf_codes.PROBABILITY)
+            assert measurement.value == float(text[level])              # the float written, to the last bit
+            assert measurement.unit == sf_codes.NO_UNITS
+        patient = groups["patient_overall"]
+        assert [s.value for s in patient.finding_sites] == [sf_codes.CERVICAL_SPINE]
+        (probability,) = patient.get_measurements(name=sf_codes.PROBABILITY)
+        assert probability.value == float(text[registry.PATIENT])
+        (threshold,) = patient.get_measurements(name=sf_codes.THRESHOLD_VALUE)
+        assert threshold.value == THRESHOLD
+        (flag,) = patient.get_qualitative_evaluations(name=sf_codes.FLAG)
+        expected = sf_codes.FLAGGED if float(text[registry.PATIENT]) >= THRESHOLD else sf_codes.NOT_FLAGGED
+        assert flag.value == expected
+    # A's 0.7071... is flagged at 0.3, C's 0.25 is not: both branches were checked above
+    assert PROBS["A"][-1] >= THRESHOLD > PROBS["C"][-1]
+
+
+def test_values_beyond_a_decimal_string_survive(written):
+    """1e-17 and 0.1234567890123456(78) do not fit a 16-character DS: the SR holds them as FloatingPointValue."""
+    folder, _, first, _ = written
+    groups = _groups_by_id(_read_sr(first[folder.keys["A"]][0]))
+    assert groups["C6"].get_measurements()[0].value == 1e-17
+    assert groups["C1"].get_measurements()[0].value == 0.12345678901234568
+
+
+def test_boxes_read_back_exactly_and_reference_their_slice(written):
+    folder, _, first, _ = written
+    boxes = _text(folder.pred / "boxes.csv")
+    for letter in ("A", "C"):
+        key = folder.keys[letter]
+        files = _input_files(folder, letter)
+        sr = _read_sr(first[key][0])
+        rois = sr.content.get_planar_roi_measurement_groups()
+        expected = boxes[(boxes[registry.STUDY_COL] == key) & (boxes["score"].astype(float) >= MIN_BOX_SCORE)]
+        assert len(rois) == len(expected) == 2                       # the box below MIN_BOX_SCORE is left out
+        for roi, (_, box) in zip(rois, expected.iterrows(), strict=True):   # best score first = file order here
+            assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
+            corners = box_polyline(float(box["x"]), float(box["y"]), float(box["width"]), float(box["height"]))
+            # GraphicData is FL (float32) by the standard: exactly the float32 of each corner
+            np.testing.assert_array_equal(roi.roi.value.astype(np.float32), corners.astype(np.float32))
+            assert roi.roi.value[0, 0] == np.float32(float(box["x"]))
+            (score,) = roi.get_measurements(name=sf_codes.DETECTION_SCORE)
+            assert score.value == float(box["score"])
+            sites = [s.value for s in roi.finding_sites]
+            assert sites == ([sf_codes.VERTEBRA_CODES[box["level"]]] if box["level"] else [])
+            (source,) = roi.roi.ContentSequence
+            ref = source.ReferencedSOPSequence[0]
+            path, index = files[ref.ReferencedSOPInstanceUID]           # resolves to an input slice file ...
+            assert index == int(box["slice_index"])                     # ... the box's slice
+            assert dcmread(path, stop_before_pixels=True).InstanceNumber == int(box["slice_number"])
+            assert ref.ReferencedSOPClassUID == dcmread(path, stop_before_pixels=True).SOPClassUID
+
+
+def test_every_reference_resolves_to_an_input_slice(written):
+    folder, _, first, _ = written
+    for letter in ("A", "C"):
+        key = folder.keys[letter]
+        files = _input_files(folder, letter)
+        sr = dcmread(first[key][0])
+        evidence = [i.ReferencedSOPInstanceUID for s in sr.CurrentRequestedProcedureEvidenceSequence
+                    for r in s.ReferencedSeriesSequence for i in r.ReferencedSOPSequence]
+        assert evidence and set(evidence) <= set(files)
+        refs = [e.value for e in sr.iterall() if e.keyword == "ReferencedSOPInstanceUID"]
+        assert refs and set(refs) <= set(files)
+        for path in first[key][1:]:
+            sc = dcmread(path)
+            (source,) = sc.SourceImageSequence
+            input_path, _ = files[source.ReferencedSOPInstanceUID]
+            number = int(path_number(sc.ImageComments))
+            assert dcmread(input_path, stop_before_pixels=True).InstanceNumber == number
+
+
+def path_number(comment: str) -> str:
+    """The slice number an SC's ImageComments names ('... of slice N: ...')."""
+    return comment.split(" of slice ", 1)[1].split(":", 1)[0]
+
+
+# ---------------------------------------------------------------- the secondary capture
+def test_sc_series_holds_the_overlay_pngs(written):
+    folder, _, first, _ = written
+    key = folder.keys["A"]
+    files = first[key]
+    assert [p.name for p in files] == ["SR.dcm", "SC_01.dcm", "SC_02.dcm"]   # contact_sheet.png is not a top slice
+    pngs = sorted((folder.pred / "overlays" / key).glob("0*_slice*.png"))
+    series = set()
+    for number, (path, png) in enumerate(zip(files[1:], pngs, strict=True), start=1):
+        sc = dcmread(path)
+        assert sc.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7"              # Secondary Capture Image Storage
+        assert sc.PhotometricInterpretation == "RGB" and sc.InstanceNumber == number
+        np.testing.assert_array_equal(sc.pixel_array, cv2.cvtColor(cv2.imread(str(png)), cv2.COLOR_BGR2RGB))
+        assert "spinefrac" in sc.SeriesDescription and "not for diagnosis" in sc.SeriesDescription
+        assert sc.BurnedInAnnotation == "YES" and tuple(sc.PatientOrientation) == ("L", "P")
+        series.add(sc.SeriesInstanceUID)
+    assert len(series) == 1 and dcmread(files[0]).SeriesInstanceUID not in series
+
+
+def test_patient_and_study_modules_equal_the_source(written):
+    folder, _, first, _ = written
+    for letter, keywords in (("A", PATIENT_STUDY), ("C", ("PatientName", "PatientID", "StudyInstanceUID"))):
+        key = folder.keys[letter]
+        source = dcmread(next(iter(_input_files(folder, letter).values()))[0], stop_before_pixels=True)
+        for path in first[key]:
+            ds = dcmread(path)
+            for keyword in keywords:
+                assert ds[keyword].value == source[keyword].value, (path.name, keyword)
+            if letter == "C":       # absent in the source: Type 2 attributes present and empty, never invented
+                assert ds.StudyDate == "" and ds.AccessionNumber == ""
+
+
+def _new_uids(results: dict[str, list[Path]]) -> tuple[list[str], set[str], list[str]]:
+    """The UIDs the results made: SOPInstanceUIDs, series UIDs, UIDREF content items (tracking and device UIDs)."""
+    sops, series, uidrefs = [], set(), []
+    for files in results.values():
+        for path in files:
+            ds = dcmread(path)
+            sops.append(ds.SOPInstanceUID)
+            assert ds.file_meta.MediaStorageSOPInstanceUID == ds.SOPInstanceUID
+            series.add(ds.SeriesInstanceUID)
+            uidrefs += [item.value for item in ds.iterall() if item.keyword == "UID"]
+    return sops, series, uidrefs
+
+
+def test_new_uids_are_new_unique_and_differ_across_runs(written):
+    folder, _, first, second = written
+    inputs = _all_input_uids(folder)
+    sops, series, uidrefs = _new_uids(first)
+    assert len(sops) == len(set(sops)) == 6                      # SR + 2 SC for each of two studies
+    assert len(series) == 4                                        # one SR and one SC series per study
+    assert len(uidrefs) == len(set(uidrefs)) > 2 * 8               # a tracking UID per group, a device UID
+    made = set(sops) | series | set(uidrefs)
+    assert not made & inputs
+    sops2, series2, uidrefs2 = _new_uids(second)
+    assert not made & (set(sops2) | series2 | set(uidrefs2))
+    for files in first.values():                                   # the study is the source's, never a new one
+        assert {dcmread(p).StudyInstanceUID for p in files} <= inputs
+
+
+# ---------------------------------------------------------------- dciodvfy
+def test_dciodvfy_reports_no_error(written):
+    if not DCIODVFY.is_file() and shutil.which("dciodvfy") is None:
+        pytest.skip("dciodvfy (dicom3tools, in the dicom extra) is not installed")
+    tool = str(DCIODVFY) if DCIODVFY.is_file() else shutil.which("dciodvfy")
+    _, _, first, _ = written
+    checked = 0
+    for files in first.values():
+        for path in files:
+            run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+            lines = (run.stdout + run.stderr).splitlines()
+            warnings = [line for line in lines if line.startswith("Warning")]
+            if warnings:
+                print(f"{path.parent.name}/{path.name}: {len(warnings)} warning(s):", *warnings, sep="\n  ")
+            errors = [line for line in lines if line.startswith("Error")]
+            assert not errors, f"{path}: {errors}"
+            assert any(line.strip() in ("Comprehensive3DSR", "SCImage") for line in lines)   # it knew the IOD
+            checked += 1
+    assert checked == 6
+
+
+# ---------------------------------------------------------------- what is (not) written
+def test_inputs_are_unchanged(written):
+    folder, before, _, _ = written
+    assert (_tree_hashes(folder.inputs), _tree_hashes(folder.pred)) == before
+
+
+def test_failed_study_gets_no_files_and_loses_stale_ones(written, tmp_path):
+    folder, _, first, _ = written
+    failed = folder.keys["B"]
+    assert first[failed] == []
+    assert not study_folder(tmp_path, failed).exists()
+    stale = study_folder(tmp_path, failed)
+    stale.mkdir(parents=True)
+    (stale / "SR.dcm").write_bytes(b"an earlier run's result")
+    assert write_dicom_results(folder.pred, tmp_path, studies=[failed]) == {failed: []}
+    assert not stale.exists()
+
+
+def test_rerun_replaces_the_study_folder_whole(written, tmp_path):
+    folder, _, _, _ = written
+    key = folder.keys["A"]
+    first = write_dicom_results(folder.pred, tmp_path, studies=[key])[key]
+    target = first[0].parent
+    (target / "SC_09.dcm").write_bytes(b"left from another run")
+    old = {p.name: dcmread(p).SOPInstanceUID for p in first}
+    again = write_dicom_results(folder.pred, tmp_path, studies=[key])[key]
+    assert sorted(p.name for p in target.iterdir()) == sorted(p.name for p in again) == sorted(old)
+    assert all(dcmread(p).SOPInstanceUID != old[p.name] for p in again)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [target.name]          # no temp or old folder left
+
+
+def test_without_an_operating_point_the_patient_result_has_no_flag(tmp_path):
+    folder = make_prediction_folder(tmp_path, threshold=None)
+    key = folder.keys["A"]
+    sr = _read_sr(write_dicom_results(folder.pred, tmp_path / "out", studies=[key])[key][0])
+    patient = _groups_by_id(sr)["patient_overall"]
+    assert patient.get_qualitative_evaluations() == [] and patient.get_measurements(name=sf_codes.THRESHOLD_VALUE) == []
+    assert patient.get_measurements(name=sf_codes.PROBABILITY)[0].value == PROBS["A"][-1]
+
+
+def test_codes_cover_every_level():
+    assert tuple(sf_codes.VERTEBRA_CODES) == registry.LEVELS
+    assert len({c.value for c in sf_codes.VERTEBRA_CODES.values()}) == len(registry.LEVELS)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import statistics
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +22,13 @@ from pydicom import dcmread
 from data_prep import registry
 from data_prep.dicom_io import scan_study
 from data_prep.dicom_write import write_series
+from data_prep.errors import InputError
 
 hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
 
+from spinefrac.cli import main  # noqa: E402
+from spinefrac.dicom_out import MissingExtraError, study_folder, write_dicom_results  # noqa: E402
 from spinefrac.dicom_out import codes as sf_codes  # noqa: E402
-from spinefrac.dicom_out import study_folder, write_dicom_results  # noqa: E402
 from spinefrac.dicom_out.inputs import MIN_BOX_SCORE  # noqa: E402
 from spinefrac.dicom_out.sr import box_polyline  # noqa: E402
 
@@ -382,3 +386,130 @@ def test_without_an_operating_point_the_patient_result_has_no_flag(tmp_path):
 def test_codes_cover_every_level():
     assert tuple(sf_codes.VERTEBRA_CODES) == registry.LEVELS
     assert len({c.value for c in sf_codes.VERTEBRA_CODES.values()}) == len(registry.LEVELS)
+
+
+# ---------------------------------------------------------------- faults: a clear InputError, nothing written
+def _expect_input_error(folder: Folder, out: Path, *names: str, studies=None) -> InputError:
+    with pytest.raises(InputError) as info:
+        write_dicom_results(folder.pred, out, studies=studies)
+    for name in names:
+        assert name in str(info.value), (name, str(info.value))
+    assert not out.exists() or not any(out.iterdir())                  # checked before anything is written
+    return info.value
+
+
+def test_missing_sop_instance_uid_column_names_slices_csv(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    slices = pd.read_csv(folder.pred / "slices.csv", dtype=str)
+    slices.drop(columns="sop_instance_uid").to_csv(folder.pred / "slices.csv", index=False)
+    error = _expect_input_error(folder, tmp_path / "out", "slices.csv", "sop_instance_uid")
+    assert error.path == folder.pred / "slices.csv"
+
+
+@pytest.mark.parametrize("table, column", [("series.csv", "example_file"), ("boxes.csv", "score"),
+                                           ("predictions.csv", "C3")])
+def test_missing_column_names_the_file_and_column(tmp_path, table, column):
+    folder = make_prediction_folder(tmp_path)
+    df = pd.read_csv(folder.pred / table, dtype=str, keep_default_na=False)
+    df.drop(columns=column).to_csv(folder.pred / table, index=False)
+    _expect_input_error(folder, tmp_path / "out", table, column)
+
+
+def test_unreadable_source_file_names_the_file_and_study(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    series = pd.read_csv(folder.pred / "series.csv", dtype=str, keep_default_na=False)
+    example = Path(series.loc[series["chosen"] == "1", "example_file"].iloc[0])
+    example.write_bytes(b"\0" * 128 + b"DICM" + b"\x02\x00\x10")            # a DICOM file cut short
+    key = series.loc[series["chosen"] == "1", registry.STUDY_COL].iloc[0]
+    error = _expect_input_error(folder, tmp_path / "out", str(example), f"study {key}", "series.csv")
+    assert error.path == example
+
+
+def test_missing_source_file_and_changed_source_are_refused(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    series = pd.read_csv(folder.pred / "series.csv", dtype=str, keep_default_na=False)
+    chosen = series[series["chosen"] == "1"]
+    gone, changed = Path(chosen["example_file"].iloc[0]), Path(chosen["example_file"].iloc[1])
+    gone.unlink()
+    ds = dcmread(changed)
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = "1.2.3.4"
+    ds.save_as(changed)
+    error = _expect_input_error(folder, tmp_path / "out", str(gone), "No such file", str(changed),
+                                "the source changed since the prediction", "2 studies")
+    assert "nothing was written" in str(error)
+
+
+def test_bad_rows_name_the_file_row_and_study(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    boxes = pd.read_csv(folder.pred / "boxes.csv", dtype=str, keep_default_na=False)
+    boxes.loc[0, "width"] = "-3"
+    boxes.to_csv(folder.pred / "boxes.csv", index=False)
+    _expect_input_error(folder, tmp_path / "out", "boxes.csv", "row 1", "width")
+
+    folder = make_prediction_folder(tmp_path / "2")
+    boxes = pd.read_csv(folder.pred / "boxes.csv", dtype=str, keep_default_na=False)
+    boxes.loc[0, "slice_index"] = "99"
+    boxes.to_csv(folder.pred / "boxes.csv", index=False)
+    _expect_input_error(folder, tmp_path / "2" / "out", "boxes.csv", "slice_index [99]", folder.keys["A"])
+
+    folder = make_prediction_folder(tmp_path / "3")
+    series = pd.read_csv(folder.pred / "series.csv", dtype=str, keep_default_na=False)
+    series.loc[series[registry.STUDY_COL] == folder.keys["C"], "chosen"] = "0"
+    series.to_csv(folder.pred / "series.csv", index=False)
+    _expect_input_error(folder, tmp_path / "3" / "out", "series.csv", folder.keys["C"], "0 rows with chosen = 1")
+
+
+def test_unknown_study_and_a_broken_overlay_are_refused(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    _expect_input_error(folder, tmp_path / "out", "predictions.csv", "'nope'", studies=["nope"])
+    png = next((folder.pred / "overlays" / folder.keys["A"]).glob("01_*.png"))
+    png.write_bytes(b"not a png")
+    _expect_input_error(folder, tmp_path / "out", str(png), folder.keys["A"])
+
+
+def test_output_inside_the_source_folder_is_refused(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    inside = folder.inputs / folder.keys["A"] / "results"
+    _expect_input_error(folder, inside, "never written into the input", studies=[folder.keys["A"]])
+    assert not inside.exists()
+
+
+def test_missing_highdicom_names_the_extra(tmp_path, monkeypatch):
+    import spinefrac.dicom_out.writer as writer
+
+    real = writer.importlib.util.find_spec
+    monkeypatch.setattr(writer.importlib.util, "find_spec", lambda name, *a: None if name == "highdicom"
+                        else real(name, *a))
+    with pytest.raises(MissingExtraError, match=r"pip install 'spinefrac\[dicom\]'"):
+        write_dicom_results(tmp_path, tmp_path / "out")
+    assert main(["dicom-out", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+
+
+# ---------------------------------------------------------------- the command
+def test_cli_writes_the_chosen_study_and_exits_2_without_traceback(tmp_path, capsys, caplog):
+    folder = make_prediction_folder(tmp_path)
+    key = folder.keys["C"]
+    out = tmp_path / "out"
+    assert main(["dicom-out", str(folder.pred), "--out", str(out), "--study", key, "--no-progress"]) == 0
+    assert "3 DICOM files for 1 studies" in capsys.readouterr().out
+    assert sorted(p.name for p in study_folder(out, key).iterdir()) == ["SC_01.dcm", "SC_02.dcm", "SR.dcm"]
+    assert [p.name for p in out.iterdir()] == [study_folder(out, key).name]
+    (folder.pred / "series.csv").unlink()
+    caplog.clear()
+    assert main(["dicom-out", str(folder.pred), "--out", str(out)]) == 2
+    messages = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(messages) == 1 and "series.csv" in messages[0] and "not found" in messages[0]
+    assert not any(r.exc_info for r in caplog.records)                  # no traceback
+
+
+def test_time_per_study(tmp_path):
+    """Prints the median seconds to write one study's SR + SC (the figure the report quotes; asserts only sanity)."""
+    folder = make_prediction_folder(tmp_path)
+    seconds = []
+    for run in range(3):
+        for letter in ("A", "C"):
+            t0 = time.perf_counter()
+            write_dicom_results(folder.pred, tmp_path / f"out{run}", studies=[folder.keys[letter]], progress=False)
+            seconds.append(time.perf_counter() - t0)
+    print(f"median seconds per study (SR + 2 SC, tiny slices): {statistics.median(seconds):.3f}")
+    assert statistics.median(seconds) < 30

@@ -4,6 +4,11 @@ Reads only the documented files of a prediction folder (docs/contracts.md "DICOM
 needs the optional extra `spinefrac[dicom]` (highdicom), imported only when results are written.
 """
 
-from spinefrac.dicom_out.writer import MissingExtraError, require_dicom_extra, study_folder, write_dicom_results
+from spinefrac.dicom_out.writer import (
+    MissingExtraError,
+    require_dicom_extra,
+    study_folder,
+    write_dicom_results,
+)
 
 __all__ = ["MissingExtraError", "require_dicom_extra", "study_folder", "write_dicom_results"]

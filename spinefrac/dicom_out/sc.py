@@ -23,6 +23,8 @@ SC_SERIES_NUMBER = 9902
 """SeriesNumber of the SC series (after the SR's 9901)."""
 SC_DESCRIPTION = "spinefrac overlay - research, not for diagnosis alone"
 BITS_ALLOCATED = 8
+BODY_PART = "CSPINE"
+"""BodyPartExamined when the source has none: the PS3.16 Annex L defined term for the cervical spine."""
 AXIS_LETTERS: tuple[tuple[str, str], ...] = (("L", "R"), ("P", "A"), ("H", "F"))
 """PatientOrientation letter of the +/- direction of each patient axis x, y, z (DICOM LPS)."""
 AXIAL_ORIENTATION = ("L", "P")
@@ -61,9 +63,10 @@ def build_sc(overlay: Overlay, pixels: np.ndarray, reference: Dataset, identity:
     sc.SeriesDescription = SC_DESCRIPTION
     sc.SoftwareVersions = identity.version
     sc.BurnedInAnnotation = "YES"
-    # General Series Laterality is Type 2C (a paired body part): the source's value, else empty (the cervical spine
-    # is not paired; dciodvfy cannot tell and wants the attribute present)
-    sc.Laterality = reference.get("Laterality") or None
+    # General Series: Body Part Examined tells a validator the part is unpaired, so Type 2C Laterality stays absent
+    sc.BodyPartExamined = reference.get("BodyPartExamined") or BODY_PART
+    if reference.get("Laterality"):
+        sc.Laterality = reference.Laterality
     sc.ImageComments = (f"spinefrac overlay {overlay.rank} of slice {overlay.slice_number}: predicted fracture boxes "
                         "labelled with level and score; research software, not for diagnosis alone")
     sc.DerivationDescription = f"detector boxes drawn on source slice {overlay.slice_number} ({Path(overlay.path).name})"

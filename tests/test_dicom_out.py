@@ -57,12 +57,13 @@ class Folder:
     """Study letter -> study key (folder name); B failed."""
 
 
-def _write_study(root: Path, key: str, study_uid: str, *, order: str, extra: dict | None, seed: int) -> Path:
+def _write_study(root: Path, key: str, study_uid: str, *, order: str, extra: dict | None, seed: int,
+                 modality: str | None) -> Path:
     rng = np.random.default_rng(seed)
     hu = rng.integers(-1000, 1500, (N_SLICES, ROWS, COLS)).astype(np.float32)
     folder = root / key
     write_series(folder, hu, study_uid=study_uid, pixel_spacing=(0.4, 0.45), slice_thickness=2.0,
-                 instance_order=order, modality="CT")
+                 instance_order=order, modality=modality)
     for path in folder.iterdir():
         if extra:
             ds = dcmread(path)
@@ -83,7 +84,8 @@ def make_prediction_folder(root: Path, *, threshold: float | None = THRESHOLD) -
         preds.append({registry.STUDY_COL: key, **dict(zip(registry.TARGETS, PROBS[letter], strict=True)),
                       "failed": int(letter == "B")})
         folder = _write_study(inputs, key, key, order="feet_first" if letter == "A" else "head_first",
-                              extra=STUDY_EXTRA if letter == "A" else None, seed=len(slices))
+                              extra=STUDY_EXTRA if letter == "A" else None, seed=len(slices),
+                              modality="CT" if letter == "A" else None)     # C: no Modality, as the RSNA files
         if letter == "B":
             continue
         geometry = scan_study(folder)
@@ -513,3 +515,34 @@ def test_time_per_study(tmp_path):
             seconds.append(time.perf_counter() - t0)
     print(f"median seconds per study (SR + 2 SC, tiny slices): {statistics.median(seconds):.3f}")
     assert statistics.median(seconds) < 30
+
+
+def _edit_source(folder: Folder, letter: str, **values) -> None:
+    for path in (folder.inputs / folder.keys[letter]).iterdir():
+        ds = dcmread(path)
+        for keyword, value in values.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
+        ds.save_as(path)
+
+
+def test_source_headers_as_found_in_the_wild(tmp_path, caplog):
+    """A PatientSex DICOM does not allow is left empty (logged); Latin-1 names survive; a missing SOPClassUID is
+    taken from series.csv; a malformed StudyDate is an InputError naming the file and the study."""
+    folder = make_prediction_folder(tmp_path)
+    a, c = folder.keys["A"], folder.keys["C"]
+    _edit_source(folder, "A", PatientSex="U", SpecificCharacterSet="ISO_IR 100", PatientName="Müller^Jörg")
+    _edit_source(folder, "C", SOPClassUID=None)
+    results = write_dicom_results(folder.pred, tmp_path / "out", progress=False)
+    for path in results[a]:
+        ds = dcmread(path)
+        assert ds.PatientSex == "" and str(ds.PatientName) == "Müller^Jörg" and ds.AccessionNumber == "ACC42"
+    assert any("PatientSex 'U'" in r.getMessage() for r in caplog.records)
+    assert len(results[c]) == 3 and dcmread(results[c][0]).PatientID == c.rsplit(".", 1)[-1]
+    _edit_source(folder, "C", StudyDate="2026-01-02")
+    with pytest.raises(InputError, match=f"study {c}: the source header cannot be copied") as info:
+        write_dicom_results(folder.pred, tmp_path / "out2", studies=[c], progress=False)
+    assert info.value.path.parent == folder.inputs / c
+    assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())   # no temp folder left

@@ -130,7 +130,8 @@ def _write_study(study: StudyInputs, out_dir: Path, identity: Identity, threshol
     try:
         try:
             names = _write_files(study, tmp, identity, threshold)
-        except ValueError as exc:     # highdicom refuses a value of the source header (a bad date, sex, name, ...)
+        except (ValueError, KeyError, AttributeError) as exc:   # highdicom refuses the source header (a bad date,
+            # a SOP class it does not know, ...): the CLI shows one line naming the file; -v shows the traceback
             raise InputError(study.source.example_file, f"study {study.key}: the source header cannot be copied into "
                                                         f"DICOM results: {exc}") from exc
         _swap(tmp, final)
@@ -149,7 +150,7 @@ def _write_files(study: StudyInputs, folder: Path, identity: Identity, threshold
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=PERSON_NAME_WARNING, category=UserWarning)
-        reference = reference_header(study.source.header)
+        reference = reference_header(study.source.header, study.source.sop_class_uid)
         names = [SR_FILE]
         _save(build_sr(study, reference, identity, threshold=threshold), folder / SR_FILE)
         series_uid = UID()

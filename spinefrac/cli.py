@@ -14,7 +14,9 @@ from pathlib import Path
 from spinefrac import __version__
 
 log = logging.getLogger("spinefrac")
-NOISY_LOGGERS = ("matplotlib", "PIL", "highdicom")
+NOISY_LOGGERS = ("matplotlib", "PIL")
+CHATTY_LOGGERS = ("highdicom",)
+"""Libraries that log every step at INFO (highdicom: each copied module): WARNING unless -v."""
 
 EXAMPLES = """\
 stages, in order:
@@ -218,7 +220,7 @@ def _cmd_dicom_out(args: argparse.Namespace) -> int:
                                   progress=not args.no_progress)
     written = {key: files for key, files in results.items() if files}
     print(f"{sum(map(len, written.values()))} DICOM files for {len(written)} studies in {args.out} "
-          f"({len(results) - len(written)} failed studies without any)")
+          f"({len(results) - len(written)} failed, without files)")
     return 0
 
 
@@ -489,6 +491,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
                         datefmt="%H:%M:%S")
     for noisy in NOISY_LOGGERS:  # their DEBUG output (font scans, plugin lists) would drown ours under -v
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    for chatty in CHATTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(level if verbose else max(level, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

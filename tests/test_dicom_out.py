@@ -493,7 +493,7 @@ def test_cli_writes_the_chosen_study_and_exits_2_without_traceback(tmp_path, cap
     key = folder.keys["C"]
     out = tmp_path / "out"
     assert main(["dicom-out", str(folder.pred), "--out", str(out), "--study", key, "--no-progress"]) == 0
-    assert "3 DICOM files for 1 studies" in capsys.readouterr().out
+    assert "3 DICOM files for 1 studies in" in capsys.readouterr().out
     assert sorted(p.name for p in study_folder(out, key).iterdir()) == ["SC_01.dcm", "SC_02.dcm", "SR.dcm"]
     assert [p.name for p in out.iterdir()] == [study_folder(out, key).name]
     (folder.pred / "series.csv").unlink()
@@ -546,3 +546,64 @@ def test_source_headers_as_found_in_the_wild(tmp_path, caplog):
         write_dicom_results(folder.pred, tmp_path / "out2", studies=[c], progress=False)
     assert info.value.path.parent == folder.inputs / c
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())   # no temp folder left
+
+
+# ---------------------------------------------------------------- a real prediction folder (slow: the tiny pipeline)
+def _add_new_columns(pred: Path, images: Path) -> None:
+    """Until predict writes series.csv and slices.csv's sop_instance_uid (issue 16 item 1), add them from the study
+    folders exactly as docs/contracts.md defines them; once predict writes them, they are used as written."""
+    slices = pd.read_csv(pred / "slices.csv", dtype={registry.STUDY_COL: str})
+    if "sop_instance_uid" not in slices.columns:
+        uids = {}
+        for key in slices[registry.STUDY_COL].unique():
+            for index, path in enumerate(scan_study(images / key).paths):
+                uids[(key, index)] = dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        slices["sop_instance_uid"] = [uids[(k, i)] for k, i in zip(slices[registry.STUDY_COL], slices["slice_index"],
+                                                                    strict=True)]
+        slices.to_csv(pred / "slices.csv", index=False)
+    if not (pred / "series.csv").is_file():
+        rows = []
+        for key in slices[registry.STUDY_COL].unique():
+            first = scan_study(images / key).paths[0]
+            ds = dcmread(first, stop_before_pixels=True)
+            rows.append({registry.STUDY_COL: key, "dicom_study_uid": ds.StudyInstanceUID,
+                         "series_uid": ds.SeriesInstanceUID, "series_number": ds.get("SeriesNumber", ""),
+                         "description": "", "modality": ds.get("Modality", ""), "n_files": 0, "chosen": 1,
+                         "reason": "", "example_file": str(first.resolve()), "sop_class_uid": ds.SOPClassUID})
+        pd.DataFrame(rows).to_csv(pred / "series.csv", index=False)
+
+
+@pytest.mark.slow
+def test_a_predict_folder_round_trips_as_dicom(trained, tmp_path):
+    images = trained / "test" / "test_images"
+    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(images.rglob("*.dcm"))}
+    pred = tmp_path / "pred"
+    assert main(["predict", str(images), "--model", str(trained / "model"), "--out", str(pred), "--no-progress"]) == 0
+    _add_new_columns(pred, images)
+    results = write_dicom_results(pred, tmp_path / "dicom", progress=False)
+    predictions = _text(pred / "predictions.csv").set_index(registry.STUDY_COL)
+    boxes = _text(pred / "boxes.csv")
+    assert set(results) == set(predictions.index) and all(results.values())
+    tool = str(DCIODVFY) if DCIODVFY.is_file() else shutil.which("dciodvfy")
+    for key, files in results.items():
+        geometry = scan_study(images / key)
+        index_of = {dcmread(p, stop_before_pixels=True).SOPInstanceUID: i for i, p in enumerate(geometry.paths)}
+        sr = _read_sr(files[0])
+        groups = _groups_by_id(sr)
+        for target in registry.TARGETS:
+            name = target if target in registry.LEVELS else "patient_overall"
+            value = groups[name].get_measurements(name=sf_codes.PROBABILITY)[0].value
+            assert value == float(predictions.loc[key, target])
+        study_boxes = boxes[(boxes[registry.STUDY_COL] == key) & (boxes["score"].astype(float) >= MIN_BOX_SCORE)]
+        rois = sr.content.get_planar_roi_measurement_groups()
+        assert len(rois) == min(len(study_boxes), 100)
+        for roi in rois:
+            ref = roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            index = int(roi.tracking_identifier.rsplit(" ", 1)[1])
+            assert index_of[ref] == index                       # the box's slice, in the study's own files
+        assert len(files) == 1 + len(list((pred / "overlays" / key).glob("*_slice*.png")))
+        if tool:
+            for path in files[:2]:
+                run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+                assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(images.rglob("*.dcm"))} == before

@@ -102,11 +102,11 @@ def make_prediction_folder(root: Path, *, threshold: float | None = THRESHOLD) -
                        "series_number": 2, "description": "scout", "modality": "CT", "n_files": 2, "chosen": 0,
                        "reason": "scout/localizer", "example_file": "", "sop_class_uid": ""})
         boxes += [
+            {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[4], "slice_index": 4, "z_mm": 0.0,
+             "x": 0.0, "y": 20.1, "width": 1.5, "height": 2.0, "score": 0.31, "level": ""},
             {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[1], "slice_index": 1, "z_mm": 0.0,
              "x": 10.123456789012345, "y": 3.5, "width": 7.25, "height": 12.000000000000002, "score": 0.8765432101,
              "level": "C2"},
-            {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[4], "slice_index": 4, "z_mm": 0.0,
-             "x": 0.0, "y": 20.1, "width": 1.5, "height": 2.0, "score": 0.31, "level": ""},
             {registry.STUDY_COL: key, "slice_number": geometry.instance_numbers[2], "slice_index": 2, "z_mm": 0.0,
              "x": 5.0, "y": 5.0, "width": 3.0, "height": 3.0, "score": MIN_BOX_SCORE / 2, "level": "C3"}]
         overlay_dir = pred / "overlays" / key
@@ -221,8 +221,9 @@ def test_boxes_read_back_exactly_and_reference_their_slice(written):
         sr = _read_sr(first[key][0])
         rois = sr.content.get_planar_roi_measurement_groups()
         expected = boxes[(boxes[registry.STUDY_COL] == key) & (boxes["score"].astype(float) >= MIN_BOX_SCORE)]
+        expected = expected.sort_values("score", key=lambda s: -s.astype(float))   # the file has the best second
         assert len(rois) == len(expected) == 2                       # the box below MIN_BOX_SCORE is left out
-        for roi, (_, box) in zip(rois, expected.iterrows(), strict=True):   # best score first = file order here
+        for rank, (roi, (_, box)) in enumerate(zip(rois, expected.iterrows(), strict=True), start=1):  # best first
             assert roi.roi.graphic_type == hd.sr.GraphicTypeValues.POLYLINE
             corners = box_polyline(float(box["x"]), float(box["y"]), float(box["width"]), float(box["height"]))
             # GraphicData is FL (float32) by the standard: exactly the float32 of each corner
@@ -232,6 +233,7 @@ def test_boxes_read_back_exactly_and_reference_their_slice(written):
             assert score.value == float(box["score"])
             sites = [s.value for s in roi.finding_sites]
             assert sites == ([sf_codes.VERTEBRA_CODES[box["level"]]] if box["level"] else [])
+            assert roi.tracking_identifier == f"box {rank}, slice_index {box['slice_index']}"
             (source,) = roi.roi.ContentSequence
             ref = source.ReferencedSOPSequence[0]
             path, index = files[ref.ReferencedSOPInstanceUID]           # resolves to an input slice file ...

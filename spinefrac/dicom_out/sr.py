@@ -52,7 +52,8 @@ def build_sr(study: StudyInputs, reference: Dataset, identity: Identity, *, thre
                                         parameters=list(identity.parameters) or None)
     groups: list = [_level_group(level, study.probabilities[level], algorithm) for level in registry.LEVELS]
     groups.append(_patient_group(study.probabilities[registry.PATIENT], threshold, algorithm))
-    groups.extend(_box_group(box, study, algorithm) for box in study.boxes.itertuples(index=False))
+    groups.extend(_box_group(rank, box, study, algorithm)
+                  for rank, box in enumerate(study.boxes.itertuples(index=False), start=1))
     device = DeviceObserverIdentifyingAttributes(uid=UID(), name=identity.name, manufacturer_name=identity.manufacturer,
                                                  model_name=identity.model_name)
     context = ObservationContext(observer_device_context=ObserverContext(
@@ -102,7 +103,7 @@ def box_polyline(x: float, y: float, width: float, height: float) -> np.ndarray:
     return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]], dtype=np.float64)
 
 
-def _box_group(box: tuple, study: StudyInputs, algorithm: AlgorithmIdentification
+def _box_group(rank: int, box: tuple, study: StudyInputs, algorithm: AlgorithmIdentification
                ) -> PlanarROIMeasurementsAndQualitativeEvaluations:
     """TID 1410: one box as an image region on its source slice, with its level and detector score."""
     row = box._asdict()  # type: ignore[attr-defined]
@@ -112,7 +113,7 @@ def _box_group(box: tuple, study: StudyInputs, algorithm: AlgorithmIdentificatio
                                                            referenced_sop_instance_uid=row[SOP_UID_COL]))
     level = row["level"]
     return PlanarROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=TrackingIdentifier(uid=UID(), identifier=f"box slice_index {row['slice_index']}"),
+        tracking_identifier=TrackingIdentifier(uid=UID(), identifier=f"box {rank}, slice_index {row['slice_index']}"),
         referenced_region=region, finding_type=sf_codes.FRACTURE, algorithm_id=algorithm,
         finding_sites=[FindingSite(sf_codes.VERTEBRA_CODES[level])] if level else None,
         measurements=[Measurement(name=sf_codes.DETECTION_SCORE, value=float(row["score"]),

@@ -387,6 +387,18 @@ def test_without_an_operating_point_the_patient_result_has_no_flag(tmp_path):
     assert patient.get_measurements(name=sf_codes.PROBABILITY)[0].value == PROBS["A"][-1]
 
 
+def test_a_study_without_boxes_or_overlays_gets_the_sr_alone(tmp_path):
+    folder = make_prediction_folder(tmp_path)
+    pd.read_csv(folder.pred / "boxes.csv", dtype=str).iloc[:0].to_csv(folder.pred / "boxes.csv", index=False)
+    shutil.rmtree(folder.pred / "overlays")
+    results = write_dicom_results(folder.pred, tmp_path / "out", progress=False)
+    for letter in ("A", "C"):
+        (path,) = results[folder.keys[letter]]
+        sr = _read_sr(path)
+        assert path.name == "SR.dcm" and len(sr.content.get_image_measurement_groups()) == 8
+        assert sr.content.get_planar_roi_measurement_groups() == []
+
+
 def test_codes_cover_every_level():
     assert tuple(sf_codes.VERTEBRA_CODES) == registry.LEVELS
     assert len({c.value for c in sf_codes.VERTEBRA_CODES.values()}) == len(registry.LEVELS)

@@ -399,6 +399,22 @@ def test_a_study_without_boxes_or_overlays_gets_the_sr_alone(tmp_path):
         assert sr.content.get_planar_roi_measurement_groups() == []
 
 
+def test_a_slice_without_sop_instance_uid_loses_its_box_only(tmp_path, caplog):
+    """slices.csv leaves sop_instance_uid empty for a file without one: its box cannot be referenced (left out,
+    logged); the rest of that study and the other studies are written as usual."""
+    folder = make_prediction_folder(tmp_path)
+    a = folder.keys["A"]
+    slices = pd.read_csv(folder.pred / "slices.csv", dtype=str, keep_default_na=False)
+    slices.loc[(slices[registry.STUDY_COL] == a) & (slices["slice_index"] == "4"), "sop_instance_uid"] = ""
+    slices.to_csv(folder.pred / "slices.csv", index=False)
+    results = write_dicom_results(folder.pred, tmp_path / "out", progress=False)
+    rois = _read_sr(results[a][0]).content.get_planar_roi_measurement_groups()
+    assert [r.tracking_identifier for r in rois] == ["box 1, slice_index 1"]
+    assert any("no SOPInstanceUID" in r.getMessage() and a in r.getMessage() for r in caplog.records)
+    assert "SourceImageSequence" not in dcmread(results[a][2])        # the overlay of slice_index 4
+    assert len(_read_sr(results[folder.keys["C"]][0]).content.get_planar_roi_measurement_groups()) == 2
+
+
 def test_codes_cover_every_level():
     assert tuple(sf_codes.VERTEBRA_CODES) == registry.LEVELS
     assert len({c.value for c in sf_codes.VERTEBRA_CODES.values()}) == len(registry.LEVELS)
@@ -563,37 +579,13 @@ def test_source_headers_as_found_in_the_wild(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------- a real prediction folder (slow: the tiny pipeline)
-def _add_new_columns(pred: Path, images: Path) -> None:
-    """Until predict writes series.csv and slices.csv's sop_instance_uid (issue 16 item 1), add them from the study
-    folders exactly as docs/contracts.md defines them; once predict writes them, they are used as written."""
-    slices = pd.read_csv(pred / "slices.csv", dtype={registry.STUDY_COL: str})
-    if "sop_instance_uid" not in slices.columns:
-        uids = {}
-        for key in slices[registry.STUDY_COL].unique():
-            for index, path in enumerate(scan_study(images / key).paths):
-                uids[(key, index)] = dcmread(path, stop_before_pixels=True).SOPInstanceUID
-        slices["sop_instance_uid"] = [uids[(k, i)] for k, i in zip(slices[registry.STUDY_COL], slices["slice_index"],
-                                                                    strict=True)]
-        slices.to_csv(pred / "slices.csv", index=False)
-    if not (pred / "series.csv").is_file():
-        rows = []
-        for key in slices[registry.STUDY_COL].unique():
-            first = scan_study(images / key).paths[0]
-            ds = dcmread(first, stop_before_pixels=True)
-            rows.append({registry.STUDY_COL: key, "dicom_study_uid": ds.StudyInstanceUID,
-                         "series_uid": ds.SeriesInstanceUID, "series_number": ds.get("SeriesNumber", ""),
-                         "description": "", "modality": ds.get("Modality", ""), "n_files": 0, "chosen": 1,
-                         "reason": "", "example_file": str(first.resolve()), "sop_class_uid": ds.SOPClassUID})
-        pd.DataFrame(rows).to_csv(pred / "series.csv", index=False)
-
-
 @pytest.mark.slow
 def test_a_predict_folder_round_trips_as_dicom(trained, tmp_path):
     images = trained / "test" / "test_images"
     before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(images.rglob("*.dcm"))}
     pred = tmp_path / "pred"
     assert main(["predict", str(images), "--model", str(trained / "model"), "--out", str(pred), "--no-progress"]) == 0
-    _add_new_columns(pred, images)
+    assert (pred / "series.csv").is_file() and "sop_instance_uid" in _text(pred / "slices.csv").columns
     results = write_dicom_results(pred, tmp_path / "dicom", progress=False)
     predictions = _text(pred / "predictions.csv").set_index(registry.STUDY_COL)
     boxes = _text(pred / "boxes.csv")

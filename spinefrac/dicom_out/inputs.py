@@ -89,7 +89,7 @@ SLICES_SCHEMA = pa.DataFrameSchema(
     {registry.STUDY_COL: UID_TEXT,
      "slice_number": pa.Column(float, WHOLE, coerce=True, nullable=False),
      "slice_index": pa.Column(float, [WHOLE, pa.Check.ge(0)], coerce=True, nullable=False),
-     SOP_UID_COL: UID_TEXT},
+     SOP_UID_COL: pa.Column(str, nullable=False)},       # empty when the slice's file has no SOPInstanceUID
     unique=[registry.STUDY_COL, "slice_index"], report_duplicates="all", strict=False, name=SLICES_CSV)
 SERIES_SCHEMA = pa.DataFrameSchema(
     {registry.STUDY_COL: UID_TEXT, "dicom_study_uid": UID_TEXT, "series_uid": pa.Column(str, nullable=False),
@@ -210,15 +210,18 @@ def _source_series(folder: PredictionFolder, key: str, uid_of_index: dict[int, s
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         raise InputError(example, f"study {key}: cannot read the source DICOM header named by {path} "
                                   f"({reason}); the results copy the patient and study modules from it") from None
-    expected = uid_of_index.get(0)
-    found = {"StudyInstanceUID": (header.get("StudyInstanceUID"), rec["dicom_study_uid"]),
-             "SOPInstanceUID": (header.get("SOPInstanceUID"), expected)}
+    found = {"StudyInstanceUID": (header.get("StudyInstanceUID"), rec["dicom_study_uid"])}
+    if uid_of_index.get(0):               # empty when the file has no SOPInstanceUID
+        found["SOPInstanceUID"] = (header.get("SOPInstanceUID"), uid_of_index[0])
     for keyword, (value, wanted) in found.items():
         if value is None or str(value) != str(wanted):
             raise InputError(example, f"study {key}: {keyword} {value} is not {wanted} ({SERIES_CSV} / {SLICES_CSV}): "
                                       "the source changed since the prediction (predict again)")
-    return SourceSeries(str(rec["dicom_study_uid"]), str(rec["series_uid"]), str(rec["sop_class_uid"]),
-                        example, header)
+    series_uid = str(rec["series_uid"]).strip() or str(header.get("SeriesInstanceUID", "")).strip()
+    if not series_uid:
+        raise InputError(example, f"study {key}: the source series has no SeriesInstanceUID ({SERIES_CSV} nor the "
+                                  "header): DICOM results cannot reference its images")
+    return SourceSeries(str(rec["dicom_study_uid"]), series_uid, str(rec["sop_class_uid"]), example, header)
 
 
 def _study_boxes(folder: PredictionFolder, key: str, uid_of_index: dict[int, str]) -> pd.DataFrame:
@@ -232,7 +235,11 @@ def _study_boxes(folder: PredictionFolder, key: str, uid_of_index: dict[int, str
     if unknown:
         raise InputError(folder.path / BOXES_CSV, f"study {key}: slice_index {unknown[:5]} not in {SLICES_CSV}")
     boxes[SOP_UID_COL] = boxes["slice_index"].map(uid_of_index)
-    return boxes.reset_index(drop=True)
+    unnamed = boxes[SOP_UID_COL].str.strip() == ""
+    if unnamed.any():
+        log.warning("study %s: %d box(es) on slices whose file has no SOPInstanceUID (%s) are left out of the SR: "
+                    "an image region must reference its image", key, int(unnamed.sum()), SLICES_CSV)
+    return boxes[~unnamed].reset_index(drop=True)
 
 
 def _overlays(pred_dir: Path, key: str, slices: pd.DataFrame) -> tuple[Overlay, ...]:
@@ -249,5 +256,5 @@ def _overlays(pred_dir: Path, key: str, slices: pd.DataFrame) -> tuple[Overlay, 
             if not cv2.haveImageReader(str(path)):
                 raise InputError(path, f"study {key}: not a PNG image OpenCV can read (overlay of the secondary capture)")
             number = int(match["slice_number"])
-            found.append(Overlay(int(match["rank"]), number, path, uid_of_number.get(number)))
+            found.append(Overlay(int(match["rank"]), number, path, uid_of_number.get(number) or None))
     return tuple(sorted(found, key=lambda o: (o.rank, o.slice_number)))

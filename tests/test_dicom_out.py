@@ -578,6 +578,65 @@ def test_source_headers_as_found_in_the_wild(tmp_path, caplog):
     assert not (tmp_path / "out2").exists() or not any((tmp_path / "out2").iterdir())   # no temp folder left
 
 
+# ---------------------------------------------------------------- a real detect folder on a PACS export (no model)
+class _FakePredictor:
+    """Two boxes per image at fixed places and scores: the wiring from the export to the SR is under test."""
+
+    backend = "fake"
+
+    def predict(self, images):
+        return [np.array([[4.0, 6.0, 14.5, 20.0, 0.8, 0], [20.0, 22.0, 30.0, 31.0, 0.4, 0]], dtype=np.float32)
+                for _ in images]
+
+
+@pytest.mark.parametrize("variant", ["tree", "zip"])
+def test_a_detect_folder_of_a_pacs_export_round_trips(variant, tmp_path, monkeypatch):
+    """detect on a synthetic PACS export (six image series and a dose SR per study, files without extensions)
+    writes series.csv, slices.csv and overlays; with a hand-made predictions.csv, every box of the SR references
+    a file of the chosen (bone) series at the box's slice_index, and dciodvfy finds no error."""
+    from data_prep.config import load_config
+    from data_prep.synth_export import write_export
+    from detector.detect import detect_studies
+
+    monkeypatch.setenv("SPINEFRAC_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr("detector.backends.load_predictor", lambda weights, **kw: _FakePredictor())
+    source = tmp_path / ("export.zip" if variant == "zip" else "export")
+    exported = write_export(source, n_studies=2, seed=4, variant=variant, size=48, slices=12)
+    config = load_config("detector", None, ["roi.enabled=false", "render.imgsz=32", "detect.batch=4",
+                                            "overlays.display_size=48", "overlays.top_n=2",
+                                            "overlays.min_gap_mm=0"])
+    pred = tmp_path / "pred"
+    result = detect_studies([source], weights=tmp_path / "w.pt", out=pred, config=config, workers=1, progress=False)
+    assert sorted(result.finished) == sorted(e.study_uid for e in exported)
+    pd.DataFrame([{registry.STUDY_COL: e.study_uid, **dict.fromkeys(registry.TARGETS, 0.25), "failed": 0}
+                  for e in exported]).to_csv(pred / "predictions.csv", index=False)
+    results = write_dicom_results(pred, tmp_path / "dicom", progress=False)
+    series = _text(pred / "series.csv")
+    boxes = _text(pred / "boxes.csv")
+    for e in exported:
+        chosen = series[(series[registry.STUDY_COL] == e.study_uid) & (series["chosen"] == "1")]
+        bone_dir = Path(chosen["example_file"].iloc[0]).parent
+        headers = [dcmread(p, stop_before_pixels=True) for p in bone_dir.iterdir()]
+        headers = [h for h in headers if h.SeriesInstanceUID == e.chosen]
+        by_z = sorted(headers, key=lambda h: -float(h.ImagePositionPatient[2]))      # canonical: head first
+        index_of = {h.SOPInstanceUID: i for i, h in enumerate(by_z)}
+        files = results[e.study_uid]
+        assert [p.name for p in files] == ["SR.dcm", "SC_01.dcm", "SC_02.dcm"]
+        sr = _read_sr(files[0])
+        assert sr.StudyInstanceUID == e.study_uid and sr.PatientID == e.patient_id
+        rois = sr.content.get_planar_roi_measurement_groups()
+        assert len(rois) == len(boxes[boxes[registry.STUDY_COL] == e.study_uid]) > 0
+        for roi in rois:
+            ref = roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+            assert index_of[ref] == int(roi.tracking_identifier.rsplit(" ", 1)[1])   # a bone-series file, its slice
+        for path in files[1:]:
+            assert dcmread(path).SourceImageSequence[0].ReferencedSOPInstanceUID in index_of
+        if DCIODVFY.is_file():
+            for path in files:
+                run = subprocess.run([str(DCIODVFY), str(path)], capture_output=True, text=True, timeout=60)
+                assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
 # ---------------------------------------------------------------- a real prediction folder (slow: the tiny pipeline)
 @pytest.mark.slow
 def test_a_predict_folder_round_trips_as_dicom(trained, tmp_path):

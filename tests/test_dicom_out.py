@@ -662,6 +662,13 @@ def test_a_predict_folder_round_trips_as_dicom(trained, tmp_path):
         study_boxes = boxes[(boxes[registry.STUDY_COL] == key) & (boxes["score"].astype(float) >= MIN_BOX_SCORE)]
         rois = sr.content.get_planar_roi_measurement_groups()
         assert len(rois) == min(len(study_boxes), 100)
+        print(f"{key}: {len(rois)} boxes in the SR, {len(files) - 1} SC")   # the 1-epoch detector finds few
+        (observer,) = sr.content.get_observer_contexts()
+        assert observer.observer_identifying_attributes.model_name == "model"    # predictions.csv's model folder
+        point = trained / "model" / "aggregator" / "operating_point.json"
+        threshold = json.loads(point.read_text())["threshold"] if point.is_file() else None
+        flags = groups["patient_overall"].get_qualitative_evaluations(name=sf_codes.FLAG)
+        assert len(flags) == (threshold is not None)
         for roi in rois:
             ref = roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
             index = int(roi.tracking_identifier.rsplit(" ", 1)[1])

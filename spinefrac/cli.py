@@ -192,9 +192,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from spinefrac.pipeline import predict_all
 
+    if args.dicom_out is not None:
+        from spinefrac.dicom_out.writer import require_dicom_extra
+
+        require_dicom_extra()      # a missing extra is named before any study is read
     predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
                 workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device,
                 shard=args.shard, ray=args.ray, ray_actors=args.ray_actors)
+    if args.dicom_out is not None:
+        _write_dicom(args.out, args.dicom_out, studies=None, model=args.model, progress=not args.no_progress)
     return 0
 
 
@@ -214,14 +220,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_dicom_out(args: argparse.Namespace) -> int:
+    _write_dicom(args.pred_dir, args.out, studies=args.study, model=args.model, progress=not args.no_progress)
+    return 0
+
+
+def _write_dicom(pred_dir: Path, out: Path, *, studies: list[str] | None, model: Path | None, progress: bool) -> None:
+    """Write a prediction folder's results as DICOM (spinefrac/dicom_out) and print what was written."""
     from spinefrac.dicom_out import write_dicom_results
 
-    results = write_dicom_results(args.pred_dir, args.out, studies=args.study, model_dir=args.model,
-                                  progress=not args.no_progress)
+    results = write_dicom_results(pred_dir, out, studies=studies, model_dir=model, progress=progress)
     written = {key: files for key, files in results.items() if files}
-    print(f"{sum(map(len, written.values()))} DICOM files for {len(written)} studies in {args.out} "
+    print(f"{sum(map(len, written.values()))} DICOM files for {len(written)} studies in {out} "
           f"({len(results) - len(written)} failed, without files)")
-    return 0
 
 
 def _shard_arg(text: str) -> tuple[int, int]:
@@ -418,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("studies", type=Path, nargs="+", help=STUDIES_HELP)
     p.add_argument("--model", type=Path, required=True, help="model folder written by `spinefrac train`")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                   help="also write each study's results as DICOM into DIR/<study>/: a Comprehensive 3D SR (TID 1500) "
+                        "and a Secondary Capture series of the overlays (needs spinefrac[dicom]; as `spinefrac "
+                        "dicom-out OUT --out DIR`)")
     p.add_argument("--test-csv", type=Path, default=None, help="Kaggle test.csv: submission rows to produce")
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: ground truth on overlays")
     p.add_argument("--workers", type=int, default=2)

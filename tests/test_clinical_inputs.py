@@ -164,11 +164,21 @@ def test_predict_on_a_zipped_export_with_the_trained_model(trained_pipeline, exp
 
     source, exported = exports["zip"]
     out = tmp_path / "pred"
+    dicom = tmp_path / "dicom"
     assert main(["predict", str(source), "--model", str(trained_pipeline / "model"), "--out", str(out),
-                 "--no-progress", "-q"]) == 0
+                 "--dicom-out", str(dicom), "--no-progress", "-q"]) == 0
     pred = pd.read_csv(out / "predictions.csv", dtype={STUDY_COL: str})
     assert sorted(pred[STUDY_COL]) == sorted(e.study_uid for e in exported) and (pred["failed"] == 0).all()
     series = pd.read_csv(out / "series.csv", dtype=str)
     assert sorted(series.loc[series["chosen"] == "1", "series_uid"]) == sorted(e.chosen for e in exported)
     worklist = pd.read_csv(out / "worklist.csv", dtype={STUDY_COL: str})
     assert sorted(worklist[STUDY_COL]) == sorted(e.study_uid for e in exported)
+    from spinefrac.dicom_out import study_folder
+
+    slices = pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str, "sop_instance_uid": str})
+    for e in exported:      # predict --dicom-out: an SR per study, in the source study, citing its read series
+        sr = pydicom.dcmread(study_folder(dicom, e.study_uid) / "SR.dcm")
+        assert sr.StudyInstanceUID == e.study_uid and sr.Modality == "SR"
+        cited = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
+                 for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+        assert cited and cited <= set(slices.loc[slices[STUDY_COL] == e.study_uid, "sop_instance_uid"])

@@ -10,10 +10,10 @@ export YOLO_OFFLINE := 1
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev,fast,ray]'
+	$(PY) -m pip install --quiet -e '.[dev,fast,ray,dicom]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install spinefrac with its dev, fast-inference and ray extras
+install: $(STAMP)  ## create .venv and install spinefrac with its dev, fast-inference, ray and dicom extras
 
 demo: $(STAMP)  ## synthesise, train, predict and evaluate end to end on the CPU
 	$(VENV)/bin/spinefrac demo --out demo_out

@@ -1,4 +1,7 @@
-"""Reading one CT study folder into a canonical axial volume in HU (index 0 = most superior).
+"""Reading one CT study into a canonical axial volume in HU (index 0 = most superior).
+
+A study is a folder (the Kaggle layout: its files, the largest series) or a study the finder chose a series of
+(data_prep.study_finder.FoundStudy: its `key` names the study, its `paths` are the chosen series' files).
 
 `scan_study` reads headers only and fixes the canonical order from ImagePositionPatient projected on
 the slice normal; `read_volume` and `iter_chunks` decode the pixels (optionally in parallel) and apply
@@ -18,6 +21,7 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import pydicom
@@ -146,6 +150,14 @@ class UnknownInstanceError(InputError, KeyError):
         return Exception.__str__(self)
 
 
+class SkippedSeries(NamedTuple):
+    """A series of a study that was not read, and why."""
+
+    series_uid: str
+    description: str
+    reason: str
+
+
 # --- geometry --------------------------------------------------------------------------------------
 @dataclass(frozen=True, eq=False)
 class StudyGeometry:
@@ -166,6 +178,16 @@ class StudyGeometry:
     warnings: tuple[str, ...] = ()
     series_uid: str | None = None
     excluded: tuple[tuple[Path, str], ...] = ()
+    sop_uids: tuple[str, ...] = ()
+    """SOPInstanceUID of each slice in canonical order ("" where a file has none)."""
+    sop_class_uid: str | None = None
+    dicom_study_uid: str | None = None
+    """StudyInstanceUID from the headers (`study_uid` is the study's key: the folder name or the finder's key)."""
+    series_description: str = ""
+    series_number: int | None = None
+    modality: str | None = None
+    skipped_series: tuple[SkippedSeries, ...] = ()
+    """Series of the folder left out (another series than its main one)."""
     _index: dict[int, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -246,11 +268,21 @@ class SliceHeader:
     ts: str
     modality: str | None
     series: str | None = None
+    sop_uid: str | None = None
+    sop_class: str | None = None
+    study: str | None = None
+    description: str = ""
+    series_number: int | None = None
 
 
 # --- public API ------------------------------------------------------------------------------------
-def scan_study(study_dir: str | os.PathLike, *, max_bytes: int | None = None) -> StudyGeometry:
-    """Read the headers of one study folder and return its canonical geometry; raise on the first error."""
+def as_study(study: Any) -> Any:
+    """A study as the readers take it: a FoundStudy (anything with `key` and `paths`) as is, else its folder Path."""
+    return study if hasattr(study, "paths") and hasattr(study, "key") else Path(study)
+
+
+def scan_study(study_dir: Any, *, max_bytes: int | None = None) -> StudyGeometry:
+    """Read the headers of one study (folder or FoundStudy) and return its canonical geometry; raise on the first error."""
     result = check_study(study_dir, max_bytes=max_bytes)
     if result.errors:
         first = result.errors[0]
@@ -261,20 +293,28 @@ def scan_study(study_dir: str | os.PathLike, *, max_bytes: int | None = None) ->
     return result.geometry
 
 
-def check_study(study_dir: str | os.PathLike, *, max_bytes: int | None = None) -> ScanResult:
-    """Read the headers of one study folder and collect every problem instead of stopping at the first.
+def check_study(study_dir: Any, *, max_bytes: int | None = None) -> ScanResult:
+    """Read the headers of one study (folder or FoundStudy) and collect every problem instead of stopping at the first.
 
     Files of another series than the folder's main one (the series with the most files) and files
     without ImagePositionPatient are left out, named in a warning and in `StudyGeometry.excluded`.
+    A FoundStudy's files are its chosen series' (the finder has left the other series out already).
     """
-    study_dir = Path(study_dir)
+    study = as_study(study_dir)
     errors: list[InputError] = []
     notes: list[str] = []
-    if not study_dir.is_dir():
-        return ScanResult(study_dir, None, [EmptyStudyError(study_dir, "is not a folder")], notes)
+    if isinstance(study, Path):
+        study_dir, key = study, study.name
+        if not study_dir.is_dir():
+            return ScanResult(study_dir, None, [EmptyStudyError(study_dir, "is not a folder")], notes)
+        files = sorted((p for p in study_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
+                       key=_natural_key)
+    else:
+        study_dir, key, files = Path(study.folder), str(study.key), list(study.paths)
+        if getattr(study, "problem", None):
+            return ScanResult(study_dir, None, [EmptyStudyError(study_dir, f"study {key}: {study.problem}")], notes)
     headers: list[SliceHeader] = []
-    for path in sorted((p for p in study_dir.iterdir() if p.is_file() and not p.name.startswith(".")),
-                       key=_natural_key):
+    for path in files:
         try:
             headers.append(read_header(path, max_bytes=max_bytes))
         except (NotDicomError, NoPixelDataError) as exc:
@@ -291,8 +331,8 @@ def check_study(study_dir: str | os.PathLike, *, max_bytes: int | None = None) -
             break
     geometry = None
     try:
-        headers, excluded = _main_series(study_dir, headers, notes)
-        geometry = _build_geometry(study_dir, headers, notes, excluded)
+        headers, excluded, skipped = _main_series(study_dir, headers, notes)
+        geometry = _build_geometry(study_dir, headers, notes, excluded, key=key, skipped=skipped)
     except InputError as exc:  # DicomReadError and GeometryError alike: reported, never a crash
         errors.append(exc)
     return ScanResult(study_dir, geometry, errors, notes)
@@ -334,6 +374,11 @@ def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> Sli
         ts=ts,
         modality=str(ds.Modality) if "Modality" in ds else None,
         series=_text_or_none(ds.get("SeriesInstanceUID")),
+        sop_uid=_text_or_none(ds.get("SOPInstanceUID")),
+        sop_class=_text_or_none(ds.get("SOPClassUID")),
+        study=_text_or_none(ds.get("StudyInstanceUID")),
+        description=str(ds.get("SeriesDescription", "") or ""),
+        series_number=_int_or_none(ds.get("SeriesNumber")),
     )
 
 
@@ -434,9 +479,9 @@ def _decode_jpeg_lossless(ds: pydicom.Dataset) -> np.ndarray | None:
     return (raw.view(np.int16) << shift) >> shift      # two's complement of BitsStored bits, sign-extended
 
 
-def scan_study_async(study_dir: str | os.PathLike) -> Future:
+def scan_study_async(study_dir: Any) -> Future:
     """scan_study in a worker process (a Future of its StudyGeometry): header parsing off this process's GIL."""
-    return _pool(SCAN_PROCESSES, "process").submit(scan_study, Path(study_dir))
+    return _pool(SCAN_PROCESSES, "process").submit(scan_study, as_study(study_dir))
 
 
 def read_volume(geometry: StudyGeometry, *, workers: int = 1, executor: str = DEFAULT_EXECUTOR) -> np.ndarray:
@@ -661,7 +706,7 @@ def _check_header_complete(ds: pydicom.Dataset, path: Path, size: int) -> None:
 
 
 def _main_series(study_dir: Path, headers: list[SliceHeader], notes: list[str]
-                 ) -> tuple[list[SliceHeader], list[tuple[Path, str]]]:
+                 ) -> tuple[list[SliceHeader], list[tuple[Path, str]], list[SkippedSeries]]:
     """Keep the series the folder is about (the most files); name and leave out the others' files.
 
     Files without SeriesInstanceUID count as one series of their own. Two series tied for the most
@@ -671,7 +716,7 @@ def _main_series(study_dir: Path, headers: list[SliceHeader], notes: list[str]
     for h in headers:
         groups.setdefault(h.series, []).append(h)
     if len(groups) == 1:
-        return headers, []
+        return headers, [], []
     ranked = sorted(groups.items(), key=lambda kv: -len(kv[1]))
     (main, kept), (second, rival) = ranked[0], ranked[1]
     if len(rival) == len(kept):
@@ -682,12 +727,15 @@ def _main_series(study_dir: Path, headers: list[SliceHeader], notes: list[str]
     _warn(notes, f"{study_dir}: {len(foreign)} file(s) belong to {reason} and are left out: "
                  f"{_names(foreign, LISTED_FILES)} (series {', '.join(str(s) for s, _ in ranked[1:])})")
     excluded = [(h.path, f"SeriesInstanceUID {h.series} is {reason}") for h in foreign]
-    return kept, excluded
+    skipped = [SkippedSeries(series or "", group[0].description, f"{len(group)} file(s); fewer than the study's "
+                             f"main series ({len(kept)} files) in the same folder") for series, group in ranked[1:]]
+    return kept, excluded, skipped
 
 
 def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str],
-                    excluded: list[tuple[Path, str]] | None = None) -> StudyGeometry:
-    """Check that the slices fit together and sort them into canonical order."""
+                    excluded: list[tuple[Path, str]] | None = None, *, key: str | None = None,
+                    skipped: Sequence[SkippedSeries] = ()) -> StudyGeometry:
+    """Check that the slices fit together and sort them into canonical order (`key`: the study's key, else the folder name)."""
     excluded = list(excluded or [])
     unplaced = [h for h in headers if h.position is None]
     if unplaced and len(unplaced) < len(headers):
@@ -790,12 +838,15 @@ def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str
         _warn(notes, f"{study_dir}: SliceThickness varies ({min(thicknesses)}..{max(thicknesses)} mm)")
     reversed_ = bool(len(numbers) > 1 and numbers[-1] < numbers[0])
     return StudyGeometry(
-        study_uid=study_dir.name, study_dir=study_dir, paths=tuple(h.path for h in headers),
+        study_uid=key if key is not None else study_dir.name, study_dir=study_dir, paths=tuple(h.path for h in headers),
         instance_numbers=numbers.astype(np.int64), z_mm=z.astype(np.float64), positions=positions,
         orientation=np.asarray(orientation, dtype=np.float64), pixel_spacing=(float(spacing[0]), float(spacing[1])),
         shape=headers[0].shape, slice_thickness=float(thickness),
         transfer_syntaxes=tuple(sorted({h.ts for h in headers})), instance_order_reversed=reversed_,
-        warnings=tuple(notes), series_uid=headers[0].series, excluded=tuple(excluded))
+        warnings=tuple(notes), series_uid=headers[0].series, excluded=tuple(excluded),
+        sop_uids=tuple(h.sop_uid or "" for h in headers), sop_class_uid=headers[0].sop_class,
+        dicom_study_uid=headers[0].study, series_description=headers[0].description,
+        series_number=headers[0].series_number, modality=headers[0].modality, skipped_series=tuple(skipped))
 
 
 def _normal(orientation: np.ndarray) -> np.ndarray:

@@ -1,4 +1,9 @@
-"""`spinefrac inspect`: summarise one study folder or a folder of study folders and list every problem."""
+"""`spinefrac inspect`: summarise one study, a folder of studies or a PACS export, and list every problem.
+
+Study folders of the Kaggle layout are read as detect reads them; anything else (a tree of any depth, files of
+any name, a DICOMDIR, a .zip) through the study finder, whose choice of series, and every series it left out
+with the reason, is listed under "series".
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ from tqdm import tqdm
 from data_prep import registry
 from data_prep.dicom_io import check_study, decode_slices
 from data_prep.errors import InputError
+from data_prep.study_finder import FoundStudy
+from data_prep.study_inputs import DICOM_GLOB, Study, find_inputs
 
 log = logging.getLogger("data_prep")
 
@@ -35,6 +42,9 @@ class StudySummary:
     """What `inspect` found in one study folder."""
 
     study_dir: Path
+    name: str = ""
+    series: list[str] = field(default_factory=list)
+    """The series read and each one left out, with the reason (one line each)."""
     n_slices: int = 0
     pixel_spacing: tuple[float, float] | None = None
     slice_thickness: float | None = None
@@ -55,7 +65,7 @@ class StudySummary:
             f"{len(self.errors)} error(s)" if self.errors else "",
             f"{len(self.warnings)} warning(s)" if self.warnings else "") if part) or "none"
         return [
-            self.study_dir.name,
+            self.name or self.study_dir.name,
             str(self.n_slices) + (f" x {self.shape[0]}x{self.shape[1]}" if self.shape else ""),
             f"{self.pixel_spacing[0]:g} x {self.pixel_spacing[1]:g}" if self.pixel_spacing else dash,
             f"{self.slice_thickness:g}" if self.slice_thickness is not None else dash,
@@ -98,9 +108,14 @@ class InspectReport:
         lines.append("")
         if problems:
             lines.append("problems:")
-            lines.extend(f"  {kind:<7} {s.study_dir.name}: {_relative(m, s.study_dir)}" for s, kind, m in problems)
+            lines.extend(f"  {kind:<7} {s.name or s.study_dir.name}: {_relative(m, s.study_dir)}"
+                         for s, kind, m in problems)
         else:
             lines.append("no problems found")
+        chosen = [s for s in self.studies if len(s.series) > 1 or (s.series and s.name != s.study_dir.name)]
+        if chosen:
+            lines += ["", "series (the one read, then each left out and why):"]
+            lines += [f"  {s.name}: {line}" for s in chosen for line in s.series]
         n_err = sum(1 for s in self.studies if s.errors)
         n_warn = sum(1 for s in self.studies if s.warnings and not s.errors)
         lines.append(f"summary: {len(self.studies)} studies, {n_err} with errors, {n_warn} with warnings only")
@@ -112,29 +127,35 @@ def inspect_path(path: str | os.PathLike, *, workers: int = 2, progress: bool = 
     path = Path(path)
     if not path.exists():
         raise InputError(path, "does not exist")
-    if not path.is_dir():
-        raise InputError(path, "is not a folder (give a study folder or a folder of study folders)")
     studies = _study_dirs(path)
     summaries = [_inspect_guarded(d, workers=workers)
                  for d in tqdm(studies, desc="inspect", unit="study", disable=not progress or len(studies) < 2)]
     return InspectReport(path=path, studies=summaries)
 
 
-def _inspect_guarded(study_dir: Path, *, workers: int) -> StudySummary:
+def _inspect_guarded(study_dir: Study, *, workers: int) -> StudySummary:
     """Inspect one study; whatever goes wrong in it becomes an error of that study, never the end of the report."""
     try:
         return inspect_study(study_dir, workers=workers)
     except Exception as exc:  # noqa: BLE001 - one study's failure is reported, the others still are
         log.debug("inspect %s failed", study_dir, exc_info=True)
         message = str(exc) if isinstance(exc, InputError) else f"{type(exc).__name__}: {exc}"
-        return StudySummary(study_dir=study_dir, errors=[f"cannot be inspected: {message}"])
+        return StudySummary(study_dir=_folder(study_dir), name=study_dir.name,
+                            errors=[f"cannot be inspected: {message}"])
 
 
-def inspect_study(study_dir: Path, *, workers: int = 2) -> StudySummary:
+def inspect_study(study_dir: Study, *, workers: int = 2) -> StudySummary:
     """Check one study's headers, then decode every slice to find its HU range and undecodable files."""
     scan = check_study(study_dir)
-    summary = StudySummary(study_dir=study_dir, errors=[str(e) for e in scan.errors], warnings=list(scan.warnings))
+    summary = StudySummary(study_dir=_folder(study_dir), name=study_dir.name, errors=[str(e) for e in scan.errors],
+                           warnings=list(scan.warnings))
     geom = scan.geometry
+    skipped = study_dir.skipped if isinstance(study_dir, FoundStudy) else (geom.skipped_series if geom else ())
+    if geom is not None:
+        summary.series.append(f"read series {geom.series_uid} ({geom.series_description or 'no description'}, "
+                              f"{len(geom)} files)")
+    summary.series += [f"left out {k.series_uid or '(no SeriesInstanceUID)'} ({k.description or 'no description'})"
+                       f": {k.reason}" for k in skipped]
     if geom is None:
         return summary
     summary.n_slices = len(geom)
@@ -155,8 +176,23 @@ def inspect_study(study_dir: Path, *, workers: int = 2) -> StudySummary:
     return summary
 
 
-def _study_dirs(path: Path) -> list[Path]:
-    """Return the study folders under `path`: itself, its sub-folders, or those of a Kaggle root's image folders."""
+def _folder(study: Study) -> Path:
+    """The folder a study's messages are relative to."""
+    return study.folder if isinstance(study, FoundStudy) else Path(study)
+
+
+def _study_dirs(path: Path) -> list[Study]:
+    """The studies under `path`: itself, its sub-folders, those of a Kaggle root's image folders, or found ones."""
+    if not path.is_dir():
+        return find_inputs(path)   # a zip or a DICOMDIR (anything else: an input error naming it)
+    found = _kaggle_dirs(path)
+    if any(any(d.glob(DICOM_GLOB)) for d in found):
+        return found
+    return find_inputs(path)
+
+
+def _kaggle_dirs(path: Path) -> list[Path]:
+    """The study folders of the Kaggle layout under `path` (itself, its sub-folders, or a dataset root's)."""
     entries = [p for p in path.iterdir() if not p.name.startswith(".")]
     subdirs = sorted(p for p in entries if p.is_dir())
     if not subdirs or any(p.is_file() and p.suffix.lower() == ".dcm" for p in entries):

@@ -19,10 +19,9 @@ import queue
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from pathlib import Path
 from typing import Any
 
-from data_prep.dicom_io import Chunk, StudyGeometry, iter_chunks, scan_study, scan_study_async
+from data_prep.dicom_io import Chunk, StudyGeometry, as_study, iter_chunks, scan_study, scan_study_async
 
 POLL_S = 0.1
 """How often a blocked reader checks whether its consumer has gone (s)."""
@@ -33,8 +32,8 @@ _END = object()
 class StudyStream:
     """One study as the reader thread delivers it: its geometry (or scan error) and a queue of its chunks."""
 
-    def __init__(self, study_dir: Path, depth: int) -> None:
-        self.study_dir = Path(study_dir)
+    def __init__(self, study_dir: Any, depth: int) -> None:
+        self.study_dir = as_study(study_dir)
         self._geometry: StudyGeometry | None = None
         self._error: BaseException | None = None
         self._chunks: queue.Queue = queue.Queue(maxsize=max(1, depth))
@@ -81,7 +80,7 @@ class StudyStream:
         return False
 
 
-def read_ahead(study_dirs: Sequence[str | Path], *, chunk_size: int, context: Callable[[StudyGeometry], int],
+def read_ahead(study_dirs: Sequence[Any], *, chunk_size: int, context: Callable[[StudyGeometry], int],
                workers: int, depth: int, scan_ahead: bool = True) -> Iterator[StudyStream]:
     """Yield a StudyStream per study, in order, filled by one background reader `depth` chunks ahead.
 
@@ -108,7 +107,7 @@ def read_ahead(study_dirs: Sequence[str | Path], *, chunk_size: int, context: Ca
 
     def work() -> None:
         for i, study_dir in enumerate(study_dirs):
-            stream = StudyStream(Path(study_dir), depth)
+            stream = StudyStream(study_dir, depth)
             scan(i)
             scan(i + 1)       # the next study's headers are parsed while this one decodes
             try:

@@ -4,7 +4,7 @@
 (or a folder with one at its top), or a .zip. It reads headers only, groups the files by
 StudyInstanceUID / SeriesInstanceUID, and chooses one series per study by the rules of `RULES`; every
 other series is returned with the reason it was skipped (docs/contracts.md, "Study finder").
-Groundwork for issue 16: not yet wired into detect/predict/inspect.
+`detector.detect.find_studies` uses it for every input that is not in the Kaggle layout.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -28,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, MediaStorageDirectoryStorage
 from tqdm import tqdm
 
-from data_prep.dicom_io import GAP_FACTOR, POSITION_TOLERANCE_MM, SPACING_TOLERANCE_MM
+from data_prep.dicom_io import GAP_FACTOR, POSITION_TOLERANCE_MM, SPACING_TOLERANCE_MM, SkippedSeries
 from data_prep.errors import InputError
 
 log = logging.getLogger("data_prep")
@@ -88,14 +87,6 @@ _BONE = re.compile("|".join(f"(?:{p})" for p in BONE_KERNEL_PATTERNS), re.IGNORE
 _SOFT = re.compile("|".join(f"(?:{p})" for p in SOFT_KERNEL_PATTERNS), re.IGNORECASE)
 
 
-class SkippedSeries(NamedTuple):
-    """A series of a study that was not chosen, and why."""
-
-    series_uid: str
-    description: str
-    reason: str
-
-
 @dataclass(frozen=True)
 class FoundStudy:
     """One study found in the input and the series chosen to read (None with a `problem` when none fits)."""
@@ -108,10 +99,29 @@ class FoundStudy:
     description: str = ""
     problem: str | None = None
 
+    root: Path | None = None
+    """Where the study was found (the input folder, DICOMDIR or zip), for messages and records."""
+
     @property
     def usable(self) -> bool:
         """True when a series was chosen."""
         return self.series_uid is not None
+
+    @property
+    def name(self) -> str:
+        """The study's key, as `Path.name` is for a study folder of the Kaggle layout (outputs are named by it)."""
+        return self.key
+
+    @property
+    def folder(self) -> Path:
+        """The deepest folder holding every chosen file (the input root when no series was chosen)."""
+        if self.paths:
+            return Path(os.path.commonpath([str(p.parent) for p in self.paths]))
+        return self.root if self.root is not None else Path(".")
+
+    def __str__(self) -> str:
+        where = f"{self.root} " if self.root is not None else ""
+        return f"{where}study {self.study_uid} series {self.series_uid or '(none)'} ({self.folder})"
 
 
 @dataclass(frozen=True)
@@ -167,7 +177,7 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
     path = Path(path)
     if not path.exists():
         raise InputError(path, "does not exist (expected a folder of DICOM files, a DICOMDIR or a .zip)")
-    if path.is_file() and path.suffix.lower() == ZIP_SUFFIX:
+    if is_zip(path):
         root = extract_zip(path, extract_to)
     elif path.is_file() and path.name.upper() != DICOMDIR_NAME:
         raise InputError(path, "is a file, but neither a DICOMDIR nor a .zip (give the folder that holds it)")
@@ -184,7 +194,7 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
     unreadable += bad
     # files at the top of a zip form a Kaggle-like folder named after the zip, not after the cache folder
     names = {root: path.stem} if root != path else {}
-    studies = _group(headers, names)
+    studies = [replace(s, root=path) for s in _group(headers, names)]
     if non_dicom:
         log.info("%s: %d file(s) are not DICOM and were skipped (e.g. %s)", path, len(non_dicom),
                  ", ".join(str(p) for p in non_dicom[:LISTED]))
@@ -195,6 +205,11 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
         log.warning("%s: no DICOM study found (%d non-DICOM, %d unreadable file(s))", path, len(non_dicom),
                     len(unreadable))
     return StudySearch(root=root, studies=studies, non_dicom=non_dicom, unreadable=unreadable, dicomdir=dicomdir)
+
+
+def is_zip(path: Path) -> bool:
+    """True for a zip file, by its name (.zip) or its content (a zip without the extension)."""
+    return path.is_file() and (path.suffix.lower() == ZIP_SUFFIX or zipfile.is_zipfile(path))
 
 
 def kernel_class(kernel: str) -> str:

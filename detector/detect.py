@@ -31,6 +31,7 @@ from data_prep.errors import InputError
 from data_prep.locks import locks_output
 from data_prep.registry import LEVELS, STUDY_COL
 from data_prep.resume import StudyMarkers, plain, section, weights_id
+from data_prep.study_inputs import SERIES_COLUMNS, Study, find_inputs, series_table
 from data_prep.tables import read_table
 from detector.roi import ROI_COLUMNS
 
@@ -49,8 +50,8 @@ LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
 LEVEL_BOXES_CSV = "level_boxes.csv"
 VERTEBRAE_SUFFIX = ".vertebrae.csv"
 VERTEBRAE_CSV = "vertebrae.csv"
-DICOM_GLOB = "*.dcm"
-EMPTY_LISTED = 10          # empty study folders named in the warning (errors.csv lists them all)
+SERIES_SUFFIX = ".series.csv"
+SERIES_CSV = "series.csv"
 DEFAULT_LOCATE_EVERY_K = 4
 """Locator stride when configs/locator.yaml has no `locate.every_k`."""
 DEFAULT_LOCATE_IOU = 0.5
@@ -62,7 +63,7 @@ DEFAULT_LOCATE_BATCH = 16
 BOX_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
                                 "score")
 SLICE_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes",
-                                  *ROI_COLUMNS)
+                                  *ROI_COLUMNS, "sop_instance_uid")
 ERROR_COLUMNS: tuple[str, ...] = (STUDY_COL, "path", "stage", "error")
 LEVEL_BOX_COLUMNS: tuple[str, ...] = ("level", *(f"w_{lv}" for lv in LEVELS))
 LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
@@ -145,41 +146,15 @@ class DetectResult:
 
 
 # ---------------------------------------------------------------- public API
-def find_studies(paths: Sequence[str | os.PathLike] | str | os.PathLike) -> list[Path]:
-    """Expand folders into study folders: a folder holding .dcm files is a study, else each sub-folder is one.
+def find_studies(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, *,
+                 extract_to: str | os.PathLike | None = None, progress: bool = False) -> list[Study]:
+    """Expand inputs into studies: Kaggle study folders (Paths) or found studies (data_prep.study_inputs).
 
-    A folder without .dcm files and without sub-folders is an empty study: it is kept, fails in detect,
-    is listed by name in errors.csv and gets the prior, like any other failed study.
+    A folder holding .dcm files is a study, else each sub-folder holding them is one; a folder without files
+    and without sub-folders is an empty study (it fails in detect, is listed in errors.csv and gets the prior).
+    Anything else (a tree of any depth, files of any name, a DICOMDIR, a .zip) is read by the study finder.
     """
-    if isinstance(paths, (str, os.PathLike)):
-        paths = [paths]
-    studies: list[Path] = []
-    empty: list[Path] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.is_dir():
-            raise InputError(path, "not a folder (expected a study folder or a folder of study folders)")
-        if any(path.glob(DICOM_GLOB)):
-            studies.append(path)
-            continue
-        subs = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
-        if not subs:
-            empty.append(path)
-            studies.append(path)
-            continue
-        found = [p for p in subs if any(p.glob(DICOM_GLOB)) or not any(q.is_dir() for q in p.iterdir())]
-        if not found:
-            raise InputError(path, "holds no .dcm files and no study folders with .dcm files")
-        empty += [p for p in found if not any(p.glob(DICOM_GLOB))]
-        studies += found
-    if empty:
-        log.warning("%d study folder(s) hold no .dcm files and will be reported as failed: %s", len(empty),
-                    ", ".join(str(p) for p in empty[:EMPTY_LISTED]))
-    uids = [s.name for s in studies]
-    if len(set(uids)) != len(uids):
-        dup = sorted({u for u in uids if uids.count(u) > 1})
-        raise InputError(None, f"study folder names must be unique (they are the StudyInstanceUID): {dup[:3]}")
-    return studies
+    return find_inputs(paths, extract_to=extract_to, progress=progress)
 
 
 def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
@@ -199,7 +174,7 @@ def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None
     return Locator(predictor, cfg, lcfg)
 
 
-def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: Mapping[str, Any],
+def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, config: Mapping[str, Any],
                  locator: Locator | None = None, levels_config: Mapping[str, Any] | None = None,
                  workers: int = 2, classifier: Any = None, stream: Any = None) -> StudyDetections:
     """Detect fracture boxes on every slice of one study; return its boxes and slices tables (contract columns).
@@ -214,11 +189,11 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     study as a read-ahead reader delivers it (geometry and chunks, read while the previous study was in the
     models); without it the study is scanned and decoded here.
     """
-    from data_prep.dicom_io import iter_chunks, scan_study
+    from data_prep.dicom_io import as_study, iter_chunks, scan_study
     from detector.render import image_xyxy_to_original, render_crops, render_slices
     from detector.roi import crop_xyxy_to_original, full_rois, roi_enabled
 
-    study_dir = Path(study_dir)
+    study_dir = as_study(study_dir)
     uid = study_dir.name
     render = config["render"]
     det = config["detect"]
@@ -306,9 +281,10 @@ def detect_study(study_dir: str | os.PathLike, predictor: Predictor, *, config: 
     if len(boxes):
         np.maximum.at(max_score, idx, arr[:, 5])
         np.add.at(n_boxes, idx, 1)
+    sops = list(geometry.sop_uids) if len(geometry.sop_uids) == n else [""] * n
     slices = pd.concat([pd.DataFrame({STUDY_COL: uid, "slice_number": numbers.astype(int), "slice_index": np.arange(n),
-                                      "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}), rois.table()],
-                       axis=1)[list(SLICE_COLUMNS)]
+                                      "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}), rois.table(),
+                        pd.DataFrame({"sop_instance_uid": sops})], axis=1)[list(SLICE_COLUMNS)]
     timings["postprocess"] += time.perf_counter() - t
     if locator is not None:
         t = time.perf_counter()
@@ -445,7 +421,7 @@ def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu
             loc_dets += _locate_slices(locator, reader, chunk, geometry)
     if locator is None:
         return None, None, body
-    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=Path(geometry.study_dir).name, n_slices=n,
+    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=geometry.study_uid, n_slices=n,
                                         numbers=np.asarray(geometry.instance_numbers))
     return slice_levels, level_boxes, body
 
@@ -590,9 +566,9 @@ def detect_settings(config: Mapping[str, Any], *, weights: str | os.PathLike,
     return settings
 
 
-def plan_studies(study_dirs: Sequence[Path], markers: StudyMarkers, *, overwrite: bool
-                 ) -> tuple[list[str], list[Path]]:
-    """(finished studies skipped, study folders to run) of a detect run into markers.root.
+def plan_studies(study_dirs: Sequence[Study], markers: StudyMarkers, *, overwrite: bool
+                 ) -> tuple[list[str], list[Study]]:
+    """(finished studies skipped, studies to run) of a detect run into markers.root.
 
     Finished studies made with other settings raise SettingsChangedError here, before any work, unless
     `overwrite` (then every study is redone and failure records made with other settings are dropped).
@@ -640,7 +616,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
 
     t0 = time.perf_counter()
     out = Path(out)
-    study_dirs = find_studies(studies)
+    study_dirs = find_studies(studies, progress=progress)
     runner = StudyRunner(out, weights=weights, config=config, labels=labels, locator=locator,
                          locator_config=locator_config, levels_config=levels_config, workers=workers, device=device,
                          classifier=classifier, classifier_config=classifier_config)
@@ -722,16 +698,18 @@ class StudyRunner:
         for sub in (DONE_DIR, PARTS_DIR, ERRORS_DIR):
             (self.out / sub).mkdir(parents=True, exist_ok=True)
 
-    def run(self, study: str | os.PathLike, stream: Any = None) -> StudyOutcome:
+    def run(self, study: Study | str | os.PathLike, stream: Any = None) -> StudyOutcome:
         """Detect one study: its parts and done marker, or errors/<uid>.json when it fails (never raises for it).
 
         stream: the study from `read_ahead` (data_prep.readahead), when a batch reads studies ahead.
         """
-        return _run_study(Path(study), self.predictor, markers=self.markers, config=self.config,
+        from data_prep.dicom_io import as_study
+
+        return _run_study(as_study(study), self.predictor, markers=self.markers, config=self.config,
                           locator=self.locator, levels_config=self.levels_config, labels=self.labels,
                           workers=self.workers, classifier=self.classifier, stream=stream)
 
-    def read_ahead(self, studies: Sequence[Path]) -> Iterator[Any]:
+    def read_ahead(self, studies: Sequence[Study]) -> Iterator[Any]:
         """The studies' StudyStreams, read `detect.prefetch` chunks ahead across studies (None each when 0)."""
         det = self.config["detect"]
         depth = int(det["prefetch"])
@@ -773,6 +751,10 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
     frames = markers.read_parts(VERTEBRAE_SUFFIX, uids, dtype={STUDY_COL: str})
     if frames:
         tables.append((out / VERTEBRAE_CSV, pd.concat(frames, ignore_index=True), "detect_vertebrae"))
+    frames = markers.read_parts(SERIES_SUFFIX, uids, dtype={STUDY_COL: str, "dicom_study_uid": str, "series_uid": str,
+                                                           "series_number": "Int64", "n_files": "Int64"})
+    if frames:
+        tables.append((out / SERIES_CSV, pd.concat(frames, ignore_index=True)[list(SERIES_COLUMNS)], "detect_series"))
     for path, df, kind in tables:
         write_csv_atomic(path, df)
         write_sidecar(path, kind=kind, config=cfg, counts={"rows": len(df), "studies_finished": len(uids),
@@ -782,7 +764,7 @@ def rebuild_outputs(out: str | os.PathLike, *, config: Mapping[str, Any] | None 
 
 
 # ---------------------------------------------------------------- internals
-def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
+def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
                locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
                workers: int, classifier: Any = None, stream: Any = None) -> StudyOutcome:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
@@ -802,7 +784,7 @@ def _run_study(study: Path, predictor: Predictor, *, markers: StudyMarkers, conf
         stage = "write"
         t_out = time.perf_counter()
         parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes,
-                 VERTEBRAE_SUFFIX: found.vertebrae}
+                 VERTEBRAE_SUFFIX: found.vertebrae, SERIES_SUFFIX: series_table(study, found.geometry)}
         files = []
         for suffix, table in parts.items():
             if table is not None:

@@ -15,6 +15,8 @@ from spinefrac import __version__
 
 log = logging.getLogger("spinefrac")
 NOISY_LOGGERS = ("matplotlib", "PIL")
+CHATTY_LOGGERS = ("highdicom",)
+"""Libraries that log every step at INFO (highdicom: each copied module): WARNING unless -v."""
 
 EXAMPLES = """\
 stages, in order:
@@ -27,6 +29,7 @@ stages, in order:
   spinefrac train data/rsna --out models/m1                   # every stage, one model folder
   spinefrac predict data/rsna/test_images --model models/m1 --out work/pred
   spinefrac report work/pred                                  # worklist.csv + report/index.html (predict writes them too)
+  spinefrac dicom-out work/pred --out work/dicom              # per study an SR (TID 1500) + SC overlays (spinefrac[dicom])
   spinefrac evaluate work/pred/predictions.csv --labels data/rsna/train.csv
   spinefrac demo                                              # all of it on synthetic studies, CPU
   spinefrac serve --config serve.yaml                         # a DICOM node: receive, predict, send SR/SC
@@ -36,6 +39,9 @@ exit status: 0 done; 2 bad input, config or model folder, or an OS error (one li
 """
 
 
+STUDIES_HELP = ("study folders of .dcm files, folders of them (the Kaggle layout), or PACS exports: a folder tree of any "
+                "depth and file names, a DICOMDIR or a .zip (one series per study is chosen by documented rules; "
+                "series.csv records the series read and those left out)")
 DEVICE_HELP = "cpu, 0 (first GPU), 0,1; default: the first GPU if there is one, else cpu (never train.device)"
 
 
@@ -187,9 +193,15 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from spinefrac.pipeline import predict_all
 
+    if args.dicom_out is not None:
+        from spinefrac.dicom_out.writer import require_dicom_extra
+
+        require_dicom_extra()      # a missing extra is named before any study is read
     predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
                 workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device,
                 shard=args.shard, ray=args.ray, ray_actors=args.ray_actors)
+    if args.dicom_out is not None:
+        _write_dicom(args.out, args.dicom_out, studies=None, model=args.model, progress=not args.no_progress)
     return 0
 
 
@@ -206,6 +218,21 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     print(write_report(args.pred_dir, model_dir=args.model))
     return 0
+
+
+def _cmd_dicom_out(args: argparse.Namespace) -> int:
+    _write_dicom(args.pred_dir, args.out, studies=args.study, model=args.model, progress=not args.no_progress)
+    return 0
+
+
+def _write_dicom(pred_dir: Path, out: Path, *, studies: list[str] | None, model: Path | None, progress: bool) -> None:
+    """Write a prediction folder's results as DICOM (spinefrac/dicom_out) and print what was written."""
+    from spinefrac.dicom_out import write_dicom_results
+
+    results = write_dicom_results(pred_dir, out, studies=studies, model_dir=model, progress=progress)
+    written = {key: files for key, files in results.items() if files}
+    print(f"{sum(map(len, written.values()))} DICOM files for {len(written)} studies in {out} "
+          f"({len(results) - len(written)} failed, without files)")
 
 
 def _shard_arg(text: str) -> tuple[int, int]:
@@ -299,9 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="studies built in parallel processes")
     _add_config_args(p, "synth")
 
-    p = _sub(sub, "inspect", "summarise a study folder (or every study under a dataset root) and list problems",
+    p = _sub(sub, "inspect", "summarise a study folder, every study under a dataset root, or a PACS export (the series "
+                              "read and each left out, with why) and list problems",
              "spinefrac inspect data/synth/train_images/1.2.826.0.1.3680043.90001", _cmd_inspect)
-    p.add_argument("path", type=Path, help="a study folder of .dcm files, or a folder of study folders")
+    p.add_argument("path", type=Path, help=STUDIES_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
     p.add_argument("--strict", action="store_true", help="exit 1 when any problem is an error")
 
@@ -361,8 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "detect", "find fracture boxes on every slice of every study in a folder",
              "spinefrac detect data/synth/test_images --weights runs/det/weights/best.pt --out work/detect",
              _cmd_detect)
-    p.add_argument("studies", type=Path, nargs="+",
-                   help="a folder of study folders (test_images/ layout), or study folders")
+    p.add_argument("studies", type=Path, nargs="+", help=STUDIES_HELP)
     p.add_argument("--weights", type=Path, required=True, help=".pt, or an exported ONNX/OpenVINO model")
     p.add_argument("--out", type=Path, required=True, help="output folder (boxes.csv, slices.csv, overlays/)")
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: draw ground truth too")
@@ -407,9 +434,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "predict", "study-level C1-C7 and patient_overall probabilities for DICOM study folders",
              "spinefrac predict data/rsna/test_images --model models/m1 --out work/pred --test-csv data/rsna/test.csv",
              _cmd_predict)
-    p.add_argument("studies", type=Path, nargs="+")
+    p.add_argument("studies", type=Path, nargs="+", help=STUDIES_HELP)
     p.add_argument("--model", type=Path, required=True, help="model folder written by `spinefrac train`")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
+                   help="also write each study's results as DICOM into DIR/<study>/: a Comprehensive 3D SR (TID 1500) "
+                        "and a Secondary Capture series of the overlays (needs spinefrac[dicom]; as `spinefrac "
+                        "dicom-out OUT --out DIR`)")
     p.add_argument("--test-csv", type=Path, default=None, help="Kaggle test.csv: submission rows to produce")
     p.add_argument("--labels", type=Path, default=None, help="train_bounding_boxes.csv: ground truth on overlays")
     p.add_argument("--workers", type=int, default=2)
@@ -439,6 +470,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pred_dir", type=Path, help="a folder written by `spinefrac predict` or `spinefrac merge`")
     p.add_argument("--model", type=Path, default=None,
                    help="model folder whose operating point flags studies (default: the one predictions.csv names)")
+
+    p = _sub(sub, "dicom-out", "write a prediction folder's results as DICOM: per study a Comprehensive 3D SR "
+             "(TID 1500) and a Secondary Capture series of the overlays (needs spinefrac[dicom])",
+             "spinefrac dicom-out work/pred --out work/dicom --model models/m1", _cmd_dicom_out)
+    p.add_argument("pred_dir", type=Path, help="a folder written by `spinefrac predict` (with series.csv)")
+    p.add_argument("--out", type=Path, required=True, help="folder for OUT/<study>/SR.dcm, SC_01.dcm, ...")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model folder (name and operating point; default: the one predictions.csv names)")
+    p.add_argument("--study", action="append", default=None, metavar="KEY",
+                   help="only this study key (repeatable; default: every study of predictions.csv)")
 
     p = _sub(sub, "convert-weights", "convert an Ultralytics .pt you trust into spinefrac's weights-only format",
              "spinefrac convert-weights yolov8n_colleague.pt --out start.pt --trust", _cmd_convert_weights)
@@ -477,6 +518,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
                         datefmt="%H:%M:%S")
     for noisy in NOISY_LOGGERS:  # their DEBUG output (font scans, plugin lists) would drown ours under -v
         logging.getLogger(noisy).setLevel(max(level, logging.INFO))
+    for chatty in CHATTY_LOGGERS:
+        logging.getLogger(chatty).setLevel(level if verbose else max(level, logging.WARNING))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -147,6 +147,7 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
                   actors: int | None = None, labels: Path | None = None, workers: int = 2, progress: bool = True,
                   overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
     """Detect every study on Ray actors into `out` and rebuild its tables; return predict's detect summary."""
+    from data_prep.study_inputs import absolute_study
     from detector.detect import detect_markers, detect_settings, plan_studies, rebuild_outputs
 
     ray = require_ray()
@@ -160,7 +161,7 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
     markers = detect_markers(out, settings)
     skipped, todo = plan_studies(study_dirs, markers, overwrite=overwrite)   # refuses other settings, before Ray
     run = RayRun(skipped=skipped)
-    todo = [Path(s).absolute() for s in todo]
+    todo = [absolute_study(s) for s in todo]
     started_here = _connect(ray, address)
     describe: dict[str, Any] = {"settings_key": markers.key}
     try:

@@ -54,7 +54,7 @@ def shard_of(uid: str, n: int) -> int:
 
 def select_shard(study_dirs: Sequence[Path], i: int, n: int) -> list[Path]:
     """Keep the study folders of shard i of n (in their given order) and log how many."""
-    chosen = [s for s in study_dirs if shard_of(Path(s).name, n) == i]
+    chosen = [s for s in study_dirs if shard_of(s.name, n) == i]
     log.info("shard %d/%d: %d of %d studies", i, n, len(chosen), len(study_dirs))
     return chosen
 

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pydicom
 import pytest
 
 from data_prep.config import load_config
@@ -116,8 +117,13 @@ def test_batch_outputs_complete_consistent_and_failures_isolated(studies, config
     boxes = pd.read_csv(out / "boxes.csv", dtype={STUDY_COL: str})
     errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})
     assert list(slices.columns) == [STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes",
-                                    "roi_x", "roi_y", "roi_width", "roi_height", "roi_source"]
+                                    "roi_x", "roi_y", "roi_width", "roi_height", "roi_source", "sop_instance_uid"]
     assert (slices["roi_source"] == "full").all() and (slices["roi_width"] == COLS).all()   # roi.enabled=false
+    for row in slices[slices[STUDY_COL] == "2.1"].itertuples():     # each slice names its source file's instance
+        ds = pydicom.dcmread(studies / "2.1" / f"{row.slice_number}.dcm", stop_before_pixels=True)
+        assert row.sop_instance_uid == ds.SOPInstanceUID
+    series = pd.read_csv(out / "series.csv", dtype=str)
+    assert sorted(series[STUDY_COL]) == ["2.1", "2.2", "2.3"] and (series["chosen"] == "1").all()
     assert list(boxes.columns) == [STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
                                    "score"]
     for uid in ("2.1", "2.2", "2.3"):

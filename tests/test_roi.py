@@ -465,7 +465,7 @@ def test_slices_csv_carries_the_roi_columns_and_overlays_still_work(tmp_path, ro
     result = detect_studies(root, weights=tmp_path / "w.pt", out=out, config=roi_config, workers=1, progress=False)
     assert sorted(result.finished) == ["6.1", "6.2"] and not result.failed
     slices = pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str})
-    assert list(slices.columns[-5:]) == list(ROI_COLUMNS)
+    assert list(slices.columns[-6:-1]) == list(ROI_COLUMNS) and slices.columns[-1] == "sop_instance_uid"
     for col in ROI_COLUMNS[:4]:
         assert pd.api.types.is_integer_dtype(slices[col]), col           # whole pixels
     assert set(slices["roi_source"]) <= set(ROI_SOURCES)

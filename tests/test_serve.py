@@ -24,6 +24,7 @@ import pytest
 from data_prep.config import ConfigError, load_config
 from data_prep.errors import InputError
 from spinefrac.cli import main
+from spinefrac.dicom_out.identity import MANUFACTURER as RESULTS_MANUFACTURER
 from spinefrac.serve import ServeNode
 from spinefrac.serve.scp import (
     STATUS_CANNOT_DECODE,
@@ -239,6 +240,9 @@ def test_store_handler_refuses_bad_objects_with_a_failure_status(tmp_path, caplo
     good = encoded(StudyInstanceUID=study, SOPInstanceUID=generate_uid())
     assert store_instance(spool, good[: len(good) - 7]) == STATUS_CANNOT_DECODE      # cut inside an element
     assert store_instance(spool, b"\x00garbage" * 50) == STATUS_CANNOT_DECODE
+    # the node's own results routed back by a PACS: acknowledged, never spooled (no predict-send loop)
+    own = encoded(StudyInstanceUID=study, SOPInstanceUID=generate_uid(), Manufacturer=RESULTS_MANUFACTURER)
+    assert store_instance(spool, own) == STATUS_SUCCESS
     assert len(spool.instances(INCOMING, study)) == 1
     assert "has no StudyInstanceUID" in caplog.text and "does not decode" in caplog.text
 

@@ -59,7 +59,7 @@ class StudyPredictor:
         from spinefrac.pipeline import aggregate_detections
 
         t0 = time.perf_counter()
-        outcome = self.runner.run(study_dir)
+        outcome = self.runner.run(choose_series(study_dir))
         rebuild_outputs(self.out, config=self.runner.config, extra=self.runner.describe())
         with contextlib.suppress(AllStudiesFailedError):   # every study so far failed: the tables hold the prior
             aggregate_detections(self.out, model=self.model, aggregator=self.aggregator, uids=self.studies(),
@@ -78,8 +78,20 @@ class StudyPredictor:
 
     def write_results(self, uid: str) -> list[Path]:
         """Write the study's SR and SC into OUT/dicom/; return the files."""
-        files = self.write_dicom(self.out, self.out / DICOM_DIR, studies=[uid], model_dir=self.model.root)
+        files = self.write_dicom(self.out, self.out / DICOM_DIR, studies=[uid], model_dir=self.model.root,
+                                 progress=False)
         return [Path(p) for p in (files or {}).get(uid, [])]
+
+
+def choose_series(study_dir: Path) -> Any:
+    """The spool folder of one study as detect reads it: the series chosen by the study finder's rules (CT, axial,
+    original, bone kernel, thinnest complete stack), the others logged; the folder itself when it holds no study."""
+    from data_prep.study_finder import search_dicom
+
+    found = [s for s in search_dicom(study_dir).studies if s.key == study_dir.name]
+    if len(found) != 1:
+        return study_dir                # no DICOM study in it: detect records the failure naming the folder
+    return found[0]
 
 
 def require_dicom_out() -> Any:

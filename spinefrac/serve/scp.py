@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from spinefrac.dicom_out.identity import MANUFACTURER as RESULTS_MANUFACTURER
 from spinefrac.serve.spool import Spool, SpoolError
 
 log = logging.getLogger("spinefrac")
@@ -45,6 +46,11 @@ def store_instance(spool: Spool, data: bytes, *, peer: str = "") -> int:
         log.warning("C-STORE from %s refused (0x%04X): the dataset does not decode: %s: %s", peer,
                     STATUS_CANNOT_DECODE, type(exc).__name__, exc)
         return STATUS_CANNOT_DECODE
+    if str(ds.get("Manufacturer", "")) == RESULTS_MANUFACTURER:
+        log.info("C-STORE from %s: %s is a spinefrac result (Manufacturer %r): acknowledged, not spooled, so a "
+                 "PACS that routes a study's new objects back here does not start a loop", peer, sop_uid,
+                 RESULTS_MANUFACTURER)
+        return STATUS_SUCCESS
     missing = [name for name, value in (("StudyInstanceUID", study_uid), ("SOPInstanceUID", sop_uid)) if not value]
     if missing:
         log.warning("C-STORE from %s refused (0x%04X): the dataset has no %s", peer, STATUS_MISSING_UID,

@@ -452,6 +452,29 @@ def test_restart_mid_study_predicts_it_once_with_every_slice(trained_pipeline, t
 
 
 @pytest.mark.slow
+def test_a_whole_pacs_study_is_read_through_its_bone_series(trained_pipeline, tmp_path, destination):
+    from helpers import TINY_SYNTH
+
+    export = tmp_path / "export"
+    assert main(["synth", str(export), "--studies", "1", "--seed", "5", "--split", "test", "--export", "tree",
+                 "--no-progress", *(f"--set={s}" for s in TINY_SYNTH)]) == 0
+    files = sorted(p for p in export.rglob("*") if p.is_file() and p.name.startswith("IM"))
+    datasets = [pydicom.dcmread(p) for p in files]
+    study_uid = str(datasets[0].StudyInstanceUID)
+    with ServeNode(_node_config(trained_pipeline, tmp_path, dest_port=destination.port)) as node:
+        assert _send(node.port, datasets) == [STATUS_SUCCESS] * len(datasets)   # scout, kernels, MPRs, dose SR
+        _wait_for(lambda: (tmp_path / "spool" / DONE / study_uid).is_dir(), "the study in done/")
+    series = pd.read_csv(tmp_path / "out" / "series.csv", dtype={"StudyInstanceUID": str})
+    chosen = series[series["chosen"] == 1]
+    assert len(chosen) == 1 and "BONE" in chosen["description"].iloc[0].upper() and "THICK" not in \
+        chosen["description"].iloc[0].upper()
+    assert (series["chosen"] == 0).sum() >= 4 and series.loc[series["chosen"] == 0, "reason"].str.len().gt(0).all()
+    slices = pd.read_csv(tmp_path / "out" / "slices.csv", dtype={"StudyInstanceUID": str})
+    assert (slices["StudyInstanceUID"] == study_uid).sum() == int(chosen["n_files"].iloc[0])
+    assert study_uid in {str(ds.StudyInstanceUID) for ds in destination.received}
+
+
+@pytest.mark.slow
 def test_cli_serve_stops_gracefully_on_sigterm(trained_pipeline, tmp_path):
     config = tmp_path / "serve.yaml"
     config.write_text(f"paths:\n  spool: {tmp_path / 'spool'}\n  out: {tmp_path / 'out'}\n"

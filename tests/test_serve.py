@@ -277,6 +277,17 @@ def test_serve_config_errors_are_clear(tmp_path, caplog):
     assert not (tmp_path / "o").exists() and not (tmp_path / "s" / ".spinefrac.lock.json").exists()   # released
 
 
+def test_a_missing_dicom_extra_is_named(tmp_path, monkeypatch, caplog):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pynetdicom" else real(name, *a))
+    assert main(["serve", "--set", f"paths.spool={tmp_path / 's'}", "--set", f"paths.out={tmp_path / 'o'}",
+                 "--set", f"paths.model={tmp_path / 'm'}"]) == EXIT_ERROR
+    assert "needs pynetdicom, which is not installed: pip install 'spinefrac[dicom]'" in caplog.text
+    assert not (tmp_path / "s").exists()                              # refused before any folder is touched
+
+
 class _FakePredictor:
     """Stands in for the model in worker tests: records the studies it predicts, writes one result file each."""
 
@@ -435,6 +446,12 @@ def test_restart_mid_study_predicts_it_once_with_every_slice(trained_pipeline, t
     config = _node_config(trained_pipeline, tmp_path, quiet=RESTART_QUIET_S, dest_port=destination.port)
     with ServeNode(config) as node:
         assert _send(node.port, files[:half]) == [STATUS_SUCCESS] * half
+        with pytest.raises(InputError, match="another run is writing into this folder"):
+            ServeNode(config).start()                                   # a second node on the same spool
+        busy = _node_config(trained_pipeline, tmp_path / "other", port=node.port)
+        with pytest.raises(InputError, match=f"cannot listen on 127.0.0.1:{node.port}"):
+            ServeNode(busy).start()                                     # a port in use: named, locks released
+        assert not (tmp_path / "other" / "spool" / ".spinefrac.lock.json").exists()
     incoming = tmp_path / "spool" / INCOMING / study.name
     assert len(list(incoming.glob("*.dcm"))) == half                  # kept on disk across the stop
     assert not (tmp_path / "out" / "predictions.csv").exists()

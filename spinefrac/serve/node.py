@@ -36,6 +36,8 @@ SERVE_LOG_COLUMNS = ("study", "version", "status", "instances", "last_received",
 PREDICTED, STATUS_DONE, STATUS_FAILED, STATUS_READY = "predicted", "done", "failed", "ready"
 STOP_WAIT_S = 0.5          # how often the main thread wakes to notice a stop request while serving
 REQUIRED_PATHS = ("spool", "out", "model")
+_RUNNING: set[Path] = set()
+"""Spool and output folders of the nodes running in this process (the folder lock is re-entrant within one)."""
 
 
 class ServeNode:
@@ -65,14 +67,22 @@ class ServeNode:
     # ------------------------------------------------------------ life cycle
     def start(self) -> ServeNode:
         """Lock the spool and output folders, load the model, start the worker and listen; return self."""
-        from data_prep.locks import output_lock
-        from spinefrac.serve.predict import StudyPredictor
+        from data_prep.locks import FolderLockedError, output_lock
+        from spinefrac.serve.predict import StudyPredictor, require_dicom_out
+
+        require_dicom_out()              # a missing extra is named before any folder is touched
         from spinefrac.serve.scp import build_ae, handle_echo, make_store_handler
 
         node = self.config["node"]
         try:
-            self._stack.enter_context(output_lock(self.spool_dir, command="spinefrac serve"))
-            self._stack.enter_context(output_lock(self.out, command="spinefrac serve"))
+            for folder in (self.spool_dir, self.out):
+                self._stack.enter_context(output_lock(folder, command="spinefrac serve"))
+                key = folder.resolve()
+                if key in _RUNNING:
+                    raise FolderLockedError(folder, "another run is writing into this folder: a node in this "
+                                                    "process uses it")
+                _RUNNING.add(key)
+                self._stack.callback(_RUNNING.discard, key)
             self.spool = Spool(self.spool_dir, max_studies=int(self.worker_cfg["max_spool_studies"]),
                                min_free_mb=int(self.worker_cfg["min_free_mb"]))
             self.predictor = StudyPredictor(self.model_dir, self.out, workers=int(self.worker_cfg["workers"]),
@@ -184,6 +194,9 @@ class ServeNode:
         record = spool.read_state(uid) or {"study": uid, "version": 1, "send_tries": 0,
                                            "last_received": spool.last_received(READY, uid),
                                            "instances": len(spool.instances(READY, uid))}
+        if record.get("status") == STATUS_DONE:     # finished just before a crash, not yet moved
+            spool.move(uid, READY, DONE)
+            return None
         results = [Path(p) for p in record.get("results", [])]
         if record.get("status") != PREDICTED or not all(p.is_file() for p in results):
             t0 = time.perf_counter()

@@ -8,6 +8,7 @@ predicted into it, plus the SR and SC results of each study under dicom/ (spinef
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
@@ -15,13 +16,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from data_prep.errors import AllStudiesFailedError, InputError, SpinefracError
+from data_prep.errors import AllStudiesFailedError, InputError
 from data_prep.resume import SettingsChangedError
 
 log = logging.getLogger("spinefrac")
 
 DICOM_DIR = "dicom"
-DICOM_EXTRA = "pip install 'spinefrac[dicom]'"
+SERVE_MODULES = ("pynetdicom", "highdicom")
+"""What the node needs beyond the core install (the `dicom` extra)."""
 
 
 class StudyPredictor:
@@ -95,10 +97,10 @@ def choose_series(study_dir: Path) -> Any:
 
 
 def require_dicom_out() -> Any:
-    """Return spinefrac.dicom_out.write_dicom_results, or raise naming the extra to install."""
-    try:
-        from spinefrac.dicom_out import write_dicom_results
-    except ImportError as exc:
-        raise SpinefracError(f"spinefrac serve writes its results as DICOM and needs the dicom extra ({exc}): "
-                             f"{DICOM_EXTRA}") from None
+    """Return spinefrac.dicom_out.write_dicom_results, or raise MissingExtraError naming the extra to install."""
+    from spinefrac.dicom_out.writer import INSTALL_HINT, MissingExtraError, write_dicom_results
+
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingExtraError(f"spinefrac serve needs {', '.join(missing)}, which is not installed: {INSTALL_HINT}")
     return write_dicom_results

@@ -261,6 +261,11 @@ def test_a_new_version_of_a_done_study_is_merged_into_it(tmp_path):
     assert files == {"1.2.3.1.dcm": b"old-1", "1.2.3.2.dcm": b"new-2", "1.2.3.3.dcm": b"new-3"}
     assert not spool.folder(INCOMING, "1.2.3").exists() and not spool.folder(DONE, "1.2.3").exists()
 
+    (spool.root / DONE / "1.2.3").mkdir()                               # a folder a crash left where it goes
+    (spool.root / DONE / "1.2.3" / "1.2.3.0.dcm").write_bytes(b"kept")
+    spool.move("1.2.3", READY, DONE)                                    # merged into, never deleted
+    assert len(spool.instances(DONE, "1.2.3")) == 4 and not spool.folder(READY, "1.2.3").exists()
+
 
 def test_serve_config_errors_are_clear(tmp_path, caplog):
     with pytest.raises(ConfigError, match="destination needs ae_title, host and port"):
@@ -269,6 +274,8 @@ def test_serve_config_errors_are_clear(tmp_path, caplog):
         load_config("serve", None, ["node.ae_title=A_VERY_LONG_AE_TITLE"])
     with pytest.raises(InputError, match="paths.spool, paths.out, paths.model"):
         ServeNode(load_config("serve"))
+    with pytest.raises(InputError, match="two different folders"):
+        ServeNode(load_config("serve", None, [f"paths.spool={tmp_path}", f"paths.out={tmp_path}/.", "paths.model=m"]))
     assert main(["serve", "--set", f"paths.spool={tmp_path}"]) == EXIT_ERROR
     assert "needs paths.out, paths.model" in caplog.text
     assert main(["serve", "--set", f"paths.spool={tmp_path / 's'}", "--set", f"paths.out={tmp_path / 'o'}",

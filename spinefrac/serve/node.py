@@ -51,6 +51,8 @@ class ServeNode:
         self.config = config
         self.spool_dir = Path(config["paths"]["spool"])
         self.out = Path(config["paths"]["out"])
+        if self.spool_dir.resolve() == self.out.resolve():
+            raise InputError(self.out, "paths.spool and paths.out must be two different folders")
         self.model_dir = Path(config["paths"]["model"])
         self.worker_cfg = config["worker"]
         from spinefrac.serve.scu import destination_of
@@ -115,15 +117,14 @@ class ServeNode:
         return int(self._server.server_address[1]) if self._server is not None else int(self.config["node"]["port"])
 
     def request_stop(self, *_: Any) -> None:
-        """Ask the node to stop (a signal handler): the worker finishes the step it is in."""
-        if not self._stop.is_set():
-            log.info("serve: stopping (the study in progress is finished first)")
+        """Ask the node to stop (safe in a signal handler): the worker finishes the step it is in."""
         self._stop.set()
 
     def wait(self) -> None:
         """Block until a stop is requested."""
         while not self._stop.wait(STOP_WAIT_S):
             pass
+        log.info("serve: stopping (the study in progress is finished first)")
 
     def stop(self) -> None:
         """Stop listening, let the worker finish its step, release the folders' locks."""

@@ -188,12 +188,17 @@ class Spool:
         return previous
 
     def move(self, uid: str, source: str, target: str) -> Path:
-        """Move a study's folder from `source` to `target` (a previous folder there is replaced); return it."""
+        """Move a study's folder from `source` to `target`; return it. A folder already there (left by a crash)
+        is merged with, never deleted: its instances stay, the moved ones win on the same SOPInstanceUID."""
         with self.lock:
             dest = self.folder(target, uid)
             if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(self.folder(source, uid), dest)
+                for path in sorted(self.folder(source, uid).iterdir()):
+                    os.replace(path, dest / path.name)
+                _fsync_dir(dest)
+                self.folder(source, uid).rmdir()
+            else:
+                os.replace(self.folder(source, uid), dest)
             _fsync_dir(self.root / source)
             _fsync_dir(self.root / target)
         return dest

@@ -15,8 +15,9 @@ from spinefrac import __version__
 
 log = logging.getLogger("spinefrac")
 NOISY_LOGGERS = ("matplotlib", "PIL")
-CHATTY_LOGGERS = ("highdicom",)
-"""Libraries that log every step at INFO (highdicom: each copied module): WARNING unless -v."""
+CHATTY_LOGGERS = ("highdicom", "pynetdicom")
+"""Libraries that log every step at INFO (highdicom: each copied module; pynetdicom: each association and C-STORE):
+WARNING unless -v."""
 
 EXAMPLES = """\
 stages, in order:

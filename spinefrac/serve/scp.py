@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from spinefrac.dicom_out.identity import MANUFACTURER as RESULTS_MANUFACTURER
-from spinefrac.serve.spool import Spool, SpoolError
+from spinefrac.serve.spool import INVALID_UID, OUT_OF_RESOURCES, Spool, SpoolError
 
 log = logging.getLogger("spinefrac")
 
@@ -25,9 +25,9 @@ STATUS_CANNOT_DECODE = 0xC210
 """Failure (cannot understand): the dataset does not decode."""
 STATUS_MISSING_UID = 0xC211
 """Failure (cannot understand): no StudyInstanceUID or no SOPInstanceUID."""
-STATUS_INVALID_UID = 0xC000
+STATUS_INVALID_UID = INVALID_UID
 """Failure (cannot understand): a UID that is not a valid DICOM UID (e.g. a path: never used as a file name)."""
-STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_OUT_OF_RESOURCES = OUT_OF_RESOURCES
 """Failure: the spool could not write the instance (disk full, below worker.min_free_mb, max_spool_studies)."""
 STATUS_PROCESSING_FAILURE = 0x0110
 """Failure: anything else went wrong while storing (logged with its reason)."""

@@ -54,6 +54,8 @@ class SpoolError(SpinefracError):
 
 OUT_OF_RESOURCES = 0xA700
 """C-STORE failure: out of resources (disk full or nearly, the spool holds max_spool_studies, a write error)."""
+INVALID_UID = 0xC000
+"""C-STORE failure (cannot understand): a UID that is not a valid DICOM UID, never used as a file name."""
 
 
 def valid_uid(value: Any) -> bool:
@@ -84,7 +86,7 @@ class Spool:
         """Write one instance (DICOM file bytes) durably to incoming/<study>/<sop>.dcm; raise SpoolError if refused."""
         for what, uid in (("StudyInstanceUID", study_uid), ("SOPInstanceUID", sop_uid)):
             if not valid_uid(uid):
-                raise SpoolError(0xC000, f"{what} {str(uid)[:80]!r} is not a valid DICOM UID")
+                raise SpoolError(INVALID_UID, f"{what} {str(uid)[:80]!r} is not a valid DICOM UID")
         self._check_room(study_uid)
         tmp = self.root / TMP / f"{sop_uid}.{threading.get_ident()}.tmp"
         try:

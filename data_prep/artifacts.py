@@ -9,6 +9,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -78,6 +79,17 @@ def write_csv_atomic(path: str | os.PathLike, df: pd.DataFrame) -> Path:
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
     return Path(path)
+
+
+def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Put a finished temp folder in place of `final`: the old one renamed aside, the new one in, the old deleted."""
+    tmp, final = Path(tmp), Path(final)
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

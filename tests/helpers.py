@@ -43,3 +43,25 @@ def make_yolo_dataset(root: Path, *, n_train: int = N_TRAIN, n_val: int = N_VAL,
     data.write_text(yaml.safe_dump({"path": str(root), "train": "images/train", "val": "images/val",
                                     "names": {0: "fracture"}, "spinefrac": {"fold": 0, "n_folds": N_FOLDS}}))
     return data
+
+
+FIXED_BOX = (4.0, 4.0, 12.0, 12.0, 0.5, 0)
+"""x1, y1, x2, y2, score, class of the box FixedBoxes finds on every image by default."""
+
+
+class FixedBoxes:
+    """Stands in for the YOLO predictor: the same boxes on every image (the inputs or the wiring are under test)."""
+
+    backend = "fake"
+
+    def __init__(self, boxes=(FIXED_BOX,)) -> None:
+        self.boxes = np.array(boxes, dtype=np.float32).reshape(-1, 6)
+
+    def predict(self, images):
+        return [self.boxes.copy() for _ in images]
+
+
+def use_fixed_boxes(monkeypatch, home: Path, boxes=(FIXED_BOX,)) -> None:
+    """Make detector.backends.load_predictor return FixedBoxes(boxes); Ultralytics' settings go under `home`."""
+    monkeypatch.setenv("SPINEFRAC_HOME", str(home))
+    monkeypatch.setattr("detector.backends.load_predictor", lambda weights, **kw: FixedBoxes(boxes))

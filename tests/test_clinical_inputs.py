@@ -11,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from helpers import use_fixed_boxes
 
 from data_prep.config import load_config
 from data_prep.errors import InputError
@@ -27,19 +28,9 @@ REASONS = {"sr": "not an image", "scout": "scout/localizer", "sagittal": "not ax
 """How each role of the export must be left out (the start of its reason, as the study finder gives it)."""
 
 
-class FakePredictor:
-    """One box per image at a fixed place and score: the inputs, not the model, are under test."""
-
-    backend = "fake"
-
-    def predict(self, images):
-        return [np.array([[4.0, 4.0, 12.0, 12.0, 0.5, 0]], dtype=np.float32) for _ in images]
-
-
 @pytest.fixture
 def fake_model(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPINEFRAC_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("detector.backends.load_predictor", lambda weights, **kw: FakePredictor())
+    use_fixed_boxes(monkeypatch, tmp_path / "home")     # the inputs, not the model, are under test
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+from helpers import use_fixed_boxes
 from pydicom import dcmread
 
 from data_prep import registry
@@ -579,14 +580,8 @@ def test_source_headers_as_found_in_the_wild(tmp_path, caplog):
 
 
 # ---------------------------------------------------------------- a real detect folder on a PACS export (no model)
-class _FakePredictor:
-    """Two boxes per image at fixed places and scores: the wiring from the export to the SR is under test."""
-
-    backend = "fake"
-
-    def predict(self, images):
-        return [np.array([[4.0, 6.0, 14.5, 20.0, 0.8, 0], [20.0, 22.0, 30.0, 31.0, 0.4, 0]], dtype=np.float32)
-                for _ in images]
+EXPORT_BOXES = ((4.0, 6.0, 14.5, 20.0, 0.8, 0), (20.0, 22.0, 30.0, 31.0, 0.4, 0))
+"""Two boxes per image at fixed places and scores: the wiring from the export to the SR is under test."""
 
 
 @pytest.mark.parametrize("variant", ["tree", "zip"])
@@ -598,8 +593,7 @@ def test_a_detect_folder_of_a_pacs_export_round_trips(variant, tmp_path, monkeyp
     from data_prep.synth_export import write_export
     from detector.detect import detect_studies
 
-    monkeypatch.setenv("SPINEFRAC_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("detector.backends.load_predictor", lambda weights, **kw: _FakePredictor())
+    use_fixed_boxes(monkeypatch, tmp_path / "home", EXPORT_BOXES)
     source = tmp_path / ("export.zip" if variant == "zip" else "export")
     exported = write_export(source, n_studies=2, seed=4, variant=variant, size=48, slices=12)
     config = load_config("detector", None, ["roi.enabled=false", "render.imgsz=32", "detect.batch=4",

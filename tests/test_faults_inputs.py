@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+from helpers import use_fixed_boxes
 
 from data_prep import dicom_io, registry
 from data_prep.config import load_config
@@ -65,19 +66,9 @@ def no_huge_decoding(monkeypatch):
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(guarded))
 
 
-class FakePredictor:
-    """One box per image, fixed score; stands in for the YOLO model (the inputs are what is tested here)."""
-
-    backend = "fake"
-
-    def predict(self, images):
-        return [np.array([[4.0, 4.0, 12.0, 12.0, 0.5, 0]], dtype=np.float32) for _ in images]
-
-
 @pytest.fixture
 def fake_model(monkeypatch, tmp_path):
-    monkeypatch.setenv("SPINEFRAC_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr("detector.backends.load_predictor", lambda weights, **kw: FakePredictor())
+    use_fixed_boxes(monkeypatch, tmp_path / "home")     # the inputs, not the model, are under test
 
 
 DETECT_SETS = ["--set", f"render.imgsz={IMGSZ}", "--set", "overlays.display_size=64", "--set", "overlays.top_n=1"]

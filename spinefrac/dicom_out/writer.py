@@ -20,6 +20,7 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
+from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError, SpinefracError
 from spinefrac.dicom_out.identity import Identity, make_identity, reference_header
 from spinefrac.dicom_out.inputs import PredictionFolder, StudyInputs, read_prediction_folder, study_inputs
@@ -134,7 +135,7 @@ def _write_study(study: StudyInputs, out_dir: Path, identity: Identity, threshol
             # a SOP class it does not know, ...): the CLI shows one line naming the file; -v shows the traceback
             raise InputError(study.source.example_file, f"study {study.key}: the source header cannot be copied into "
                                                         f"DICOM results: {exc}") from exc
-        _swap(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -165,12 +166,3 @@ def _write_files(study: StudyInputs, folder: Path, identity: Identity, threshold
 def _save(ds: Dataset, path: Path) -> None:
     """Write one DICOM file (preamble, DICM, file meta)."""
     dcmwrite(path, ds, enforce_file_format=True)
-
-
-def _swap(tmp: Path, final: Path) -> None:
-    """Put the finished temp folder in place of the study's old one: old aside, new in, old deleted."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ import cv2
 import pandas as pd
 
 from data_prep import registry
+from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError
 from data_prep.tables import read_csv_table
 from spinefrac.report.worklist import write_worklist
@@ -94,7 +95,7 @@ def write_report(pred_dir: str | os.PathLike, *, model_dir: str | os.PathLike | 
             n_flagged=sum(bool(r["flagged"]) for r in rows), n_failed=sum(bool(r["failed"]) for r in rows),
             source=pred_dir.name, created=time.strftime("%Y-%m-%d %H:%M"))
         (tmp / INDEX_HTML).write_text(index, encoding="utf-8")
-        _swap(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -208,12 +209,3 @@ def _box_rows(df: pd.DataFrame | None) -> list[dict[str, Any]]:
              "z_mm": _fmt(r.get("z_mm"), ".1f"), "score": _fmt(r.get("score")), "level": _fmt(r.get("level")),
              "xywh": ", ".join(_fmt(r.get(c), ".0f") for c in ("x", "y", "width", "height"))}
             for r in top.to_dict("records")]
-
-
-def _swap(tmp: Path, final: Path) -> None:
-    """Put the finished temp folder in place of the old report: rename the old aside, rename the new in, delete."""
-    old = final.with_name(f".{final.name}.old-{os.getpid()}")
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)

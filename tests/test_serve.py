@@ -299,11 +299,19 @@ class _FakePredictor:
     """Stands in for the model in worker tests: records the studies it predicts, writes one result file each."""
 
     def __init__(self, out: Path, *, fail: set[str] = frozenset()) -> None:
-        self.out, self.fail, self.calls = out, set(fail), []
+        self.out, self.fail, self.calls, self.refreshes, self.stale = out, set(fail), [], [], False
 
     def predict(self, study_dir: Path) -> bool:
         self.calls.append((study_dir.name, len(list(study_dir.glob("*.dcm")))))
+        self.stale = True
         return study_dir.name not in self.fail
+
+    def refresh(self) -> bool:
+        """Record how many studies had been predicted when OUT's tables were rebuilt (only when out of date)."""
+        if self.stale:
+            self.refreshes.append(len(self.calls))
+            self.stale = False
+        return True
 
     def failure(self, uid: str) -> str:
         return "detect: GeometryError: slices of two sizes"
@@ -350,6 +358,7 @@ def test_worker_moves_studies_through_the_spool_and_predicts_a_new_version_again
     spool.store("1.2.9", "1.2.9.1", b"x")
     node.poll_once()
     assert node.predictor.calls == [("1.2.3", 2), ("1.2.9", 1)]
+    assert node.predictor.refreshes == [2]          # OUT's tables rebuilt once, after both studies were handled
     assert spool.folder(DONE, "1.2.3").is_dir() and spool.folder("failed", "1.2.9").is_dir()
     log = pd.read_csv(tmp_path / "out" / "serve_log.csv", dtype={"study": str}).set_index("study")
     assert log.loc["1.2.3", "status"] == "done" and log.loc["1.2.3", "latency_s"] >= 0
@@ -362,6 +371,7 @@ def test_worker_moves_studies_through_the_spool_and_predicts_a_new_version_again
     spool.store("1.2.9", "1.2.9.2", b"x")                               # and of a failed one
     node.poll_once()
     assert node.predictor.calls[2:] == [("1.2.3", 3), ("1.2.9", 2)]     # whole studies, predicted again
+    assert node.predictor.refreshes == [2, 4]       # not at the poll that predicted nothing
     log = pd.read_csv(tmp_path / "out" / "serve_log.csv", dtype={"study": str}).set_index("study")
     assert log["version"].to_dict() == {"1.2.3": 2, "1.2.9": 2} and (log["status"] == "done").all()
 
@@ -428,6 +438,8 @@ def test_node_predicts_two_studies_refuses_bad_objects_and_sends_the_sr(trained_
         assert sorted(p.name for p in (spool / DONE / s.name).iterdir()) == sorted(
             f"{pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID}.dcm" for f in files[s.name])
     assert (out / "report" / "index.html").is_file() and (out / "worklist.csv").is_file()
+    assert not (out / ".serve-tables-stale").exists()                   # the tables were rebuilt by the stop
+    assert not any((out / ".serve-stage").iterdir())                    # each study's staging folder removed
     assert not (Path("/tmp/evil")).exists() and not any((spool / INCOMING).iterdir())
 
     srs = [ds for ds in destination.received if str(ds.SOPClassUID) in SR_CLASSES]

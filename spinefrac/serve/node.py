@@ -135,6 +135,11 @@ class ServeNode:
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        if self.predictor is not None:
+            try:
+                self.predictor.refresh()     # a stopped node leaves OUT's tables current
+            except Exception:   # noqa: BLE001 - the stale marker stays; the next start rebuilds them
+                log.exception("serve: rebuilding OUT's tables at stop failed; the next start does it")
         self._stack.close()
         log.info("serve: stopped")
 
@@ -166,6 +171,7 @@ class ServeNode:
             if self._stop.is_set():
                 return
             self._process(uid)
+        self.predictor.refresh()      # OUT's tables over every study, once the waiting studies are sent
 
     def _promote(self, uid: str, quiet: float) -> None:
         """incoming/<uid> is quiet: record its new version and move it to ready/ (merged into an older one)."""

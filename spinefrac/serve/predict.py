@@ -3,6 +3,12 @@
 The output folder gets what `spinefrac predict` writes (boxes.csv, slices.csv, errors.csv, predictions.csv,
 submission.csv, evidence.csv, features.csv, worklist.csv, report/, overlays/), over every study the node has
 predicted into it, plus the SR and SC results of each study under dicom/ (spinefrac.dicom_out).
+
+A study's own results do not wait for those tables: its detections are aggregated alone in a staging folder
+(OUT/.serve-stage/<uid>/, the study's parts linked in), its SR and SC written from there. The tables, predictions
+and report over every study (`refresh`) cost about 30 ms per study already in OUT, so they are rebuilt once the
+studies waiting have been sent, and when the node stops; OUT/.serve-tables-stale marks them out of date meanwhile
+(also across a restart).
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +29,8 @@ from data_prep.resume import SettingsChangedError
 log = logging.getLogger("spinefrac")
 
 DICOM_DIR = "dicom"
+STAGE_DIR = ".serve-stage"
+STALE_MARKER = ".serve-tables-stale"
 SERVE_MODULES = ("pynetdicom", "highdicom")
 """What the node needs beyond the core install (the `dicom` extra)."""
 
@@ -56,17 +65,65 @@ class StudyPredictor:
         return sorted(done | failed)
 
     def predict(self, study_dir: Path) -> bool:
-        """Detect one study folder, then rebuild the tables, predictions and report of every study; True if it finished."""
+        """Detect one study folder and aggregate it alone (staged for its DICOM results); True if it finished."""
+        outcome = self.runner.run(choose_series(study_dir))
+        (self.out / STALE_MARKER).touch()          # OUT's tables lack this study until `refresh`
+        if outcome.finished:
+            self._stage(outcome.uid)
+        return outcome.finished
+
+    def refresh(self) -> bool:
+        """Rebuild OUT's tables, predictions and report over every study when a study came in since; True if so."""
         from detector.detect import rebuild_outputs
         from spinefrac.pipeline import aggregate_detections
 
+        stale = self.out / STALE_MARKER
+        if not stale.exists():
+            return False
         t0 = time.perf_counter()
-        outcome = self.runner.run(choose_series(study_dir))
         rebuild_outputs(self.out, config=self.runner.config, extra=self.runner.describe())
         with contextlib.suppress(AllStudiesFailedError):   # every study so far failed: the tables hold the prior
             aggregate_detections(self.out, model=self.model, aggregator=self.aggregator, uids=self.studies(),
-                                 test=None, started=t0, extra={"serve": {"last_study": study_dir.name}})
-        return outcome.finished
+                                 test=None, started=t0, extra={"serve": {"refreshed": True}})
+        stale.unlink(missing_ok=True)
+        log.info("serve: tables, predictions and report of %d studies rebuilt in %.1f s", len(self.studies()),
+                 time.perf_counter() - t0)
+        return True
+
+    def _stage(self, uid: str) -> Path:
+        """Aggregate one finished study alone in OUT/.serve-stage/<uid>/ (its parts and overlays linked in)."""
+        from detector.detect import (
+            BOXES_SUFFIX,
+            DONE_DIR,
+            LEVEL_BOXES_SUFFIX,
+            OVERLAYS_DIR,
+            PARTS_DIR,
+            SERIES_SUFFIX,
+            SLICES_SUFFIX,
+            VERTEBRAE_SUFFIX,
+            rebuild_outputs,
+        )
+        from spinefrac.pipeline import aggregate_detections
+
+        stage = self._stage_dir(uid)
+        shutil.rmtree(stage, ignore_errors=True)
+        for sub in (DONE_DIR, PARTS_DIR, OVERLAYS_DIR):
+            (stage / sub).mkdir(parents=True)
+        markers = self.runner.markers
+        for suffix in (BOXES_SUFFIX, SLICES_SUFFIX, LEVEL_BOXES_SUFFIX, VERTEBRAE_SUFFIX, SERIES_SUFFIX):
+            if markers.part(uid, suffix).is_file():
+                _link(markers.part(uid, suffix), stage / PARTS_DIR / markers.part(uid, suffix).name)
+        _link(markers.marker(uid), stage / DONE_DIR / markers.marker(uid).name)
+        overlays = self.out / OVERLAYS_DIR / uid
+        if overlays.is_dir():
+            (stage / OVERLAYS_DIR / uid).symlink_to(overlays.absolute(), target_is_directory=True)
+        rebuild_outputs(stage, config=self.runner.config, extra=self.runner.describe())
+        aggregate_detections(stage, model=self.model, aggregator=self.aggregator, uids=[uid], test=None,
+                             started=time.perf_counter(), extra={"serve": {"staged": uid}})
+        return stage
+
+    def _stage_dir(self, uid: str) -> Path:
+        return self.out / STAGE_DIR / uid
 
     def failure(self, uid: str) -> str:
         """The recorded reason a study failed in detect (errors/<uid>.json), or a placeholder."""
@@ -79,10 +136,22 @@ class StudyPredictor:
             return "detect failed (no failure record)"
 
     def write_results(self, uid: str) -> list[Path]:
-        """Write the study's SR and SC into OUT/dicom/; return the files."""
-        files = self.write_dicom(self.out, self.out / DICOM_DIR, studies=[uid], model_dir=self.model.root,
+        """Write the study's SR and SC into OUT/dicom/ from its staged predictions; return the files."""
+        stage = self._stage_dir(uid)
+        if not (stage / "predictions.csv").is_file():     # staged before a restart, or never: stage it now
+            stage = self._stage(uid)
+        files = self.write_dicom(stage, self.out / DICOM_DIR, studies=[uid], model_dir=self.model.root,
                                  progress=False)
+        shutil.rmtree(stage, ignore_errors=True)
         return [Path(p) for p in (files or {}).get(uid, [])]
+
+
+def _link(source: Path, target: Path) -> None:
+    """Hard-link a file (a copy across file systems)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def choose_series(study_dir: Path) -> Any:

@@ -566,6 +566,7 @@ class NodeSection(Section):
     host: Annotated[StrictStr, Field(min_length=1)]
     port: Port
     require_called_ae_title: StrictBool
+    allowed_calling_ae_titles: list[AeTitle]
     max_associations: PosInt
     network_timeout_s: Pos
     dimse_timeout_s: Pos

@@ -272,6 +272,8 @@ def test_serve_config_errors_are_clear(tmp_path, caplog):
         load_config("serve", None, ["destination.host=pacs"])
     with pytest.raises(ConfigError, match="at most 16 characters"):
         load_config("serve", None, ["node.ae_title=A_VERY_LONG_AE_TITLE"])
+    with pytest.raises(ConfigError, match="allowed_calling_ae_titles"):
+        load_config("serve", None, ['node.allowed_calling_ae_titles=["PACS1", "A_VERY_LONG_AE_TITLE"]'])
     with pytest.raises(InputError, match="paths.spool, paths.out, paths.model"):
         ServeNode(load_config("serve"))
     with pytest.raises(InputError, match="two different folders"):
@@ -533,3 +535,29 @@ def test_cli_serve_stops_gracefully_on_sigterm(trained_pipeline, tmp_path):
     reader.join(timeout=5)
     assert any("serve: stopped" in line for line in lines), "".join(lines)
     assert not (tmp_path / "spool" / ".spinefrac.lock.json").exists()
+
+
+def test_only_the_allowed_calling_ae_titles_may_associate():
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from spinefrac.serve.scp import build_ae, handle_echo
+
+    ae = build_ae("SPINEFRAC", max_associations=2, network_timeout=5, dimse_timeout=5, require_called_ae_title=False,
+                  allowed_calling_ae_titles=["PACS1"])
+    server = ae.start_server(("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_ECHO, handle_echo)])
+    try:
+        port = server.server_address[1]
+        answers = {}
+        for caller in ("PACS1", "OTHER"):
+            scu = AE(ae_title=caller)
+            scu.add_requested_context(Verification)
+            assoc = scu.associate("127.0.0.1", port, ae_title="SPINEFRAC")
+            answers[caller] = assoc.is_established and int(assoc.send_c_echo().Status)
+            if assoc.is_established:
+                assoc.release()
+            else:
+                assert assoc.is_rejected
+        assert answers == {"PACS1": STATUS_SUCCESS, "OTHER": False}
+    finally:
+        server.shutdown()

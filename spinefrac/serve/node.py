@@ -93,7 +93,8 @@ class ServeNode:
 
             ae = build_ae(node["ae_title"], max_associations=node["max_associations"],
                           network_timeout=node["network_timeout_s"], dimse_timeout=node["dimse_timeout_s"],
-                          require_called_ae_title=node["require_called_ae_title"])
+                          require_called_ae_title=node["require_called_ae_title"],
+                          allowed_calling_ae_titles=node["allowed_calling_ae_titles"])
             try:
                 self._server = ae.start_server((node["host"], int(node["port"])), block=False, evt_handlers=[
                     (evt.EVT_C_STORE, make_store_handler(self.spool)), (evt.EVT_C_ECHO, handle_echo)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from spinefrac.dicom_out.identity import MANUFACTURER as RESULTS_MANUFACTURER
@@ -109,8 +109,11 @@ def handle_echo(event: Any) -> int:
 
 
 def build_ae(ae_title: str, *, max_associations: int, network_timeout: float, dimse_timeout: float,
-             require_called_ae_title: bool) -> Any:
-    """A pynetdicom AE accepting every storage SOP class in every transfer syntax, and Verification."""
+             require_called_ae_title: bool, allowed_calling_ae_titles: Sequence[str] = ()) -> Any:
+    """A pynetdicom AE accepting every storage SOP class in every transfer syntax, and Verification.
+
+    allowed_calling_ae_titles: associations from any other calling AE title are rejected (empty: any).
+    """
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
     from pynetdicom.sop_class import Verification
 
@@ -123,6 +126,7 @@ def build_ae(ae_title: str, *, max_associations: int, network_timeout: float, di
     ae.dimse_timeout = float(dimse_timeout)
     ae.acse_timeout = float(dimse_timeout)
     ae.require_called_aet = bool(require_called_ae_title)
+    ae.require_calling_aet = [str(t) for t in allowed_calling_ae_titles]
     return ae
 
 

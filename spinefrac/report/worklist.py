@@ -30,6 +30,8 @@ ERRORS_CSV = "errors.csv"
 WORKLIST_CSV = "worklist.csv"
 AGGREGATOR_DIR = "aggregator"
 WORKLIST_COLUMNS = ("rank", registry.STUDY_COL, registry.PATIENT, *registry.LEVELS, "flagged", "failed", "error")
+_WARNED_NO_FLAG: set[str] = set()
+"""Model folders whose missing operating point was already warned about in this process."""
 
 
 def _probability(series: pd.Series) -> pd.Series:
@@ -114,7 +116,10 @@ def write_worklist(pred_dir: str | os.PathLike, *, model_dir: str | os.PathLike 
     model_dir = Path(model_dir) if model_dir is not None else model_dir_of(pred_dir)
     point = operating_point(model_dir)
     if point.record is None:
-        log.warning("worklist without a flag: %s", point.reason)
+        # once per model folder and process: a node writes a worklist per study (the sidecar keeps the reason)
+        level = logging.INFO if str(model_dir) in _WARNED_NO_FLAG else logging.WARNING
+        _WARNED_NO_FLAG.add(str(model_dir))
+        log.log(level, "worklist without a flag: %s", point.reason)
     else:
         log.info("%s", describe(point.record))
     threshold = None if point.record is None else float(point.record["threshold"])

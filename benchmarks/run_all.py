@@ -37,8 +37,10 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                       ["--model", "demo_out/model", "--studies", "20", "--work", "bench_out/predict_speed"],
                       ["--model", "demo_out/model", "--studies", "4", "--naive-studies", "1", "--rss-studies", "4",
                        "--work", "bench_out/predict_speed_quick"]),
+    "serve": ("benchmarks.bench_serve", ["--model", "demo_out/model", "--studies", "3", "--work", "bench_out/serve"],
+              ["--model", "demo_out/model", "--studies", "2", "--work", "bench_out/serve_quick"]),
 }
-NEEDS: dict[str, Path] = {"predict_speed": Path("demo_out/model")}
+NEEDS: dict[str, Path] = {"predict_speed": Path("demo_out/model"), "serve": Path("demo_out/model")}
 """Benchmarks that need a model folder: skipped, with the command that makes it, when it is missing."""
 
 

@@ -374,8 +374,9 @@ def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> Sli
         ts=ts,
         modality=str(ds.Modality) if "Modality" in ds else None,
         series=_text_or_none(ds.get("SeriesInstanceUID")),
-        sop_uid=_text_or_none(ds.get("SOPInstanceUID")),
-        sop_class=_text_or_none(ds.get("SOPClassUID")),
+        # the RSNA files carry the SOP class only in their file meta (MediaStorageSOPClassUID)
+        sop_uid=_text_or_none(ds.get("SOPInstanceUID")) or _text_or_none(ds.file_meta.get("MediaStorageSOPInstanceUID")),
+        sop_class=_text_or_none(ds.get("SOPClassUID")) or _text_or_none(ds.file_meta.get("MediaStorageSOPClassUID")),
         study=_text_or_none(ds.get("StudyInstanceUID")),
         description=str(ds.get("SeriesDescription", "") or ""),
         series_number=_int_or_none(ds.get("SeriesNumber")),

@@ -526,7 +526,10 @@ def _predict_boxes(predictor: Predictor, images: np.ndarray, indices: Sequence[i
         p = np.asarray(p, dtype=np.float64).reshape(-1, 6)
         p = p[p[:, 4] >= conf]
         if len(p):
-            parts.append(np.column_stack([np.full(len(p), index), to_original(p, k), p[:, 4]]))
+            xywh = to_original(p, k)
+            keep = (xywh[:, 2] > 0) & (xywh[:, 3] > 0)     # clipped to the image, a box may keep no area: no box
+            if keep.any():
+                parts.append(np.column_stack([np.full(int(keep.sum()), index), xywh[keep], p[keep, 4]]))
     timings["postprocess"] += time.perf_counter() - t
     return parts
 

@@ -267,3 +267,19 @@ def test_tiny_trained_model_end_to_end(tmp_path, monkeypatch):
     boxes = pd.read_csv(out / "boxes.csv")
     assert ((boxes["x"] >= 0) & (boxes["x"] + boxes["width"] <= COLS + 1e-6)).all()
     assert ((boxes["score"] >= 0.01) & (boxes["score"] <= 1)).all()
+
+
+def test_a_box_with_no_area_inside_the_image_is_no_box(config, monkeypatch, tmp_path):
+    """A predicted box wholly outside the image keeps no area once clipped: it is dropped, not written as 0 x 0."""
+    from helpers import use_fixed_boxes
+
+    write_study(tmp_path / "studies", "3.1")
+    use_fixed_boxes(monkeypatch, tmp_path / "home", ((40.0, 4.0, 60.0, 20.0, 0.9, 0),     # beyond the 32 px input
+                                                     (4.0, 4.0, 12.0, 12.0, 0.5, 0)))   # inside it
+    out = tmp_path / "det"
+    assert detect_studies(tmp_path / "studies", weights=tmp_path / "w.pt", out=out, config=config, workers=1,
+                          progress=False).finished == ["3.1"]
+    boxes = pd.read_csv(out / "boxes.csv", dtype={STUDY_COL: str})
+    assert len(boxes) == N and (boxes["width"] > 0).all() and (boxes["height"] > 0).all()
+    assert (boxes["score"] == 0.5).all()
+    assert (pd.read_csv(out / "slices.csv")["n_boxes"] == 1).all()

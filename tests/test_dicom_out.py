@@ -673,3 +673,40 @@ def test_a_predict_folder_round_trips_as_dicom(trained, tmp_path):
                 run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
                 assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(images.rglob("*.dcm"))} == before
+
+
+# ---------------------------------------------------------------- the real RSNA slice (skipped where absent)
+def test_the_real_rsna_slice_round_trips_as_dicom(realdata, tmp_path, monkeypatch):
+    """The real slice (no Modality, as every RSNA file) through detect and DICOM results: the SR and SC carry its
+    patient and study, reference its SOPInstanceUID, and dciodvfy finds no error."""
+    from data_prep.config import load_config
+    from detector.detect import detect_studies
+
+    source = realdata("test1.dcm")
+    header = dcmread(source, stop_before_pixels=True)
+    study = tmp_path / "test_images" / str(header.StudyInstanceUID)
+    study.mkdir(parents=True)
+    shutil.copyfile(source, study / f"{int(header.InstanceNumber)}.dcm")        # the Kaggle layout
+    use_fixed_boxes(monkeypatch, tmp_path / "home", ((10.0, 12.0, 40.0, 44.0, 0.7, 0),))   # in the 64 px input
+    config = load_config("detector", None, ["roi.enabled=false", "render.imgsz=64", "overlays.display_size=128",
+                                            "overlays.top_n=1"])
+    pred = tmp_path / "pred"
+    assert detect_studies(study.parent, weights=tmp_path / "w.pt", out=pred, config=config, workers=1,
+                          progress=False).finished == [study.name]
+    pd.DataFrame([{registry.STUDY_COL: study.name, **dict.fromkeys(registry.TARGETS, 0.3), "failed": 0}]).to_csv(
+        pred / "predictions.csv", index=False)
+    files = write_dicom_results(pred, tmp_path / "dicom", progress=False)[study.name]
+    assert [p.name for p in files] == ["SR.dcm", "SC_01.dcm"]
+    for path in files:
+        ds = dcmread(path)
+        assert (ds.StudyInstanceUID, ds.PatientID) == (header.StudyInstanceUID, header.PatientID)
+    sr = _read_sr(files[0])
+    (roi,) = sr.content.get_planar_roi_measurement_groups()
+    assert roi.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    assert dcmread(files[1]).SourceImageSequence[0].ReferencedSOPInstanceUID == header.SOPInstanceUID
+    tool = str(DCIODVFY) if DCIODVFY.is_file() else shutil.which("dciodvfy")
+    if tool is None:
+        pytest.skip("dciodvfy (dicom3tools, in the dev extra) is not installed")
+    for path in files:
+        run = subprocess.run([tool, str(path)], capture_output=True, text=True, timeout=60)
+        assert not [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")], path

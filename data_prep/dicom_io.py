@@ -216,7 +216,7 @@ class StudyGeometry:
         if n > 1:
             out[:3, 0] = (self.positions[-1] - self.positions[0]) / (n - 1)
         else:
-            out[:3, 0] = -_normal(self.orientation) * self.slice_thickness
+            out[:3, 0] = -slice_normal(self.orientation) * self.slice_thickness
         out[:3, 1] = col_dir * self.pixel_spacing[0]  # moving down one row
         out[:3, 2] = row_dir * self.pixel_spacing[1]  # moving right one column
         out[:3, 3] = self.positions[0]
@@ -782,7 +782,7 @@ def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str
     else:
         spacing = (1.0, 1.0)
         _warn(notes, f"{study_dir}: no PixelSpacing in any file; assuming 1 x 1 mm")
-    normal = _normal(orientation)
+    normal = slice_normal(orientation)
     if abs(normal[2]) < 0.5:
         _warn(notes, f"{study_dir}: slices are not axial (normal {np.round(normal, 3).tolist()}); "
                      "the canonical order runs along the slice normal")
@@ -850,7 +850,8 @@ def _build_geometry(study_dir: Path, headers: list[SliceHeader], notes: list[str
         series_number=headers[0].series_number, modality=headers[0].modality, skipped_series=tuple(skipped))
 
 
-def _normal(orientation: np.ndarray) -> np.ndarray:
+def slice_normal(orientation: np.ndarray) -> np.ndarray:
+    """The unit normal of slices with this ImageOrientationPatient (row x column direction; zero when degenerate)."""
     n = np.cross(orientation[:3], orientation[3:])
     return n / (np.linalg.norm(n) or 1.0)
 

@@ -27,7 +27,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, MediaStorageDirectoryStorage
 from tqdm import tqdm
 
-from data_prep.dicom_io import GAP_FACTOR, POSITION_TOLERANCE_MM, SPACING_TOLERANCE_MM, SkippedSeries
+from data_prep.dicom_io import (
+    GAP_FACTOR,
+    POSITION_TOLERANCE_MM,
+    SPACING_TOLERANCE_MM,
+    SkippedSeries,
+    slice_normal,
+)
 from data_prep.errors import InputError
 
 log = logging.getLogger("data_prep")
@@ -512,10 +518,8 @@ def _normal(s: _Series) -> np.ndarray | None:
     orientations = [h.orientation for h in s.headers if h.orientation is not None]
     if not orientations:
         return None
-    o = np.array(Counter(tuple(np.round(v, 3)) for v in orientations).most_common(1)[0][0])
-    normal = np.cross(o[:3], o[3:])
-    norm = float(np.linalg.norm(normal))
-    return normal / norm if norm else None
+    normal = slice_normal(np.array(Counter(tuple(np.round(v, 3)) for v in orientations).most_common(1)[0][0]))
+    return normal if np.linalg.norm(normal) else None
 
 
 def _positions_along_normal(s: _Series) -> np.ndarray | None:

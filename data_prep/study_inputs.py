@@ -25,7 +25,7 @@ import pandas as pd
 
 from data_prep.errors import InputError
 from data_prep.registry import STUDY_COL
-from data_prep.study_finder import DICOMDIR_NAME, FoundStudy, describe, is_zip, search_dicom
+from data_prep.study_finder import DICOMDIR_NAME, FoundStudy, is_zip, search_dicom
 
 log = logging.getLogger("data_prep")
 
@@ -140,8 +140,5 @@ def _has_files(path: Path) -> bool:
 
 
 def _found(path: Path, extract_to: str | os.PathLike | None, progress: bool) -> list[FoundStudy]:
-    """The studies the finder sees under `path`, with the series chosen and skipped logged."""
-    search = search_dicom(path, extract_to=extract_to, progress=progress)
-    for line in describe(search.studies):
-        log.info("%s", line)
-    return search.studies
+    """The studies the finder sees under `path` (it logs each series chosen and skipped)."""
+    return search_dicom(path, extract_to=extract_to, progress=progress).studies

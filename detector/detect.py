@@ -51,6 +51,8 @@ LEVEL_BOXES_CSV = "level_boxes.csv"
 VERTEBRAE_SUFFIX = ".vertebrae.csv"
 VERTEBRAE_CSV = "vertebrae.csv"
 SERIES_SUFFIX = ".series.csv"
+SOP_UID_COL = "sop_instance_uid"
+"""slices.csv: the SOPInstanceUID of each slice's file."""
 SERIES_CSV = "series.csv"
 DEFAULT_LOCATE_EVERY_K = 4
 """Locator stride when configs/locator.yaml has no `locate.every_k`."""
@@ -63,7 +65,7 @@ DEFAULT_LOCATE_BATCH = 16
 BOX_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "x", "y", "width", "height",
                                 "score")
 SLICE_COLUMNS: tuple[str, ...] = (STUDY_COL, "slice_number", "slice_index", "z_mm", "max_score", "n_boxes",
-                                  *ROI_COLUMNS, "sop_instance_uid")
+                                  *ROI_COLUMNS, SOP_UID_COL)
 ERROR_COLUMNS: tuple[str, ...] = (STUDY_COL, "path", "stage", "error")
 LEVEL_BOX_COLUMNS: tuple[str, ...] = ("level", *(f"w_{lv}" for lv in LEVELS))
 LEVEL_SLICE_COLUMNS: tuple[str, ...] = tuple(f"p_{lv}" for lv in LEVELS)
@@ -284,7 +286,7 @@ def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, 
     sops = list(geometry.sop_uids) if len(geometry.sop_uids) == n else [""] * n
     slices = pd.concat([pd.DataFrame({STUDY_COL: uid, "slice_number": numbers.astype(int), "slice_index": np.arange(n),
                                       "z_mm": z, "max_score": max_score, "n_boxes": n_boxes}), rois.table(),
-                        pd.DataFrame({"sop_instance_uid": sops})], axis=1)[list(SLICE_COLUMNS)]
+                        pd.DataFrame({SOP_UID_COL: sops})], axis=1)[list(SLICE_COLUMNS)]
     timings["postprocess"] += time.perf_counter() - t
     if locator is not None:
         t = time.perf_counter()
@@ -585,6 +587,13 @@ def plan_studies(study_dirs: Sequence[Study], markers: StudyMarkers, *, overwrit
         log.info("detect: %d of %d studies already finished in %s (skipped; --overwrite redoes them)",
                  len(skipped), len(study_dirs), markers.root)
     return skipped, todo
+
+
+def detected_studies(out: str | os.PathLike) -> list[str]:
+    """Every study a detect folder holds: finished (done markers) or failed (errors/<uid>.json), sorted."""
+    out = Path(out)
+    failed = {p.stem for p in (out / ERRORS_DIR).glob("*.json")} if (out / ERRORS_DIR).is_dir() else set()
+    return sorted(set(detect_markers(out).done_uids()) | failed)
 
 
 def detect_markers(out: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> StudyMarkers:

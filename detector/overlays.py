@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -38,6 +39,10 @@ TEXT_COLOR = (255, 255, 255)          # BGR white: captions, never a box colour
 TEXT_MARGIN = 4                       # px between a box and its score text, and around captions
 BOX_LINE = cv2.LINE_8                 # exact, non-blended box edges
 PNG_EXT = ".png"
+SLICE_PNG = "{rank:02d}_slice{slice_number}" + PNG_EXT
+"""A top slice's overlay: rank from 01, then the slice_number (InstanceNumber)."""
+SLICE_PNG_PATTERN = re.compile(r"^(?P<rank>\d+)_slice(?P<slice_number>-?\d+)\.png$")
+"""What SLICE_PNG writes, for readers of an overlay folder (the review report, the DICOM results)."""
 PNG_COMPRESSION = 1                   # zlib level of the overlay PNGs: level 1 writes faster than OpenCV's default 3
 BAND_COLUMNS: tuple[str, ...] = ("level", "first_slice", "last_slice")   # vertebrae columns the bands need
 BAND_NOT_FOUND = -1                   # first_slice/last_slice of a level that was not found
@@ -188,7 +193,7 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
             _inset(image, hu, region, cfg)
         caption = f"slice {int(numbers[index])} (#{index}) z {float(geometry.z_mm[index]):.1f} mm"
         _caption(image, caption, cfg)
-        path = out_dir / f"{rank:02d}_slice{int(numbers[index])}{PNG_EXT}"
+        path = out_dir / SLICE_PNG.format(rank=rank, slice_number=int(numbers[index]))
         _imwrite(path, image)
         written.append(path)
         tiles.append(image)

@@ -514,8 +514,12 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
 
 
 def aggregate_detections(out: Path, *, model: ModelFolder, aggregator: Any, uids: Sequence[str],
-                         test: pd.DataFrame | None, started: float, extra: Mapping[str, Any]) -> Path:
-    """From a detect folder's tables to predictions, submission and evidence (predict, and merge of shards)."""
+                         test: pd.DataFrame | None, started: float, extra: Mapping[str, Any], report: bool = True
+                         ) -> Path:
+    """From a detect folder's tables to predictions, submission and evidence (predict, and merge of shards).
+
+    report: also write worklist.csv and report/ (off for a node's one-study staging folder, which nobody reviews).
+    """
     from aggregation.features import build_features
     from aggregation.submission import (
         complete_predictions,
@@ -549,9 +553,10 @@ def aggregate_detections(out: Path, *, model: ModelFolder, aggregator: Any, uids
                   extra=dict(extra))
     log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
              out / "predictions.csv")
-    from spinefrac.report import write_report
+    if report:
+        from spinefrac.report import write_report
 
-    write_report(out, model_dir=model.root)   # worklist.csv and report/ (prints the operating point)
+        write_report(out, model_dir=model.root)   # worklist.csv and report/ (prints the operating point)
     if uids and not finished:
         first = errors[errors[registry.STUDY_COL].isin(failed)].head(1)
         example = f" (first: {first[registry.STUDY_COL].iloc[0]}: {first['error'].iloc[0]})" if len(first) else ""

@@ -66,7 +66,7 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
     """Combine the folders of `predict --shard` runs into one prediction folder, as one `predict` would write it."""
     from aggregation.model import StudyAggregator
     from aggregation.submission import read_test_csv
-    from detector.detect import detect_markers, rebuild_outputs
+    from detector.detect import detected_studies, rebuild_outputs
     from spinefrac.pipeline import aggregate_detections, open_model
 
     t0 = time.perf_counter()
@@ -83,8 +83,7 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
             shutil.rmtree(out / sub, ignore_errors=True)
     owner: dict[str, Path] = {}
     for shard in shards:
-        markers = detect_markers(shard)
-        uids = set(markers.done_uids()) | {p.stem for p in (shard / ERRORS_DIR).glob("*.json")}
+        uids = set(detected_studies(shard))
         twice = sorted(u for u in uids if u in owner)
         if twice:
             raise InputError(shard, f"holds {len(twice)} studies that {owner[twice[0]]} holds too (e.g. {twice[0]}): "

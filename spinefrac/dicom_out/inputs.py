@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,18 +22,13 @@ from pydicom.errors import InvalidDicomError
 
 from data_prep import registry
 from data_prep.errors import InputError
-from data_prep.tables import read_csv_table, validate_frame
+from data_prep.tables import FINITE, INTEGRAL, NOT_BLANK, read_csv_table, validate_frame
+from detector.detect import BOXES_CSV, OVERLAYS_DIR, SERIES_CSV, SLICES_CSV, SOP_UID_COL
+from detector.overlays import SLICE_PNG_PATTERN
 from spinefrac.report.worklist import PREDICTIONS_CSV, PREDICTIONS_SCHEMA
 
 log = logging.getLogger("spinefrac")
 
-BOXES_CSV = "boxes.csv"
-SLICES_CSV = "slices.csv"
-SERIES_CSV = "series.csv"
-OVERLAYS_DIR = "overlays"
-SOP_UID_COL = "sop_instance_uid"
-SLICE_PNG = re.compile(r"^(?P<rank>\d+)_slice(?P<slice_number>-?\d+)\.png$")
-"""detector/overlays.py names the top slices NN_slice<slice_number>.png (NN = rank from 01)."""
 
 MIN_BOX_SCORE = 0.05
 """Boxes below this detector score are left out of the SR (the overlays' default `overlays.min_score`: a box that
@@ -51,32 +45,15 @@ TEXT_COLUMNS = (registry.STUDY_COL, SOP_UID_COL, "dicom_study_uid", "series_uid"
 """Columns read as text (UIDs must keep every digit; empty cells stay empty strings)."""
 
 
-def _whole(series: pd.Series) -> pd.Series:
-    values = pd.to_numeric(series, errors="coerce")
-    return values.notna() & (values == values.round())
-
-
-def _finite(series: pd.Series) -> pd.Series:
-    values = pd.to_numeric(series, errors="coerce").astype(float)
-    return values.notna() & values.abs().lt(float("inf"))
-
-
-def _not_blank(series: pd.Series) -> pd.Series:
-    return series.astype(str).str.strip() != ""
-
-
 def _level_or_empty(series: pd.Series) -> pd.Series:
     return series.fillna("").astype(str).isin(("", *registry.LEVELS))
 
 
-WHOLE = pa.Check(_whole, error="must be a whole number")
-FINITE = pa.Check(_finite, error="must be a finite number")
-NOT_BLANK = pa.Check(_not_blank, error="must not be empty")
 UID_TEXT = pa.Column(str, NOT_BLANK, nullable=False)
 
 BOXES_SCHEMA = pa.DataFrameSchema(
     {registry.STUDY_COL: UID_TEXT,
-     "slice_index": pa.Column(float, [WHOLE, pa.Check.ge(0)], coerce=True, nullable=False),
+     "slice_index": pa.Column(float, [INTEGRAL, pa.Check.ge(0)], coerce=True, nullable=False),
      "x": pa.Column(float, FINITE, coerce=True, nullable=False),
      "y": pa.Column(float, FINITE, coerce=True, nullable=False),
      "width": pa.Column(float, [FINITE, pa.Check.gt(0)], coerce=True, nullable=False),
@@ -87,8 +64,8 @@ BOXES_SCHEMA = pa.DataFrameSchema(
     strict=False, name=BOXES_CSV)
 SLICES_SCHEMA = pa.DataFrameSchema(
     {registry.STUDY_COL: UID_TEXT,
-     "slice_number": pa.Column(float, WHOLE, coerce=True, nullable=False),
-     "slice_index": pa.Column(float, [WHOLE, pa.Check.ge(0)], coerce=True, nullable=False),
+     "slice_number": pa.Column(float, INTEGRAL, coerce=True, nullable=False),
+     "slice_index": pa.Column(float, [INTEGRAL, pa.Check.ge(0)], coerce=True, nullable=False),
      SOP_UID_COL: pa.Column(str, nullable=False)},       # empty when the slice's file has no SOPInstanceUID
     unique=[registry.STUDY_COL, "slice_index"], report_duplicates="all", strict=False, name=SLICES_CSV)
 SERIES_SCHEMA = pa.DataFrameSchema(
@@ -251,7 +228,7 @@ def _overlays(pred_dir: Path, key: str, slices: pd.DataFrame) -> tuple[Overlay, 
     uid_of_number = dict(zip(slices["slice_number"].astype(int), slices[SOP_UID_COL], strict=False))
     found = []
     for path in folder.iterdir():
-        match = SLICE_PNG.match(path.name)
+        match = SLICE_PNG_PATTERN.match(path.name)
         if match:
             if not cv2.haveImageReader(str(path)):
                 raise InputError(path, f"study {key}: not a PNG image OpenCV can read (overlay of the secondary capture)")

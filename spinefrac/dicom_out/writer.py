@@ -41,11 +41,11 @@ class MissingExtraError(SpinefracError):
     """An optional dependency is not installed; the message names the extra to install."""
 
 
-def require_dicom_extra() -> None:
-    """Raise MissingExtraError naming `pip install 'spinefrac[dicom]'` when highdicom is not importable."""
-    missing = [m for m in REQUIRED_MODULES if importlib.util.find_spec(m) is None]
+def require_dicom_extra(modules: Sequence[str] = REQUIRED_MODULES, *, needs: str = "DICOM results need") -> None:
+    """Raise MissingExtraError naming `pip install 'spinefrac[dicom]'` when one of `modules` is not importable."""
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
     if missing:
-        raise MissingExtraError(f"DICOM results need {', '.join(missing)}, which is not installed: {INSTALL_HINT}")
+        raise MissingExtraError(f"{needs} {', '.join(missing)}, which is not installed: {INSTALL_HINT}")
 
 
 def study_folder(out_dir: str | os.PathLike, key: str) -> Path:

@@ -30,6 +30,8 @@ from data_prep import registry
 from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError
 from data_prep.tables import read_csv_table
+from detector.detect import BOXES_CSV, OVERLAYS_DIR
+from detector.overlays import CONTACT_SHEET, SCORE_PROFILE, SLICE_PNG_PATTERN
 from spinefrac.report.worklist import write_worklist
 
 log = logging.getLogger("spinefrac")
@@ -37,12 +39,7 @@ log = logging.getLogger("spinefrac")
 REPORT_DIR = "report"
 STUDIES_DIR = "studies"
 INDEX_HTML = "index.html"
-OVERLAYS_DIR = "overlays"
 EVIDENCE_CSV = "evidence.csv"
-BOXES_CSV = "boxes.csv"
-CONTACT_SHEET = "contact_sheet.png"
-SCORE_PROFILE = "score_profile.png"
-SLICE_PNG = re.compile(r"^\d+_slice-?\d+\.png$")     # detector/overlays.py: NN_slice<slice_number>.png
 THUMB = "thumb.png"
 THUMB_WIDTH = 240                 # px: the worklist's contact-sheet thumbnail
 BAR_HEIGHT = 30                   # px: a level bar at probability 1
@@ -142,7 +139,7 @@ def _row(rec: Mapping[str, Any], pred_dir: Path, tmp: Path) -> dict[str, Any]:
         return row
     images = tmp / STUDIES_DIR / slug
     images.mkdir()
-    for png in sorted(p for p in source.iterdir() if SLICE_PNG.match(p.name)):
+    for png in sorted(p for p in source.iterdir() if SLICE_PNG_PATTERN.match(p.name)):
         _link(png, images / png.name)
         row["overlays"].append({"src": f"{slug}/{png.name}", "caption": png.stem.replace("_", " ")})
     if (source / SCORE_PROFILE).is_file():

@@ -14,7 +14,6 @@ studies waiting have been sent, and when the node stops; OUT/.serve-tables-stale
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import logging
 import os
@@ -58,11 +57,9 @@ class StudyPredictor:
 
     def studies(self) -> list[str]:
         """Every study predicted into the output folder: finished (done markers) or failed (failure records)."""
-        from detector.detect import ERRORS_DIR
+        from detector.detect import detected_studies
 
-        done = set(self.runner.markers.done_uids())
-        failed = {p.stem for p in (self.out / ERRORS_DIR).glob("*.json")} if (self.out / ERRORS_DIR).is_dir() else set()
-        return sorted(done | failed)
+        return detected_studies(self.out)
 
     def predict(self, study_dir: Path) -> bool:
         """Detect one study folder and aggregate it alone (staged for its DICOM results); True if it finished."""
@@ -119,7 +116,7 @@ class StudyPredictor:
             (stage / OVERLAYS_DIR / uid).symlink_to(overlays.absolute(), target_is_directory=True)
         rebuild_outputs(stage, config=self.runner.config, extra=self.runner.describe())
         aggregate_detections(stage, model=self.model, aggregator=self.aggregator, uids=[uid], test=None,
-                             started=time.perf_counter(), extra={"serve": {"staged": uid}})
+                             started=time.perf_counter(), extra={"serve": {"staged": uid}}, report=False)
         return stage
 
     def _stage_dir(self, uid: str) -> Path:
@@ -167,9 +164,7 @@ def choose_series(study_dir: Path) -> Any:
 
 def require_dicom_out() -> Any:
     """Return spinefrac.dicom_out.write_dicom_results, or raise MissingExtraError naming the extra to install."""
-    from spinefrac.dicom_out.writer import INSTALL_HINT, MissingExtraError, write_dicom_results
+    from spinefrac.dicom_out.writer import require_dicom_extra, write_dicom_results
 
-    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingExtraError(f"spinefrac serve needs {', '.join(missing)}, which is not installed: {INSTALL_HINT}")
+    require_dicom_extra(SERVE_MODULES, needs="spinefrac serve needs")
     return write_dicom_results

@@ -174,19 +174,9 @@ class Spool:
             if newest is not None and time.time() - newest < quiet_seconds:
                 return "busy"
             previous = self.where(uid)
-            target = self.folder(READY, uid)
-            if previous is None:
-                os.replace(self.folder(INCOMING, uid), target)
-            else:
-                if previous != READY:
-                    os.replace(self.folder(previous, uid), target)
-                for path in self.instances(INCOMING, uid):
-                    os.replace(path, target / path.name)
-                _fsync_dir(target)
-                shutil.rmtree(self.folder(INCOMING, uid), ignore_errors=True)
-            for state in (INCOMING, READY, previous):
-                if state is not None:
-                    _fsync_dir(self.root / state)
+            if previous not in (None, READY):
+                self.move(uid, previous, READY)      # the earlier version comes back to ready/ ...
+            self.move(uid, INCOMING, READY)          # ... and the new instances join it (they win)
         return previous
 
     def move(self, uid: str, source: str, target: str) -> Path:

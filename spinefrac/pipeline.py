@@ -8,7 +8,7 @@ Model folder (see docs/contracts.md "Model folder"):
     prior.json        the training prior of the eight targets (for failed studies)
     detector/         YOLO run folder: weights/best.pt, results.csv, args.yaml, train.meta.json
     locator/          the same for the vertebra locator (absent when trained without segmentations)
-    aggregator/       aggregator.skops + aggregator.json
+    aggregator/       aggregator.skops + aggregator.json, candidates.csv, operating_point.json
     work/             intermediate datasets and detections (resumable; not needed to predict)
 Copy the folder without work/ to another machine and `spinefrac predict` works there.
 model.json lists the SHA-256 of every file (`files`, except work/, model.json and the export caches that
@@ -385,6 +385,7 @@ def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: P
 
 def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: Sequence[str], out: Path,
                     cfg: Config, *, features_csv: Path) -> dict[str, Any]:
+    from aggregation.candidates import format_table
     from aggregation.features import build_features
     from aggregation.metric import competition_loss
     from aggregation.model import StudyAggregator
@@ -400,10 +401,21 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
     write_csv_atomic(features_csv, features)
     model = StudyAggregator(cfg).fit(features, labels)
     model.save(out)
-    operating = write_operating_point(out, features, labels, cfg)   # the worklist's flag threshold (held-out)
+    heldout, reason = model.heldout_patient()
+    operating = write_operating_point(out, heldout, reason, cfg)   # the worklist's flag threshold (out of fold)
+    if model.candidates_ is not None:
+        comp = model.comparison_
+        log.info("%s", format_table(model.candidates_, n_studies=len(usable), folds=int(comp.folds.max()) + 1,
+                                    repeats=int(comp.folds.shape[0])))
+    else:
+        log.info("aggregator candidates: not compared (%s); predicting with %s",
+                 model.comparison_note_ or "candidates.choose names one", model.chosen_)
     fitted = model.predict_proba(features)
     in_sample = competition_loss(labels[labels[registry.STUDY_COL].isin(usable)], fitted)
-    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4),
+    table = model.candidates_
+    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4), "chosen": model.chosen_,
+            "oof_loss": None if table is None else
+            {r["candidate"]: round(float(r["loss_per_study"]), 4) for r in table.to_dict("records")},
             "operating_threshold": operating["threshold"]}
 
 

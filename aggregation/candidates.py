@@ -4,7 +4,8 @@ At training (`StudyAggregator.fit`), the aggregator's studies are cut `candidate
 `operating.heldout_folds` folds by study (stratified by patient_overall, seeds `model.random_state` + repeat;
 fewer folds when a class has fewer studies). In every fold each member is fitted on the other folds and
 predicts this one:
-- `prior`: the training positive rate of each target (kept off 0 and 1 as prior.json is);
+- `prior`: the training positive rate of each target, smoothed by half a study each way ((k + 0.5) / (n + 1):
+  a fold without a positive C3 must not predict 0, which would cost the held-out C3 fracture everything);
 - `max_score_rule`: `aggregation.rules.MaxScoreRule` (monotone logistic of max box score and cls_max);
 - `gbm`: the monotone gradient-boosted model (`aggregation.model`);
 - `blend`: `aggregation.blend` over the three, cross-fitted: the weights that predict fold k are fitted on the

@@ -297,7 +297,8 @@ class StudyAggregator:
         patient_model = fit_binary(_matrix(xp, self.patient_features), y_patient, categorical=None,
                                    config=self.config, sample_weight=self.sample_weights(y_patient, patient=True),
                                    monotonic=self._constraints(self.patient_features))
-        prior = {t: float(np.clip(y_wide[t].mean(), registry.PROB_CLIP, 1 - registry.PROB_CLIP))
+        n = len(y_wide)     # smoothed as ConstantClassifier: a fold without a C3 positive must not predict 1e-15
+        prior = {t: float((y_wide[t].sum() + CONSTANT_SMOOTHING) / (n + 2 * CONSTANT_SMOOTHING))
                  for t in registry.TARGETS}
         rule = MaxScoreRule(rule_inputs(self.config), float(self.config["candidates"].get("l2", 1.0)),
                             self.config["model"]["sample_weights"]).fit(features, y_wide)
@@ -403,28 +404,37 @@ class StudyAggregator:
 
     def predict_candidate(self, features: pd.DataFrame, candidate: str) -> pd.DataFrame:
         """Return the predictions (as predict_proba) of one candidate fitted on every training study."""
+        return self.predict_candidates(features, [candidate])[candidate]
+
+    def predict_candidates(self, features: pd.DataFrame,
+                           candidates: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+        """Return {candidate: predictions as predict_proba} for `candidates` (default: every one this model has)."""
         if self.level_models_ is None or self.patient_model_ is None:
             raise RuntimeError("StudyAggregator is not fitted: call fit() or load() first")
-        if candidate not in CANDIDATES:
-            raise ValueError(f"unknown candidate {candidate!r}; choose from {', '.join(CANDIDATES)}")
-        if candidate != GBM and (self.prior_ is None or self.rule_ is None):
-            raise ValueError(f"this aggregator was saved before candidates existed: it has no {candidate!r}")
-        if candidate == BLEND and self.blend_ is None:
-            raise ValueError("this aggregator has no blend (no out-of-fold comparison was run)")
+        has_members = self.prior_ is not None and self.rule_ is not None
+        if candidates is None:
+            candidates = [c for c in CANDIDATES if c == GBM or (has_members and (c != BLEND or self.blend_))]
+        for c in candidates:
+            if c not in CANDIDATES:
+                raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}")
+            if c != GBM and not has_members:
+                raise ValueError(f"this aggregator was saved before candidates existed: it has no {c!r}")
+            if c == BLEND and self.blend_ is None:
+                raise ValueError("this aggregator has no blend (no out-of-fold comparison was run)")
+        cols = [registry.STUDY_COL, *registry.TARGETS]
         with self._threads():
             self._check_features(features)
             features = _str_uids(features)
-            if candidate == GBM:
-                out = self._predict_gbm(features, self.level_models_, self.patient_model_)
-            else:
-                assert self.prior_ is not None and self.rule_ is not None
-                uids = [str(u) for u in pd.unique(features[registry.STUDY_COL])]
-                members = self._member_predictions(features, uids, self.level_models_, self.patient_model_,
-                                                   self.prior_, MaxScoreRule.from_dict(self.rule_))
-                p = predict_blend(self.blend_, [members[k] for k in self.blend_["members"]]) \
-                    if candidate == BLEND else members[candidate]
-                out = pd.DataFrame(p, columns=list(registry.TARGETS)).assign(**{registry.STUDY_COL: uids})
-        return out[[registry.STUDY_COL, *registry.TARGETS]]
+            if list(candidates) == [GBM]:
+                return {GBM: self._predict_gbm(features, self.level_models_, self.patient_model_)[cols]}
+            assert self.prior_ is not None and self.rule_ is not None
+            uids = [str(u) for u in pd.unique(features[registry.STUDY_COL])]
+            members = self._member_predictions(features, uids, self.level_models_, self.patient_model_,
+                                               self.prior_, MaxScoreRule.from_dict(self.rule_))
+            if BLEND in candidates:
+                members[BLEND] = predict_blend(self.blend_, [members[k] for k in self.blend_["members"]])
+            return {c: pd.DataFrame(members[c], columns=list(registry.TARGETS)).assign(
+                **{registry.STUDY_COL: uids})[cols] for c in candidates}
 
     def _predict_gbm(self, features: pd.DataFrame, level_models: Mapping[str, Any], patient_model: Any) -> pd.DataFrame:
         levels = self._predict_levels(level_models, features)

@@ -3,7 +3,8 @@
 logit p_blend = c + sum_k w_k logit(p_k), with w_k >= 0 (a member's rising probability never lowers the blend),
 one set of weights for the seven levels (pooled rows) and one for patient_overall; then patient_overall is
 never below the largest level probability. The members' probabilities are clipped to [LOGIT_CLIP, 1 - LOGIT_CLIP]
-before the log-odds. Fitted by `aggregation.monotone.fit_monotone_logistic` with the metric's weights (or none)
+before the log-odds. Fitted by `aggregation.monotone.fit_monotone_logistic` with each entry's weight in the
+per-study competition metric (`aggregation.metric.per_study_weights`; none when model.sample_weights is "none")
 and the L2 penalty `candidates.l2` on the weights. `aggregation.candidates` fits it on the members' out-of-fold
 predictions, and scores it by cross-fitting (weights for fold k learnt on the other folds' rows).
 """
@@ -18,7 +19,7 @@ from scipy.special import expit, logit
 
 from data_prep import registry
 
-from .metric import label_weights
+from .metric import per_study_weights
 from .monotone import fit_monotone_logistic
 
 LOGIT_CLIP = 1e-4
@@ -38,10 +39,11 @@ def fit_blend(members: Sequence[str], probs: Sequence[np.ndarray], y: np.ndarray
     y = np.asarray(y, dtype=float)
     k = z.shape[-1]
     out: dict[str, Any] = {"members": list(members)}
-    for part, cols, patient in (("level", slice(0, N_LEVELS), False), ("patient", slice(N_LEVELS, None), True)):
+    weights = per_study_weights(y) if sample_weights == "metric" else None
+    for part, cols in (("level", slice(0, N_LEVELS)), ("patient", slice(N_LEVELS, None))):
         X = z[:, cols, :].reshape(-1, k)
         yy = y[:, cols].reshape(-1)
-        w = label_weights(yy, patient=patient) if sample_weights == "metric" else None
+        w = None if weights is None else weights[:, cols].reshape(-1)
         coef, c = fit_monotone_logistic(X, yy, weights=w, increasing=np.ones(k, bool), penalised=np.ones(k, bool),
                                         l2=l2)
         out[part] = {"coef": coef.tolist(), "intercept": c}

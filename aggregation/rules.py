@@ -9,7 +9,9 @@
 - Patient: p = expit(c + a * study_max_score + b * study_cls_max + e * cls_missing), study_max_score the
   highest box score of the study whatever its level (the user's "max box score" rule) and study_cls_max
   the highest level cls_max; then never below the largest level probability.
-- Weights are the model's (`model.sample_weights`); the penalty `candidates.l2` counts in rows of average weight.
+- With model.sample_weights "metric", each row weighs what it weighs in the per-study competition metric (its
+  metric weight over its study's total: `aggregation.metric.per_study_weights`), so the fit aims at that metric;
+  "none" fits unweighted. The penalty `candidates.l2` counts in rows of average weight.
 One logistic fit with both scores (rather than a second rule for the classifier): a score that carries nothing
 gets a slope of 0, so a useless classifier costs a parameter, not a candidate more to choose among on few studies.
 The fitted rule is plain numbers (`MaxScoreRule.to_dict`), saved inside the aggregator's skops file.
@@ -26,7 +28,7 @@ import pandas as pd
 from data_prep import registry
 
 from .features import LEVEL_COL, selected_groups
-from .metric import label_weights
+from .metric import per_study_weights
 from .monotone import fit_monotone_logistic
 
 LEVEL_SCORE, STUDY_SCORE, CLS_SCORE, CLS_MISSING = "max_score", "study_max_score", "cls_max", "cls_missing"
@@ -74,25 +76,33 @@ class MaxScoreRule:
         self.level_: dict[str, Any] = {}
         self.patient_: dict[str, Any] = {}
 
-    def _weights(self, y: np.ndarray, patient: bool) -> np.ndarray | None:
-        return label_weights(y, patient=patient) if self.sample_weights == "metric" else None
+    def _study_weights(self, y_wide: pd.DataFrame) -> pd.DataFrame | None:
+        """Per-study normalised metric weights (study x TARGETS), or None when unweighted."""
+        if self.sample_weights != "metric":
+            return None
+        y = y_wide[list(registry.TARGETS)].to_numpy(dtype=float)
+        return pd.DataFrame(per_study_weights(y), index=y_wide.index, columns=list(registry.TARGETS))
 
     def fit(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> MaxScoreRule:
         """Fit the level and patient logistic fits on a long features table and labels indexed by study."""
         increasing = np.array([c != CLS_MISSING for c in self.inputs])
+        weights = self._study_weights(y_wide)
         X = level_inputs(features, self.inputs)
         idx = np.array([registry.level_index(lv) for lv in features[LEVEL_COL]])
         onehot = np.eye(len(registry.LEVELS))[idx]
-        y = y_wide.loc[features[registry.STUDY_COL].astype(str).to_numpy(), list(registry.LEVELS)].to_numpy()
-        y = y[np.arange(len(features)), idx].astype(float)
-        coef, c = fit_monotone_logistic(np.column_stack([X, onehot]), y, weights=self._weights(y, False),
+        row_uids = features[registry.STUDY_COL].astype(str).to_numpy()
+        y = y_wide.loc[row_uids, list(registry.LEVELS)].to_numpy()[np.arange(len(features)), idx].astype(float)
+        w = None if weights is None else weights.loc[row_uids, list(registry.LEVELS)].to_numpy()[
+            np.arange(len(features)), idx]
+        coef, c = fit_monotone_logistic(np.column_stack([X, onehot]), y, weights=w,
                                         increasing=np.r_[increasing, np.zeros(len(registry.LEVELS), bool)],
                                         penalised=np.ones(X.shape[1] + len(registry.LEVELS), bool), l2=self.l2)
         k = X.shape[1]
         self.level_ = {"coef": coef[:k].tolist(), "offsets": coef[k:].tolist(), "intercept": c}
         uids, Xp = patient_inputs(features, self.inputs)
         yp = y_wide.loc[uids, registry.PATIENT].to_numpy(dtype=float)
-        coef, c = fit_monotone_logistic(Xp, yp, weights=self._weights(yp, True), increasing=increasing,
+        wp = None if weights is None else weights.loc[uids, registry.PATIENT].to_numpy()
+        coef, c = fit_monotone_logistic(Xp, yp, weights=wp, increasing=increasing,
                                         penalised=np.ones(Xp.shape[1], bool), l2=self.l2)
         self.patient_ = {"coef": coef.tolist(), "intercept": c}
         return self

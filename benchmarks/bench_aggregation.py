@@ -65,9 +65,11 @@ WORLDS: dict[str, World] = {
                   cls=(0.45, 0.35, 0.2), cls_found=0.45),
     "medium": World(miss_rate=0.35, hit_score=(0.45, 0.2), false_positives_mean=3.0, level_confusion=0.3,
                     cls=(0.55, 0.35, 0.2), cls_found=0.8),
-    "none": World(hit_score=(0.33, 0.15), level_confusion=1.0, cls=(0.4, 0.4, 0.2)),   # boxes and scores carry nothing
+    # fracture boxes scored like false positives, on random levels: only their number and runs tell
+    "scoreless": World(hit_score=(0.33, 0.15), level_confusion=1.0, cls=(0.4, 0.4, 0.2)),
+    "none": World(miss_rate=1.0, cls=(0.4, 0.4, 0.2)),     # no fracture box at all, a classifier that knows nothing
 }
-"""Named worlds of --world; "none" has fracture boxes scored like false positives on random levels."""
+"""Named worlds of bench_candidates --worlds ("default" is bench_aggregation's own simulation)."""
 
 
 def simulate_detections(n_studies: int, seed: int = 0, world: World = WORLDS["default"]

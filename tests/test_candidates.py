@@ -186,22 +186,29 @@ def test_aggregator_saved_before_candidates_still_loads_and_predicts(fitted, tmp
         loaded.predict_candidate(feats, "max_score_rule")
 
 
-WEAK_TOLERANCE = 0.02
-"""Per-study loss the chosen aggregator may lose to the constant prior on weak-signal held-out studies."""
+MEAN_TOLERANCE = 0.01
+"""Mean held-out loss per study (over the seeds) the chosen aggregator may lose to the constant prior."""
+SEED_TOLERANCE = 0.04
+"""Loss one seed may lose to the prior: constants fitted on 40 studies differ on held-out studies by up to 0.035
+(benchmarks/bench_candidates, world "none", 6 seeds: the max-score rule, whatever its L2, against the prior)."""
 
 
 @pytest.mark.parametrize("world", ["weak", "none"])
 def test_weak_signal_does_not_lose_to_the_prior(world):
-    """The user's case, simulated: 40 aggregator studies, weak or no signal; 300 held-out studies of the same world."""
+    """The user's case, simulated: 40 aggregator studies, weak or no signal; 200 held-out studies of the same world."""
     from benchmarks.bench_aggregation import WORLDS, simulate_world
     from benchmarks.bench_candidates import held_out_scores
 
     cfg = load_config("aggregation", overrides=["model.max_iter=30", "model.max_depth=2", "candidates.repeats=1"])
-    for seed in (0, 1):
+    chosen, prior = [], []
+    for seed in (0, 1, 2):
         b, s, lab, v = simulate_world(40, seed, WORLDS[world])
-        tb, ts, tlab, tv = simulate_world(300, seed + 1000, WORLDS[world])
+        tb, ts, tlab, tv = simulate_world(200, seed + 1000, WORLDS[world])
         agg = StudyAggregator(cfg).fit(build_features(b, s, config=cfg, vertebrae=v), lab)
         scores = held_out_scores(agg, build_features(tb, ts, config=cfg, vertebrae=tv), tb, tlab)
-        assert scores["chosen"]["loss"] <= scores["prior"]["loss"] + WEAK_TOLERANCE, (seed, agg.chosen_, scores)
+        chosen.append(scores["chosen"]["loss"])
+        prior.append(scores["prior"]["loss"])
+        assert chosen[-1] <= prior[-1] + SEED_TOLERANCE, (seed, agg.chosen_, scores)
         if world == "weak":       # a real, weak signal: the chosen patient ranking is not inverted
             assert scores["chosen"]["auc_patient"] > 0.5, (seed, agg.chosen_, scores)
+    assert np.mean(chosen) <= np.mean(prior) + MEAN_TOLERANCE, (chosen, prior)

@@ -44,13 +44,14 @@ from data_prep import registry
 from data_prep.artifacts import atomic_path, library_versions, write_json_atomic
 from data_prep.errors import InputError
 
-from .blend import predict_blend
+from .blend import fit_blend, predict_blend
 from .candidates import (
     AUTO,
     BLEND,
     CANDIDATES,
     CANDIDATES_FILE,
     GBM,
+    HELDOUT_COLUMNS,
     MEMBERS,
     PRIOR,
     RULE,
@@ -58,6 +59,7 @@ from .candidates import (
     compare,
     n_folds,
     read_table,
+    write_table,
 )
 from .features import (
     FEATURE_GROUPS,
@@ -198,7 +200,11 @@ class StudyAggregator:
         if weights not in SAMPLE_WEIGHT_CHOICES:
             raise ValueError(f"model.sample_weights must be one of {', '.join(SAMPLE_WEIGHT_CHOICES)}, "
                              f"found {weights!r}")
-        self.config.setdefault("candidates", {"choose": GBM})      # a config from before candidates: the booster
+        if "candidates" not in self.config:       # a config from before candidates: the booster, as it was
+            from data_prep.config import load_config
+
+            self.config["candidates"] = {**load_config("aggregation")["candidates"].to_dict(),
+                                         **LEGACY_SETTINGS["candidates"]}
         choose = self.config["candidates"]["choose"]
         if choose not in (AUTO, *CANDIDATES):
             raise ValueError(f"candidates.choose must be one of {', '.join((AUTO, *CANDIDATES))}, found {choose!r}")
@@ -281,8 +287,6 @@ class StudyAggregator:
         comp = compare(uids, y, fit_predict, folds=folds, repeats=int(cand["repeats"]), seed=int(m["random_state"]),
                        l2=float(cand["l2"]), sample_weights=m["sample_weights"], choose=cand["choose"])
         oof_all = {k: v.reshape(-1, len(registry.TARGETS)) for k, v in comp.oof.items()}
-        from .blend import fit_blend
-
         self.blend_ = fit_blend(MEMBERS, [oof_all[k] for k in MEMBERS], np.tile(y, (comp.folds.shape[0], 1)),
                                 l2=float(cand["l2"]), sample_weights=m["sample_weights"])
         self.comparison_, self.candidates_, self.chosen_ = comp, comp.table, comp.chosen
@@ -300,7 +304,7 @@ class StudyAggregator:
         n = len(y_wide)     # smoothed as ConstantClassifier: a fold without a C3 positive must not predict 1e-15
         prior = {t: float((y_wide[t].sum() + CONSTANT_SMOOTHING) / (n + 2 * CONSTANT_SMOOTHING))
                  for t in registry.TARGETS}
-        rule = MaxScoreRule(rule_inputs(self.config), float(self.config["candidates"].get("l2", 1.0)),
+        rule = MaxScoreRule(rule_inputs(self.config), float(self.config["candidates"]["l2"]),
                             self.config["model"]["sample_weights"]).fit(features, y_wide)
         return level_models, patient_model, prior, rule
 
@@ -446,8 +450,6 @@ class StudyAggregator:
 
     def heldout_patient(self) -> tuple[pd.DataFrame, str | None]:
         """Return the chosen candidate's out-of-fold patient rows (candidates.HELDOUT_COLUMNS), or why there are none."""
-        from .candidates import HELDOUT_COLUMNS
-
         if self.comparison_ is None:
             return (pd.DataFrame(columns=list(HELDOUT_COLUMNS)),
                     self.comparison_note_ or "no out-of-fold comparison was run (candidates.choose names a candidate)")
@@ -481,8 +483,6 @@ class StudyAggregator:
             if unknown:  # this code made a model it would refuse to load: fail now, not at predict time
                 raise RuntimeError(f"aggregator holds types outside TRUSTED_TYPES: {', '.join(unknown)}")
         if self.candidates_ is not None and self.comparison_ is not None:
-            from .candidates import write_table
-
             write_table(directory, self.candidates_, config=self.config,
                         extra={"chosen": self.chosen_, "folds": int(self.comparison_.folds.max()) + 1,
                                "repeats": int(self.comparison_.folds.shape[0]),

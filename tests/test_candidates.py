@@ -186,11 +186,12 @@ def test_aggregator_saved_before_candidates_still_loads_and_predicts(fitted, tmp
         loaded.predict_candidate(feats, "max_score_rule")
 
 
-MEAN_TOLERANCE = 0.01
+MEAN_TOLERANCE = 0.02
 """Mean held-out loss per study (over the seeds) the chosen aggregator may lose to the constant prior."""
-SEED_TOLERANCE = 0.04
-"""Loss one seed may lose to the prior: constants fitted on 40 studies differ on held-out studies by up to 0.035
-(benchmarks/bench_candidates, world "none", 6 seeds: the max-score rule, whatever its L2, against the prior)."""
+SEED_TOLERANCE = 0.05
+"""Loss one seed may lose to the prior: constants fitted on 40 studies differ on 200 held-out studies by up to 0.042
+(world "none", seed 0: the max-score rule 0.657 against the prior's 0.615; benchmarks/bench_candidates). The
+booster as it was (unconstrained, alone) loses 0.127 there and 0.050 on average over the three seeds."""
 
 
 @pytest.mark.parametrize("world", ["weak", "none"])

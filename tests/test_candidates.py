@@ -194,6 +194,7 @@ SEED_TOLERANCE = 0.05
 booster as it was (unconstrained, alone) loses 0.127 there and 0.050 on average over the three seeds."""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", ["weak", "none"])
 def test_weak_signal_does_not_lose_to_the_prior(world):
     """The user's case, simulated: 40 aggregator studies, weak or no signal; 200 held-out studies of the same world."""

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import registry
-from data_prep.dicom_io import check_study, decode_slices
+from data_prep.dicom_io import check_study, decode_slices, short_coverage
 from data_prep.errors import InputError
 from data_prep.study_finder import FoundStudy
 from data_prep.study_inputs import DICOM_GLOB, Study, find_inputs, kaggle_study
@@ -163,6 +163,9 @@ def inspect_study(study_dir: Study, *, workers: int = 2) -> StudySummary:
                        f": {k.reason}" for k in skipped]
     if geom is None:
         return summary
+    too_short = short_coverage(geom.z_mm)
+    if too_short is not None:
+        summary.warnings.append(too_short)
     summary.n_slices = len(geom)
     summary.pixel_spacing = geom.pixel_spacing
     summary.slice_thickness = geom.slice_thickness

@@ -226,39 +226,6 @@ class StudyMarkers:
 
 
 
-def study_file(folder: str | os.PathLike, uid: str, suffix: str) -> Path:
-    """`folder/<safe_name(uid)><suffix>`: the file of one study (a marker, a part, a failure record), never outside."""
-    return inside(folder, f"{safe_name(uid)}{suffix}", source=f"study {uid!r}")
-
-
-def study_keys(folder: str | os.PathLike, suffix: str = MARKER_SUFFIX, field: str = KEY_FIELD) -> list[str]:
-    """The keys of the studies with a `<name><suffix>` JSON record in `folder` (done markers, failure records).
-
-    A file whose name `safe_name` keeps as it is belongs to the study of that name; a changed name's key is read from
-    the record (`field`, else StudyInstanceUID); an unreadable one is left out with a warning.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    keys = []
-    for path in sorted(folder.glob(f"*{suffix}")):
-        name = path.name[: -len(suffix)]
-        if is_verbatim(name):
-            keys.append(name)
-            continue
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            key = data.get(field, data.get(STUDY_COL)) if isinstance(data, dict) else None
-        except (OSError, ValueError) as exc:
-            log.warning("%s: unreadable record (%s); left out", path, exc)
-            continue
-        if not isinstance(key, str) or safe_name(key) != name:
-            log.warning("%s: its record names study %r, whose file would be %s; left out", path, key,
-                        safe_name(key) + suffix if isinstance(key, str) else "(no key)")
-            continue
-        keys.append(key)
-    return keys
-
     def plan(self, uids: Sequence[str], *, overwrite: bool) -> ResumePlan:
         """Check every marker of the folder against this run's settings and say what to skip and do.
 
@@ -295,3 +262,37 @@ def study_keys(folder: str | os.PathLike, suffix: str = MARKER_SUFFIX, field: st
         for uid in uids:
             (plan.skip if uid in current and not overwrite else plan.todo).append(uid)
         return plan
+
+
+def study_file(folder: str | os.PathLike, uid: str, suffix: str) -> Path:
+    """`folder/<safe_name(uid)><suffix>`: the file of one study (a marker, a part, a failure record), never outside."""
+    return inside(folder, f"{safe_name(uid)}{suffix}", source=f"study {uid!r}")
+
+
+def study_keys(folder: str | os.PathLike, suffix: str = MARKER_SUFFIX, field: str = KEY_FIELD) -> list[str]:
+    """The keys of the studies with a `<name><suffix>` JSON record in `folder` (done markers, failure records).
+
+    A file whose name `safe_name` keeps as it is belongs to the study of that name; a changed name's key is read from
+    the record (`field`, else StudyInstanceUID); an unreadable one is left out with a warning.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    keys = []
+    for path in sorted(folder.glob(f"*{suffix}")):
+        name = path.name[: -len(suffix)]
+        if is_verbatim(name):
+            keys.append(name)
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            key = data.get(field, data.get(STUDY_COL)) if isinstance(data, dict) else None
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable record (%s); left out", path, exc)
+            continue
+        if not isinstance(key, str) or safe_name(key) != name:
+            log.warning("%s: its record names study %r, whose file would be %s; left out", path, key,
+                        safe_name(key) + suffix if isinstance(key, str) else "(no key)")
+            continue
+        keys.append(key)
+    return keys

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.config import ConfigError
 from data_prep.errors import InputError
 from data_prep.locks import locks_output
@@ -160,6 +160,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
                                                           locator_config=locator_config,
                                                           levels_config=levels_config))
     markers.plan(uids, overwrite=overwrite)      # refuses finished studies of other settings before any work
+    remove_stale_temps(out, (IMAGES_DIR, DONE_DIR))     # a killed run's temporaries (we hold the lock)
     skipped: list[dict[str, str]] = []
     tasks = []
     for uid in uids:

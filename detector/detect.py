@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.errors import InputError
 from data_prep.locks import locks_output
 from data_prep.registry import LEVELS, STUDY_COL
@@ -45,6 +45,8 @@ DONE_DIR = "done"
 PARTS_DIR = "parts"
 ERRORS_DIR = "errors"
 OVERLAYS_DIR = "overlays"
+STUDY_DIRS = (DONE_DIR, PARTS_DIR, ERRORS_DIR, OVERLAYS_DIR)
+"""The folders of a detect output that hold per-study files."""
 BOXES_SUFFIX = ".boxes.csv"
 SLICES_SUFFIX = ".slices.csv"
 LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
@@ -582,6 +584,7 @@ def plan_studies(study_dirs: Sequence[Study], markers: StudyMarkers, *, overwrit
     `overwrite` (then every study is redone and failure records made with other settings are dropped).
     """
     plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)
+    remove_stale_temps(markers.root, STUDY_DIRS)     # a killed run's temporaries (the caller holds the lock)
     if overwrite:
         _drop_other_errors(markers.root, markers.key)
     skipped = list(plan.skip)

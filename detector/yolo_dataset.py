@@ -31,6 +31,7 @@ import yaml
 
 from data_prep.artifacts import (
     config_hash,
+    remove_stale_temps,
     write_csv_atomic,
     write_json_atomic,
     write_sidecar,
@@ -223,6 +224,7 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
                                                     locator_config=locator_config, levels_config=levels_config),
                               kind="detector")
     markers.plan(selected, overwrite=overwrite)       # refuses finished studies of other settings before any work
+    remove_stale_temps(out, (IMAGES_DIR, LABELS_DIR, DONE_DIR))   # a killed run's temporaries (we hold the lock)
     _check_stale(out, selected, overwrite=overwrite)
     strata = {u: _level_stratum(labels.loc[u]) if u in boxed else NEGATIVE_STRATUM for u in selected}
     folds = _load_or_make_splits(out / SPLITS_JSON, strata, n_folds=int(prep["n_folds"]), seed=int(prep["seed"]),
@@ -309,6 +311,7 @@ def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike
         raise InputError(seg_dir, f"no segmentation has a study folder under {data_root / TRAIN_IMAGES}")
     markers = dataset_markers(out, prepare_settings(config, kind="locator"), kind="locator")
     markers.plan(uids, overwrite=overwrite)           # refuses finished studies of other settings before any work
+    remove_stale_temps(out, (IMAGES_DIR, LABELS_DIR, DONE_DIR))   # a killed run's temporaries (we hold the lock)
     _check_stale(out, uids, overwrite=overwrite)
     folds = _load_or_make_splits(out / SPLITS_JSON, dict.fromkeys(uids, SEGMENTED_STRATUM),
                                  n_folds=int(prep["n_folds"]), seed=int(prep["seed"]), overwrite=overwrite)

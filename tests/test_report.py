@@ -22,6 +22,7 @@ from aggregation.operating_point import HELDOUT_FILE, OPERATING_FILE
 from data_prep.artifacts import write_sidecar
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, PATIENT, STUDY_COL
+from detector.detect import overlay_dir
 from spinefrac.cli import main
 from spinefrac.report import write_report
 from spinefrac.report.build import CSP, REPORT_DIR, study_slug
@@ -73,7 +74,7 @@ def make_pred_dir(root: Path, *, model: Path | None) -> Path:
                           "y": 6.0, "width": 7.0, "height": 8.0, "score": 0.9 - 0.1 * b, "level": "C2"})
         if failed:
             continue
-        folder = pred / "overlays" / uid
+        folder = overlay_dir(pred, uid)      # overlays/<safe_name(uid)>/, as detect writes it
         for i in range(n_png):
             png(folder / f"{i + 1:02d}_slice{10 + i}.png", 40 * (k + 1))
         png(folder / "contact_sheet.png", 200)

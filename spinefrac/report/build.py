@@ -127,7 +127,7 @@ def _row(rec: Mapping[str, Any], pred_dir: Path, tmp: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "uid": uid, "rank": int(rec["rank"]), "patient": float(rec[registry.PATIENT]),
         "levels": {lv: float(rec[lv]) for lv in registry.LEVELS}, "failed": bool(rec["failed"]),
-        "error": str(rec["error"] or ""), "flagged": bool(flagged), "flagged_value": "" if flagged is None else
+        "error": str(rec["error"] or ""), "warning": str(rec.get("warning") or ""), "flagged": bool(flagged), "flagged_value": "" if flagged is None else
         str(int(flagged)), "page": f"{STUDIES_DIR}/{slug}.html", "thumb": None, "profile": None, "overlays": []}
     source = overlay_dir(pred_dir, uid)
     if not source.is_dir():

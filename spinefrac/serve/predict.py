@@ -50,8 +50,12 @@ class StudyPredictor:
         self.model = open_model(model_dir)
         self.aggregator = StudyAggregator.load(self.model.root / "aggregator")
         self.runner = StudyRunner(self.out, **runner_kwargs(self.model, labels=None, workers=workers, device=device))
+        from data_prep.artifacts import remove_stale_temps
+        from detector.detect import STUDY_DIRS
+
         try:
             self.runner.markers.plan(self.studies(), overwrite=False)
+            remove_stale_temps(self.out, STUDY_DIRS)      # the node holds paths.out's lock
         except SettingsChangedError as exc:    # never mix two models' results in one output folder
             raise InputError(self.out, f"paths.out holds studies predicted with another model or other settings "
                                        f"({exc.reason.split('. Results')[0]}); choose a new paths.out") from None

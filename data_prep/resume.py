@@ -27,7 +27,7 @@ import pandas as pd
 from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
 from data_prep.registry import STUDY_COL
-from data_prep.safe_paths import UnsafePathError, inside, is_verbatim, safe_name
+from data_prep.safe_paths import UnsafePathError, inside, names_itself, safe_name
 
 log = logging.getLogger("data_prep")
 
@@ -272,8 +272,9 @@ def study_file(folder: str | os.PathLike, uid: str, suffix: str) -> Path:
 def study_keys(folder: str | os.PathLike, suffix: str = MARKER_SUFFIX, field: str = KEY_FIELD) -> list[str]:
     """The keys of the studies with a `<name><suffix>` JSON record in `folder` (done markers, failure records).
 
-    A file whose name `safe_name` keeps as it is belongs to the study of that name; a changed name's key is read from
-    the record (`field`, else StudyInstanceUID); an unreadable one is left out with a warning.
+    A file whose name can only be its own key's (`safe_paths.names_itself`) belongs to the study of that name; for
+    any other name the key is read from the record (`field`, else StudyInstanceUID); an unreadable one is left out
+    with a warning.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -281,7 +282,7 @@ def study_keys(folder: str | os.PathLike, suffix: str = MARKER_SUFFIX, field: st
     keys = []
     for path in sorted(folder.glob(f"*{suffix}")):
         name = path.name[: -len(suffix)]
-        if is_verbatim(name):
+        if names_itself(name):
             keys.append(name)
             continue
         try:

@@ -32,8 +32,8 @@ VERBATIM = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
 NAME_HASH_CHARS = 8
 """Hex digits of the SHA-256 of the identifier appended to a name that had to change (as the review report did)."""
 HASHED = re.compile(rf"-[0-9a-f]{{{NAME_HASH_CHARS}}}$")
-"""The ending of a name that was changed. A verbatim name never ends like this (it is hashed instead), so a changed
-name can never equal a name kept as it is, and the name of a file tells whether it is its key."""
+"""The ending of a name that was changed. A file whose name does not end like this belongs to the identifier of
+that name; one that does may belong to another identifier (its record says which: data_prep.resume.study_keys)."""
 MAX_VERBATIM_CHARS = 100
 """Longest identifier kept as it is; longer ones are cut and hashed (file names of at most 255 bytes must also
 hold suffixes such as '.level_boxes.csv' and a temporary name's '.<16 hex>.tmp')."""
@@ -53,23 +53,46 @@ def safe_name(identifier: Any) -> str:
     """A file-name-safe, unique name for an identifier: itself when already safe, else a slug plus a short hash.
 
     Kept as it is: at most MAX_VERBATIM_CHARS characters of `A-Za-z0-9._-`, starting with a letter, digit or '_',
-    not ending in '.', not a Windows device name and not ending like a changed name ('-' and NAME_HASH_CHARS hex
-    digits). Anything else becomes its safe characters (other runs -> '_', leading dots and dashes dropped, at most
-    SLUG_CHARS), '-' and the first NAME_HASH_CHARS hex digits of the SHA-256 of the identifier. A valid DICOM UID is
-    always kept as it is.
+    not ending in '.' and not a Windows device name. Anything else becomes its safe characters (other runs -> '_',
+    leading dots and dashes dropped, at most SLUG_CHARS), '-' and the first NAME_HASH_CHARS hex digits of the SHA-256
+    of the identifier. A valid DICOM UID is always kept as it is, and so is a name made here (safe_name of a safe
+    name is itself). Two identifiers share a name only if one was made to end in the other's hash (a detect run
+    refuses such inputs: data_prep.study_inputs).
     """
     text = str(identifier)
     if is_verbatim(text):
         return text
     digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:NAME_HASH_CHARS]
     slug = UNSAFE_CHARS.sub("_", text).lstrip(".-")[:SLUG_CHARS].rstrip(".") or "_"
+    if slug.split(".")[0].upper() in WINDOWS_RESERVED:      # 'aux.txt' -> '_aux.txt-...': a kept name, once made
+        slug = f"_{slug}"
     return f"{slug}-{digest}"
 
 
 def is_verbatim(name: str) -> bool:
-    """Whether `safe_name` keeps `name` as it is (then a file named `name` belongs to the identifier `name`)."""
+    """Whether `safe_name` keeps `name` as it is."""
     return (len(name) <= MAX_VERBATIM_CHARS and VERBATIM.fullmatch(name) is not None and not name.endswith(".")
-            and HASHED.search(name) is None and name.split(".")[0].upper() not in WINDOWS_RESERVED)
+            and name.split(".")[0].upper() not in WINDOWS_RESERVED)
+
+
+def names_itself(name: str) -> bool:
+    """Whether a file named `name` (without suffix) can only be the file of the identifier `name` itself.
+
+    True for a kept name that does not end like a changed one; a name such as `my_study_1-065cd394` may be the
+    file of `my study #1`, so its record must say whose it is.
+    """
+    return is_verbatim(name) and HASHED.search(name) is None
+
+
+def check_unique_names(keys: Any, where: str | os.PathLike | None = None) -> None:
+    """Raise InputError when two keys would share one `safe_name` (their files would mix), naming them."""
+    seen: dict[str, str] = {}
+    for key in keys:
+        name = safe_name(key)
+        if name in seen and seen[name] != key:
+            raise InputError(where, f"study keys {seen[name]!r} and {key!r} would share the file name {name!r}: "
+                                    "rename one of them")
+        seen[name] = key
 
 
 def valid_uid(value: Any) -> bool:

@@ -315,7 +315,7 @@ def _member_refusals(zf: zipfile.ZipFile) -> list[tuple[str, str]]:
     out = []
     for info in zf.infolist():
         problem = relative_problem(info.filename)
-        if problem is not None and not info.is_dir():
+        if problem is not None and not info.filename.endswith("/"):
             out.append((info.filename, f"the member name {problem}; not extracted"))
         elif problem is not None and problem != "is empty (no file inside the folder)":
             out.append((info.filename, f"the folder name {problem}; not extracted"))

@@ -25,7 +25,7 @@ import pandas as pd
 
 from data_prep.errors import InputError
 from data_prep.registry import STUDY_COL
-from data_prep.safe_paths import describe_links, leaving_links, safe_name
+from data_prep.safe_paths import check_unique_names, describe_links, leaving_links
 from data_prep.study_finder import DICOMDIR_NAME, FoundStudy, is_zip, search_dicom
 
 log = logging.getLogger("data_prep")
@@ -104,11 +104,7 @@ def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, 
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise InputError(None, f"study keys must be unique (a Kaggle folder's name is its StudyInstanceUID, a "
                                f"found study's key its folder name or StudyInstanceUID): {dup[:3]}")
-    names = [safe_name(k) for k in keys]
-    if len(set(names)) != len(names):       # two keys whose file names would be one: results would mix
-        dup = sorted({k for k, n in zip(keys, names, strict=True) if names.count(n) > 1})
-        raise InputError(None, f"study keys {dup[:3]} would share one file name ({safe_name(dup[0])}); rename one "
-                               "of their folders")
+    check_unique_names(keys)                # two keys whose file names would be one: results would mix
     return studies
 
 

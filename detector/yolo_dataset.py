@@ -42,7 +42,14 @@ from data_prep.errors import InputError
 from data_prep.locks import locks_output
 from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
 from data_prep.resume import StudyMarkers, plain, section, settings_key, weights_id
-from data_prep.safe_paths import UnsafePathError, describe_links, inside, leaving_links, safe_name
+from data_prep.safe_paths import (
+    UnsafePathError,
+    check_unique_names,
+    describe_links,
+    inside,
+    leaving_links,
+    safe_name,
+)
 from data_prep.tables import read_table
 from data_prep.workers import dies_with_parent
 
@@ -770,6 +777,7 @@ def _available_studies(images_root: Path, uids: pd.Series, studies: Iterable[str
     if len(present) < len(listed):
         log.warning("%s: %d labelled studies have no usable folder and are left out", images_root,
                     len(listed) - len(present))
+    check_unique_names(present, images_root)
     if studies is not None:
         wanted = {str(s) for s in studies}
         unknown = wanted - set(listed)

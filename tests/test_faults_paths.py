@@ -96,8 +96,8 @@ def test_hostile_study_uid_in_a_nested_tree_writes_only_inside_out(tmp_path, fak
     tree = tmp_path / "in" / "export"
     paths = write_study(tree / "a", evil)
     (tree / "b").mkdir()
-    for p in paths[N // 2:]:                         # the series spread over two folders: keyed by its UID
-        p.rename(tree / "b" / p.name)
+    for k, p in enumerate(paths):                    # as a PACS exports it: IMnnnnn files without an extension,
+        p.rename(tree / ("b" if k >= N // 2 else "a") / f"IM{k:05d}")   # the series over two folders: keyed by UID
     out = tmp_path / "work" / "deep" / "pred"
     before = snapshot(tmp_path)
     with caplog.at_level(logging.WARNING):
@@ -175,9 +175,9 @@ def test_zip_members_leading_outside_are_refused_naming_the_member(tmp_path, cap
     with zipfile.ZipFile(archive, "w") as zf:
         for p in source:
             zf.write(p, f"study/{p.name}")
-        zf.write(source[0], "../../escaped.dcm")
-        zf.write(source[1], "/abs/escaped2.dcm")
-        zf.write(source[2], "..\\..\\escaped3.dcm")
+        for name, p in (("../../escaped.dcm", source[0]), ("/abs/escaped2.dcm", source[1]),
+                        ("..\\..\\escaped3.dcm", source[2])):
+            zf.writestr(zipfile.ZipInfo(name), p.read_bytes())     # as a hostile tool writes them, unnormalised
     cache = tmp_path / "cache"
     before = snapshot(tmp_path)
     with caplog.at_level(logging.WARNING):

@@ -107,6 +107,16 @@ def test_safe_name_is_one_safe_component_inside_any_folder(identifier):
 def test_safe_name_never_gives_two_identifiers_one_name(a, b):
     assume(a != b)
     assert safe_name(a) != safe_name(b)
+    assert safe_name(safe_name(a)) == safe_name(a)          # a name made here is kept: files of a key, once
+
+
+def test_names_that_may_belong_to_another_key_are_told_apart():
+    from data_prep.safe_paths import check_unique_names, names_itself
+
+    assert names_itself("1.2.840.113654.2.70.1") and not names_itself(safe_name("my study #1"))
+    crafted = safe_name("my study #1")                     # a folder named after another key's file name
+    with pytest.raises(InputError, match="would share the file name"):
+        check_unique_names(["my study #1", crafted])
 
 
 @FAST
@@ -326,8 +336,9 @@ def test_zip_members_are_never_extracted_outside_the_cache(names):
         archive = box / "in" / "upload.zip"
         with zipfile.ZipFile(archive, "w") as zf:
             for name in names:
-                with contextlib.suppress(ValueError):  # a name zipfile itself refuses to store
-                    zf.writestr(zipfile.ZipInfo(name), dcm.read_bytes())
+                info = zipfile.ZipInfo(name)
+                if info.filename:                     # zipfile cuts a name at NUL and cannot store an empty one
+                    zf.writestr(info, dcm.read_bytes())
         before = files(box)
         with contextlib.suppress(InputError, OSError):   # e.g. a member 'a' and a member 'a/b': not extractable
             search_dicom(archive, extract_to=box / "out")
@@ -352,11 +363,12 @@ def test_detect_of_a_tree_with_a_hostile_study_uid_writes_only_inside_out(uid):
     with sandbox() as box:
         paths = write_study(box / "in" / "tree" / "a", uid)
         (box / "in" / "tree" / "b").mkdir()
-        paths[-1].rename(box / "in" / "tree" / "b" / paths[-1].name)   # not one flat folder: keyed by its UID
-        written = str(pydicom.dcmread(paths[0]).get("StudyInstanceUID", "") or "").strip()
+        for k, p in enumerate(paths):                 # PACS-style names, over two folders: keyed by its UID
+            p.rename(box / "in" / "tree" / ("b" if k == len(paths) - 1 else "a") / f"IM{k:05d}")
+        written = str(pydicom.dcmread(box / "in" / "tree" / "a" / "IM00000").get("StudyInstanceUID", "") or "").strip()
         assume(written)                                # no StudyInstanceUID: no study (tested elsewhere)
         secret = write_study(box / "secret", "9.9.9")
-        (box / "in" / "tree" / "a" / "link.dcm").symlink_to(secret[0])
+        (box / "in" / "tree" / "a" / "link").symlink_to(secret[0])
         out = box / "out" / "det"
         before = files(box)
         with reads() as seen:

@@ -448,12 +448,12 @@ def test_input_error_names_the_missing_table(tmp_path):
 # ---------------------------------------------------------------- 7. held, but with a poor outcome (issue 23)
 def test_an_mr_study_in_the_kaggle_layout_fails_with_its_reason(tmp_path, fake_model):
     images = tmp_path / "images"
-    write_study(images, "1.2.3.60")
+    for path in write_study(images, "1.2.3.60").iterdir():
+        edit_header(path, Modality="CT")
     for path in write_study(images, "1.2.3.61").iterdir():
         edit_header(path, Modality="MR")
-    write_study(images, "1.2.3.62")
-    for path in (images / "1.2.3.62").iterdir():
-        edit_header(path, Modality=None)                 # the RSNA files carry no Modality: still read as CT
+    write_study(images, "1.2.3.62")                      # no Modality, as the RSNA files: still read as CT
+    assert "Modality" not in pydicom.dcmread(images / "1.2.3.62" / "1.dcm")
     out = tmp_path / "det"
     assert detect_cli(images, out) == 0
     errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})

@@ -129,7 +129,7 @@ def test_train_csv_uid_that_leaves_train_images_is_refused_naming_the_row(tmp_pa
     before = snapshot(tmp_path)
     with caplog.at_level(logging.ERROR):
         assert main(["prepare-detector", str(data), "--out", str(out), "--imgsz", "32", "--no-progress",
-                     "--workers", "1"]) == 2
+                     "--workers", "1", "--set", "prepare.n_folds=2", "--set", "roi.enabled=false"]) == 2
     assert "train.csv" in caplog.text and "row 2 (line 3), column StudyInstanceUID" in caplog.text
     assert "must name one study folder" in caplog.text
     assert files_outside(tmp_path, out, before) == [] and not out.exists()

@@ -96,6 +96,8 @@ ZIP_CACHE_DIR = "spinefrac-zip"
 ZIP_FREE_SPACE_FACTOR = 1.1
 """Extraction needs this many times the zip's uncompressed size free on the target disk."""
 HASH_CHARS = 16
+EXTRACT_VERSION = 2
+"""Part of a zip's cache key: 2 = members leading outside are not extracted (caches made before are not reused)."""
 FILE_ID_SEPARATOR = "\\"
 """How a ReferencedFileID's components are written in messages (the DICOM value separator)."""
 LISTED = 5
@@ -206,24 +208,24 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
         raise InputError(path, "does not exist (expected a folder of DICOM files, a DICOMDIR or a .zip)")
     refused: list[tuple[str, str]] = []
     if is_zip(path):
-        top = extract_zip(path, extract_to)
+        root = extract_zip(path, extract_to)
         refused += [(f"{path}: member {name!r}", why) for name, why in zip_refusals(path)]
     elif path.is_file() and path.name.upper() != DICOMDIR_NAME:
         raise InputError(path, "is a file, but neither a DICOMDIR nor a .zip (give the folder that holds it)")
     else:
-        top = path
-    dicomdir = top if top.is_file() else _top_dicomdir(top)
+        root = path
+    dicomdir = root if root.is_file() else _top_dicomdir(root)
     if input_root is not None and not is_zip(path):
         limit = Path(input_root)
     else:
-        limit = dicomdir.parent if dicomdir is not None else top
+        limit = dicomdir.parent if dicomdir is not None else root
     unreadable: list[tuple[Path, str]] = []
     if dicomdir is not None:
         files, missing, refused_records = _dicomdir_files(dicomdir, limit, follow_symlinks=follow_symlinks)
         unreadable += missing
         refused += refused_records
     else:
-        files = _walk(top, unreadable, follow_symlinks=follow_symlinks)
+        files = _walk(root, unreadable, follow_symlinks=follow_symlinks)
         if not follow_symlinks:    # folders are not descended through links: only a linked file can lead out
             outside = {f for f in files if f.is_symlink() and not within(f, limit)}
             refused += [(str(f), f"a symbolic link to {os.path.realpath(f)}, outside the input folder {limit}; not "
@@ -232,7 +234,6 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
     if refused:
         log.warning("%s: %d record(s), member(s) or link(s) lead outside the input and were not read: %s", path,
                     len(refused), "; ".join(f"{what}: {why}" for what, why in refused[:LISTED]))
-    root = top
     headers, non_dicom, bad = _read_headers(files, progress)
     unreadable += bad
     # files at the top of a zip form a Kaggle-like folder named after the zip, not after the cache folder
@@ -269,7 +270,8 @@ def kernel_class(kernel: str) -> str:
 def extract_zip(path: Path, extract_to: str | os.PathLike | None = None) -> Path:
     """Extract a zip once into a cache folder (never beside the input) and return that folder."""
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{EXTRACT_VERSION}".encode()
+                            ).hexdigest()
     base = Path(extract_to) if extract_to is not None else Path(tempfile.gettempdir()) / ZIP_CACHE_DIR
     target = base / digest[:HASH_CHARS]
     if target.is_dir():

@@ -82,7 +82,11 @@ def read_warnings(pred_dir: str | os.PathLike) -> dict[str, str]:
     path = Path(pred_dir) / SLICES_CSV
     if not path.is_file():
         return {}
-    df = read_csv_table(path, (registry.STUDY_COL, "z_mm"), "detect slices", usecols=[registry.STUDY_COL, "z_mm"])
+    try:
+        df = read_csv_table(path, (), "detect slices", usecols=[registry.STUDY_COL, "z_mm"])
+    except InputError as exc:       # the warnings help review; without them the worklist still stands
+        log.warning("worklist without coverage warnings: %s", exc)
+        return {}
     found = {str(u): short_coverage(g["z_mm"].to_numpy(dtype=float)) for u, g in df.groupby(registry.STUDY_COL)}
     return {u: why for u, why in found.items() if why}
 

@@ -149,7 +149,7 @@ def test_worklist_csv_ranks_flags_and_keeps_failed_studies(pred, caplog):
     assert failed["failed"] == 1 and failed["error"] == ERROR
     assert (worklist.loc[worklist["failed"] == 0, "error"] == "").all()
     meta = json.loads((pred / "worklist.csv.meta.json").read_text())
-    assert meta["counts"] == {"studies": 5, "failed": 1, "flagged": 2}
+    assert meta["counts"] == {"studies": 5, "failed": 1, "flagged": 2, "warned": 0}
     assert meta["extra"]["operating_point"]["threshold"] == THRESHOLD
     assert "operating point: flag patient_overall >= 0.5000 (held-out sensitivity 0.960" in caplog.text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
@@ -83,10 +84,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_csv_atomic(path: str | os.PathLike, df: pd.DataFrame) -> Path:
-    """Write a DataFrame as CSV (no index) to `path` atomically."""
+    """Write a DataFrame as CSV (no index) to `path` atomically.
+
+    A table with a carriage return inside a text cell (a path from an input can hold one) is written with every
+    field quoted: pandas leaves such a cell unquoted, and reading it back would split its row.
+    """
+    quoting = csv.QUOTE_ALL if _has_carriage_return(df) else csv.QUOTE_MINIMAL
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, quoting=quoting)
     return Path(path)
+
+
+def _has_carriage_return(df: pd.DataFrame) -> bool:
+    """Whether any text cell of `df` holds a carriage return."""
+    texts = (df[name] for name in df.columns)
+    return any("\r" in "".join(v for v in column.tolist() if isinstance(v, str))
+               for column in texts if column.dtype == object or pd.api.types.is_string_dtype(column))
 
 
 def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:

@@ -95,6 +95,16 @@ def check_unique_names(keys: Any, where: str | os.PathLike | None = None) -> Non
         seen[name] = key
 
 
+def key_problem(key: str) -> str | None:
+    """Why a folder name cannot be a study key that tables hold as it is (None when it can): a control character.
+
+    A carriage return, for one, ends a CSV row for pandas even where the writer did not quote it.
+    """
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        return f"the name {key!r} holds a control character (tables could not hold it as a key)"
+    return None
+
+
 def valid_uid(value: Any) -> bool:
     """Whether `value` is a valid DICOM UID: digits and dots, at most UID_MAX_CHARS characters."""
     text = str(value) if value is not None else ""

@@ -39,6 +39,7 @@ from data_prep.safe_paths import (
     FOLLOW_HINT,
     UnsafePathError,
     inside,
+    key_problem,
     name_problem,
     relative_problem,
     safe_name,
@@ -456,7 +457,7 @@ def _group(headers: list[_Header], folder_names: dict[Path, str]) -> list[FoundS
         folders = {h.path.parent for hs in groups.values() for h in hs}
         folder = next(iter(folders))
         flat = len(folders) == 1 and studies_in_folder[folder] == {study_uid}
-        key = folder_names.get(folder, folder.name) if flat else uid_key(study_uid, folder)
+        key = folder_key(folder_names.get(folder, folder.name), folder) if flat else uid_key(study_uid, folder)
         found.append(_choose_series(key, study_uid, [_Series(uid, hs) for uid, hs in groups.items()]))
     keys = Counter(s.key for s in found)
     if any(n > 1 for n in keys.values()):
@@ -466,6 +467,16 @@ def _group(headers: list[_Header], folder_names: dict[Path, str]) -> list[FoundS
     if dup:
         raise InputError(None, f"study keys are not unique (a folder name equals another study's UID): {dup[:3]}")
     return sorted(found, key=lambda s: s.key)
+
+
+def folder_key(name: str, where: Path | str) -> str:
+    """A study's key from its folder's name: the name, or its safe_name (warned) when it holds a control character."""
+    problem = key_problem(name)
+    if problem is None:
+        return name
+    key = safe_name(name)
+    log.warning("%s: %s; the study is keyed %s", where, problem, key)
+    return key
 
 
 def uid_key(study_uid: str, where: Path | str) -> str:

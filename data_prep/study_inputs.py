@@ -25,7 +25,7 @@ import pandas as pd
 
 from data_prep.errors import InputError
 from data_prep.registry import STUDY_COL
-from data_prep.safe_paths import check_unique_names, describe_links, leaving_links
+from data_prep.safe_paths import check_unique_names, describe_links, key_problem, leaving_links, safe_name
 from data_prep.study_finder import DICOMDIR_NAME, FoundStudy, is_zip, search_dicom
 
 log = logging.getLogger("data_prep")
@@ -80,7 +80,7 @@ def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, 
                 elif not any(q.is_dir() for q in sub.iterdir()):
                     # a study folder whose files have no .dcm extension goes to the finder; without DICOM: empty
                     found_leaf = _found(sub, extract_to, progress, follow_symlinks, path) if _has_files(sub) else []
-                    studies += found_leaf or [sub]
+                    studies += found_leaf or [kaggle_study(sub, path, follow_symlinks)]
                     empty += [] if found_leaf else [sub]
             continue
         if next(path.glob(DATASET_ROOT_GLOB), None) is not None:
@@ -95,7 +95,7 @@ def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, 
             raise InputError(path, "holds no .dcm files and no study folders with .dcm files, and no DICOM study "
                                    "was found in it")
         empty += leaves
-        studies += leaves
+        studies += [kaggle_study(leaf, path, follow_symlinks) for leaf in leaves]
     if empty:
         log.warning("%d study folder(s) hold no .dcm files and will be reported as failed: %s", len(empty),
                     ", ".join(str(p) for p in empty[:EMPTY_LISTED]))
@@ -155,7 +155,14 @@ def _found(path: Path, extract_to: str | os.PathLike | None, progress: bool, fol
 
 
 def kaggle_study(folder: Path, root: Path, follow_symlinks: bool) -> Study:
-    """A Kaggle-layout study folder; a failed study naming the link when it is, or holds, a link leaving `root`."""
+    """A Kaggle-layout study folder; a failed study naming the link when it is, or holds, a link leaving `root`, or
+    naming the folder when its name cannot be a key (a control character: the study is keyed by its safe name)."""
+    bad_name = key_problem(folder.name)
+    if bad_name is not None:
+        key = safe_name(folder.name)
+        problem = f"{bad_name}: rename the folder (the study is reported as {key})"
+        log.warning("%s: %s", folder.parent, problem)
+        return FoundStudy(key, key, None, (), problem=problem, root=folder)
     links = [] if follow_symlinks else leaving_links(folder, root)
     if not links:
         return folder

@@ -26,7 +26,7 @@ import pandas as pd
 import pydicom
 import pytest
 from helpers import FixedBoxes
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from data_prep.dicom_write import write_series
@@ -40,6 +40,7 @@ from data_prep.safe_paths import (
     UnsafePathError,
     inside,
     is_verbatim,
+    key_problem,
     safe_name,
     valid_uid,
 )
@@ -381,6 +382,8 @@ def test_detect_of_a_tree_with_a_hostile_study_uid_writes_only_inside_out(uid):
 
 @SLOW
 @given(hostile)
+@example("\r")                                     # a carriage return would end a CSV row: keyed by its safe name
+@example("CON:..\\x")
 def test_detect_of_a_study_folder_with_a_hostile_name_writes_only_inside_out(name):
     name = name.replace("/", "\u2215").replace("\0", "_")[:200] or "_"   # what a file system lets a folder be named
     assume(name not in (".", "..") and not name.startswith(".") and len(name.encode("utf-8", "surrogatepass")) < 250)
@@ -394,6 +397,11 @@ def test_detect_of_a_study_folder_with_a_hostile_name_writes_only_inside_out(nam
         before = files(box)
         result = _detect([box / "in" / "images"], out)
         assert_only_under(box, out, before)
-        assert result.finished == [name]
-        assert set(pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str}, keep_default_na=False)[STUDY_COL]) == {
-            name}
+        if key_problem(name) is None:
+            assert result.finished == [name]
+            assert set(pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str}, keep_default_na=False)[STUDY_COL]) == {
+                name}
+        else:                                       # the study fails, reported under its safe name
+            assert result.failed == [safe_name(name)]
+            errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str}, keep_default_na=False)
+            assert errors[STUDY_COL].tolist() == [safe_name(name)] and "control character" in errors["error"][0]

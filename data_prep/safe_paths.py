@@ -179,11 +179,6 @@ def within(path: str | os.PathLike, root: str | os.PathLike) -> bool:
     return real == real_root or real_root in real.parents
 
 
-def escaping_link(path: str | os.PathLike, root: str | os.PathLike) -> Path | None:
-    """The real target of `path` when `path` is a symbolic link (or lies under one) leaving `root`, else None."""
-    return None if within(path, root) else _real(path)
-
-
 def _real(path: str | os.PathLike) -> Path:
     """The real path (symbolic links and '..' resolved, as far as they exist)."""
     return Path(os.path.realpath(os.fspath(path)))

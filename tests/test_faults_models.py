@@ -285,11 +285,11 @@ def test_a_poisoned_export_cache_is_rebuilt_with_a_warning(trained, model, tmp_p
     from data_prep.artifacts import read_sidecar, write_sidecar
     from data_prep.manifest import tree_sha256
     from detector.backends import load_predictor
-    from detector.export import EXPORT_HASH_KEY, METADATA_YAML, export_weights
+    from detector.export import EXPORT_HASH_KEY, export_weights
 
     weights = model / DET_WEIGHTS
     export = export_weights(weights, fmt="openvino", imgsz=64)
-    meta_yaml = export / METADATA_YAML
+    meta_yaml = export / "metadata.yaml"                # Ultralytics' metadata of an OpenVINO export
     data = yaml.safe_load(meta_yaml.read_text())
     data["names"] = "__import__('os').system('touch PWNED')"
     meta_yaml.write_text(yaml.safe_dump(data))

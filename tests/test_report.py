@@ -23,6 +23,7 @@ from data_prep.artifacts import write_sidecar
 from data_prep.config import load_config
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, PATIENT, STUDY_COL
+from detector.detect import overlay_dir
 from spinefrac.cli import main
 from spinefrac.report import write_report
 from spinefrac.report.build import CSP, REPORT_DIR, study_slug
@@ -74,7 +75,7 @@ def make_pred_dir(root: Path, *, model: Path | None) -> Path:
                           "y": 6.0, "width": 7.0, "height": 8.0, "score": 0.9 - 0.1 * b, "level": "C2"})
         if failed:
             continue
-        folder = pred / "overlays" / uid
+        folder = overlay_dir(pred, uid)      # overlays/<safe_name(uid)>/, as detect writes it
         for i in range(n_png):
             png(folder / f"{i + 1:02d}_slice{10 + i}.png", 40 * (k + 1))
         png(folder / "contact_sheet.png", 200)
@@ -149,7 +150,7 @@ def test_worklist_csv_ranks_flags_and_keeps_failed_studies(pred, caplog):
     assert failed["failed"] == 1 and failed["error"] == ERROR
     assert (worklist.loc[worklist["failed"] == 0, "error"] == "").all()
     meta = json.loads((pred / "worklist.csv.meta.json").read_text())
-    assert meta["counts"] == {"studies": 5, "failed": 1, "flagged": 2}
+    assert meta["counts"] == {"studies": 5, "failed": 1, "flagged": 2, "warned": 0}
     assert meta["extra"]["operating_point"]["threshold"] == THRESHOLD
     assert "operating point: flag patient_overall >= 0.5000 (out-of-fold sensitivity 0.960" in caplog.text
 

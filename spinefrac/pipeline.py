@@ -9,6 +9,7 @@ Model folder (see docs/contracts.md "Model folder"):
     detector/         YOLO run folder: weights/best.pt, results.csv, args.yaml, train.meta.json
     locator/          the same for the vertebra locator (absent when trained without segmentations)
     aggregator/       aggregator.skops + aggregator.json, candidates.csv, operating_point.json
+    MODEL_CARD.md     what the folder was trained on, how, how well (out of fold) and what it is for
     work/             intermediate datasets and detections (resumable; not needed to predict)
 Copy the folder without work/ to another machine and `spinefrac predict` works there.
 model.json lists the SHA-256 of every file (`files`, except work/, model.json and the export caches that
@@ -52,6 +53,7 @@ from data_prep.resume import (
 )
 from data_prep.safe_paths import inside
 from data_prep.tables import read_table
+from spinefrac.model_card import MODEL_CARD, write_model_card
 
 log = logging.getLogger("spinefrac")
 
@@ -280,6 +282,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     meta["locator"] = use_locator
     meta["classifier"] = [str((classifier_runs[k] / WEIGHTS).relative_to(out)) for k in sorted(classifier_runs)]
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    _write_meta(out, meta)
+    write_model_card(out, data_root=data_root, labels=labels, boxes=boxes, segmented=segmented)
     meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
@@ -528,6 +532,8 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
 
         require_ray()         # a missing extra is named before any work
     model = open_model(model_dir)
+    if (model.root / MODEL_CARD).is_file():
+        log.info("model: %s (what it was trained on and its limits: %s)", model.root, model.root / MODEL_CARD)
     test = read_test_csv(test_csv) if test_csv is not None else None     # checked before any detection
     aggregator = StudyAggregator.load(model.root / "aggregator")  # refuse a bad aggregator before any detection
     study_dirs = find_studies(studies, follow_symlinks=follow_symlinks)

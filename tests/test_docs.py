@@ -16,7 +16,7 @@ from data_prep.config_reference import config_reference_markdown, stage_keys
 from data_prep.config_schema import SCHEMAS
 
 ROOT = Path(__file__).resolve().parents[1]
-MACHINE_PATHS = re.compile(r"/work/|/root/|/tmp/fresh|/home/\w+")
+MACHINE_PATHS = re.compile(r"(?:^|[\s`'\"(=])/(?:work|root|home/\w+)/|/tmp/fresh")
 """Folders of the machines the project is developed on: never in what a user reads."""
 
 

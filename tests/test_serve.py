@@ -40,7 +40,9 @@ pytest.importorskip("pynetdicom")
 QUIET_S = 1.5           # quiet time of the node in the tests (s)
 POLL_S = 0.3
 WAIT_S = 240.0          # longest wait for a study to be predicted and sent on a busy 2-core machine
-RESTART_QUIET_S = 6.0   # long enough that half a study is not taken as complete while the node restarts
+RESTART_QUIET_S = 20.0  # long enough that the second half, sent in one go, is not split by a quiet period on a busy machine
+HOLD_QUIET_S = 3600.0   # the first node of the restart test never takes half a study as complete, however slow the
+                        # machine is while the test tries a second node (a load of 20 once made 6 s run out)
 SR_CLASSES = ("1.2.840.10008.5.1.4.1.1.88.34", "1.2.840.10008.5.1.4.1.1.88.33", "1.2.840.10008.5.1.4.1.1.88.22")
 """Comprehensive 3D SR, Comprehensive SR, Enhanced SR."""
 EXIT_ERROR = 2
@@ -245,6 +247,19 @@ def test_store_handler_refuses_bad_objects_with_a_failure_status(tmp_path, caplo
     assert store_instance(spool, own) == STATUS_SUCCESS
     assert len(spool.instances(INCOMING, study)) == 1
     assert "has no StudyInstanceUID" in caplog.text and "does not decode" in caplog.text
+
+
+def test_a_study_left_waiting_by_a_stop_gets_a_full_quiet_period_after_the_restart(tmp_path):
+    before = Spool(tmp_path / "spool")
+    path = before.store("1.2.3", "1.2.3.4", b"half a study")
+    old = time.time() - 3600.0
+    os.utime(path, (old, old))                 # received an hour ago by a node running since before ...
+    before.opened = old - 60.0
+    assert before.quiet_studies(30.0) == ["1.2.3"]     # ... which would have taken it as complete; it stopped
+    after = Spool(tmp_path / "spool")          # the node starts again: the sender may now send the rest
+    assert after.quiet_studies(30.0) == []
+    assert after.promote("1.2.3", 30.0) == "busy"
+    assert after.quiet_studies(30.0, now=after.opened + 30.0) == ["1.2.3"]
 
 
 def test_a_new_version_of_a_done_study_is_merged_into_it(tmp_path):
@@ -464,7 +479,7 @@ def test_restart_mid_study_predicts_it_once_with_every_slice(trained_pipeline, t
     study = _study_dirs(trained_pipeline)[2]
     files = sorted(study.glob("*.dcm"))
     half = len(files) // 2
-    config = _node_config(trained_pipeline, tmp_path, quiet=RESTART_QUIET_S, dest_port=destination.port)
+    config = _node_config(trained_pipeline, tmp_path, quiet=HOLD_QUIET_S, dest_port=destination.port)
     with ServeNode(config) as node:
         assert _send(node.port, files[:half]) == [STATUS_SUCCESS] * half
         with pytest.raises(InputError, match="another run is writing into this folder"):
@@ -477,6 +492,7 @@ def test_restart_mid_study_predicts_it_once_with_every_slice(trained_pipeline, t
     assert len(list(incoming.glob("*.dcm"))) == half                  # kept on disk across the stop
     assert not (tmp_path / "out" / "predictions.csv").exists()
 
+    config = _node_config(trained_pipeline, tmp_path, quiet=RESTART_QUIET_S, dest_port=destination.port)
     with ServeNode(config) as node:                                     # the same spool: the study resumes
         assert _send(node.port, files[half:]) == [STATUS_SUCCESS] * (len(files) - half)
         _wait_for(lambda: (tmp_path / "spool" / DONE / study.name).is_dir(), "the study in done/")

@@ -65,6 +65,9 @@ class Spool:
 
     def __init__(self, root: str | os.PathLike, *, max_studies: int = 0, min_free_mb: int = 0) -> None:
         self.root = Path(root)
+        self.opened = time.time()
+        """When this node opened the spool: a study waiting in incoming/ from before is quiet only a full quiet period
+        after it (while the node was down its sender could not finish; it may send the rest now)."""
         self.max_studies = int(max_studies)
         self.min_free_mb = int(min_free_mb)
         self.lock = threading.RLock()
@@ -138,14 +141,19 @@ class Spool:
         return max(times) if times else None
 
     def quiet_studies(self, quiet_seconds: float, now: float | None = None) -> list[str]:
-        """Studies in incoming/ whose newest instance is at least `quiet_seconds` old."""
+        """Studies in incoming/ whose newest instance is at least `quiet_seconds` old (and the spool's opening too)."""
         now = time.time() if now is None else now
         out = []
         for uid in self.studies(INCOMING):
-            newest = self.last_received(INCOMING, uid)
+            newest = self._quiet_since(uid)
             if newest is not None and now - newest >= quiet_seconds:
                 out.append(uid)
         return out
+
+    def _quiet_since(self, uid: str) -> float | None:
+        """Since when a study in incoming/ has been quiet: its newest instance, or this node's start if later."""
+        newest = self.last_received(INCOMING, uid)
+        return None if newest is None else max(newest, self.opened)
 
     def where(self, uid: str) -> str | None:
         """The state folder (ready, done or failed) holding a previous version of the study, if any."""
@@ -162,7 +170,7 @@ class Spool:
         caller looked (the study is no longer quiet).
         """
         with self.lock:
-            newest = self.last_received(INCOMING, uid)
+            newest = self._quiet_since(uid)
             if newest is not None and time.time() - newest < quiet_seconds:
                 return "busy"
             previous = self.where(uid)

@@ -105,6 +105,10 @@ class RenderSection(Section):
     window_level: Real
     window_width: Pos
     windows: Windows
+    crack_channel: Annotated[int, Field(ge=0, lt=N_CHANNELS)] | None   # detector/render.py crack_channel_index
+    crack_width_mm: Pos
+    crack_bone_hu: Real
+    crack_full_hu: Pos
 
 
 class DetectorPrepareSection(Section):

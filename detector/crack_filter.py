@@ -1,27 +1,28 @@
-"""A crack channel: thin lucent lines that cut across bone, as one uint8 image channel (render recipe "crack").
+"""The crack channel: thin lucent lines that cut across bone, as one uint8 image channel (`render.crack_channel`).
 
 A hairline fracture is a dark line 0.3-1.5 mm wide that crosses the cortical shell; a vascular channel of the same
 width stays inside the cancellous bone, and the cancellous core of a thin element (lamina, pedicle) is a dark band
-that runs *along* the cortex. The response is a black top-hat with an oriented line element (OpenCV morphology on
-HU, every length in millimetres through the pixel spacing, so it means the same at any resolution):
+that runs *along* the cortex. The response is a black top-hat with a line element laid along the local bone surface
+(OpenCV morphology on HU; every length in millimetres through the pixel spacing, so it means the same at any
+resolution):
 
-1. HU clipped to [CLIP_LOW_HU, CLIP_HIGH_HU] (fat and air alike are "dark"; metal does not dominate).
-2. The bone outline's orientation: the image closed with a disc `crack_width_mm` wide (which erases every line
-   narrower than that, cracks included) is shrunk to ORIENT_PIXEL_MM pixels; its structure tensor (Sobel
-   gradients averaged over ORIENT_SMOOTH_MM) gives, at every pixel, the direction across the nearest bone
-   surface or thin bony band.
-3. The image is closed with a line segment `crack_width_mm` long in each of N_ORIENTATIONS directions; every
-   pixel takes the closing whose line runs *along* the local bone surface (the tangent). Such a segment bridges
-   a dark line that crosses the cortex (the crack), but not a dark band parallel to it (a thin element's core),
-   and where the closing finds no bright bone on both sides (a channel inside low-contrast cancellous bone)
-   it lifts little.
-4. response = tangent closing - image (HU of bone missing along the line), kept where the bridged value is bone
-   (>= `crack_bone_hu`), else 0.
+1. HU clipped to [CLIP_LOW_HU, CLIP_HIGH_HU] (fat and air alike are "dark"; metal does not outshine a crack).
+2. The image is closed with a disc `crack_width_mm` wide: every dark line narrower than that (cracks included) is
+   filled. The structure tensor of this closed image, shrunk to ORIENT_PIXEL_MM pixels (Sobel gradients averaged
+   over ORIENT_SMOOTH_MM), gives at every pixel the direction of the nearest bone surface or thin bony band, and
+   its coherence (1 along one clear surface direction, near 0 at corners, blobs and flat areas).
+3. The image is closed with a line segment `crack_width_mm` long in each of N_ORIENTATIONS directions; every pixel
+   takes the closing whose line runs along the local surface (the tangent), capped by the disc closing. Such a
+   segment bridges a dark line that crosses the cortex (the crack) but not a dark band along it (a thin element's
+   core); the cap keeps it from filling the blurred steps of a straight edge a little off its direction.
+4. response = (capped tangent closing - image) x coherence: the HU of bone missing along the line, weaker where
+   there is no one surface direction (concave corners where two bones meet); 0 where the bridged value is below
+   `crack_bone_hu` (no bone on both sides: soft tissue, a channel in soft marrow).
 5. uint8 = round(255 * response / `crack_full_hu`), clipped: a break of `crack_full_hu` HU or more is white.
 
 Computed at the slice's (or crop's) own pixels before it is resized, so a 0.3 mm line is seen at native
-resolution; a downsized response keeps its peaks (max over each output pixel's footprint, then area averaging).
-Deterministic (OpenCV morphology and filters on float32). Cost: docs/crack_channel.md.
+resolution; a shrunk response keeps its peaks (max over each output pixel's footprint, then area averaging).
+Deterministic (OpenCV morphology on uint16 HU, filters on float32). Measurements: docs/crack_channel.md.
 """
 
 from __future__ import annotations
@@ -48,7 +49,12 @@ ORIENT_SMOOTH_MM: float = 2.0
 MIN_HALF_STEPS: int = 1
 """The line element reaches at least one pixel each side of its centre (a 1-pixel element bridges nothing)."""
 UINT8_MAX: float = 255.0
+COHERENCE_EPS: float = 1.0
+"""Added to the structure tensor's trace before dividing (gradients are HU per pixel): flat areas get coherence 0."""
 ROUND_HALF: float = 0.5
+DISC_EXTRA_PX: int = 2
+"""The disc is this many pixels wider than the line (one each side): a small digital disc is narrower than its
+nominal diameter off the axes, and it must fill every crack the line element bridges, at any angle."""
 CRACK_KEYS: tuple[str, ...] = ("crack_width_mm", "crack_bone_hu", "crack_full_hu")
 """The render keys of the crack channel (configs/detector.yaml and classifier.yaml `render:`)."""
 
@@ -91,12 +97,13 @@ def _disc(length_y: int, length_x: int) -> np.ndarray:
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (length_x, length_y))
 
 
-def surface_orientation(closed: np.ndarray, spacing: Sequence[float]) -> np.ndarray:
-    """Return, per pixel, the index (0..N_ORIENTATIONS-1) of the line direction closest to the local bone tangent.
+def surface_orientation(closed: np.ndarray, spacing: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Return per pixel the line direction (index 0..N_ORIENTATIONS-1) closest to the local bone tangent, and coherence.
 
     `closed` is the disc-closed image (rows, cols; any real dtype); `spacing` is (row, col) mm per pixel. The
-    structure tensor is computed on a copy shrunk to about ORIENT_PIXEL_MM per pixel, and the index is enlarged
-    back (nearest). Angles are in pixel axes (x right, y down), as the line elements are drawn.
+    structure tensor is computed on a copy shrunk to about ORIENT_PIXEL_MM per pixel; the index is enlarged back
+    (nearest), the coherence (float32, 0..1: (l1 - l2) / (l1 + l2) of the tensor's eigenvalues) linearly. Angles
+    are in pixel axes (x right, y down), as the line elements are drawn.
     """
     rows, cols = closed.shape
     small_rows = max(1, int(round(rows * spacing[0] / ORIENT_PIXEL_MM)))
@@ -116,9 +123,12 @@ def surface_orientation(closed: np.ndarray, spacing: Sequence[float]) -> np.ndar
     # perpendicular (doubled angle + 180 degrees); line k lies at k * 180 / N degrees (doubled: k * 360 / N)
     doubled = cv2.phase(jyy - jxx, -2.0 * jxy)                       # in [0, 2 pi)
     index = np.rint(doubled * np.float32(N_ORIENTATIONS / (2.0 * math.pi))).astype(np.uint8) % N_ORIENTATIONS
+    magnitude = cv2.magnitude(jxx - jyy, 2.0 * jxy)
+    coherence = magnitude / (jxx + jyy + np.float32(COHERENCE_EPS))
     if index.shape != (rows, cols):
         index = cv2.resize(index, (cols, rows), interpolation=cv2.INTER_NEAREST)
-    return index
+        coherence = cv2.resize(coherence, (cols, rows), interpolation=cv2.INTER_LINEAR)
+    return index, coherence
 
 
 def crack_response(hu: np.ndarray, spacing: Sequence[float], *, width_mm: float, bone_hu: float) -> np.ndarray:
@@ -138,16 +148,22 @@ def crack_response(hu: np.ndarray, spacing: Sequence[float], *, width_mm: float,
     image -= np.float32(CLIP_LOW_HU - ROUND_HALF)                     # now >= 0.5: truncation rounds
     image = image.astype(np.uint16)
     ly, lx = line_length_px(width_mm, sy), line_length_px(width_mm, sx)
-    index = surface_orientation(cv2.morphologyEx(image, cv2.MORPH_CLOSE, _disc(ly, lx)), (sy, sx))
+    disc_closed = cv2.morphologyEx(image, cv2.MORPH_CLOSE, _disc(ly + DISC_EXTRA_PX, lx + DISC_EXTRA_PX))
+    index, coherence = surface_orientation(disc_closed, (sy, sx))
     bridged = np.empty_like(image)
     for k in range(N_ORIENTATIONS):
         angle = math.pi * k / N_ORIENTATIONS
         element = line_element(line_half_steps(width_mm, direction_step_mm(angle, (sy, sx))), angle)
         closed = cv2.morphologyEx(image, cv2.MORPH_CLOSE, element)
         cv2.copyTo(closed, cv2.compare(index, k, cv2.CMP_EQ), bridged)
+    # never more than the disc closing: a line a little off a straight edge's direction fills its blurred
+    # steps, the disc does not (in a crack or a concave corner both fill)
+    bridged = cv2.min(bridged, disc_closed)
     response = cv2.subtract(bridged, image)                           # a closing never lowers a pixel
     response[cv2.compare(bridged, bone_hu - CLIP_LOW_HU, cv2.CMP_LT) > 0] = 0
-    return response.astype(np.float32)
+    response = response.astype(np.float32)
+    response *= coherence                      # a corner or a blob has no one surface direction: weaker
+    return response
 
 
 def to_uint8(response: np.ndarray, full_hu: float) -> np.ndarray:

@@ -28,7 +28,7 @@ VESSEL_MARGIN_MM = 1.0  # a vascular channel stops this far inside the cortex (d
 NOISE_HU, BLUR_PX = 20.0, 0.6   # image noise (std) and in-plane blur, added like the phantom's
 SCENE_MM = 40.0
 WIDTH_MM, BONE_HU = 2.0, 200.0   # configs/detector.yaml render defaults
-MARGIN = 1.5            # "stronger" means at least this many times the competitor's strongest response
+MARGIN = 2.0            # "stronger" means at least twice the competitor's strongest response
 
 
 def _grid(spacing: float) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +105,7 @@ def test_crack_outshines_intact_cortex_and_a_vascular_channel_of_the_same_width(
     assert crack > MARGIN * r[m["vessel"]].max()
     assert crack > MARGIN * r[m["intact_cortex"]].max()
     # the crack's break of the cortex is hundreds of HU of missing bone; the channel's is below the cancellous HU
-    assert crack > 400.0 and r[m["vessel"]].max() < CANCELLOUS_HU
+    assert crack > 300.0 and r[m["vessel"]].max() < CANCELLOUS_HU
 
 
 @pytest.mark.parametrize("spacing", [0.25, 0.5])
@@ -116,7 +116,7 @@ def test_lengths_are_millimetres_at_any_pixel_spacing(spacing):
     narrow = response(hu, spacing)[m["crack_in_cortex"]].max()
     hu, m = body_scene(spacing, 3.0)
     wide = response(hu, spacing)[m["crack_in_cortex"]].max()
-    assert narrow > 700.0
+    assert narrow > 300.0
     assert wide < narrow / 3
 
 
@@ -204,4 +204,4 @@ def test_the_crack_channel_and_its_constants_change_every_settings_key(tmp_path)
     plain = keys()
     on = keys("render.crack_channel=2")
     assert all(a != b for a, b in zip(plain, on, strict=True))
-    assert all(a != b for a, b in zip(on, keys("render.crack_channel=2", "render.crack_full_hu=600"), strict=True))
+    assert all(a != b for a, b in zip(on, keys("render.crack_channel=2", "render.crack_full_hu=500"), strict=True))

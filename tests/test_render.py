@@ -213,7 +213,7 @@ def test_render_summary_names_the_crack_keys_only_when_on():
     assert "crack_width_mm" not in render_summary(render_cfg())
     summary = render_summary(render_cfg(crack_channel=2))
     assert {k: summary[k] for k in ("crack_channel", "crack_width_mm", "crack_bone_hu", "crack_full_hu")} == {
-        "crack_channel": 2, "crack_width_mm": 2.0, "crack_bone_hu": 200.0, "crack_full_hu": 800.0}
+        "crack_channel": 2, "crack_width_mm": 2.0, "crack_bone_hu": 200.0, "crack_full_hu": 600.0}
 
 
 @pytest.mark.parametrize("bad", [3, -1, True, 1.0, "2"])

@@ -122,6 +122,7 @@ class DetectorPrepareSection(Section):
     matched_bins: PosInt
     matched_smooth_bins: Count
     matched_floor: Prob
+    hard_candidates: PosInt
     margin_slices: Count
     min_box_px: NonNeg
 

@@ -52,6 +52,8 @@ UINT8_MAX: float = 255.0
 COHERENCE_EPS: float = 1.0
 """Added to the structure tensor's trace before dividing (gradients are HU per pixel): flat areas get coherence 0."""
 ROUND_HALF: float = 0.5
+SCORE_AREA_MM2: float = 5.0
+"""crack_score averages the strongest pixels over this area: a line about 10 mm long and 0.5 mm wide."""
 DISC_EXTRA_PX: int = 2
 """The disc is this many pixels wider than the line (one each side): a small digital disc is narrower than its
 nominal diameter off the axes, and it must fill every crack the line element bridges, at any angle."""
@@ -192,3 +194,15 @@ def crack_channel(hu: np.ndarray, spacing: Sequence[float], render: Mapping[str,
     response = crack_response(hu, spacing, width_mm=float(render["crack_width_mm"]),
                               bone_hu=float(render["crack_bone_hu"]))
     return to_uint8(shrink_peaks(response, size), float(render["crack_full_hu"]))
+
+
+def crack_score(hu: np.ndarray, spacing: Sequence[float], render: Mapping[str, Any]) -> float:
+    """How strongly one HU image shows a crack-like line: mean response (HU) of its SCORE_AREA_MM2 strongest pixels.
+
+    Uses the `render` section's crack_width_mm and crack_bone_hu (not crack_full_hu: no uint8 saturation); ranks
+    candidate background slices for hard negatives (prepare.hard_candidates).
+    """
+    response = crack_response(hu, spacing, width_mm=float(render["crack_width_mm"]),
+                              bone_hu=float(render["crack_bone_hu"])).ravel()
+    n = min(response.size, max(1, int(round(SCORE_AREA_MM2 / (float(spacing[0]) * float(spacing[1]))))))
+    return float(np.partition(response, response.size - n)[-n:].mean())

@@ -39,6 +39,8 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                        "--work", "bench_out/predict_speed_quick"]),
     "serve": ("benchmarks.bench_serve", ["--model", "demo_out/model", "--studies", "3", "--work", "bench_out/serve"],
               ["--model", "demo_out/model", "--studies", "2", "--work", "bench_out/serve_quick"]),
+    "crack_signal": ("benchmarks.bench_crack_signal", ["--studies", "24", "--work", "bench_out/crack_signal"],
+                     ["--studies", "6", "--slices", "60", "--repeats", "2", "--work", "bench_out/crack_signal_quick"]),
 }
 NEEDS: dict[str, Path] = {"predict_speed": Path("demo_out/model"), "serve": Path("demo_out/model")}
 """Benchmarks that need a model folder: skipped, with the command that makes it, when it is missing."""

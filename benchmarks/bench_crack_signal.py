@@ -18,7 +18,8 @@ Steps:
                        (what the crack channel adds by following the bone surface)
   4. Cost: `render_crops` of --timing-slices slices as the detector's ROI crops (100 mm -> 288 px) and as whole
      slices (512 px -> 288), and as the classifier's crops (46 mm -> 96 px), with and without the crack channel;
-     ms per image, one OpenCV thread (as in prepare workers), median of --repeats.
+     ms per image, one OpenCV thread (as in prepare workers), median of --repeats: wall time and this process's
+     CPU time (the CPU time holds on a loaded machine, where wall time grows with the load).
 Reported: per filter and statistic, the mean over fractured and over normal samples and the AUC of the statistic
 (fractured vs normal; 0.5 = no signal); the render costs. Run it on a quiet machine for the costs.
 """
@@ -175,19 +176,22 @@ def measure_cost(root: Path, render: dict, n_slices: int, repeats: int) -> pd.Da
             side = int(round(side_mm / spacing)) if side_mm else None
             box = [cols // 2 - side // 2, rows // 2 - side // 2, side, side] if side else [0, 0, cols, rows]
             crops = np.array([box] * len(indices))
-            timings = {}
-            for label, channel in (("2.5d", None), ("2.5d + crack", 2)):
+            wall, cpu = {}, {}
+            for label, channel in (("2.5d", None), ("crack", 2)):
                 cfg = {**render, "imgsz": imgsz, "recipe": "2.5d", "crack_channel": channel}
                 render_crops(Source(), indices, geometry, crops, render=cfg, pad_hu=-1000.0)   # warm-up
-                runs = []
+                runs, cpu_runs = [], []
                 for _ in range(repeats):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     render_crops(Source(), indices, geometry, crops, render=cfg, pad_hu=-1000.0)
                     runs.append((time.perf_counter() - t0) * 1000.0 / len(indices))
-                timings[label] = float(np.median(runs))
+                    cpu_runs.append((time.process_time() - c0) * 1000.0 / len(indices))
+                wall[label], cpu[label] = float(np.median(runs)), float(np.median(cpu_runs))
             out.append({"image": what, "native_px": f"{box[2]}x{box[3]}", "imgsz": imgsz,
-                        "ms_2.5d": round(timings["2.5d"], 2), "ms_crack": round(timings["2.5d + crack"], 2),
-                        "ms_added": round(timings["2.5d + crack"] - timings["2.5d"], 2)})
+                        "ms_2.5d": round(wall["2.5d"], 2), "ms_crack": round(wall["crack"], 2),
+                        "ms_added": round(wall["crack"] - wall["2.5d"], 2),
+                        "cpu_ms_2.5d": round(cpu["2.5d"], 2), "cpu_ms_crack": round(cpu["crack"], 2),
+                        "cpu_ms_added": round(cpu["crack"] - cpu["2.5d"], 2)})
     finally:
         cv2.setNumThreads(previous)
     return pd.DataFrame(out)
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"crack signal on {root} ({summary['n_fractured'].iloc[0]} fractured, {summary['n_normal'].iloc[0]} "
           f"normal samples; {signal_s:.0f} s)")
     print(summary.drop(columns=["n_fractured", "n_normal"]).round(3).to_string(index=False))
-    print("\nrender cost per image (ms, one OpenCV thread)")
+    print("\nrender cost per image (ms, one OpenCV thread; wall and CPU time)")
     print(cost.to_string(index=False))
     print(f"\ntables in {work}")
     return 0

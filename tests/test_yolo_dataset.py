@@ -347,3 +347,25 @@ def test_crack_score_ranks_a_crack_above_intact_bone():
     cracked = block.copy()
     cracked[12:36, 31] = 45.0
     assert crack_score(cracked, (0.5, 0.5), render) > 10 * max(crack_score(block, (0.5, 0.5), render), 1.0)
+
+
+def test_hardest_slices_look_inside_each_slices_roi(tmp_path):
+    # two bone blocks on every slice; slice 2 is cracked in the left block, slice 5 in the right one. Each slice's
+    # ROI holds only the left block, so slice 2 wins; on whole slices the two tie (the lower index wins)
+    from data_prep.dicom_io import scan_study
+    from detector.roi import SpineRois
+    from detector.yolo_dataset import hardest_slices
+
+    hu = np.full((8, ROWS, COLS), 45.0, dtype=np.float32)
+    hu[:, 12:36, 4:28] = 1200.0
+    hu[:, 12:36, 36:60] = 1200.0
+    hu[2, 12:36, 16] = 45.0
+    hu[5, 12:36, 48] = 45.0
+    write_series(tmp_path / "s", hu, study_uid="1.2.3.77", pixel_spacing=(0.5, 0.5), slice_thickness=1.0)
+    geometry = scan_study(tmp_path / "s")
+    render = load_config("detector").render
+    n = 8
+    left = SpineRois(np.zeros(n, int), np.zeros(n, int), np.full(n, 32), np.full(n, ROWS), np.array(["body"] * n))
+    assert hardest_slices(geometry, [5, 2, 0], 1, render=render, rois=left, pad_hu=-1000.0) == [2]
+    assert hardest_slices(geometry, [5, 0], 1, render=render, rois=left, pad_hu=-1000.0) == [0]   # a tie
+    assert hardest_slices(geometry, [5, 2, 0], 2, render=render) == [2, 5]

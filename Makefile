@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.spinefrac-installed
 export YOLO_OFFLINE := 1
 
-.PHONY: install demo test test-fast lint bench bench-quick clean
+.PHONY: install demo test test-fast lint docs bench bench-quick clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,9 @@ test-fast: $(STAMP)  ## everything but the slow (training) tests
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
+docs: $(STAMP)  ## the documentation site into site/ (MkDocs, offline; `make test` builds it too)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
 bench: $(STAMP)  ## every benchmark, full size (about 1.5 h on 2 cores; tables in bench_out/)
 	$(PY) -m benchmarks.run_all --out bench_out
 
@@ -34,4 +37,4 @@ bench-quick: $(STAMP)  ## every benchmark, small versions (about 10 min)
 	$(PY) -m benchmarks.run_all --out bench_out --quick
 
 clean:
-	rm -rf demo_out .pytest_cache
+	rm -rf demo_out .pytest_cache site

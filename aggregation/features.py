@@ -126,6 +126,39 @@ PATIENT_FEATURE_GROUP: dict[str, str] = {
 }
 """Patient feature name -> its group (one of FEATURE_GROUPS, or STRUCTURAL)."""
 
+RISES = 1
+"""Sign of a feature that never falls when a box score (boxes.csv `score`) or a classifier score (vertebrae.csv
+cls_*) rises: a monotone model constrains it increasing."""
+FIXED = 0
+"""Sign of a feature no score moves (counts of boxes or slices, the level): left unconstrained."""
+MIXED = None
+"""Sign of a feature a rising score can move either way (a score-weighted mean): a monotone model leaves it out."""
+
+SIGN_WORDS: dict[int | None, str] = {RISES: "rises (constrained increasing)", FIXED: "unmoved (unconstrained)",
+                                     MIXED: "either way (left out of a monotone model)"}
+"""How features_markdown states a feature's sign."""
+
+FEATURE_SIGN: dict[str, int | None] = {
+    "level_idx": FIXED,
+    **dict.fromkeys(("max_score", "top_k_mean", "n_boxes_ge_{t}", "n_slices_ge_{t}", "score_mass", "longest_run",
+                     "det_slice_frac", "above_max", "below_max"), RISES),
+    "box_area_{unit}": MIXED,            # the mean area weighted by score: a rising score shifts it either way
+    "level_slices": FIXED,
+    **dict.fromkeys(("profile_bin_{i}", "profile_topk_mean", "frac_slices_ge_{t}", "run_frac"), RISES),
+    **dict.fromkeys(("cls_max", "cls_topk", "cls_mean", "cls_above_max", "cls_below_max"), RISES),
+    **dict.fromkeys(("study_max_score", "study_mass", "study_longest_run"), RISES),
+    **dict.fromkeys(("study_n_boxes", "study_n_slices"), FIXED),
+}
+"""Study x level feature -> how it moves when one score rises, all else fixed (RISES, FIXED or MIXED). A missing
+value (NaN: no slices, no classifier) is not moved by any score."""
+
+PATIENT_FEATURE_SIGN: dict[str, int | None] = {
+    **dict.fromkeys(("level_max", "n_levels_ge_{t}", "study_cls_max", "n_levels_cls_ge_{t}"), RISES),
+    **{name: FEATURE_SIGN[name] for name in ("study_max_score", "study_mass", "study_n_boxes", "study_longest_run",
+                                             "study_n_slices")},
+}
+"""Patient feature -> how it moves when one score rises (as FEATURE_SIGN)."""
+
 LEVEL_PREDICTION_FEATURES: dict[str, str] = {
     **{f"{PRED_PREFIX}{lv}": f"the level model's probability for {lv} (out-of-fold when training)"
        for lv in registry.LEVELS},
@@ -133,6 +166,8 @@ LEVEL_PREDICTION_FEATURES: dict[str, str] = {
     "pred_noisy_or": "1 - prod(1 - p_L): chance of at least one fractured level if levels were independent",
 }
 """Features the StudyAggregator adds to PATIENT_FEATURES from its own level model."""
+LEVEL_PREDICTION_SIGN: dict[str, int | None] = dict.fromkeys(LEVEL_PREDICTION_FEATURES, RISES)
+"""The level model's probabilities rise with the scores (a monotone level model): constrained increasing."""
 
 
 def _section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
@@ -161,13 +196,13 @@ def selected_groups(config: Mapping[str, Any] | None = None) -> tuple[str, ...]:
 
 
 def _expand(templates: Mapping[str, str], group_of: Mapping[str, str], cfg: Mapping[str, Any],
-            thresholds_key: str, groups: Iterable[str]) -> dict[str, tuple[str, str]]:
-    """Return expanded name -> (group, description) for the templates of the selected groups (+ structural)."""
+            thresholds_key: str, groups: Iterable[str]) -> dict[str, tuple[str, str, str]]:
+    """Return expanded name -> (group, description, template) for the templates of the selected groups (+ structural)."""
     keep = {STRUCTURAL, *groups}
     unit = AREA_UNITS.get(cfg["area_unit"])
     if unit is None:
         raise ValueError(f"features.area_unit must be one of {', '.join(AREA_UNITS)}, found {cfg['area_unit']!r}")
-    out: dict[str, tuple[str, str]] = {}
+    out: dict[str, tuple[str, str, str]] = {}
     for name, desc in templates.items():
         group = group_of[name]
         if group not in keep:
@@ -175,23 +210,25 @@ def _expand(templates: Mapping[str, str], group_of: Mapping[str, str], cfg: Mapp
         if "{t}" in name:
             key = "score_thresholds" if name.startswith("frac_slices") else thresholds_key
             for t in cfg[key]:
-                out[name.format(t=_fmt(t))] = (group, desc.replace(">= t", f">= {_fmt(t)}"))
+                out[name.format(t=_fmt(t))] = (group, desc.replace(">= t", f">= {_fmt(t)}"), name)
         elif "{i}" in name:
             bins = int(cfg["profile_bins"])
             for i in range(bins):
-                out[name.format(i=i)] = (group, desc.replace("part i", f"part {i} of {bins}"))
+                out[name.format(i=i)] = (group, desc.replace("part i", f"part {i} of {bins}"), name)
         else:
-            out[name.format(unit=unit)] = (group, desc)
+            out[name.format(unit=unit)] = (group, desc, name)
     return out
 
 
-def _level_expanded(config: Mapping[str, Any] | None, groups: Iterable[str] | None) -> dict[str, tuple[str, str]]:
+def _level_expanded(config: Mapping[str, Any] | None,
+                    groups: Iterable[str] | None) -> dict[str, tuple[str, str, str]]:
     cfg = _section(config)
     return _expand(FEATURES, FEATURE_GROUP, cfg, "score_thresholds",
                    selected_groups(cfg) if groups is None else groups)
 
 
-def _patient_expanded(config: Mapping[str, Any] | None, groups: Iterable[str] | None) -> dict[str, tuple[str, str]]:
+def _patient_expanded(config: Mapping[str, Any] | None,
+                      groups: Iterable[str] | None) -> dict[str, tuple[str, str, str]]:
     cfg = _section(config)
     return _expand(PATIENT_FEATURES, PATIENT_FEATURE_GROUP, cfg, "patient_thresholds",
                    selected_groups(cfg) if groups is None else groups)
@@ -200,19 +237,19 @@ def _patient_expanded(config: Mapping[str, Any] | None, groups: Iterable[str] | 
 def level_feature_descriptions(config: Mapping[str, Any] | None = None, *,
                                groups: Iterable[str] | None = None) -> dict[str, str]:
     """Return the expanded study x level feature names -> descriptions (groups: default features.groups)."""
-    return {name: desc for name, (_, desc) in _level_expanded(config, groups).items()}
+    return {name: desc for name, (_, desc, _) in _level_expanded(config, groups).items()}
 
 
 def patient_feature_descriptions(config: Mapping[str, Any] | None = None, *,
                                  groups: Iterable[str] | None = None) -> dict[str, str]:
     """Return the expanded per-study patient feature names -> descriptions (without level predictions)."""
-    return {name: desc for name, (_, desc) in _patient_expanded(config, groups).items()}
+    return {name: desc for name, (_, desc, _) in _patient_expanded(config, groups).items()}
 
 
 def level_feature_groups(config: Mapping[str, Any] | None = None, *,
                          groups: Iterable[str] | None = None) -> dict[str, str]:
     """Return the expanded study x level feature names -> group (FEATURE_GROUPS or STRUCTURAL)."""
-    return {name: group for name, (group, _) in _level_expanded(config, groups).items()}
+    return {name: group for name, (group, _, _) in _level_expanded(config, groups).items()}
 
 
 def level_feature_names(config: Mapping[str, Any] | None = None, *, groups: Iterable[str] | None = None) -> list[str]:
@@ -226,13 +263,28 @@ def patient_feature_names(config: Mapping[str, Any] | None = None, *,
     return list(_patient_expanded(config, groups))
 
 
+def level_feature_signs(config: Mapping[str, Any] | None = None, *,
+                        groups: Iterable[str] | None = None) -> dict[str, int | None]:
+    """Return the expanded study x level feature names -> FEATURE_SIGN (RISES, FIXED or MIXED)."""
+    return {name: FEATURE_SIGN[template] for name, (_, _, template) in _level_expanded(config, groups).items()}
+
+
+def patient_feature_signs(config: Mapping[str, Any] | None = None, *,
+                          groups: Iterable[str] | None = None) -> dict[str, int | None]:
+    """Return the expanded patient feature names (level predictions included) -> their sign (as FEATURE_SIGN)."""
+    signs = {name: PATIENT_FEATURE_SIGN[template] for name, (_, _, template) in _patient_expanded(config, groups).items()}
+    return {**signs, **LEVEL_PREDICTION_SIGN}
+
+
 def features_markdown(config: Mapping[str, Any] | None = None) -> str:
     """Return a Markdown table documenting every feature of every group (for docs and `features.csv` readers)."""
-    lines = ["| table | feature | group | meaning |", "|---|---|---|---|"]
-    for table, expanded in (("features.csv (study x level)", _level_expanded(config, FEATURE_GROUPS)),
-                            ("patient", _patient_expanded(config, FEATURE_GROUPS))):
-        lines += [f"| {table} | `{name}` | {group} | {text} |" for name, (group, text) in expanded.items()]
-    lines += [f"| patient (added by the model) | `{name}` | model | {text} |"
+    lines = ["| table | feature | group | meaning | when a score rises |", "|---|---|---|---|---|"]
+    for table, expanded, sign_of in (
+            ("features.csv (study x level)", _level_expanded(config, FEATURE_GROUPS), FEATURE_SIGN),
+            ("patient", _patient_expanded(config, FEATURE_GROUPS), PATIENT_FEATURE_SIGN)):
+        lines += [f"| {table} | `{name}` | {group} | {text} | {SIGN_WORDS[sign_of[template]]} |"
+                  for name, (group, text, template) in expanded.items()]
+    lines += [f"| patient (added by the model) | `{name}` | model | {text} | {SIGN_WORDS[RISES]} |"
               for name, text in LEVEL_PREDICTION_FEATURES.items()]
     return "\n".join(lines) + "\n"
 

@@ -34,6 +34,17 @@ def row_weights(y: np.ndarray) -> np.ndarray:
     return np.column_stack([label_weights(y[:, :n_levels]), label_weights(y[:, n_levels:], patient=True)])
 
 
+def per_study_weights(y: np.ndarray) -> np.ndarray:
+    """Return each entry's weight in `competition_loss`: its metric weight over its study's total weight ((n, 8)).
+
+    A weighted mean of row losses with these weights, times the number of studies, is the competition metric: a
+    fit minimising it aims at that metric exactly (the raw weights, 7 / 14 for patient_overall, aim at the
+    globally normalised one and overshoot the per-study metric's patient rate).
+    """
+    w = row_weights(y)
+    return w / w.sum(axis=1, keepdims=True)
+
+
 def row_losses(y: np.ndarray, p: np.ndarray) -> np.ndarray:
     """Return the unweighted binary log loss of every entry, with probabilities clipped as in the competition."""
     y = np.asarray(y, dtype=float)

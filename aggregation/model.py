@@ -9,6 +9,14 @@
   the folds shrink to the minority-class count; with fewer than two per class the booster is used
   uncalibrated, and with a single class a smoothed constant is predicted (never exactly 0 or 1).
 - `patient_overall` is never below the largest level probability: a fracture at any level is a fracture.
+- With model.monotone (the default), every feature that rises with a box or classifier score
+  (`aggregation.features.FEATURE_SIGN`, and the level predictions the patient model reads) is constrained
+  increasing (scikit-learn's `monotonic_cst`), a feature a rising score moves either way is left out, and a Platt
+  calibrator with an inverted slope is clipped to a constant (`aggregation.monotone`): raising one score never
+  lowers any of the eight outputs.
+- Candidates (`aggregation.candidates`): `fit` also fits the constant prior and the max-score rule
+  (`aggregation.rules`), compares them with this gradient-boosted model and their blend out of fold, and
+  predicts with the chosen one (`chosen_`); every candidate keeps patient_overall >= the largest level.
 - With model.sample_weights "metric", every model (boosters, calibrators, the out-of-fold level models) is
   fitted with each row's weight in the competition metric (`aggregation.metric.label_weights`: a level row
   1 negative / 2 positive, a patient row 7 / 14); "none" fits unweighted.
@@ -20,7 +28,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +44,39 @@ from data_prep import registry
 from data_prep.artifacts import atomic_path, library_versions, write_json_atomic
 from data_prep.errors import InputError
 
+from .blend import fit_blend, predict_blend
+from .candidates import (
+    AUTO,
+    BLEND,
+    CANDIDATES,
+    CANDIDATES_FILE,
+    GBM,
+    HELDOUT_COLUMNS,
+    MEMBERS,
+    PRIOR,
+    RULE,
+    Comparison,
+    compare,
+    n_folds,
+    read_table,
+    write_table,
+)
 from .features import (
     FEATURE_GROUPS,
     LEVEL_COL,
     LEVEL_PREDICTION_FEATURES,
+    MIXED,
     PRED_PREFIX,
+    RISES,
     build_patient_features,
     level_feature_names,
+    level_feature_signs,
     patient_feature_names,
+    patient_feature_signs,
 )
 from .metric import label_weights
+from .monotone import guard_sigmoid_calibration
+from .rules import MaxScoreRule, rule_inputs
 
 logger = logging.getLogger("aggregation")
 
@@ -72,10 +103,14 @@ MISSING_VALUE = -1.0
 """A missing feature (NaN, e.g. cls_* without a classifier) as the boosters see it: below every real feature value
 (all are >= 0), so a split can still set it apart. Native NaN support is not used: scikit-learn's binning fails
 on a column that is entirely NaN within one fit (seen with 1.9.1), which an internal fold can produce."""
-LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"features": {"groups": ["detector"]}, "model": {"sample_weights": "none"}}
+LEGACY_SETTINGS: dict[str, dict[str, Any]] = {"features": {"groups": ["detector"]},
+                                              "model": {"sample_weights": "none", "monotone": False},
+                                              "candidates": {"choose": GBM}}
 """What a saved config without these keys meant (it was written before they existed); other absent keys take
 today's defaults from configs/aggregation.yaml."""
 MIN_CALIBRATION_FOLDS = 2
+BUNDLE_CANDIDATE_KEYS = frozenset({"prior", "rule", "blend", "chosen"})
+"""Keys a saved bundle holds beside level_models and patient_model since candidates (an older one has none)."""
 CONSTANT_SMOOTHING = 0.5
 """Pseudo-count added to each class when a model sees a single class (Jeffreys-style smoothing)."""
 
@@ -105,11 +140,14 @@ def _model_section(config: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def fit_binary(X: np.ndarray, y: np.ndarray, *, categorical: np.ndarray | None,
-               config: Mapping[str, Any], sample_weight: np.ndarray | None = None) -> Any:
+               config: Mapping[str, Any], sample_weight: np.ndarray | None = None,
+               monotonic: np.ndarray | None = None) -> Any:
     """Fit one calibrated HistGradientBoostingClassifier on (X, y), degrading gracefully on tiny data.
 
     `sample_weight` (one per row, or None) reaches the booster and, with calibration, both the boosters of
     the internal folds and the calibrators (scikit-learn's CalibratedClassifierCV routes it to both).
+    `monotonic` (one of -1/0/1 per column, or None) becomes the booster's `monotonic_cst`; then a Platt
+    calibrator never inverts it (`aggregation.monotone.guard_sigmoid_calibration`).
     """
     m = _model_section(config)
     y = np.asarray(y, dtype=int)
@@ -123,6 +161,7 @@ def fit_binary(X: np.ndarray, y: np.ndarray, *, categorical: np.ndarray | None,
         max_leaf_nodes=int(m["max_leaf_nodes"]), max_depth=m["max_depth"],
         min_samples_leaf=int(m["min_samples_leaf"]), l2_regularization=float(m["l2_regularization"]),
         categorical_features=categorical if categorical is not None and categorical.any() else None,
+        monotonic_cst=None if monotonic is None or not np.any(monotonic) else np.asarray(monotonic, dtype=int),
         early_stopping=False, random_state=int(m["random_state"]))
     method = m["calibration"]
     if method not in CALIBRATION_METHODS:
@@ -134,7 +173,10 @@ def fit_binary(X: np.ndarray, y: np.ndarray, *, categorical: np.ndarray | None,
         logger.warning("only %d rows of the minority class: boosting without calibration", counts.min())
         return booster.fit(X, y, sample_weight=sample_weight)
     cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=int(m["random_state"]))
-    return CalibratedClassifierCV(booster, method=method, cv=cv).fit(X, y, sample_weight=sample_weight)
+    model = CalibratedClassifierCV(booster, method=method, cv=cv).fit(X, y, sample_weight=sample_weight)
+    if monotonic is not None and method == "sigmoid":
+        guard_sigmoid_calibration(model, y, sample_weight)
+    return model
 
 
 def _positive_proba(model: Any, X: np.ndarray) -> np.ndarray:
@@ -158,11 +200,32 @@ class StudyAggregator:
         if weights not in SAMPLE_WEIGHT_CHOICES:
             raise ValueError(f"model.sample_weights must be one of {', '.join(SAMPLE_WEIGHT_CHOICES)}, "
                              f"found {weights!r}")
-        self.level_features: list[str] = level_feature_names(self.config)
+        if "candidates" not in self.config:       # a config from before candidates: the booster, as it was
+            from data_prep.config import load_config
+
+            self.config["candidates"] = {**load_config("aggregation")["candidates"].to_dict(),
+                                         **LEGACY_SETTINGS["candidates"]}
+        choose = self.config["candidates"]["choose"]
+        if choose not in (AUTO, *CANDIDATES):
+            raise ValueError(f"candidates.choose must be one of {', '.join((AUTO, *CANDIDATES))}, found {choose!r}")
+        self.monotone = bool(self.config["model"].get("monotone", False))
+        level_signs = level_feature_signs(self.config)
+        patient_signs = patient_feature_signs(self.config)
+        keep = (lambda sign: sign is not MIXED) if self.monotone else (lambda sign: True)
+        self.level_features: list[str] = [c for c, sign in level_signs.items() if keep(sign)]
         self.known_level_features: set[str] = set(level_feature_names(self.config, groups=FEATURE_GROUPS))
-        self.patient_features: list[str] = [*patient_feature_names(self.config), *LEVEL_PREDICTION_FEATURES]
+        self.patient_features: list[str] = [c for c in (*patient_feature_names(self.config), *LEVEL_PREDICTION_FEATURES)
+                                            if keep(patient_signs[c])]
+        self._signs = {**level_signs, **patient_signs}
         self.level_models_: dict[str, Any] | None = None
         self.patient_model_: Any = None
+        self.prior_: dict[str, float] | None = None
+        self.rule_: dict[str, Any] | None = None
+        self.blend_: dict[str, Any] | None = None
+        self.chosen_: str = GBM
+        self.comparison_: Comparison | None = None
+        self.candidates_: pd.DataFrame | None = None
+        self.comparison_note_: str = ""
         self.training_: dict[str, Any] = {}
 
     # ------------------------------------------------------------ fitting
@@ -170,27 +233,91 @@ class StudyAggregator:
         """Limit OpenMP threads while boosting (model.threads; null = library default)."""
         return threadpool_limits(limits=self.config["model"]["threads"])
 
-    def fit(self, features: pd.DataFrame, labels: pd.DataFrame) -> StudyAggregator:
-        """Fit the level and patient models on the long features table and train.csv-style labels."""
-        with self._threads():
-            return self._fit(features, labels)
+    def fit(self, features: pd.DataFrame, labels: pd.DataFrame, *, compare_candidates: bool = True) -> StudyAggregator:
+        """Fit every candidate on the features table and train.csv-style labels; choose one out of fold.
 
-    def _fit(self, features: pd.DataFrame, labels: pd.DataFrame) -> StudyAggregator:
+        With `compare_candidates` False (or candidates.choose naming a candidate other than the blend) no
+        out-of-fold comparison is run: the named candidate is used (auto or blend: the gradient-boosted model).
+        """
+        with self._threads():
+            return self._fit(features, labels, compare_candidates)
+
+    def _fit(self, features: pd.DataFrame, labels: pd.DataFrame, compare_candidates: bool) -> StudyAggregator:
         self._check_features(features)
         features = _str_uids(features)
         y_wide = _labels_for(features, labels)
-        self.level_models_ = self._fit_levels(features, y_wide)
-        oof = self._oof_level_predictions(features, y_wide)
+        self.level_models_, self.patient_model_, self.prior_, rule = self._fit_members(features, y_wide)
+        self.rule_ = rule.to_dict()
+        cand = self.config["candidates"]
+        choose = cand["choose"]
+        self.chosen_ = GBM if choose in (AUTO, BLEND) else choose
+        self.comparison_ = self.candidates_ = self.blend_ = None
+        self.comparison_note_ = ""
+        if compare_candidates and choose in (AUTO, BLEND):
+            self._compare(features, y_wide)
+        self.training_ = {"n_studies": int(len(y_wide)),
+                          "positives": {t: int(y_wide[t].sum()) for t in registry.TARGETS},
+                          "chosen": self.chosen_}
+        logger.info("aggregator fitted on %d studies (%d patient positives); predicting with %s", len(y_wide),
+                    self.training_["positives"][registry.PATIENT], self.chosen_)
+        return self
+
+    def _compare(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> None:
+        """Out-of-fold comparison of the candidates (aggregation.candidates); sets chosen_, blend_, candidates_."""
+        cand, m = self.config["candidates"], self.config["model"]
+        folds = int(self.config["operating"]["heldout_folds"])
+        uids = list(y_wide.index)
+        y = y_wide[list(registry.TARGETS)].to_numpy(dtype=float)
+        by_study = features.groupby(registry.STUDY_COL, sort=False).indices
+
+        def rows(studies: Sequence[str]) -> pd.DataFrame:
+            return features.iloc[np.concatenate([by_study[u] for u in studies])]
+
+        def fit_predict(train: Sequence[str], held: Sequence[str]) -> dict[str, np.ndarray]:
+            level_models, patient_model, prior, rule = self._fit_members(rows(train), y_wide.loc[list(train)])
+            return self._member_predictions(rows(held), held, level_models, patient_model, prior, rule)
+
+        if n_folds(y[:, len(registry.LEVELS)], folds) < MIN_CALIBRATION_FOLDS:
+            self.chosen_ = PRIOR
+            self.comparison_note_ = (f"{int(y_wide[registry.PATIENT].sum())} positive and "
+                                     f"{int((y_wide[registry.PATIENT] == 0).sum())} negative studies: too few to "
+                                     "compare candidates out of fold; predicting the constant prior")
+            logger.warning("aggregator: %s", self.comparison_note_)
+            return
+        comp = compare(uids, y, fit_predict, folds=folds, repeats=int(cand["repeats"]), seed=int(m["random_state"]),
+                       l2=float(cand["l2"]), sample_weights=m["sample_weights"], choose=cand["choose"])
+        oof_all = {k: v.reshape(-1, len(registry.TARGETS)) for k, v in comp.oof.items()}
+        self.blend_ = fit_blend(MEMBERS, [oof_all[k] for k in MEMBERS], np.tile(y, (comp.folds.shape[0], 1)),
+                                l2=float(cand["l2"]), sample_weights=m["sample_weights"])
+        self.comparison_, self.candidates_, self.chosen_ = comp, comp.table, comp.chosen
+
+    def _fit_members(self, features: pd.DataFrame, y_wide: pd.DataFrame
+                     ) -> tuple[dict[str, Any], Any, dict[str, float], MaxScoreRule]:
+        """Fit the gradient-boosted level and patient models, the prior and the max-score rule on these studies."""
+        level_models = self._fit_levels(features, y_wide)
+        oof = self._oof_level_predictions(features, y_wide, level_models)
         xp = self._patient_matrix(features, oof)
         y_patient = y_wide.loc[xp[registry.STUDY_COL], registry.PATIENT].to_numpy(dtype=int)
-        self.patient_model_ = fit_binary(_matrix(xp, self.patient_features), y_patient,
-                                         categorical=None, config=self.config,
-                                         sample_weight=self.sample_weights(y_patient, patient=True))
-        self.training_ = {"n_studies": int(len(y_wide)),
-                          "positives": {t: int(y_wide[t].sum()) for t in registry.TARGETS}}
-        logger.info("aggregator fitted on %d studies (%d patient positives)", len(y_wide),
-                    self.training_["positives"][registry.PATIENT])
-        return self
+        patient_model = fit_binary(_matrix(xp, self.patient_features), y_patient, categorical=None,
+                                   config=self.config, sample_weight=self.sample_weights(y_patient, patient=True),
+                                   monotonic=self._constraints(self.patient_features))
+        n = len(y_wide)     # smoothed as ConstantClassifier: a fold without a C3 positive must not predict 1e-15
+        prior = {t: float((y_wide[t].sum() + CONSTANT_SMOOTHING) / (n + 2 * CONSTANT_SMOOTHING))
+                 for t in registry.TARGETS}
+        rule = MaxScoreRule(rule_inputs(self.config), float(self.config["candidates"]["l2"]),
+                            self.config["model"]["sample_weights"]).fit(features, y_wide)
+        return level_models, patient_model, prior, rule
+
+    def _member_predictions(self, features: pd.DataFrame, uids: Sequence[str], level_models: Mapping[str, Any],
+                            patient_model: Any, prior: Mapping[str, float], rule: MaxScoreRule
+                            ) -> dict[str, np.ndarray]:
+        """Return {member: (len(uids), 8) probabilities} of the prior, the rule and the booster for `uids`."""
+        uids = [str(u) for u in uids]
+        gbm = self._predict_gbm(features, level_models, patient_model).set_index(registry.STUDY_COL)
+        rule_p = rule.predict_wide(features).set_index(registry.STUDY_COL)
+        return {PRIOR: np.tile([prior[t] for t in registry.TARGETS], (len(uids), 1)),
+                RULE: rule_p.loc[uids, list(registry.TARGETS)].to_numpy(dtype=float),
+                GBM: gbm.loc[uids, list(registry.TARGETS)].to_numpy(dtype=float)}
 
     def sample_weights(self, y: np.ndarray, *, patient: bool = False) -> np.ndarray | None:
         """Return the fitting weights of 0/1 labels `y` (level rows, or patient rows): the metric's, or None."""
@@ -198,21 +325,32 @@ class StudyAggregator:
             return None
         return label_weights(y, patient=patient)
 
+    def _constraints(self, columns: Sequence[str]) -> np.ndarray | None:
+        """Return the booster's monotonic_cst for `columns` (1 where a feature rises with a score), or None."""
+        if not self.monotone:
+            return None
+        return np.array([1 if self._signs.get(c) == RISES else 0 for c in columns], dtype=int)
+
     def _level_matrix(self, df: pd.DataFrame, *, with_level: bool) -> tuple[np.ndarray, np.ndarray]:
-        cols = self.level_features if with_level else [c for c in self.level_features if c != LEVEL_IDX]
+        cols = self._level_columns(with_level)
         return _matrix(df, cols), np.array([c == LEVEL_IDX for c in cols])
+
+    def _level_columns(self, with_level: bool) -> list[str]:
+        return self.level_features if with_level else [c for c in self.level_features if c != LEVEL_IDX]
 
     def _fit_levels(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> dict[str, Any]:
         y = _level_targets(features, y_wide)
         if self.config["model"]["level_mode"] == "shared":
             X, cat = self._level_matrix(features, with_level=True)
-            return {"shared": fit_binary(X, y, categorical=cat, config=self.config, sample_weight=self.sample_weights(y))}
+            return {"shared": fit_binary(X, y, categorical=cat, config=self.config, sample_weight=self.sample_weights(y),
+                                         monotonic=self._constraints(self._level_columns(True)))}
         models = {}
         for lv in registry.LEVELS:
             rows = (features[LEVEL_COL] == lv).to_numpy()
             X, _ = self._level_matrix(features[rows], with_level=False)
             models[lv] = fit_binary(X, y[rows], categorical=None, config=self.config,
-                                    sample_weight=self.sample_weights(y[rows]))
+                                    sample_weight=self.sample_weights(y[rows]),
+                                    monotonic=self._constraints(self._level_columns(False)))
         return models
 
     def _predict_levels(self, models: Mapping[str, Any], features: pd.DataFrame) -> pd.DataFrame:
@@ -233,16 +371,16 @@ class StudyAggregator:
         order = pd.unique(features[registry.STUDY_COL])
         return wide.loc[order, list(registry.LEVELS)].reset_index()
 
-    def _oof_level_predictions(self, features: pd.DataFrame, y_wide: pd.DataFrame) -> pd.DataFrame:
+    def _oof_level_predictions(self, features: pd.DataFrame, y_wide: pd.DataFrame,
+                               level_models: Mapping[str, Any]) -> pd.DataFrame:
         """Return level probabilities for the training studies, each from a model that never saw the study."""
-        assert self.level_models_ is not None
         uids = features[registry.STUDY_COL].to_numpy()
         n_studies = len(pd.unique(uids))
         folds = min(int(self.config["model"]["patient_oof_folds"]), n_studies)
         if folds < MIN_CALIBRATION_FOLDS:
             logger.warning("patient model learns from in-sample level predictions (patient_oof_folds=%d, %d studies)",
                            folds, n_studies)
-            return self._predict_levels(self.level_models_, features)
+            return self._predict_levels(level_models, features)
         parts = []
         splitter = GroupKFold(n_splits=folds, shuffle=True, random_state=int(self.config["model"]["random_state"]))
         for train_idx, val_idx in splitter.split(features, groups=uids):
@@ -265,25 +403,62 @@ class StudyAggregator:
 
     # ------------------------------------------------------------ prediction
     def predict_proba(self, features: pd.DataFrame) -> pd.DataFrame:
-        """Return StudyInstanceUID, C1..C7, patient_overall probabilities, one row per study of `features`."""
+        """Return StudyInstanceUID, C1..C7, patient_overall probabilities of the chosen candidate, one row per study."""
+        return self.predict_candidate(features, self.chosen_)
+
+    def predict_candidate(self, features: pd.DataFrame, candidate: str) -> pd.DataFrame:
+        """Return the predictions (as predict_proba) of one candidate fitted on every training study."""
+        return self.predict_candidates(features, [candidate])[candidate]
+
+    def predict_candidates(self, features: pd.DataFrame,
+                           candidates: Sequence[str] | None = None) -> dict[str, pd.DataFrame]:
+        """Return {candidate: predictions as predict_proba} for `candidates` (default: every one this model has)."""
         if self.level_models_ is None or self.patient_model_ is None:
             raise RuntimeError("StudyAggregator is not fitted: call fit() or load() first")
+        has_members = self.prior_ is not None and self.rule_ is not None
+        if candidates is None:
+            candidates = [c for c in CANDIDATES if c == GBM or (has_members and (c != BLEND or self.blend_))]
+        for c in candidates:
+            if c not in CANDIDATES:
+                raise ValueError(f"unknown candidate {c!r}; choose from {', '.join(CANDIDATES)}")
+            if c != GBM and not has_members:
+                raise ValueError(f"this aggregator was saved before candidates existed: it has no {c!r}")
+            if c == BLEND and self.blend_ is None:
+                raise ValueError("this aggregator has no blend (no out-of-fold comparison was run)")
+        cols = [registry.STUDY_COL, *registry.TARGETS]
         with self._threads():
-            return self._predict(features)
+            self._check_features(features)
+            features = _str_uids(features)
+            if list(candidates) == [GBM]:
+                return {GBM: self._predict_gbm(features, self.level_models_, self.patient_model_)[cols]}
+            assert self.prior_ is not None and self.rule_ is not None
+            uids = [str(u) for u in pd.unique(features[registry.STUDY_COL])]
+            members = self._member_predictions(features, uids, self.level_models_, self.patient_model_,
+                                               self.prior_, MaxScoreRule.from_dict(self.rule_))
+            if BLEND in candidates:
+                members[BLEND] = predict_blend(self.blend_, [members[k] for k in self.blend_["members"]])
+            return {c: pd.DataFrame(members[c], columns=list(registry.TARGETS)).assign(
+                **{registry.STUDY_COL: uids})[cols] for c in candidates}
 
-    def _predict(self, features: pd.DataFrame) -> pd.DataFrame:
-        self._check_features(features)
-        features = _str_uids(features)
-        levels = self._predict_levels(self.level_models_, features)
+    def _predict_gbm(self, features: pd.DataFrame, level_models: Mapping[str, Any], patient_model: Any) -> pd.DataFrame:
+        levels = self._predict_levels(level_models, features)
         xp = self._patient_matrix(features, levels)
-        patient = _positive_proba(self.patient_model_, _matrix(xp, self.patient_features))
+        patient = _positive_proba(patient_model, _matrix(xp, self.patient_features))
         out = levels.set_index(registry.STUDY_COL).loc[xp[registry.STUDY_COL]].reset_index()
         out[registry.PATIENT] = np.maximum(patient, out[list(registry.LEVELS)].max(axis=1).to_numpy())
         return out[[registry.STUDY_COL, *registry.TARGETS]]
 
+    def heldout_patient(self) -> tuple[pd.DataFrame, str | None]:
+        """Return the chosen candidate's out-of-fold patient rows (candidates.HELDOUT_COLUMNS), or why there are none."""
+        if self.comparison_ is None:
+            return (pd.DataFrame(columns=list(HELDOUT_COLUMNS)),
+                    self.comparison_note_ or "no out-of-fold comparison was run (candidates.choose names a candidate)")
+        return self.comparison_.heldout(), None
+
     def _check_features(self, features: pd.DataFrame, path: str | os.PathLike | None = None) -> None:
         given = [c for c in features.columns if c not in (registry.STUDY_COL, LEVEL_COL)]
-        missing = [c for c in self.level_features if c not in given]
+        needed = [*self.level_features, *(c for c in rule_inputs(self.config) if c in self.known_level_features)]
+        missing = [c for c in dict.fromkeys(needed) if c not in given]
         extra = [c for c in given if c not in self.level_features and c not in self.known_level_features]
         for key in (registry.STUDY_COL, LEVEL_COL):
             if key not in features.columns:
@@ -293,25 +468,36 @@ class StudyAggregator:
 
     # ------------------------------------------------------------ persistence
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write aggregator.skops and aggregator.json (features, label order, config, versions) into `directory`."""
+        """Write aggregator.skops, aggregator.json (features, label order, config, versions) and candidates.csv."""
         if self.level_models_ is None:
             raise RuntimeError("StudyAggregator is not fitted: nothing to save")
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         import skops.io as sio
 
-        bundle = {"level_models": self.level_models_, "patient_model": self.patient_model_}
+        bundle = {"level_models": self.level_models_, "patient_model": self.patient_model_,
+                  "prior": self.prior_, "rule": self.rule_, "blend": self.blend_, "chosen": self.chosen_}
         with atomic_path(directory / MODEL_FILE) as tmp:
             sio.dump(bundle, tmp)
             unknown = sorted(set(sio.get_untrusted_types(file=tmp)) - TRUSTED_TYPES)
             if unknown:  # this code made a model it would refuse to load: fail now, not at predict time
                 raise RuntimeError(f"aggregator holds types outside TRUSTED_TYPES: {', '.join(unknown)}")
+        if self.candidates_ is not None and self.comparison_ is not None:
+            write_table(directory, self.candidates_, config=self.config,
+                        extra={"chosen": self.chosen_, "folds": int(self.comparison_.folds.max()) + 1,
+                               "repeats": int(self.comparison_.folds.shape[0]),
+                               "n_studies": len(self.comparison_.uids)})
+        else:
+            (directory / CANDIDATES_FILE).unlink(missing_ok=True)
+            (directory / (CANDIDATES_FILE + ".meta.json")).unlink(missing_ok=True)
         write_json_atomic(directory / META_FILE, {
             "format_version": FORMAT_VERSION,
             "targets": list(registry.TARGETS),
             "level_mode": self.config["model"]["level_mode"],
             "level_features": self.level_features,
             "patient_features": self.patient_features,
+            "chosen": self.chosen_,
+            "comparison_note": self.comparison_note_ or None,
             "config": self.config,
             "training": self.training_,
             "versions": library_versions(),
@@ -353,9 +539,18 @@ class StudyAggregator:
                 logger.warning("%s: trained with %s %s, running %s", meta_path, lib, meta["versions"].get(lib),
                                versions.get(lib))
         bundle = load_trusted(model_path)
-        if not isinstance(bundle, dict) or set(bundle) != {"level_models", "patient_model"}:
-            raise InputError(model_path, "not a saved aggregator (expected level_models and patient_model)")
+        base = {"level_models", "patient_model"}
+        if not isinstance(bundle, dict) or set(bundle) not in (base, base | BUNDLE_CANDIDATE_KEYS):
+            raise InputError(model_path, "not a saved aggregator (expected level_models and patient_model, and "
+                                         "prior, rule, blend and chosen when it has candidates)")
         agg.level_models_, agg.patient_model_ = bundle["level_models"], bundle["patient_model"]
+        agg.prior_, agg.rule_, agg.blend_ = bundle.get("prior"), bundle.get("rule"), bundle.get("blend")
+        chosen = bundle.get("chosen", GBM)
+        if chosen not in CANDIDATES or (chosen != GBM and agg.rule_ is None) or (chosen == BLEND and agg.blend_ is None):
+            raise InputError(model_path, f"chosen candidate {chosen!r} is unknown or was not saved")
+        agg.chosen_ = chosen
+        agg.candidates_ = read_table(directory)
+        agg.comparison_note_ = meta.get("comparison_note") or ""
         agg.training_ = meta.get("training", {})
         return agg
 
@@ -402,7 +597,7 @@ def _upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
 
     config = _plain(saved)
     defaults = load_config("aggregation").to_dict()
-    for section in ("features", "model"):
+    for section in ("features", "model", "candidates", "operating"):
         part = config.setdefault(section, {})
         for key, value in defaults[section].items():
             if key not in part:

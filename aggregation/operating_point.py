@@ -1,15 +1,18 @@
-"""The worklist's operating point: a patient-level threshold chosen on held-out predictions at training time.
+"""The worklist's operating point: a patient-level threshold chosen on out-of-fold predictions at training time.
 
-- Held-out patient predictions (`heldout_patient_predictions`): the aggregator's studies are cut into
-  `operating.heldout_folds` folds by study (stratified by patient_overall, seed `model.random_state`); for each
-  fold an aggregator with the same config is trained on the other folds and predicts this fold's
-  patient_overall. Every study thus gets a probability from a model that never saw it.
-- Threshold (`choose_threshold`): the largest threshold t such that the share of positive studies with
+- Out-of-fold patient predictions: those of the candidate the aggregator chose (`aggregation.candidates`):
+  the aggregator's studies cut `candidates.repeats` times into `operating.heldout_folds` folds by study
+  (stratified by patient_overall), every study predicted by a candidate fitted without it, once per repeat.
+- Threshold (`choose_threshold`): the largest threshold t such that the share of positive rows with
   probability >= t is at least `operating.target_sensitivity` (scikit-learn `roc_curve`, every threshold kept).
   A study is flagged when its patient_overall >= t.
+- Unreachable: when that threshold also flags every negative row (specificity 0, e.g. a constant prior), the
+  model cannot reach the target on its training studies: the file stores `threshold` null, `unreachable` true
+  and a `reason` ("the model cannot reach sensitivity X on its training studies ..."), and the worklist and
+  the report say so instead of flagging everything.
 - Stored in the model folder's `aggregator/operating_point.json` (`OPERATING_FILE`) with the sensitivity and
   specificity it achieved on those predictions, and the predictions themselves in
-  `aggregator/heldout_predictions.csv` (`HELDOUT_FILE`: StudyInstanceUID, fold, label, probability).
+  `aggregator/heldout_predictions.csv` (`HELDOUT_FILE`: StudyInstanceUID, repeat, fold, label, probability).
 - Too few positives or negatives for two folds: the file is still written, with `threshold` null and a `reason`
   (the worklist is then written without a flag).
 """
@@ -27,47 +30,25 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
-from sklearn.model_selection import StratifiedGroupKFold
 
-from data_prep import registry
 from data_prep.artifacts import write_csv_atomic, write_json_atomic
 from data_prep.errors import InputError
+
+from .candidates import HELDOUT_COLUMNS
 
 logger = logging.getLogger("aggregation")
 
 OPERATING_FILE = "operating_point.json"
 HELDOUT_FILE = "heldout_predictions.csv"
 FORMAT_VERSION = 1
-MIN_FOLDS = 2
-HELDOUT_COLUMNS = (registry.STUDY_COL, "fold", "label", "probability")
 REQUIRED_KEYS = ("format_version", "target_sensitivity", "threshold", "sensitivity", "specificity",
                  "n_studies", "n_positive", "n_negative", "heldout_file")
 
 
-def heldout_patient_predictions(features: pd.DataFrame, labels: pd.DataFrame,
-                                config: Mapping[str, Any]) -> tuple[pd.DataFrame, str | None]:
-    """Held-out patient_overall of every study of `features` (HELDOUT_COLUMNS), or an empty table and the reason."""
-    from .model import StudyAggregator, _labels_for, _str_uids
-
-    features = _str_uids(features)
-    y = _labels_for(features, labels)[registry.PATIENT]
-    n_pos, n_neg = int(y.sum()), int((y == 0).sum())
-    folds = min(int(config["operating"]["heldout_folds"]), n_pos, n_neg)
-    if folds < MIN_FOLDS:
-        return (pd.DataFrame(columns=list(HELDOUT_COLUMNS)),
-                f"{n_pos} positive and {n_neg} negative aggregator studies: too few for {MIN_FOLDS} held-out folds")
-    uids = features[registry.STUDY_COL].to_numpy()
-    splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=int(config["model"]["random_state"]))
-    parts = []
-    for fold, (train_idx, val_idx) in enumerate(splitter.split(features, y.loc[uids].to_numpy(), groups=uids)):
-        train = features.iloc[train_idx]
-        model = StudyAggregator(config).fit(train, labels)
-        pred = model.predict_proba(features.iloc[val_idx])
-        parts.append(pd.DataFrame({registry.STUDY_COL: pred[registry.STUDY_COL].astype(str), "fold": fold,
-                                   "label": y.loc[pred[registry.STUDY_COL].astype(str)].to_numpy(dtype=int),
-                                   "probability": pred[registry.PATIENT].to_numpy(dtype=float)}))
-    out = pd.concat(parts, ignore_index=True).set_index(registry.STUDY_COL)
-    return out.loc[pd.unique(uids)].reset_index()[list(HELDOUT_COLUMNS)], None
+def unreachable_reason(target: float, n_studies: int) -> str:
+    """The reason stored (and shown in the worklist and report) when no threshold reaches `target` with specificity > 0."""
+    return (f"the model cannot reach sensitivity {target:g} on its training studies ({n_studies} studies out of "
+            "fold: every threshold reaching it flags every negative study); no flag")
 
 
 def choose_threshold(labels: np.ndarray, probabilities: np.ndarray, target: float) -> dict[str, float]:
@@ -90,28 +71,39 @@ def achieved(labels: np.ndarray, probabilities: np.ndarray, threshold: float) ->
     return {"sensitivity": sens, "specificity": spec}
 
 
-def write_operating_point(directory: str | os.PathLike, features: pd.DataFrame, labels: pd.DataFrame,
+def write_operating_point(directory: str | os.PathLike, heldout: pd.DataFrame, reason: str | None,
                           config: Mapping[str, Any]) -> dict[str, Any]:
-    """Compute the held-out predictions and the threshold; write HELDOUT_FILE and OPERATING_FILE; return the record."""
+    """Choose the threshold from out-of-fold patient rows (HELDOUT_COLUMNS); write HELDOUT_FILE and OPERATING_FILE.
+
+    `reason` (why there are no rows) is stored when `heldout` is empty. Returns the stored record.
+    """
     directory = Path(directory)
     target = float(config["operating"]["target_sensitivity"])
-    heldout, reason = heldout_patient_predictions(features, labels, config)
+    heldout = heldout[list(HELDOUT_COLUMNS)]
     write_csv_atomic(directory / HELDOUT_FILE, heldout)
     labels_arr = heldout["label"].to_numpy(dtype=int)
+    first = heldout[heldout["repeat"] == 0] if len(heldout) else heldout
     record: dict[str, Any] = {
         "format_version": FORMAT_VERSION, "target_sensitivity": target, "threshold": None,
-        "sensitivity": None, "specificity": None, "n_studies": int(len(heldout)),
-        "n_positive": int(labels_arr.sum()), "n_negative": int((labels_arr == 0).sum()),
+        "sensitivity": None, "specificity": None, "n_studies": int(len(first)),
+        "n_positive": int(first["label"].sum()), "n_negative": int((first["label"] == 0).sum()),
         "heldout_file": HELDOUT_FILE, "heldout_folds": int(heldout["fold"].nunique()) if len(heldout) else 0,
-        "flag_rule": "patient_overall >= threshold"}
-    if reason is None:
-        record.update(choose_threshold(labels_arr, heldout["probability"].to_numpy(dtype=float), target))
-        logger.info("operating point: patient_overall >= %.4f gives sensitivity %.3f, specificity %.3f on %d "
-                    "held-out studies (target sensitivity %.2f)", record["threshold"], record["sensitivity"],
-                    record["specificity"], len(heldout), target)
+        "heldout_repeats": int(heldout["repeat"].nunique()) if len(heldout) else 0,
+        "unreachable": False, "flag_rule": "patient_overall >= threshold"}
+    if len(heldout) and len(np.unique(labels_arr)) == 2:
+        point = choose_threshold(labels_arr, heldout["probability"].to_numpy(dtype=float), target)
+        record.update(point)
+        if point["specificity"] <= 0.0:
+            record.update(threshold=None, unreachable=True, reason=unreachable_reason(target, record["n_studies"]),
+                          unreachable_threshold=point["threshold"])
+            logger.warning("operating point not set: %s", record["reason"])
+        else:
+            logger.info("operating point: patient_overall >= %.4f gives sensitivity %.3f, specificity %.3f on %d "
+                        "out-of-fold rows (target sensitivity %.2f)", record["threshold"], record["sensitivity"],
+                        record["specificity"], len(heldout), target)
     else:
-        record["reason"] = reason
-        logger.warning("operating point not set: %s", reason)
+        record["reason"] = reason or "no out-of-fold predictions with both classes"
+        logger.warning("operating point not set: %s", record["reason"])
     write_json_atomic(directory / OPERATING_FILE, record)
     return record
 
@@ -130,6 +122,9 @@ def read_operating_point(directory: str | os.PathLike) -> tuple[dict[str, Any] |
     if missing:
         raise InputError(path, f"lacks key(s) {', '.join(missing)}")
     threshold = record["threshold"]
+    if threshold is None and record.get("unreachable"):
+        return None, str(record.get("reason") or unreachable_reason(float(record["target_sensitivity"]),
+                                                                    int(record["n_studies"])))
     if threshold is None:
         return None, f"{path}: no threshold ({record.get('reason', 'no reason given')})"
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
@@ -139,6 +134,6 @@ def read_operating_point(directory: str | os.PathLike) -> tuple[dict[str, Any] |
 
 def describe(record: Mapping[str, Any]) -> str:
     """One line for the log: the threshold and what it achieved on the held-out predictions."""
-    return (f"operating point: flag patient_overall >= {record['threshold']:.4f} (held-out sensitivity "
+    return (f"operating point: flag patient_overall >= {record['threshold']:.4f} (out-of-fold sensitivity "
             f"{record['sensitivity']:.3f}, specificity {record['specificity']:.3f} on {record['n_studies']} studies; "
             f"target sensitivity {record['target_sensitivity']:.2f})")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,18 +40,50 @@ MEAN_EXTRA_LEVELS = 0.6          # fractured levels beyond the first, Poisson me
 SLICES_RANGE = (60, 140)         # slices per study
 LEVEL_OVERLAP = 2                # slices shared by neighbouring levels
 FRACTURE_RUN_MEAN = 5.0          # boxed slices per fracture, Poisson mean (+1)
-MISS_RATE = 0.25                 # fractures the detector misses entirely
-HIT_SCORE = (0.45, 0.22)         # score of a detected fracture box: normal(mean, sd), clipped
-FALSE_POSITIVES_MEAN = 3.0       # false-positive boxes per study, Poisson mean
-FP_SCORE_BETA = (2.0, 4.0)       # their scores: Beta(a, b)
 BOX_SIDE_PX = (40.0, 120.0)      # box width/height range (px)
 IMAGE_PX = 512
+CLS_TOPK_SHARE, CLS_MEAN_SHARE = 0.9, 0.6   # simulated cls_topk / cls_mean as shares of cls_max
 
 
-def simulate_detections(n_studies: int, seed: int = 0) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+@dataclass(frozen=True)
+class World:
+    """How simulated detector outputs relate to the truth (one "world" of the benchmark)."""
+
+    miss_rate: float = 0.25                           # fractures the detector misses entirely
+    hit_score: tuple[float, float] = (0.45, 0.22)     # score of a detected fracture box: normal(mean, sd), clipped
+    false_positives_mean: float = 3.0                 # false-positive boxes per study (anywhere), Poisson mean
+    fp_score_beta: tuple[float, float] = (2.0, 4.0)   # their scores: Beta(a, b)
+    level_confusion: float = 0.0                      # share of boxes given a wrong level (one-hot, as nearest does)
+    cls: tuple[float, float, float] | None = None     # vertebra classifier: cls_max ~ normal(pos, sd) / (neg, sd)
+    cls_found: float = 1.0                            # share of study x level rows the classifier scores
+
+
+WORLDS: dict[str, World] = {
+    "default": World(),
+    # the user's case (issue 22): few aggregator studies, weak boxes on the wrong levels, a weak classifier
+    "weak": World(miss_rate=0.5, hit_score=(0.35, 0.2), false_positives_mean=4.0, level_confusion=0.5,
+                  cls=(0.45, 0.35, 0.2), cls_found=0.45),
+    "medium": World(miss_rate=0.35, hit_score=(0.45, 0.2), false_positives_mean=3.0, level_confusion=0.3,
+                    cls=(0.55, 0.35, 0.2), cls_found=0.8),
+    # fracture boxes scored like false positives, on random levels: only their number and runs tell
+    "scoreless": World(hit_score=(0.33, 0.15), level_confusion=1.0, cls=(0.4, 0.4, 0.2)),
+    "none": World(miss_rate=1.0, cls=(0.4, 0.4, 0.2)),     # no fracture box at all, a classifier that knows nothing
+}
+"""Named worlds of bench_candidates --worlds ("default" is bench_aggregation's own simulation)."""
+
+
+def simulate_detections(n_studies: int, seed: int = 0, world: World = WORLDS["default"]
+                        ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Return (boxes, slices, labels) tables in the contract's formats for `n_studies` simulated studies."""
+    tables = simulate_world(n_studies, seed, world)
+    return tables[0], tables[1], tables[2]
+
+
+def simulate_world(n_studies: int, seed: int = 0, world: World = WORLDS["default"]
+                   ) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
+    """Return (boxes, slices, labels, vertebrae or None) for `n_studies` studies of `world` (vertebrae when world.cls)."""
     rng = np.random.default_rng(seed)
-    boxes, slices, labels = [], [], []
+    boxes, slices, labels, vertebrae = [], [], [], []
     n_lv = len(registry.LEVELS)
     for s in range(n_studies):
         uid = f"1.2.826.0.1.3680043.sim.{seed}.{s}"
@@ -68,17 +101,20 @@ def simulate_detections(n_studies: int, seed: int = 0) -> tuple[pd.DataFrame, pd
                        **{lv: int(v) for lv, v in zip(registry.LEVELS, y, strict=True)}})
         cand: list[tuple[int, float]] = []
         for j in np.flatnonzero(y):
-            if rng.random() < MISS_RATE:
+            if rng.random() < world.miss_rate:
                 continue
             run = 1 + rng.poisson(FRACTURE_RUN_MEAN)
             lo, hi = edges[j], max(edges[j] + 1, edges[j + 1] - run)
             start = int(rng.integers(lo, hi))
-            cand += [(i, float(np.clip(rng.normal(*HIT_SCORE), 0.05, 0.99))) for i in range(start, min(n, start + run))]
-        for _ in range(rng.poisson(FALSE_POSITIVES_MEAN)):
-            cand.append((int(rng.integers(0, n)), float(rng.beta(*FP_SCORE_BETA))))
+            cand += [(i, float(np.clip(rng.normal(*world.hit_score), 0.05, 0.99)))
+                     for i in range(start, min(n, start + run))]
+        for _ in range(rng.poisson(world.false_positives_mean)):
+            cand.append((int(rng.integers(0, n)), float(rng.beta(*world.fp_score_beta))))
         z = -np.arange(n, dtype=float)
         for i, score in cand:
             w = presence[i] / presence[i].sum()
+            if rng.random() < world.level_confusion:       # called on another level
+                w = np.eye(n_lv)[rng.choice([q for q in range(n_lv) if w[q] == 0])]
             wh = rng.uniform(*BOX_SIDE_PX, size=2)
             boxes.append({registry.STUDY_COL: uid, "slice_number": i + 1, "slice_index": i, "z_mm": z[i],
                           "x": float(rng.uniform(0, IMAGE_PX - wh[0])), "y": float(rng.uniform(0, IMAGE_PX - wh[1])),
@@ -92,7 +128,18 @@ def simulate_detections(n_studies: int, seed: int = 0) -> tuple[pd.DataFrame, pd
             slices.append({registry.STUDY_COL: uid, "slice_number": i + 1, "slice_index": i, "z_mm": z[i],
                            "max_score": float(max_score[i]), "n_boxes": int(n_boxes[i]),
                            **{f"p_{lv}": float(v) for lv, v in zip(registry.LEVELS, presence[i], strict=True)}})
-    return pd.DataFrame(boxes), pd.DataFrame(slices), pd.DataFrame(labels)
+        if world.cls is not None:
+            pos, neg, sd = world.cls
+            for j, lv in enumerate(registry.LEVELS):
+                if rng.random() >= world.cls_found:
+                    continue
+                mx = float(np.clip(rng.normal(pos if y[j] else neg, sd), 0.0, 1.0))
+                vertebrae.append({registry.STUDY_COL: uid, "level": lv, "first_slice": int(edges[j]),
+                                  "last_slice": int(edges[j + 1]) - 1, "n_slices": int(edges[j + 1] - edges[j]),
+                                  "source": "located", "n_crops": 4, "cls_max": mx, "cls_topk": mx * CLS_TOPK_SHARE,
+                                  "cls_mean": mx * CLS_MEAN_SHARE})
+    vert = pd.DataFrame(vertebrae) if world.cls is not None else None
+    return pd.DataFrame(boxes), pd.DataFrame(slices), pd.DataFrame(labels), vert
 
 
 def run(boxes: pd.DataFrame, slices: pd.DataFrame, labels: pd.DataFrame, *, test_fraction: float,

@@ -1,6 +1,6 @@
 """Ablation of issue 12 on held-out full-field synthetic studies: what each aggregator step and the classifier add.
 
-    python -m benchmarks.bench_classifier --work /work/runs/bench_cls
+    python -m benchmarks.bench_classifier --work WORK
     (or --model DIR --test DIR to reuse a trained model folder and synthetic test set, e.g. a demo's
      demo_out/model and demo_out/test)
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import hashlib
 import json
+import logging
 import os
 import platform
+import re
 import secrets
 import shutil
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +23,12 @@ import pandas as pd
 SIDECAR_SUFFIX = ".meta.json"
 NEW_FILE_MODE = 0o666  # before the umask: outputs get the same mode as any file the user creates
 TEMP_NAME_TRIES = 100  # unique temp names tried before giving up (a collision needs 64 random bits to repeat)
+TEMP_NAME = re.compile(r"^\..+\.(tmp(\.[A-Za-z0-9]+)?|tmp-\d+|old-\d+)$")
+"""Names of the temporary files and folders spinefrac's writers make beside their targets: `.<name>.<hex>.tmp`
+(atomic_path), `.<name>.<pid>.tmp.png` (images, overlays), `.<name>.tmp-<pid>` and `.<name>.old-<pid>` (folders
+replaced whole). A run that was killed leaves them; the next run over the same folder removes them."""
+
+log = logging.getLogger("data_prep")
 
 
 @contextlib.contextmanager
@@ -75,10 +84,22 @@ def write_json_atomic(path: str | os.PathLike, obj: Any) -> Path:
 
 
 def write_csv_atomic(path: str | os.PathLike, df: pd.DataFrame) -> Path:
-    """Write a DataFrame as CSV (no index) to `path` atomically."""
+    """Write a DataFrame as CSV (no index) to `path` atomically.
+
+    A table with a carriage return inside a text cell (a path from an input can hold one) is written with every
+    field quoted: pandas leaves such a cell unquoted, and reading it back would split its row.
+    """
+    quoting = csv.QUOTE_ALL if _has_carriage_return(df) else csv.QUOTE_MINIMAL
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        df.to_csv(tmp, index=False, quoting=quoting)
     return Path(path)
+
+
+def _has_carriage_return(df: pd.DataFrame) -> bool:
+    """Whether any text cell of `df` holds a carriage return."""
+    texts = (df[name] for name in df.columns)
+    return any("\r" in "".join(v for v in column.tolist() if isinstance(v, str))
+               for column in texts if column.dtype == object or pd.api.types.is_string_dtype(column))
 
 
 def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
@@ -90,6 +111,32 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
     os.replace(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def remove_stale_temps(root: str | os.PathLike, subdirs: Sequence[str] = ()) -> int:
+    """Delete temporaries (TEMP_NAME) a killed run left at the top of `root` and anywhere under its `subdirs`.
+
+    Call it only while holding the folder's lock (data_prep.locks), before any worker starts: no live writer can own
+    them then. Returns how many were removed (logged).
+    """
+    root = Path(root)
+    found: list[Path] = []
+    if root.is_dir():
+        found += [p for p in root.iterdir() if TEMP_NAME.match(p.name)]
+    for sub in subdirs:
+        for folder, dirs, names in os.walk(root / sub):
+            found += [Path(folder) / n for n in (*dirs, *names) if TEMP_NAME.match(n)]
+            dirs[:] = [d for d in dirs if not TEMP_NAME.match(d)]
+    for path in found:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+    if found:
+        log.info("%s: removed %d temporary file(s) left by an interrupted run (e.g. %s)", root, len(found),
+                 found[0].relative_to(root))
+    return len(found)
 
 
 def config_hash(config: Mapping[str, Any]) -> str:

@@ -33,6 +33,7 @@ CALIBRATIONS = ("sigmoid", "isotonic", "none")                 # aggregation/mod
 AREA_UNITS = ("px", "mm")                                      # aggregation/features.py AREA_UNITS
 FEATURE_GROUPS = ("detector", "length", "classifier")          # aggregation/features.py FEATURE_GROUPS
 SAMPLE_WEIGHTS = ("metric", "none")                            # aggregation/model.py SAMPLE_WEIGHT_CHOICES
+CANDIDATE_CHOICES = ("auto", "prior", "max_score_rule", "gbm", "blend")  # aggregation/candidates.py CHOICES
 SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/splits.py SCHEMES
 ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
 CROP_SOURCES = ("auto", "locator")                             # detector/vertebra_crops.py CROP_SOURCES
@@ -378,6 +379,13 @@ class ModelSection(Section):
     patient_oof_folds: Count
     random_state: Seed
     threads: PosInt | None
+    monotone: StrictBool
+
+
+class CandidatesSection(Section):
+    choose: Literal[CANDIDATE_CHOICES]  # type: ignore[valid-type]
+    repeats: PosInt
+    l2: NonNeg
 
 
 class SplitsSection(Section):
@@ -401,6 +409,7 @@ class OperatingSection(Section):
 class AggregationConfig(Section):
     features: FeaturesSection
     model: ModelSection
+    candidates: CandidatesSection
     splits: SplitsSection
     operating: OperatingSection
     evaluate: EvaluateSection

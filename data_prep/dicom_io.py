@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import logging
 import multiprocessing
 import os
@@ -82,6 +83,13 @@ MIN_POSITIONED_SHARE = 0.5
 one, the study cannot be ordered and fails instead (a handful of slices would not be the study)."""
 LISTED_FILES = 20
 """How many excluded file names a warning spells out (StudyGeometry.excluded holds them all)."""
+MIN_CERVICAL_SPAN_MM = 80.0
+"""A study covering less than this along its slice normal cannot hold C1-C7: from the top of C1 to the bottom of C7
+the adult cervical spine measures about 100-130 mm (the synthetic studies place 100-150 mm of it inside 200 mm);
+80 mm leaves room for small patients and steep lordosis. Such a study is flagged (`short_coverage`: a warning in
+`spinefrac inspect`, the `warning` column of worklist.csv), not refused."""
+READ_DENIED_ERRNOS = (errno.EACCES, errno.EPERM)
+"""OS errors that mean the file could not be opened for reading (reported as such, never as a damaged file)."""
 
 PREFERRED_PLUGINS: dict[str, tuple[str, ...]] = {
     registry.TS_JPEG_LOSSLESS_SV1: ("gdcm", "pylibjpeg"),  # gdcm measured faster (shared/MEASURED.md)
@@ -125,6 +133,14 @@ class EmptyStudyError(DicomReadError):
 
 class OversizedImageError(DicomReadError):
     """A file whose header claims more pixel data than MAX_DECODED_BYTES (refused before decoding)."""
+
+
+class UnreadableFileError(DicomReadError):
+    """A file the operating system does not let us read (permission denied), named with the system's reason."""
+
+
+class NotCTError(DicomReadError):
+    """A study whose files say they are not CT (Modality present and not CT); RSNA files without Modality pass."""
 
 
 class InconsistentSlicesError(GeometryError):
@@ -325,17 +341,46 @@ def check_study(study_dir: Any, *, max_bytes: int | None = None) -> ScanResult:
         if not errors:
             errors.append(EmptyStudyError(study_dir, "holds no DICOM image files"))
         return ScanResult(study_dir, None, errors, notes)
-    for h in headers:
-        if h.modality is not None and h.modality.strip().upper() != EXPECTED_MODALITY:
-            _warn(notes, f"{h.path}: Modality is {h.modality!r}, not CT; HU values may not be meaningful")
-            break
     geometry = None
     try:
         headers, excluded, skipped = _main_series(study_dir, headers, notes)
+        not_ct = next((h for h in headers if h.modality is not None and h.modality.strip().upper() != EXPECTED_MODALITY),
+                      None)
+        if not_ct is not None:   # the study finder refuses such series too; no Modality at all (RSNA) is CT
+            raise NotCTError(not_ct.path, f"Modality is {not_ct.modality!r}, not {EXPECTED_MODALITY}: spinefrac reads "
+                                          "CT studies only (HU values of another modality mean nothing to its models)")
+        _check_uids(headers, notes)
         geometry = _build_geometry(study_dir, headers, notes, excluded, key=key, skipped=skipped)
     except InputError as exc:  # DicomReadError and GeometryError alike: reported, never a crash
         errors.append(exc)
     return ScanResult(study_dir, geometry, errors, notes)
+
+
+def short_coverage(z_mm: Sequence[float] | np.ndarray) -> str | None:
+    """Why a study with slices at `z_mm` cannot hold C1-C7 (None when it can): it covers < MIN_CERVICAL_SPAN_MM.
+
+    Coverage = the distance between the first and last slice plus one median slice step (0 for one slice).
+    """
+    z = np.sort(np.asarray(z_mm, dtype=float))
+    if z.size == 0:
+        return None
+    step = float(np.median(np.diff(z))) if z.size > 1 else 0.0
+    span = float(z[-1] - z[0]) + step
+    if span >= MIN_CERVICAL_SPAN_MM:
+        return None
+    return (f"too short to hold C1-C7: {z.size} slice(s) covering {span:.1f} mm along z (C1-C7 need about "
+            f"{MIN_CERVICAL_SPAN_MM:g} mm or more); its prediction is unreliable")
+
+
+def _check_uids(headers: Sequence[SliceHeader], notes: list[str]) -> None:
+    """Warn once per kind about a StudyInstanceUID, SeriesInstanceUID or SOPInstanceUID that is no valid DICOM UID."""
+    from data_prep.safe_paths import valid_uid
+
+    for what, attr in (("StudyInstanceUID", "study"), ("SeriesInstanceUID", "series"), ("SOPInstanceUID", "sop_uid")):
+        bad = next((h for h in headers if getattr(h, attr) is not None and not valid_uid(getattr(h, attr))), None)
+        if bad is not None:
+            _warn(notes, f"{bad.path}: {what} {str(getattr(bad, attr))[:80]!r} is not a valid DICOM UID (digits and "
+                         "dots, at most 64 characters); it is kept as data only, never as a file name")
 
 
 def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> SliceHeader:
@@ -353,7 +398,12 @@ def read_header(path: str | os.PathLike, *, max_bytes: int | None = None) -> Sli
         raise NotDicomError(path, "not a DICOM file (no 'DICM' preamble)") from None
     except DicomReadError:
         raise
-    except (EOFError, OSError, struct.error, BytesLengthException) as exc:
+    except OSError as exc:
+        if exc.errno in READ_DENIED_ERRNOS:
+            raise UnreadableFileError(path, f"permission denied: the file cannot be read ({exc.strerror or exc}); "
+                                            "fix its permissions") from None
+        raise TruncatedDicomError(path, f"file is cut short or damaged inside the header ({exc})") from None
+    except (EOFError, struct.error, BytesLengthException) as exc:
         raise TruncatedDicomError(path, f"file is cut short or damaged inside the header ({exc})") from None
     except Exception as exc:  # pydicom raises many types for damaged headers
         raise DicomReadError(path, f"cannot parse the DICOM header: {type(exc).__name__}: {exc}") from None
@@ -418,6 +468,11 @@ def read_slice_hu(path: str | os.PathLike, *, max_bytes: int | None = None) -> n
             ds = pydicom.dcmread(path)
     except InvalidDicomError:
         raise NotDicomError(path, "not a DICOM file (no 'DICM' preamble)") from None
+    except OSError as exc:
+        if exc.errno in READ_DENIED_ERRNOS:
+            raise UnreadableFileError(path, f"permission denied: the file cannot be read ({exc.strerror or exc}); "
+                                            "fix its permissions") from None
+        raise TruncatedDicomError(path, f"cannot parse the file ({type(exc).__name__}: {exc})") from None
     except Exception as exc:
         raise TruncatedDicomError(path, f"cannot parse the file ({type(exc).__name__}: {exc})") from None
     if "PixelData" not in ds:

@@ -16,10 +16,10 @@ import numpy as np
 from tqdm import tqdm
 
 from data_prep import registry
-from data_prep.dicom_io import check_study, decode_slices
+from data_prep.dicom_io import check_study, decode_slices, short_coverage
 from data_prep.errors import InputError
 from data_prep.study_finder import FoundStudy
-from data_prep.study_inputs import DICOM_GLOB, Study, find_inputs
+from data_prep.study_inputs import DICOM_GLOB, Study, find_inputs, kaggle_study
 
 log = logging.getLogger("data_prep")
 
@@ -122,12 +122,17 @@ class InspectReport:
         return "\n".join(lines)
 
 
-def inspect_path(path: str | os.PathLike, *, workers: int = 2, progress: bool = True) -> InspectReport:
-    """Inspect a study folder, or every study folder under `path`, decoding pixels for the HU range."""
+def inspect_path(path: str | os.PathLike, *, workers: int = 2, progress: bool = True,
+                 follow_symlinks: bool = False) -> InspectReport:
+    """Inspect a study folder, or every study folder under `path`, decoding pixels for the HU range.
+
+    Symbolic links leading outside `path` are not followed (the study is reported with an error naming the link)
+    unless `follow_symlinks`.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "does not exist")
-    studies = _study_dirs(path)
+    studies = _study_dirs(path, follow_symlinks)
     summaries = [_inspect_guarded(d, workers=workers)
                  for d in tqdm(studies, desc="inspect", unit="study", disable=not progress or len(studies) < 2)]
     return InspectReport(path=path, studies=summaries)
@@ -158,6 +163,9 @@ def inspect_study(study_dir: Study, *, workers: int = 2) -> StudySummary:
                        f": {k.reason}" for k in skipped]
     if geom is None:
         return summary
+    too_short = short_coverage(geom.z_mm)
+    if too_short is not None:
+        summary.warnings.append(too_short)
     summary.n_slices = len(geom)
     summary.pixel_spacing = geom.pixel_spacing
     summary.slice_thickness = geom.slice_thickness
@@ -181,14 +189,14 @@ def _folder(study: Study) -> Path:
     return study.folder if isinstance(study, FoundStudy) else Path(study)
 
 
-def _study_dirs(path: Path) -> list[Study]:
+def _study_dirs(path: Path, follow_symlinks: bool = False) -> list[Study]:
     """The studies under `path`: itself, its sub-folders, those of a Kaggle root's image folders, or found ones."""
-    if not path.is_dir():
-        return find_inputs(path)   # a zip or a DICOMDIR (anything else: an input error naming it)
+    if not path.is_dir():      # a zip or a DICOMDIR (anything else: an input error naming it)
+        return find_inputs(path, follow_symlinks=follow_symlinks)
     found = _kaggle_dirs(path)
     if any(any(d.glob(DICOM_GLOB)) for d in found):
-        return found
-    return find_inputs(path)
+        return [kaggle_study(d, path, follow_symlinks) for d in found]
+    return find_inputs(path, follow_symlinks=follow_symlinks)
 
 
 def _kaggle_dirs(path: Path) -> list[Path]:

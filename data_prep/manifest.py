@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from data_prep.errors import InputError
+from data_prep.safe_paths import UnsafePathError, inside
 
 log = logging.getLogger("data_prep")
 
@@ -82,10 +83,11 @@ def verify_manifest(root: str | os.PathLike, manifest: Mapping[str, str], exclud
     exclude = tuple(exclude)
     if not isinstance(manifest, Mapping) or not manifest:
         raise ManifestError(root, "has no file manifest: it cannot be checked, so it is not loaded")
-    for rel, expected in sorted(manifest.items()):
-        if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in Path(rel).parts:
-            raise ManifestError(root, f"manifest entry {rel!r} points outside the folder")
-        path = root / rel
+    for rel, expected in sorted(manifest.items(), key=lambda kv: str(kv[0])):
+        try:       # relative, no '..', and no symbolic link out of the folder: a manifest entry is data too
+            path = inside(root, rel, source="an entry of the model folder's manifest", resolve=True)
+        except UnsafePathError as exc:
+            raise ManifestError(root, f"manifest entry {rel!r} points outside the folder ({exc.reason})") from None
         if not path.is_file():
             raise ManifestError(path, "listed in the model folder's manifest but missing: the folder is incomplete "
                                       "(copy it again, or retrain)")

@@ -26,11 +26,16 @@ import pandas as pd
 
 from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
+from data_prep.registry import STUDY_COL
+from data_prep.safe_paths import UnsafePathError, inside, names_itself, safe_name
 
 log = logging.getLogger("data_prep")
 
 MARKER_VERSION = 1
 """Version of the marker layout; markers without `settings_key` (older versions) count as other settings."""
+MARKER_SUFFIX = ".json"
+KEY_FIELD = "study_key"
+"""The marker field holding the study's key (its file is named `safe_name(key)`, which may differ from the key)."""
 KEY_CHARS = 16            # hex characters of a settings key (64 bits)
 HASH_CHUNK = 1 << 20      # bytes read at a time when hashing weights
 MAX_LISTED = 5            # changed settings (or studies) named in one message
@@ -158,12 +163,12 @@ class StudyMarkers:
         return settings_key(self.settings)
 
     def marker(self, uid: str) -> Path:
-        """Path of a study's done marker."""
-        return self.root / self.done_dir / f"{uid}.json"
+        """Path of a study's done marker: `<done_dir>/<safe_name(uid)>.json` (data_prep.safe_paths)."""
+        return study_file(self.root / self.done_dir, uid, MARKER_SUFFIX)
 
     def part(self, uid: str, suffix: str) -> Path:
-        """Path of one of a study's part files, e.g. part(uid, ".boxes.csv")."""
-        return self.root / self.parts_dir / f"{uid}{suffix}"
+        """Path of one of a study's part files, e.g. part(uid, ".boxes.csv") -> parts/<safe_name(uid)>.boxes.csv."""
+        return study_file(self.root / self.parts_dir, uid, suffix)
 
     def read_parts(self, suffix: str, uids: Sequence[str] | None = None, *,
                    dtype: Mapping[str, Any] | None = None) -> list[pd.DataFrame]:
@@ -185,9 +190,8 @@ class StudyMarkers:
         return data if isinstance(data, dict) else None
 
     def done_uids(self) -> list[str]:
-        """Every study with a marker in the folder, sorted."""
-        folder = self.root / self.done_dir
-        return sorted(p.stem for p in folder.glob("*.json")) if folder.is_dir() else []
+        """Every study with a marker in the folder (its key, as recorded in the marker), sorted."""
+        return sorted(study_keys(self.root / self.done_dir))
 
     def is_current(self, uid: str, inputs_key: str | None = None) -> bool:
         """Whether a study is finished with this run's settings (and, when given, the same study inputs)."""
@@ -199,8 +203,8 @@ class StudyMarkers:
     def write(self, uid: str, record: Mapping[str, Any], *, files: Sequence[str] = (),
               inputs_key: str | None = None) -> Path:
         """Write a study's marker (last, once its results are on disk); `files` are relative to the folder."""
-        data = {**record, "marker_version": MARKER_VERSION, "settings_key": self.key, "files": list(files),
-                "settings": plain(self.settings)}
+        data = {**record, KEY_FIELD: uid, "marker_version": MARKER_VERSION, "settings_key": self.key,
+                "files": list(files), "settings": plain(self.settings)}
         if inputs_key is not None:
             data["inputs_key"] = inputs_key
         return write_json_atomic(self.marker(uid), data)
@@ -210,11 +214,17 @@ class StudyMarkers:
         data = self.read(uid)
         self.marker(uid).unlink(missing_ok=True)
         for rel in (data or {}).get("files", []):
-            target = self.root / rel
-            if target.is_dir():
+            try:    # a marker is data: a listed path outside the folder (a tampered or foreign marker) is never removed
+                target = inside(self.root, rel, source=f"files of the done marker of study {uid}")
+            except UnsafePathError as exc:
+                log.warning("%s", exc)
+                continue
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target, ignore_errors=True)
             else:
                 target.unlink(missing_ok=True)
+
+
 
     def plan(self, uids: Sequence[str], *, overwrite: bool) -> ResumePlan:
         """Check every marker of the folder against this run's settings and say what to skip and do.
@@ -252,3 +262,38 @@ class StudyMarkers:
         for uid in uids:
             (plan.skip if uid in current and not overwrite else plan.todo).append(uid)
         return plan
+
+
+def study_file(folder: str | os.PathLike, uid: str, suffix: str) -> Path:
+    """`folder/<safe_name(uid)><suffix>`: the file of one study (a marker, a part, a failure record), never outside."""
+    return inside(folder, f"{safe_name(uid)}{suffix}", source=f"study {uid!r}")
+
+
+def study_keys(folder: str | os.PathLike, suffix: str = MARKER_SUFFIX, field: str = KEY_FIELD) -> list[str]:
+    """The keys of the studies with a `<name><suffix>` JSON record in `folder` (done markers, failure records).
+
+    A file whose name can only be its own key's (`safe_paths.names_itself`) belongs to the study of that name; for
+    any other name the key is read from the record (`field`, else StudyInstanceUID); an unreadable one is left out
+    with a warning.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    keys = []
+    for path in sorted(folder.glob(f"*{suffix}")):
+        name = path.name[: -len(suffix)]
+        if names_itself(name):
+            keys.append(name)
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            key = data.get(field, data.get(STUDY_COL)) if isinstance(data, dict) else None
+        except (OSError, ValueError) as exc:
+            log.warning("%s: unreadable record (%s); left out", path, exc)
+            continue
+        if not isinstance(key, str) or safe_name(key) != name:
+            log.warning("%s: its record names study %r, whose file would be %s; left out", path, key,
+                        safe_name(key) + suffix if isinstance(key, str) else "(no key)")
+            continue
+        keys.append(key)
+    return keys

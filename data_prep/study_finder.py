@@ -35,6 +35,17 @@ from data_prep.dicom_io import (
     slice_normal,
 )
 from data_prep.errors import InputError
+from data_prep.safe_paths import (
+    FOLLOW_HINT,
+    UnsafePathError,
+    inside,
+    key_problem,
+    name_problem,
+    relative_problem,
+    safe_name,
+    valid_uid,
+    within,
+)
 
 log = logging.getLogger("data_prep")
 
@@ -86,6 +97,10 @@ ZIP_CACHE_DIR = "spinefrac-zip"
 ZIP_FREE_SPACE_FACTOR = 1.1
 """Extraction needs this many times the zip's uncompressed size free on the target disk."""
 HASH_CHARS = 16
+EXTRACT_VERSION = 2
+"""Part of a zip's cache key: 2 = members leading outside are not extracted (caches made before are not reused)."""
+FILE_ID_SEPARATOR = "\\"
+"""How a ReferencedFileID's components are written in messages (the DICOM value separator)."""
 LISTED = 5
 """Paths named per message when a count is logged."""
 
@@ -139,6 +154,9 @@ class StudySearch:
     non_dicom: list[Path]
     unreadable: list[tuple[Path, str]]
     dicomdir: Path | None = None
+    refused: list[tuple[str, str]] = field(default_factory=list)
+    """(record, reason) of every DICOMDIR record, zip member or symbolic link that leads outside the input and was
+    not read (data_prep.safe_paths)."""
 
 
 @dataclass(frozen=True)
@@ -172,30 +190,51 @@ Rule = Callable[[list[_Series]], dict[str, str]]
 
 
 def find_dicom_studies(path: str | os.PathLike, *, extract_to: str | os.PathLike | None = None,
-                       progress: bool = False) -> list[FoundStudy]:
+                       progress: bool = False, follow_symlinks: bool = False) -> list[FoundStudy]:
     """Find the studies under a folder tree, DICOMDIR or .zip and choose one series of each (see `RULES`)."""
-    return search_dicom(path, extract_to=extract_to, progress=progress).studies
+    return search_dicom(path, extract_to=extract_to, progress=progress, follow_symlinks=follow_symlinks).studies
 
 
 def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | None = None,
-                 progress: bool = False) -> StudySearch:
-    """Like `find_dicom_studies`, also returning the non-DICOM and unreadable files that were skipped."""
+                 progress: bool = False, follow_symlinks: bool = False,
+                 input_root: str | os.PathLike | None = None) -> StudySearch:
+    """Like `find_dicom_studies`, also returning the non-DICOM and unreadable files that were skipped.
+
+    Nothing outside the input is read: DICOMDIR records and zip members that lead outside it are refused (named in
+    a warning and in `refused`), and so are symbolic links whose target lies outside `input_root` (default: `path`,
+    or the DICOMDIR's folder) unless `follow_symlinks`.
+    """
     path = Path(path)
     if not path.exists():
         raise InputError(path, "does not exist (expected a folder of DICOM files, a DICOMDIR or a .zip)")
+    refused: list[tuple[str, str]] = []
     if is_zip(path):
         root = extract_zip(path, extract_to)
+        refused += [(f"{path}: member {name!r}", why) for name, why in zip_refusals(path)]
     elif path.is_file() and path.name.upper() != DICOMDIR_NAME:
         raise InputError(path, "is a file, but neither a DICOMDIR nor a .zip (give the folder that holds it)")
     else:
         root = path
     dicomdir = root if root.is_file() else _top_dicomdir(root)
+    if input_root is not None and not is_zip(path):
+        limit = Path(input_root)
+    else:
+        limit = dicomdir.parent if dicomdir is not None else root
     unreadable: list[tuple[Path, str]] = []
     if dicomdir is not None:
-        files, missing = _dicomdir_files(dicomdir)
+        files, missing, refused_records = _dicomdir_files(dicomdir, limit, follow_symlinks=follow_symlinks)
         unreadable += missing
+        refused += refused_records
     else:
-        files = _walk(root, unreadable)
+        files = _walk(root, unreadable, follow_symlinks=follow_symlinks)
+        if not follow_symlinks:    # folders are not descended through links: only a linked file can lead out
+            outside = {f for f in files if f.is_symlink() and not within(f, limit)}
+            refused += [(str(f), f"a symbolic link to {os.path.realpath(f)}, outside the input folder {limit}; not "
+                                 f"followed: {FOLLOW_HINT}") for f in sorted(outside)]
+            files = [f for f in files if f not in outside]
+    if refused:
+        log.warning("%s: %d record(s), member(s) or link(s) lead outside the input and were not read: %s", path,
+                    len(refused), "; ".join(f"{what}: {why}" for what, why in refused[:LISTED]))
     headers, non_dicom, bad = _read_headers(files, progress)
     unreadable += bad
     # files at the top of a zip form a Kaggle-like folder named after the zip, not after the cache folder
@@ -210,7 +249,8 @@ def search_dicom(path: str | os.PathLike, *, extract_to: str | os.PathLike | Non
     if not studies:
         log.warning("%s: no DICOM study found (%d non-DICOM, %d unreadable file(s))", path, len(non_dicom),
                     len(unreadable))
-    return StudySearch(root=root, studies=studies, non_dicom=non_dicom, unreadable=unreadable, dicomdir=dicomdir)
+    return StudySearch(root=root, studies=studies, non_dicom=non_dicom, unreadable=unreadable, dicomdir=dicomdir,
+                       refused=refused)
 
 
 def is_zip(path: Path) -> bool:
@@ -231,7 +271,8 @@ def kernel_class(kernel: str) -> str:
 def extract_zip(path: Path, extract_to: str | os.PathLike | None = None) -> Path:
     """Extract a zip once into a cache folder (never beside the input) and return that folder."""
     stat = path.stat()
-    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
+    digest = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{EXTRACT_VERSION}".encode()
+                            ).hexdigest()
     base = Path(extract_to) if extract_to is not None else Path(tempfile.gettempdir()) / ZIP_CACHE_DIR
     target = base / digest[:HASH_CHARS]
     if target.is_dir():
@@ -246,8 +287,9 @@ def extract_zip(path: Path, extract_to: str | os.PathLike | None = None) -> Path
                 raise InputError(path, f"extracting needs {size / 2**20:.0f} MiB but {base} has only "
                                        f"{free / 2**20:.0f} MiB free (pass another folder to extract to)")
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=base))
-            try:
-                zf.extractall(tmp)  # zipfile drops absolute paths and '..' from member names
+            refused = {name for name, _ in _member_refusals(zf)}
+            try:    # a member whose name leads outside the zip's folder is never extracted (named by zip_refusals)
+                zf.extractall(tmp, members=[i for i in zf.infolist() if i.filename not in refused])
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
@@ -263,6 +305,26 @@ def extract_zip(path: Path, extract_to: str | os.PathLike | None = None) -> Path
     return target
 
 
+def zip_refusals(path: Path) -> list[tuple[str, str]]:
+    """(member name, reason) of every member of a zip whose name would lead outside the folder it is extracted to."""
+    try:
+        with zipfile.ZipFile(path) as zf:
+            return _member_refusals(zf)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError):
+        return []       # extract_zip has named the broken zip already
+
+
+def _member_refusals(zf: zipfile.ZipFile) -> list[tuple[str, str]]:
+    out = []
+    for info in zf.infolist():
+        problem = relative_problem(info.filename)
+        if problem is not None and not info.filename.endswith("/"):
+            out.append((info.filename, f"the member name {problem}; not extracted"))
+        elif problem is not None and problem != "is empty (no file inside the folder)":
+            out.append((info.filename, f"the folder name {problem}; not extracted"))
+    return out
+
+
 def _top_dicomdir(root: Path) -> Path | None:
     """The DICOMDIR at the top of a folder, if any."""
     for child in root.iterdir():
@@ -271,38 +333,58 @@ def _top_dicomdir(root: Path) -> Path | None:
     return None
 
 
-def _dicomdir_files(dicomdir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
-    """The files a DICOMDIR's records reference (ReferencedFileID), and those referenced but missing."""
+def _dicomdir_files(dicomdir: Path, root: Path, *, follow_symlinks: bool = False
+                    ) -> tuple[list[Path], list[tuple[Path, str]], list[tuple[str, str]]]:
+    """The files a DICOMDIR's records reference (ReferencedFileID), those referenced but missing, and the records
+    refused because they lead outside the DICOMDIR's folder (or, through a symbolic link, outside `root`)."""
     try:
         records = pydicom.dcmread(dicomdir).DirectoryRecordSequence
     except Exception as exc:  # pydicom raises many kinds on a broken DICOMDIR
         raise InputError(dicomdir, f"is not a readable DICOMDIR: {exc}") from None
-    files, missing = [], []
-    for record in records:
+    files, missing, refused = [], [], []
+    for k, record in enumerate(records, start=1):
         file_id = record.get("ReferencedFileID")
         if not file_id:
             continue  # a PATIENT, STUDY or SERIES record
-        parts = [file_id] if isinstance(file_id, str) else list(file_id)
-        file = dicomdir.parent.joinpath(*parts)
+        parts = [str(file_id)] if isinstance(file_id, str) else [str(p) for p in file_id]
+        what = f"{dicomdir}: record {k} (ReferencedFileID {FILE_ID_SEPARATOR.join(parts)!r})"
+        bad = next((f"component {p!r} {why}" for p in parts if (why := name_problem(p))), None)
+        try:
+            if bad is not None:
+                raise UnsafePathError(dicomdir, bad)
+            file = inside(dicomdir.parent, "/".join(parts), source=what, resolve=False)
+            if not follow_symlinks and file.exists() and not within(file, root):
+                raise UnsafePathError(file, f"a symbolic link to {os.path.realpath(file)}, outside the input folder "
+                                            f"{root}; not followed: {FOLLOW_HINT}")
+        except UnsafePathError as exc:
+            refused.append((what, f"{exc.reason}; not read"))
+            continue
         if file.is_file():
             files.append(file)
         else:
             missing.append((file, f"listed in {dicomdir} but missing"))
-    log.info("%s: the DICOMDIR lists %d file(s)", dicomdir, len(files) + len(missing))
-    return files, missing
+    log.info("%s: the DICOMDIR lists %d file(s)", dicomdir, len(files) + len(missing) + len(refused))
+    return files, missing, refused
 
 
-def _walk(root: Path, unreadable: list[tuple[Path, str]]) -> list[Path]:
+def _walk(root: Path, unreadable: list[tuple[Path, str]], *, follow_symlinks: bool = False) -> list[Path]:
     """Every file under `root` (any depth, any name), hidden files and folders left out, in a stable order.
 
-    A folder that cannot be listed is added to `unreadable` with the system's reason.
+    A folder that cannot be listed is added to `unreadable` with the system's reason. Folders reached through a
+    symbolic link are descended only with `follow_symlinks` (each real folder once: a link loop ends there).
     """
     files = []
+    seen: set[str] = set()
 
     def failed(exc: OSError) -> None:
         unreadable.append((Path(exc.filename or root), f"cannot list the folder ({exc.strerror or exc})"))
 
-    for folder, dirs, names in os.walk(root, onerror=failed):
+    for folder, dirs, names in os.walk(root, onerror=failed, followlinks=follow_symlinks):
+        real = os.path.realpath(folder)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files += [Path(folder) / n for n in sorted(names) if not n.startswith(".")]
     return files
@@ -375,16 +457,36 @@ def _group(headers: list[_Header], folder_names: dict[Path, str]) -> list[FoundS
         folders = {h.path.parent for hs in groups.values() for h in hs}
         folder = next(iter(folders))
         flat = len(folders) == 1 and studies_in_folder[folder] == {study_uid}
-        key = folder_names.get(folder, folder.name) if flat else study_uid
+        key = folder_key(folder_names.get(folder, folder.name), folder) if flat else uid_key(study_uid, folder)
         found.append(_choose_series(key, study_uid, [_Series(uid, hs) for uid, hs in groups.items()]))
     keys = Counter(s.key for s in found)
     if any(n > 1 for n in keys.values()):
         # two Kaggle-like folders of the same name in different places: fall back to the UIDs
-        found = [replace(s, key=s.study_uid) if keys[s.key] > 1 else s for s in found]
+        found = [replace(s, key=uid_key(s.study_uid, s.key)) if keys[s.key] > 1 else s for s in found]
     dup = [k for k, n in Counter(s.key for s in found).items() if n > 1]
     if dup:
         raise InputError(None, f"study keys are not unique (a folder name equals another study's UID): {dup[:3]}")
     return sorted(found, key=lambda s: s.key)
+
+
+def folder_key(name: str, where: Path | str) -> str:
+    """A study's key from its folder's name: the name, or its safe_name (warned) when it holds a control character."""
+    problem = key_problem(name)
+    if problem is None:
+        return name
+    key = safe_name(name)
+    log.warning("%s: %s; the study is keyed %s", where, problem, key)
+    return key
+
+
+def uid_key(study_uid: str, where: Path | str) -> str:
+    """A study's key from its StudyInstanceUID: the UID when it is a valid DICOM UID, else its safe_name (warned)."""
+    if valid_uid(study_uid):
+        return study_uid
+    key = safe_name(study_uid)
+    log.warning("%s: StudyInstanceUID %r is not a valid DICOM UID (digits and dots, at most 64 characters); the "
+                "study is keyed %s", where, study_uid[:80], key)
+    return key
 
 
 def _choose_series(key: str, study_uid: str, series: list[_Series]) -> FoundStudy:

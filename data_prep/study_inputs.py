@@ -25,6 +25,7 @@ import pandas as pd
 
 from data_prep.errors import InputError
 from data_prep.registry import STUDY_COL
+from data_prep.safe_paths import check_unique_names, describe_links, key_problem, leaving_links, safe_name
 from data_prep.study_finder import DICOMDIR_NAME, FoundStudy, is_zip, search_dicom
 
 log = logging.getLogger("data_prep")
@@ -44,8 +45,14 @@ Study = Path | FoundStudy
 
 
 def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, *,
-                extract_to: str | os.PathLike | None = None, progress: bool = False) -> list[Study]:
-    """Expand input paths into studies: Kaggle study folders as Paths, anything else through the study finder."""
+                extract_to: str | os.PathLike | None = None, progress: bool = False,
+                follow_symlinks: bool = False) -> list[Study]:
+    """Expand input paths into studies: Kaggle study folders as Paths, anything else through the study finder.
+
+    Each path is an input root: a study folder that is, or holds, a symbolic link leading outside it becomes a failed
+    study naming the link (and the study finder refuses such links, DICOMDIR records and zip members) unless
+    `follow_symlinks`.
+    """
     if isinstance(paths, (str, os.PathLike)):
         paths = [paths]
     studies: list[Study] = []
@@ -56,30 +63,30 @@ def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, 
             continue
         path = Path(raw)
         if _for_finder(path):
-            studies += _found(path, extract_to, progress)
+            studies += _found(path, extract_to, progress, follow_symlinks)
             continue
         if not path.is_dir():
             raise InputError(path, "not a folder, a DICOMDIR or a .zip (expected a study folder, a folder of "
                                    "studies, a DICOMDIR or a zip of DICOM files)")
         if any(path.glob(DICOM_GLOB)):
-            studies.append(path)
+            studies.append(kaggle_study(path, path, follow_symlinks))
             continue
         subs = [p for p in sorted(path.iterdir()) if p.is_dir() and not p.name.startswith(".")]
         kaggle = [p for p in subs if any(p.glob(DICOM_GLOB))]
         if kaggle:
             for sub in subs:
                 if sub in kaggle:
-                    studies.append(sub)
+                    studies.append(kaggle_study(sub, path, follow_symlinks))
                 elif not any(q.is_dir() for q in sub.iterdir()):
                     # a study folder whose files have no .dcm extension goes to the finder; without DICOM: empty
-                    found_leaf = _found(sub, extract_to, progress) if _has_files(sub) else []
-                    studies += found_leaf or [sub]
+                    found_leaf = _found(sub, extract_to, progress, follow_symlinks, path) if _has_files(sub) else []
+                    studies += found_leaf or [kaggle_study(sub, path, follow_symlinks)]
                     empty += [] if found_leaf else [sub]
             continue
         if next(path.glob(DATASET_ROOT_GLOB), None) is not None:
             raise InputError(path, "holds no .dcm files and no study folders with .dcm files: it looks like a "
                                    "dataset root; give its train_images/ or test_images/ folder")
-        found_here = _found(path, extract_to, progress) if _has_files(path) else []
+        found_here = _found(path, extract_to, progress, follow_symlinks) if _has_files(path) else []
         if found_here:
             studies += found_here
             continue
@@ -88,7 +95,7 @@ def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, 
             raise InputError(path, "holds no .dcm files and no study folders with .dcm files, and no DICOM study "
                                    "was found in it")
         empty += leaves
-        studies += leaves
+        studies += [kaggle_study(leaf, path, follow_symlinks) for leaf in leaves]
     if empty:
         log.warning("%d study folder(s) hold no .dcm files and will be reported as failed: %s", len(empty),
                     ", ".join(str(p) for p in empty[:EMPTY_LISTED]))
@@ -97,6 +104,7 @@ def find_inputs(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, 
         dup = sorted({k for k in keys if keys.count(k) > 1})
         raise InputError(None, f"study keys must be unique (a Kaggle folder's name is its StudyInstanceUID, a "
                                f"found study's key its folder name or StudyInstanceUID): {dup[:3]}")
+    check_unique_names(keys)                # two keys whose file names would be one: results would mix
     return studies
 
 
@@ -139,6 +147,25 @@ def _has_files(path: Path) -> bool:
     return False
 
 
-def _found(path: Path, extract_to: str | os.PathLike | None, progress: bool) -> list[FoundStudy]:
+def _found(path: Path, extract_to: str | os.PathLike | None, progress: bool, follow_symlinks: bool,
+           input_root: Path | None = None) -> list[FoundStudy]:
     """The studies the finder sees under `path` (it logs each series chosen and skipped)."""
-    return search_dicom(path, extract_to=extract_to, progress=progress).studies
+    return search_dicom(path, extract_to=extract_to, progress=progress, follow_symlinks=follow_symlinks,
+                        input_root=input_root).studies
+
+
+def kaggle_study(folder: Path, root: Path, follow_symlinks: bool) -> Study:
+    """A Kaggle-layout study folder; a failed study naming the link when it is, or holds, a link leaving `root`, or
+    naming the folder when its name cannot be a key (a control character: the study is keyed by its safe name)."""
+    bad_name = key_problem(folder.name)
+    if bad_name is not None:
+        key = safe_name(folder.name)
+        problem = f"{bad_name}: rename the folder (the study is reported as {key})"
+        log.warning("%s: %s", folder.parent, problem)
+        return FoundStudy(key, key, None, (), problem=problem, root=folder)
+    links = [] if follow_symlinks else leaving_links(folder, root)
+    if not links:
+        return folder
+    problem = describe_links(links, root)
+    log.warning("study %s: %s", folder.name, problem)
+    return FoundStudy(folder.name, folder.name, None, (), problem=problem, root=folder)

@@ -19,6 +19,7 @@ from pandera.errors import SchemaError, SchemaErrors
 
 from data_prep import registry
 from data_prep.errors import InputError
+from data_prep.safe_paths import name_problem
 
 TRAIN = "train"
 BOXES = "boxes"
@@ -84,6 +85,10 @@ def _unpadded(series: pd.Series) -> pd.Series:
     return text == text.str.strip()
 
 
+def _folder_name(series: pd.Series) -> pd.Series:
+    return series.map(lambda v: name_problem(str(v)) is None).astype(bool)
+
+
 def _patient_matches_levels(df: pd.DataFrame) -> pd.Series:
     """patient_overall is 1 exactly when some level C1..C7 is 1 (rows with invalid labels are judged elsewhere)."""
     levels = pd.DataFrame({c: _numbers(df[c]) for c in registry.LEVELS})
@@ -110,10 +115,14 @@ INTEGRAL = pa.Check(_integral, error="must be a whole number")
 LABEL = pa.Check(_label, error="must be 0 or 1")
 NOT_BLANK = pa.Check(_not_blank, error="must not be blank")
 UNPADDED = pa.Check(_unpadded, error="must not start or end with spaces")
+FOLDER_NAME = pa.Check(_folder_name, error="must name one study folder (no '/', '\\', ':', control character, "
+                                           "'.' or '..')")
 
 
 def _uid_column(*, unique: bool) -> pa.Column:
-    return pa.Column(str, checks=[NOT_BLANK, UNPADDED], nullable=False, unique=unique, report_duplicates="all")
+    """A study key that names its folder under train_images/ (so it can never lead elsewhere)."""
+    return pa.Column(str, checks=[NOT_BLANK, UNPADDED, FOLDER_NAME], nullable=False, unique=unique,
+                     report_duplicates="all")
 
 
 def _label_column() -> pa.Column:
@@ -182,6 +191,9 @@ def read_table(path: str | os.PathLike, kind: str) -> pd.DataFrame:
         df = pd.read_csv(path, dtype={registry.STUDY_COL: str, ROW_ID: str, PREDICTION_TYPE: str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise InputError(path, f"is not a readable CSV ({FILE_NAMES[kind]}): {exc}") from None
+    if kind == TEST and not len(df):
+        raise InputError(path, "has a header but no data rows: a submission from it would be empty (give the "
+                               "test.csv that lists the rows to predict, or leave --test-csv out)")
     return validate_table(df, kind, path=path)
 
 

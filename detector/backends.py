@@ -24,7 +24,7 @@ import numpy as np
 
 from data_prep.config import ConfigError
 from data_prep.errors import InputError
-from detector.export import OPENVINO_SUFFIX, export_weights, fresh_export
+from detector.export import OPENVINO_SUFFIX, export_weights, fresh_export, metadata_problem
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
 from detector.weights import build_model, read_weights
 
@@ -212,7 +212,13 @@ def load_predictor(weights: Path, *, imgsz: int, device: str | int | None = "cpu
     start = time.perf_counter()
     # A .pt is rebuilt from plain data (detector/weights.py): nothing in it is unpickled as code.
     source = build_model(path) if chosen == "pytorch" else str(path)
-    model = AutoBackend(source, device=torch_device, fp16=False, fuse=True, verbose=False)
+    try:
+        model = AutoBackend(source, device=torch_device, fp16=False, fuse=True, verbose=False)
+    except (ValueError, SyntaxError) as exc:     # e.g. metadata Ultralytics cannot parse: name the file, no traceback
+        if chosen == "pytorch":
+            raise
+        raise InputError(path, f"Ultralytics cannot load this {chosen} export ({type(exc).__name__}: {exc}); export "
+                               "it again from its .pt with spinefrac export") from None
     model.eval()
     if chosen != "pytorch":
         torch_device = torch.device("cpu")
@@ -255,6 +261,10 @@ def _resolve_backend(weights: Path, kind: str, backend: str, device_type: str, i
     if kind != "pytorch":
         if backend not in ("auto", kind):
             raise InputError(weights, f"is a {kind} model; backend {backend!r} needs a .pt to export from")
+        problem = metadata_problem(weights)
+        if problem is not None:
+            raise InputError(weights, f"{problem}: this export is not loaded (export it again from its .pt with "
+                                      "spinefrac export)")
         return kind, weights
     read_weights(weights)  # refuse an unsafe .pt before it is used or exported
     if backend == "pytorch" or (backend == "auto" and device_type != "cpu"):

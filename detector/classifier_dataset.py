@@ -31,12 +31,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.config import ConfigError
 from data_prep.errors import InputError
 from data_prep.locks import locks_output
 from data_prep.registry import LEVELS, PATIENT, STUDY_COL
 from data_prep.resume import StudyMarkers, plain, section, settings_key, weights_id
+from data_prep.safe_paths import inside, safe_name
 from data_prep.tables import read_table
 from data_prep.workers import dies_with_parent
 from detector.vertebra_crops import SOURCE_LOCATOR, SOURCE_SEGMENTATION
@@ -128,7 +129,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
                                locator: str | os.PathLike | None = None,
                                locator_config: Mapping[str, Any] | None = None,
                                levels_config: Mapping[str, Any] | None = None, workers: int = 2,
-                               progress: bool = True, overwrite: bool = False) -> Path:
+                               progress: bool = True, overwrite: bool = False, follow_symlinks: bool = False) -> Path:
     """Build the per-vertebra crop dataset from train.csv (+ segmentations, or a locator); return the dataset folder.
 
     folds: fold k -> the studies fold model k trains on (None: one model, fold 0, on every study); each fold gets
@@ -136,7 +137,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
     """
     from detector.render import render_summary
     from detector.vertebra_crops import CROP_SOURCES
-    from detector.yolo_dataset import _available_studies, _locate_spec
+    from detector.yolo_dataset import _available_studies, _locate_spec, train_study_dir
 
     t0 = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
@@ -146,7 +147,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
         raise ConfigError(f"crops.source must be one of {', '.join(CROP_SOURCES)}, found {crops['source']!r}")
     train = read_table(data_root / TRAIN_CSV, "train")
     train[STUDY_COL] = train[STUDY_COL].astype(str)
-    uids = _available_studies(data_root / TRAIN_IMAGES, train[STUDY_COL], studies)
+    uids = _available_studies(data_root / TRAIN_IMAGES, train[STUDY_COL], studies, follow_symlinks=follow_symlinks)
     if not uids:
         raise InputError(data_root / TRAIN_IMAGES, f"no labelled study of {TRAIN_CSV} has a folder here")
     labels = train.drop_duplicates(STUDY_COL).set_index(STUDY_COL)
@@ -159,6 +160,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
                                                           locator_config=locator_config,
                                                           levels_config=levels_config))
     markers.plan(uids, overwrite=overwrite)      # refuses finished studies of other settings before any work
+    remove_stale_temps(out, (IMAGES_DIR, DONE_DIR))     # a killed run's temporaries (we hold the lock)
     skipped: list[dict[str, str]] = []
     tasks = []
     for uid in uids:
@@ -168,7 +170,7 @@ def prepare_classifier_dataset(data_root: str | os.PathLike, out: str | os.PathL
                    else "crops.source is 'locator' but no --locator was given")
             skipped.append({STUDY_COL: uid, "reason": REASON_NO_SOURCE, "detail": why})
             continue
-        tasks.append(ClassifierTask(uid, data_root / TRAIN_IMAGES / uid, out,
+        tasks.append(ClassifierTask(uid, train_study_dir(data_root, uid), out,
                                     tuple(int(labels.at[uid, lv]) for lv in LEVELS), crops, render,
                                     segmentation=seg, locate=None if seg is not None else locate,
                                     fracture_boxes=fracture_boxes.get(uid)))
@@ -238,7 +240,7 @@ def write_fold_layout(out: str | os.PathLike, index: pd.DataFrame, *, folds: Map
             split = VAL if uid in val else TRAIN
             for row in by_study[uid].itertuples(index=False):
                 label = int(row.label)
-                link = tmp / split / str(label) / f"{uid}_{row.level}_{int(row.slice_index)}{IMAGE_EXT}"
+                link = tmp / split / str(label) / f"{safe_name(uid)}_{row.level}_{int(row.slice_index)}{IMAGE_EXT}"
                 # relative to the final folder: the link lives at out/fold<k>/split/label/, two levels below fold<k>
                 os.symlink(os.path.relpath(out / str(row.image), folder / split / str(label)), link)
                 n_images[split][label] += 1
@@ -278,7 +280,10 @@ def fold_studies(fold_dir: str | os.PathLike) -> set[str]:
     fold_dir = Path(fold_dir)
     if not fold_dir.is_dir():
         raise InputError(fold_dir, "no such fold folder (expected DIR/fold<k>/ of prepare-classifier)")
-    return {link.name.rsplit("_", 2)[0] for split in (TRAIN, VAL) for link in (fold_dir / split).glob(f"*/*{IMAGE_EXT}")}
+    names = {link.name.rsplit("_", 2)[0] for split in (TRAIN, VAL) for link in (fold_dir / split).glob(f"*/*{IMAGE_EXT}")}
+    index = fold_dir.parent / INDEX_CSV      # file names hold safe_name(uid): the dataset's index maps them back
+    keys = {safe_name(u): u for u in read_classifier_index(fold_dir.parent)[STUDY_COL]} if index.is_file() else {}
+    return {keys.get(name, name) for name in names}
 
 
 def read_classifier_index(dataset_dir: str | os.PathLike) -> pd.DataFrame:
@@ -345,7 +350,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     if not len(plan):
         outcome.reason = f"{source} found no cervical vertebra"
         return outcome
-    folder = task.out / IMAGES_DIR / task.uid
+    folder = study_images(task.out, task.uid)
     folder.mkdir(parents=True, exist_ok=True)
     reader = LazySlices(geometry)
     context = context_slices(geometry, task.render)
@@ -358,7 +363,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
         if not cv2.imwrite(str(tmp), image):
             raise OSError(f"{tmp}: OpenCV could not write the image")
         os.replace(tmp, folder / name)
-        rel = f"{IMAGES_DIR}/{task.uid}/{name}"
+        rel = f"{IMAGES_DIR}/{folder.name}/{name}"
         outcome.files.append(rel)
         outcome.rows.append({STUDY_COL: task.uid, "level": row.level, "slice_index": int(row.slice_index),
                              "label": int(crop_label[k]), "label_source": label_source[k], "image": rel,
@@ -395,7 +400,7 @@ def _run_one(task: ClassifierTask, markers: StudyMarkers) -> ClassifierOutcome:
     except Exception as exc:   # noqa: BLE001 - one bad study must not stop the dataset
         return ClassifierOutcome(task.uid, error=f"{type(exc).__name__}: {exc}")
     markers.write(task.uid, {STUDY_COL: task.uid, "rows": outcome.rows, "reason": outcome.reason},
-                  files=[*outcome.files, f"{IMAGES_DIR}/{task.uid}"], inputs_key=_task_inputs_key(task))
+                  files=[*outcome.files, f"{IMAGES_DIR}/{safe_name(task.uid)}"], inputs_key=_task_inputs_key(task))
     return outcome
 
 
@@ -484,7 +489,12 @@ def _remove_outside(markers: StudyMarkers, keep: set[str], *, overwrite: bool) -
 
 def _clear_study(out: Path, uid: str) -> None:
     """Remove a study's crop folder left by an unfinished run (its marker was never written)."""
-    shutil.rmtree(out / IMAGES_DIR / uid, ignore_errors=True)
+    shutil.rmtree(study_images(out, uid), ignore_errors=True)
+
+
+def study_images(out: str | os.PathLike, uid: str) -> Path:
+    """A study's crop folder: DIR/images/<safe_name(uid)>/ (data_prep.safe_paths)."""
+    return inside(Path(out) / IMAGES_DIR, safe_name(uid), source=f"study {uid!r}")
 
 
 def _segmentations(seg_dir: Path) -> dict[str, Path]:

@@ -26,11 +26,12 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
 from data_prep.errors import InputError
 from data_prep.locks import locks_output
 from data_prep.registry import LEVELS, STUDY_COL
-from data_prep.resume import StudyMarkers, plain, section, weights_id
+from data_prep.resume import StudyMarkers, plain, section, study_file, study_keys, weights_id
+from data_prep.safe_paths import inside, safe_name
 from data_prep.study_inputs import SERIES_COLUMNS, Study, find_inputs, series_table
 from data_prep.tables import read_table
 from detector.roi import ROI_COLUMNS
@@ -44,6 +45,8 @@ DONE_DIR = "done"
 PARTS_DIR = "parts"
 ERRORS_DIR = "errors"
 OVERLAYS_DIR = "overlays"
+STUDY_DIRS = (DONE_DIR, PARTS_DIR, ERRORS_DIR, OVERLAYS_DIR)
+"""The folders of a detect output that hold per-study files."""
 BOXES_SUFFIX = ".boxes.csv"
 SLICES_SUFFIX = ".slices.csv"
 LEVEL_BOXES_SUFFIX = ".level_boxes.csv"
@@ -149,14 +152,16 @@ class DetectResult:
 
 # ---------------------------------------------------------------- public API
 def find_studies(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, *,
-                 extract_to: str | os.PathLike | None = None, progress: bool = False) -> list[Study]:
+                 extract_to: str | os.PathLike | None = None, progress: bool = False,
+                 follow_symlinks: bool = False) -> list[Study]:
     """Expand inputs into studies: Kaggle study folders (Paths) or found studies (data_prep.study_inputs).
 
     A folder holding .dcm files is a study, else each sub-folder holding them is one; a folder without files
     and without sub-folders is an empty study (it fails in detect, is listed in errors.csv and gets the prior).
     Anything else (a tree of any depth, files of any name, a DICOMDIR, a .zip) is read by the study finder.
+    Symbolic links leading outside an input are not followed unless `follow_symlinks` (data_prep.study_inputs).
     """
-    return find_inputs(paths, extract_to=extract_to, progress=progress)
+    return find_inputs(paths, extract_to=extract_to, progress=progress, follow_symlinks=follow_symlinks)
 
 
 def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
@@ -579,6 +584,7 @@ def plan_studies(study_dirs: Sequence[Study], markers: StudyMarkers, *, overwrit
     `overwrite` (then every study is redone and failure records made with other settings are dropped).
     """
     plan = markers.plan([s.name for s in study_dirs], overwrite=overwrite)
+    remove_stale_temps(markers.root, STUDY_DIRS)     # a killed run's temporaries (the caller holds the lock)
     if overwrite:
         _drop_other_errors(markers.root, markers.key)
     skipped = list(plan.skip)
@@ -591,9 +597,22 @@ def plan_studies(study_dirs: Sequence[Study], markers: StudyMarkers, *, overwrit
 
 def detected_studies(out: str | os.PathLike) -> list[str]:
     """Every study a detect folder holds: finished (done markers) or failed (errors/<uid>.json), sorted."""
-    out = Path(out)
-    failed = {p.stem for p in (out / ERRORS_DIR).glob("*.json")} if (out / ERRORS_DIR).is_dir() else set()
-    return sorted(set(detect_markers(out).done_uids()) | failed)
+    return sorted(set(detect_markers(out).done_uids()) | set(failed_studies(out)))
+
+
+def failed_studies(out: str | os.PathLike) -> list[str]:
+    """The studies of a detect folder with a failure record (errors/<safe_name(uid)>.json), by the key it records."""
+    return study_keys(Path(out) / ERRORS_DIR)
+
+
+def error_record(out: str | os.PathLike, uid: str) -> Path:
+    """The failure record of a study in a detect folder: errors/<safe_name(uid)>.json (data_prep.safe_paths)."""
+    return study_file(Path(out) / ERRORS_DIR, uid, ".json")
+
+
+def overlay_dir(out: str | os.PathLike, uid: str) -> Path:
+    """A study's overlay folder in a detect folder: overlays/<safe_name(uid)>/ (data_prep.safe_paths)."""
+    return inside(Path(out) / OVERLAYS_DIR, safe_name(uid), source=f"study {uid!r}")
 
 
 def detect_markers(out: str | os.PathLike, settings: Mapping[str, Any] | None = None) -> StudyMarkers:
@@ -610,7 +629,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                    levels_config: Mapping[str, Any] | None = None, workers: int = 2, progress: bool = True,
                    overwrite: bool = False, device: str | int | None = None,
                    classifier: Sequence[str | os.PathLike] | None = None,
-                   classifier_config: Mapping[str, Any] | None = None) -> DetectResult:
+                   classifier_config: Mapping[str, Any] | None = None, follow_symlinks: bool = False) -> DetectResult:
     """Detect fractures on every slice of every study; write boxes.csv, slices.csv, errors.csv and overlays.
 
     With levels (a locator, or `levels_config`) vertebrae.csv gives each level's z-range; `classifier` (one or
@@ -628,7 +647,7 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
 
     t0 = time.perf_counter()
     out = Path(out)
-    study_dirs = find_studies(studies, progress=progress)
+    study_dirs = find_studies(studies, progress=progress, follow_symlinks=follow_symlinks)
     runner = StudyRunner(out, weights=weights, config=config, labels=labels, locator=locator,
                          locator_config=locator_config, levels_config=levels_config, workers=workers, device=device,
                          classifier=classifier, classifier_config=classifier_config)
@@ -783,7 +802,7 @@ def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, con
     uid = study.name
     out = markers.root
     markers.remove(uid)        # overwrite: the study (and its old parts) is not finished until it is redone
-    error_file = out / ERRORS_DIR / f"{uid}.json"
+    error_file = error_record(out, uid)
     stage = "detect"
     t0 = time.perf_counter()
     try:
@@ -809,14 +828,21 @@ def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, con
                                        "error": f"{type(exc).__name__}: {exc}", "settings_key": markers.key})
         return StudyOutcome(uid, finished=False)
     if bool(config["detect"]["overlays"]):
+        folder = overlay_dir(out, uid)
         try:
             from detector.overlays import write_overlays
 
             study_labels = labels[labels[STUDY_COL] == uid] if labels is not None else None
-            write_overlays(found.geometry, found.boxes, out / OVERLAYS_DIR / uid, labels=study_labels,
+            write_overlays(found.geometry, found.boxes, folder, labels=study_labels,
                            config=config["overlays"], slices=found.slices, vertebrae=found.vertebrae)
-            files.append(f"{OVERLAYS_DIR}/{uid}")
-        except Exception as exc:   # noqa: BLE001 - overlays are for review; the detections stand
+            files.append(folder.relative_to(out).as_posix())
+        except OSError as exc:     # disk full, permissions: the study is not done, so a rerun draws them
+            log.warning("study %s: overlays could not be written (%s); the study is not marked done and a rerun "
+                        "redoes it", uid, exc)
+            write_json_atomic(error_file, {STUDY_COL: uid, "path": str(study), "stage": "overlays",
+                                           "error": f"{type(exc).__name__}: {exc}", "settings_key": markers.key})
+            return StudyOutcome(uid, finished=False)
+        except Exception as exc:   # noqa: BLE001 - a drawing problem, not the disk: the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)
     found.timings["outputs"] = time.perf_counter() - t_out
     error_file.unlink(missing_ok=True)

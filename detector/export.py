@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import os
@@ -13,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from data_prep.artifacts import SIDECAR_SUFFIX, write_sidecar
 from data_prep.config import Config, ConfigError, load_config
 from data_prep.errors import InputError
@@ -21,13 +24,18 @@ from detector.offline import configure_ultralytics, set_ultralytics_verbosity
 from detector.weights import yolo_from_weights
 
 __all__ = ["EXPORT_FORMATS", "OPENVINO_SUFFIX", "export_model", "export_weights", "exported_path", "file_sha256",
-           "fresh_export"]
+           "fresh_export", "metadata_problem"]
 
 log = logging.getLogger("detector")
 
 EXPORT_FORMATS = ("openvino", "onnx")
 OPENVINO_SUFFIX = "_openvino_model"
 EXPORT_HASH_KEY = "export_sha256"  # sidecar extra: SHA-256 of the exported file or folder
+METADATA_YAML = "metadata.yaml"     # Ultralytics' metadata of an OpenVINO export (in its folder)
+INT_FIELDS = ("stride", "batch", "channels")
+"""Metadata fields Ultralytics turns into int."""
+LITERAL_FIELDS = ("imgsz", "names", "kpt_shape", "kpt_names", "args", "end2end")
+"""Metadata fields Ultralytics parses with ast.literal_eval when they are text (a malformed one: a traceback)."""
 
 
 def export_model(weights: Path, *, fmt: str = "openvino", config: Config) -> Path:
@@ -111,7 +119,70 @@ def fresh_export(weights: Path, fmt: str, imgsz: int) -> Path | None:
     if not extra.get("dynamic") and int(extra.get("imgsz", -1)) != imgsz:
         log.info("%s has a fixed size %s, not %d: re-exporting", target.name, extra.get("imgsz"), imgsz)
         return None
+    problem = metadata_problem(target)
+    if problem is not None:      # a cache is data: a malformed or poisoned one is rebuilt, never handed to Ultralytics
+        log.warning("%s: %s; not used, re-exporting from %s", target, problem, weights.name)
+        return None
     return target
+
+
+def metadata_problem(export: Path) -> str | None:
+    """Why Ultralytics could not use an export's metadata (None when it can), found without loading the model.
+
+    The metadata (an OpenVINO folder's metadata.yaml, an ONNX file's metadata_props) is read as data and each field
+    Ultralytics converts is checked the way it converts it: `stride`, `batch`, `channels` as whole numbers; `imgsz`,
+    `names`, `args`, ... parsed as Python literals when they are text (ast.literal_eval, which runs nothing), then
+    `names` a {class id: name} mapping or a list of names, `imgsz` whole numbers, `args` a mapping.
+    """
+    export = Path(export)
+    try:
+        meta = _read_metadata(export)
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        return f"its metadata cannot be read: {type(exc).__name__}: {exc}"
+    if meta is None:
+        return None          # no metadata (a third-party export): Ultralytics uses its defaults
+    if not isinstance(meta, Mapping):
+        return f"its metadata is a {type(meta).__name__}, not a mapping"
+    for key in INT_FIELDS:
+        if key in meta:
+            try:
+                int(meta[key])
+            except (TypeError, ValueError):
+                return f"metadata {key} is {str(meta[key])[:80]!r}, not a whole number"
+    values = {}
+    for key in LITERAL_FIELDS:
+        value = meta.get(key)
+        if isinstance(value, str):
+            try:
+                value = ast.literal_eval(value)
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as exc:
+                return f"metadata {key} is {value[:80]!r}, not a literal ({type(exc).__name__})"
+        values[key] = value
+    names = values.get("names")
+    if names is not None and not (isinstance(names, Mapping) and all(isinstance(v, str) for v in names.values())
+                                  or isinstance(names, (list, tuple)) and all(isinstance(v, str) for v in names)):
+        return f"metadata names is {str(names)[:80]!r}, not a list or mapping of class names"
+    imgsz = values.get("imgsz")
+    if imgsz is not None and not (isinstance(imgsz, int) or isinstance(imgsz, (list, tuple))
+                                  and all(isinstance(v, int) for v in imgsz)):
+        return f"metadata imgsz is {str(imgsz)[:80]!r}, not whole numbers"
+    if values.get("args") is not None and not isinstance(values["args"], Mapping):
+        return f"metadata args is {str(values['args'])[:80]!r}, not a mapping"
+    return None
+
+
+def _read_metadata(export: Path) -> Any:
+    """An export's metadata as plain data (None when it has none); never evaluated."""
+    if export.suffix == ".onnx":
+        try:
+            from ultralytics.nn.backends.base import BaseBackend
+        except ImportError:
+            return None     # an Ultralytics without this reader: AutoBackend itself reports a bad file
+        return BaseBackend.read_metadata(export) or None
+    sidecar = (export if export.is_dir() else export.parent) / METADATA_YAML
+    if not sidecar.is_file():
+        return None
+    return yaml.safe_load(sidecar.read_text(encoding="utf-8"))
 
 
 def _replace(source: Path, target: Path) -> None:

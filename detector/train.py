@@ -22,6 +22,7 @@ import yaml
 from data_prep.artifacts import next_run_dir, write_sidecar, write_text_atomic
 from data_prep.config import Config, ConfigError, dump_config
 from data_prep.errors import InputError
+from data_prep.safe_paths import inside
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
 from detector.weights import convert_checkpoint, read_weights, yolo_from_weights
 
@@ -188,9 +189,10 @@ def _fold_data_yaml(data_yaml: Path, fold: int | None, run_dir: Path) -> Path:
     if not rows or "fold" not in rows[0] or "image" not in rows[0]:
         raise InputError(index_csv, "needs the columns image and fold to choose a validation fold")
     lists = {SPLIT_TRAIN: [], SPLIT_VAL: []}
-    for row in rows:
+    for k, row in enumerate(rows, start=1):
         split = SPLIT_VAL if int(row["fold"]) == int(fold) else SPLIT_TRAIN
-        lists[split].append(str((root / row["image"]).resolve()))
+        image = inside(root, row["image"], source=f"{index_csv} row {k}, column image")   # never outside the dataset
+        lists[split].append(str(image.resolve()))
     if not lists[SPLIT_VAL] or not lists[SPLIT_TRAIN]:
         raise InputError(index_csv, f"fold {fold} leaves {'no validation' if not lists[SPLIT_VAL] else 'no training'}"
                                     " images")

@@ -31,6 +31,7 @@ import yaml
 
 from data_prep.artifacts import (
     config_hash,
+    remove_stale_temps,
     write_csv_atomic,
     write_json_atomic,
     write_sidecar,
@@ -41,6 +42,14 @@ from data_prep.errors import InputError
 from data_prep.locks import locks_output
 from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
 from data_prep.resume import StudyMarkers, plain, section, settings_key, weights_id
+from data_prep.safe_paths import (
+    UnsafePathError,
+    check_unique_names,
+    describe_links,
+    inside,
+    leaving_links,
+    safe_name,
+)
 from data_prep.tables import read_table
 from data_prep.workers import dies_with_parent
 
@@ -173,11 +182,12 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
                              studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
                              overwrite: bool = False, locator: str | os.PathLike | None = None,
                              locator_config: Mapping[str, Any] | None = None,
-                             levels_config: Mapping[str, Any] | None = None) -> Path:
+                             levels_config: Mapping[str, Any] | None = None, follow_symlinks: bool = False) -> Path:
     """Build the YOLO fracture dataset from train.csv + train_bounding_boxes.csv; return the data.yaml path.
 
     With `roi.enabled` every slice is cut to the spine ROI that detect would use: from `locator` (weights
     with its configs, default configs/locator.yaml and levels.yaml) run on each study, else the fallback.
+    A study folder that is, or holds, a symbolic link leaving `data_root` is left out unless `follow_symlinks`.
     """
     from detector.roi import check_roi_config, roi_enabled
 
@@ -202,7 +212,7 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
     batch = int(_section(config, "detect")["batch"])
     train[STUDY_COL] = train[STUDY_COL].astype(str)
     boxes[STUDY_COL] = boxes[STUDY_COL].astype(str)
-    uids = _available_studies(data_root / TRAIN_IMAGES, train[STUDY_COL], studies)
+    uids = _available_studies(data_root / TRAIN_IMAGES, train[STUDY_COL], studies, follow_symlinks=follow_symlinks)
     labels = train.set_index(STUDY_COL)
     boxed = set(boxes[STUDY_COL]) & set(uids)
     negatives = {u for u in uids if int(labels.at[u, PATIENT]) == 0}
@@ -221,6 +231,7 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
                                                     locator_config=locator_config, levels_config=levels_config),
                               kind="detector")
     markers.plan(selected, overwrite=overwrite)       # refuses finished studies of other settings before any work
+    remove_stale_temps(out, (IMAGES_DIR, LABELS_DIR, DONE_DIR))   # a killed run's temporaries (we hold the lock)
     _check_stale(out, selected, overwrite=overwrite)
     strata = {u: _level_stratum(labels.loc[u]) if u in boxed else NEGATIVE_STRATUM for u in selected}
     folds = _load_or_make_splits(out / SPLITS_JSON, strata, n_folds=int(prep["n_folds"]), seed=int(prep["seed"]),
@@ -247,11 +258,11 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
             rows = tuple((float(r.x), float(r.y), float(r.width), float(r.height), int(r.slice_number))
                          for r in g.itertuples(index=False))
             n_bg = int(round(ratio * (1.0 - share) * int(boxed_slices[uid])))
-            boxed_tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
+            boxed_tasks.append(StudyTask(uid, train_study_dir(data_root, uid), out, split, fold, render.copy(),
                                          prep.copy(), boxes=rows, n_background=n_bg, roi=roi, locate=locate,
                                          batch=batch))
         else:
-            negative_tasks.append(StudyTask(uid, data_root / TRAIN_IMAGES / uid, out, split, fold, render.copy(),
+            negative_tasks.append(StudyTask(uid, train_study_dir(data_root, uid), out, split, fold, render.copy(),
                                             prep.copy(), n_background=neg_counts.get(uid, 0), negative=True,
                                             roi=roi, locate=locate, batch=batch))
     # boxed studies first: where their boxes lie tells where the negatives' background is drawn ("matched")
@@ -290,7 +301,7 @@ def _locate_spec(weights: Path, locator_config: Mapping[str, Any] | None, levels
 @locks_output("out")
 def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Mapping[str, Any],
                             studies: Iterable[str] | None = None, workers: int = 2, progress: bool = True,
-                            overwrite: bool = False) -> Path:
+                            overwrite: bool = False, follow_symlinks: bool = False) -> Path:
     """Build the YOLO vertebra-locator dataset (classes C1..C7) from segmentations/*.nii; return data.yaml."""
     t0 = time.perf_counter()
     data_root, out = Path(data_root), Path(out)
@@ -301,15 +312,17 @@ def prepare_locator_dataset(data_root: str | os.PathLike, out: str | os.PathLike
         raise InputError(seg_dir, "no segmentations folder: the locator is trained on segmented studies")
     segs = {p.name[: -len(SEG_EXT)] if p.name.endswith(SEG_EXT) else p.name[: -len(SEG_EXT + ".gz")]: p
             for p in sorted(seg_dir.iterdir()) if p.name.endswith((SEG_EXT, SEG_EXT + ".gz"))}
-    uids = _available_studies(data_root / TRAIN_IMAGES, pd.Series(sorted(segs)), studies)
+    uids = _available_studies(data_root / TRAIN_IMAGES, pd.Series(sorted(segs)), studies,
+                              follow_symlinks=follow_symlinks)
     if not uids:
         raise InputError(seg_dir, f"no segmentation has a study folder under {data_root / TRAIN_IMAGES}")
     markers = dataset_markers(out, prepare_settings(config, kind="locator"), kind="locator")
     markers.plan(uids, overwrite=overwrite)           # refuses finished studies of other settings before any work
+    remove_stale_temps(out, (IMAGES_DIR, LABELS_DIR, DONE_DIR))   # a killed run's temporaries (we hold the lock)
     _check_stale(out, uids, overwrite=overwrite)
     folds = _load_or_make_splits(out / SPLITS_JSON, dict.fromkeys(uids, SEGMENTED_STRATUM),
                                  n_folds=int(prep["n_folds"]), seed=int(prep["seed"]), overwrite=overwrite)
-    tasks = [StudyTask(uid, data_root / TRAIN_IMAGES / uid, out,
+    tasks = [StudyTask(uid, train_study_dir(data_root, uid), out,
                        VAL if folds[uid] == int(prep["val_fold"]) else TRAIN, folds[uid], render.copy(),
                        prep.copy(), segmentation=segs[uid]) for uid in uids]
     done = _run_tasks(tasks, _locator_study, markers, workers=workers, progress=progress, overwrite=overwrite,
@@ -554,7 +567,7 @@ def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], ou
                 n_lost = int((~keep).sum())
                 boxes = tuple((b[0], *map(float, row)) for b, row, k in zip(boxes, inside, keep, strict=True) if k)
         number = int(geometry.instance_numbers[index])
-        stem = f"{task.uid}_{number}"
+        stem = f"{safe_name(task.uid)}_{number}"   # a name from train.csv never decides where a file goes
         image_path = image_dir / f"{stem}{IMAGE_EXT}"
         tmp = image_dir / f".{stem}.{os.getpid()}.tmp{IMAGE_EXT}"   # cv2 picks the format from the suffix
         if not cv2.imwrite(str(tmp), image):
@@ -712,7 +725,7 @@ def _finish(out: Path, *, kind: str, names: Mapping[int, str], config: Mapping[s
 def _check_stale(out: Path, selected: Sequence[str], *, overwrite: bool) -> None:
     """Refuse (or, with overwrite, remove) finished studies in `out` that are not in the current selection."""
     selected_set = set(selected)
-    stale = sorted(m.stem for m in _markers(out) if m.stem not in selected_set)
+    stale = sorted(u for u in dataset_markers(out).done_uids() if u not in selected_set)
     if not stale:
         return
     if not overwrite:
@@ -752,7 +765,7 @@ def _remove_study(out: Path, uid: str) -> None:
 
 
 def _marker(out: Path, uid: str) -> Path:
-    return out / DONE_DIR / f"{uid}.json"
+    return dataset_markers(out).marker(uid)
 
 
 def _index_of(geometry: Any, instance_number: int) -> int | None:
@@ -763,14 +776,39 @@ def _index_of(geometry: Any, instance_number: int) -> int | None:
     return None if index is None else int(index)
 
 
-def _available_studies(images_root: Path, uids: pd.Series, studies: Iterable[str] | None) -> list[str]:
-    """Studies listed in the labels that have a folder, restricted to `studies` when given."""
+def train_study_dir(data_root: str | os.PathLike, uid: str) -> Path:
+    """The folder of a labelled study: DATA/train_images/<uid>, refused (UnsafePathError) if the name would leave it."""
+    return inside(Path(data_root) / TRAIN_IMAGES, uid, source=f"StudyInstanceUID {uid!r} of {TRAIN_CSV}")
+
+
+def _available_studies(images_root: Path, uids: pd.Series, studies: Iterable[str] | None, *,
+                       follow_symlinks: bool = False) -> list[str]:
+    """Studies listed in the labels that have a folder, restricted to `studies` when given.
+
+    A study folder that is, or holds, a symbolic link leaving the dataset folder is left out with a warning unless
+    `follow_symlinks`.
+    """
     if not images_root.is_dir():
         raise InputError(images_root, "no study folders (expected the Kaggle train_images/ layout)")
     listed = [str(u) for u in uids.astype(str).unique()]
-    present = [u for u in listed if (images_root / u).is_dir()]
+    present = []
+    for uid in listed:
+        try:
+            folder = train_study_dir(images_root.parent, uid)
+        except UnsafePathError as exc:
+            log.warning("%s; study left out", exc)
+            continue
+        if not folder.is_dir():
+            continue
+        links = [] if follow_symlinks else leaving_links(folder, images_root.parent)
+        if links:
+            log.warning("study %s left out: %s", uid, describe_links(links, images_root.parent))
+            continue
+        present.append(uid)
     if len(present) < len(listed):
-        log.warning("%s: %d labelled studies have no folder and are left out", images_root, len(listed) - len(present))
+        log.warning("%s: %d labelled studies have no usable folder and are left out", images_root,
+                    len(listed) - len(present))
+    check_unique_names(present, images_root)
     if studies is not None:
         wanted = {str(s) for s in studies}
         unknown = wanted - set(listed)

@@ -67,6 +67,15 @@ def _overrides(args: argparse.Namespace, mapping: dict[str, str]) -> list[str]:
     return out
 
 
+FOLLOW_SYMLINKS_HELP = ("read through symbolic links that lead outside the input folder (by default such a link is "
+                        "not followed: its study fails, or is left out, with a message naming the link)")
+
+
+def _add_follow_symlinks(p: argparse.ArgumentParser) -> None:
+    """--follow-symlinks: the one switch that lets a link leave an input folder (data_prep.safe_paths)."""
+    p.add_argument("--follow-symlinks", action="store_true", help=FOLLOW_SYMLINKS_HELP)
+
+
 def _sub(subparsers: argparse._SubParsersAction, name: str, help_: str, example: str,
          handler: Callable[[argparse.Namespace], int]) -> argparse.ArgumentParser:
     p = subparsers.add_parser(name, help=help_, description=help_, epilog=f"example:\n  {example}",
@@ -104,7 +113,8 @@ def _synth_export(args: argparse.Namespace) -> int:
 def _cmd_inspect(args: argparse.Namespace) -> int:
     from data_prep.inspect import inspect_path
 
-    report = inspect_path(args.path, workers=args.workers, progress=not args.no_progress)
+    report = inspect_path(args.path, workers=args.workers, progress=not args.no_progress,
+                          follow_symlinks=args.follow_symlinks)
     print(report.format())
     return 1 if report.has_errors and args.strict else 0
 
@@ -115,7 +125,8 @@ def _cmd_prepare_detector(args: argparse.Namespace) -> int:
 
     cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
     prepare_detector_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
-                             progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator)
+                             progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator,
+                             follow_symlinks=args.follow_symlinks)
     return 0
 
 
@@ -125,7 +136,8 @@ def _cmd_prepare_classifier(args: argparse.Namespace) -> int:
 
     cfg = load_config("classifier", args.config, args.overrides)
     prepare_classifier_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
-                               progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator)
+                               progress=not args.no_progress, overwrite=args.overwrite, locator=args.locator,
+                               follow_symlinks=args.follow_symlinks)
     return 0
 
 
@@ -157,7 +169,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
     detect_studies(args.studies, weights=args.weights, out=args.out, config=cfg, labels=args.labels,
                    locator=args.locator, workers=args.workers, progress=not args.no_progress,
                    overwrite=args.overwrite, device=args.device, classifier=args.classifier,
-                   classifier_config=classifier_cfg)
+                   classifier_config=classifier_cfg, follow_symlinks=args.follow_symlinks)
     return 0
 
 
@@ -177,7 +189,8 @@ def _cmd_prepare_locator(args: argparse.Namespace) -> int:
 
     cfg = load_config("locator", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
     prepare_locator_dataset(args.data_root, args.out, config=cfg, workers=args.workers,
-                            progress=not args.no_progress, overwrite=args.overwrite)
+                            progress=not args.no_progress, overwrite=args.overwrite,
+                            follow_symlinks=args.follow_symlinks)
     return 0
 
 
@@ -187,7 +200,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config("pipeline", args.config, args.overrides)
     train_all(args.data_root, args.out, config=cfg, workers=args.workers, progress=not args.no_progress,
-              clean=args.clean)
+              clean=args.clean, follow_symlinks=args.follow_symlinks)
     return 0
 
 
@@ -200,7 +213,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         require_dicom_extra()      # a missing extra is named before any study is read
     predict_all(args.studies, model_dir=args.model, out=args.out, test_csv=args.test_csv, labels=args.labels,
                 workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite, device=args.device,
-                shard=args.shard, ray=args.ray, ray_actors=args.ray_actors)
+                shard=args.shard, ray=args.ray, ray_actors=args.ray_actors, follow_symlinks=args.follow_symlinks)
     if args.dicom_out is not None:
         _write_dicom(args.out, args.dicom_out, studies=None, model=args.model, progress=not args.no_progress)
     return 0
@@ -333,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", type=Path, help=STUDIES_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
     p.add_argument("--strict", action="store_true", help="exit 1 when any problem is an error")
+    _add_follow_symlinks(p)
 
     p = _sub(sub, "prepare-detector", "build the YOLO fracture dataset from train_bounding_boxes.csv",
              "spinefrac prepare-detector data/synth --out work/det_ds --locator runs/loc/weights/best.pt",
@@ -345,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=None, help="rendered image size (config render.imgsz)")
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--overwrite", action="store_true", help="redo studies already written")
+    _add_follow_symlinks(p)
     _add_config_args(p, "detector")
 
     p = _sub(sub, "prepare-classifier", "build the per-vertebra crop dataset (Ultralytics classify folders per fold) "
@@ -361,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=2, help="parallel processes")
     p.add_argument("--overwrite", action="store_true", help="redo studies already written (also after a settings "
                                                             "change)")
+    _add_follow_symlinks(p)
     _add_config_args(p, "classifier")
 
     handlers = {"detector": _cmd_train_detector, "locator": _cmd_train_locator, "classifier": _cmd_train_classifier}
@@ -406,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.add_argument("--workers", type=int, default=2, help="parallel decoding processes")
     p.add_argument("--overwrite", action="store_true", help="redo studies already finished")
+    _add_follow_symlinks(p)
     _add_config_args(p, "detector")
 
     p = _sub(sub, "export", "export detector weights for fast CPU inference",
@@ -422,6 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--imgsz", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
+    _add_follow_symlinks(p)
     _add_config_args(p, "locator")
 
     p = _sub(sub, "train", "run every training stage into one self-contained model folder",
@@ -430,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="model folder")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--clean", action="store_true", help="recompute stages that are already done")
+    _add_follow_symlinks(p)
     _add_config_args(p, "pipeline")
 
     p = _sub(sub, "predict", "study-level C1-C7 and patient_overall probabilities for DICOM study folders",
@@ -456,6 +475,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-actors", type=_positive_int, default=None, metavar="N",
                    help="number of Ray actors, each loading the models once; unset: the cluster's CPUs / 2, or its GPUs "
                         "with a GPU --device")
+    _add_follow_symlinks(p)
 
     p = _sub(sub, "merge", "combine the output folders of `predict --shard I/N` jobs into one prediction folder",
              "spinefrac merge work/pred_1 work/pred_2 --model models/m1 --out work/pred --test-csv data/rsna/test.csv",

@@ -8,7 +8,8 @@ Model folder (see docs/contracts.md "Model folder"):
     prior.json        the training prior of the eight targets (for failed studies)
     detector/         YOLO run folder: weights/best.pt, results.csv, args.yaml, train.meta.json
     locator/          the same for the vertebra locator (absent when trained without segmentations)
-    aggregator/       aggregator.skops + aggregator.json
+    aggregator/       aggregator.skops + aggregator.json, candidates.csv, operating_point.json
+    MODEL_CARD.md     what the folder was trained on, how, how well (out of fold) and what it is for
     work/             intermediate datasets and detections (resumable; not needed to predict)
 Copy the folder without work/ to another machine and `spinefrac predict` works there.
 model.json lists the SHA-256 of every file (`files`, except work/, model.json and the export caches that
@@ -50,7 +51,9 @@ from data_prep.resume import (
     settings_key,
     weights_id,
 )
+from data_prep.safe_paths import inside
 from data_prep.tables import read_table
+from spinefrac.model_card import MODEL_CARD, write_model_card
 
 log = logging.getLogger("spinefrac")
 
@@ -99,12 +102,13 @@ def stage_configs(config: Config) -> dict[str, Config]:
 # ---------------------------------------------------------------- train
 @locks_output("out")
 def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: Config, workers: int = 2,
-              progress: bool = True, clean: bool = False) -> Path:
+              progress: bool = True, clean: bool = False, follow_symlinks: bool = False) -> Path:
     """Run every training stage into one self-contained model folder; a rerun skips the stages already done.
 
     Each stage records the settings key of its inputs (its config sections and the keys or weight hashes of
     the upstream stages it consumed). A rerun redoes a stage whose key changed, or whose outputs are
-    missing, and so every stage downstream of it; the log says which setting changed.
+    missing, and so every stage downstream of it; the log says which setting changed. A study folder that is, or
+    holds, a symbolic link leaving `data_root` is left out unless `follow_symlinks`.
     """
     from aggregation.splits import (
         aggregator_fold_studies,
@@ -188,7 +192,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
                     "trained without it")
 
     from detector.detect import detect_settings
-    from detector.yolo_dataset import prepare_settings
+    from detector.yolo_dataset import prepare_settings, train_study_dir
 
     # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
     reuse = config.locator.get("reuse")
@@ -198,7 +202,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
               {"source": str(Path(reuse).resolve()), "weights_sha256": weights_id(Path(reuse) / WEIGHTS)})
     elif use_locator:
         stage("prepare-locator", lambda redo: _prepare(data_root, loc_ds.parent, cfgs["locator"], None, workers,
-                                                       progress, kind="locator", overwrite=redo), [loc_ds],
+                                                       progress, kind="locator", overwrite=redo,
+                                                       follow_symlinks=follow_symlinks), [loc_ds],
               {**data, "locator": prepare_settings(cfgs["locator"], kind="locator")})
         stage("train-locator", lambda redo: _train(loc_ds, out / "locator", cfgs["locator"]),
               [out / "locator" / WEIGHTS], _train_settings(cfgs["locator"], upstream("prepare-locator")))
@@ -211,7 +216,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         """prepare-detector and train-detector (+ suffix) for `studies` (the final detector, or one fold's)."""
         stage(f"prepare-detector{suffix}", lambda redo: _prepare(
             data_root, dataset.parent, cfgs["detector"], studies, workers, progress, kind="detector",
-            locator=locator_weights, cfgs=cfgs, overwrite=redo), [dataset],
+            locator=locator_weights, cfgs=cfgs, overwrite=redo, follow_symlinks=follow_symlinks), [dataset],
             {**data, "studies": sorted(studies), "detector": det_prepare})   # the locator's weights count
         stage(f"train-detector{suffix}", lambda redo: _train(dataset, run, cfgs["detector"]), [run / WEIGHTS],
               _train_settings(cfgs["detector"], upstream(f"prepare-detector{suffix}")))
@@ -226,7 +231,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     if use_classifier:
         cls_train = classifier_train_studies(splits)
         stage("prepare-classifier", lambda redo: _prepare_classifier(
-            data_root, cls_ds, cfgs, cls_train, locator_weights, workers, progress, overwrite=redo),
+            data_root, cls_ds, cfgs, cls_train, locator_weights, workers, progress, overwrite=redo,
+            follow_symlinks=follow_symlinks),
               [cls_ds / "index.csv", *(cls_ds / f"fold{k}" / "train" for k in cls_train)],
               {**data, "folds": {str(k): sorted(v) for k, v in cls_train.items()},
                "crops": section(cfgs["classifier"], "crops"), "render": section(cfgs["classifier"], "render"),
@@ -256,11 +262,11 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         classifier = [classifier_runs[k] / WEIGHTS] if use_classifier else None
         ups = {**upstream(f"train-detector{suffix if oof else ''}"), **locator_stage,
                **(upstream(f"train-classifier-fold{k}") if use_classifier else {})}
-        dirs = [data_root / TRAIN_IMAGES / uid for uid in studies_k]
+        dirs = [train_study_dir(data_root, uid) for uid in studies_k]
         stage(f"detect-aggregator-studies{suffix}",
               lambda redo, dirs=dirs, weights=weights, folder=folder, classifier=classifier: _detect(
                   dirs, weights, locator_weights, folder, cfgs, workers=workers, progress=progress, labels=None,
-                  overlays=False, overwrite=redo, classifier=classifier),
+                  overlays=False, overwrite=redo, classifier=classifier, follow_symlinks=follow_symlinks),
               [folder / "boxes.csv", folder / "slices.csv"],
               {**data, "studies": sorted(studies_k), "upstream": ups,
                "detect": detect_settings(cfgs["detector"], weights=weights, locator=locator_weights,
@@ -276,6 +282,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     meta["locator"] = use_locator
     meta["classifier"] = [str((classifier_runs[k] / WEIGHTS).relative_to(out)) for k in sorted(classifier_runs)]
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    _write_meta(out, meta)
+    write_model_card(out, data_root=data_root, labels=labels, boxes=boxes, segmented=segmented)
     meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
@@ -290,13 +298,15 @@ def _final_detector_studies(splits: Mapping[str, Any]) -> list[str]:
 
 
 def _prepare_classifier(data_root: Path, out: Path, cfgs: Mapping[str, Config], folds: Mapping[int, Sequence[str]],
-                        locator: Path | None, workers: int, progress: bool, *, overwrite: bool) -> dict[str, Any]:
+                        locator: Path | None, workers: int, progress: bool, *, overwrite: bool,
+                        follow_symlinks: bool = False) -> dict[str, Any]:
     from detector.classifier_dataset import prepare_classifier_dataset
 
     studies = sorted({u for v in folds.values() for u in v})
     prepare_classifier_dataset(data_root, out, config=cfgs["classifier"], studies=studies, folds=folds,
                                locator=locator, locator_config=cfgs["locator"], levels_config=cfgs["levels"],
-                               workers=workers, progress=progress, overwrite=overwrite)
+                               workers=workers, progress=progress, overwrite=overwrite,
+                               follow_symlinks=follow_symlinks)
     return {"counts": read_sidecar(out / "index.csv").get("counts", {})}
 
 
@@ -337,7 +347,7 @@ def _copy_locator(source: Path, target: Path) -> dict[str, Any]:
 
 def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | None, workers: int, progress: bool,
              *, kind: str, locator: Path | None = None, cfgs: Mapping[str, Config] | None = None,
-             overwrite: bool = False) -> dict[str, Any]:
+             overwrite: bool = False, follow_symlinks: bool = False) -> dict[str, Any]:
     from detector.yolo_dataset import prepare_detector_dataset, prepare_locator_dataset
 
     if kind == "detector":
@@ -345,10 +355,10 @@ def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | N
                                              progress=progress, locator=locator,
                                              locator_config=cfgs["locator"] if cfgs else None,
                                              levels_config=cfgs["levels"] if cfgs else None,
-                                             overwrite=overwrite)
+                                             overwrite=overwrite, follow_symlinks=follow_symlinks)
     else:
         data_yaml = prepare_locator_dataset(data_root, out, config=cfg, studies=studies, workers=workers,
-                                            progress=progress, overwrite=overwrite)
+                                            progress=progress, overwrite=overwrite, follow_symlinks=follow_symlinks)
     counts = read_sidecar(Path(data_yaml).parent / "index.csv")["counts"]
     info = {"images": counts["images"], "studies": counts["studies"]}
     if "boxes_before_roi" in counts:      # the dataset's own sidecar already counts what the ROI crop cut
@@ -369,7 +379,8 @@ def _train(data_yaml: Path, out: Path, cfg: Config) -> dict[str, Any]:
 
 def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: Path, cfgs: Mapping[str, Config], *,
             workers: int, progress: bool, labels: Path | None, overlays: bool, overwrite: bool = False,
-            device: str | None = None, classifier: Sequence[Path] | None = None) -> dict[str, Any]:
+            device: str | None = None, classifier: Sequence[Path] | None = None,
+            follow_symlinks: bool = False) -> dict[str, Any]:
     from detector.detect import detect_studies
 
     det_cfg = cfgs["detector"]
@@ -378,13 +389,14 @@ def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: P
     result = detect_studies(studies, weights=weights, out=out, config=det_cfg, labels=labels, locator=locator,
                             locator_config=cfgs["locator"], levels_config=cfgs["levels"], workers=workers,
                             progress=progress, overwrite=overwrite, device=device, classifier=classifier,
-                            classifier_config=cfgs["classifier"])
+                            classifier_config=cfgs["classifier"], follow_symlinks=follow_symlinks)
     return {"finished": len(result.finished) + len(result.skipped), "failed": len(result.failed),
             "slices": result.n_slices, "backend": _backend_name(out)}
 
 
 def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: Sequence[str], out: Path,
                     cfg: Config, *, features_csv: Path) -> dict[str, Any]:
+    from aggregation.candidates import format_table
     from aggregation.features import build_features
     from aggregation.metric import competition_loss
     from aggregation.model import StudyAggregator
@@ -400,10 +412,21 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
     write_csv_atomic(features_csv, features)
     model = StudyAggregator(cfg).fit(features, labels)
     model.save(out)
-    operating = write_operating_point(out, features, labels, cfg)   # the worklist's flag threshold (held-out)
+    heldout, reason = model.heldout_patient()
+    operating = write_operating_point(out, heldout, reason, cfg)   # the worklist's flag threshold (out of fold)
+    if model.candidates_ is not None:
+        comp = model.comparison_
+        log.info("%s", format_table(model.candidates_, n_studies=len(usable), folds=int(comp.folds.max()) + 1,
+                                    repeats=int(comp.folds.shape[0])))
+    else:
+        log.info("aggregator candidates: not compared (%s); predicting with %s",
+                 model.comparison_note_ or "candidates.choose names one", model.chosen_)
     fitted = model.predict_proba(features)
     in_sample = competition_loss(labels[labels[registry.STUDY_COL].isin(usable)], fitted)
-    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4),
+    table = model.candidates_
+    return {"studies": len(usable), "in_sample_loss": round(float(in_sample), 4), "chosen": model.chosen_,
+            "oof_loss": None if table is None else
+            {r["candidate"]: round(float(r["loss_per_study"]), 4) for r in table.to_dict("records")},
             "operating_threshold": operating["threshold"]}
 
 
@@ -443,12 +466,19 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
     verify_manifest(root, meta[MANIFEST_KEY], MANIFEST_EXCLUDE)
     configs = {stage: load_config(stage, root / f"{stage}.yaml" if (root / f"{stage}.yaml").is_file() else None)
                for stage in STAGE_CONFIGS}   # a folder trained before a stage existed: its defaults (unused)
-    detector = root / "detector" / WEIGHTS
-    locator = root / "locator" / WEIGHTS if meta.get("locator") else None
-    classifiers = [root / rel for rel in meta.get("classifier") or []]
-    for needed in (detector, locator, *classifiers, root / "aggregator" / "aggregator.json", root / "prior.json"):
+    for needed in (root / "detector" / WEIGHTS, root / "locator" / WEIGHTS if meta.get("locator") else None,
+                   root / "aggregator" / "aggregator.json", root / "prior.json"):
         if needed is not None and not needed.exists():
             raise InputError(needed, "missing from the model folder: training did not finish (rerun spinefrac train)")
+    files = meta[MANIFEST_KEY]
+    detector = model_entry(root, (Path("detector") / WEIGHTS).as_posix(), files, entry="detector")
+    locator = model_entry(root, (Path("locator") / WEIGHTS).as_posix(), files, entry="locator") \
+        if meta.get("locator") else None
+    listed = meta.get("classifier") or []
+    if not isinstance(listed, list):
+        raise InputError(meta_path, f"entry 'classifier' must be a list of paths inside the folder, found "
+                                    f"{type(listed).__name__} {str(listed)[:80]!r}")
+    classifiers = [model_entry(root, rel, files, entry=f"classifier[{k}]") for k, rel in enumerate(listed)]
     for weights in (detector, locator, *classifiers):
         if weights is not None:
             read_weights(weights)  # refuse pickled weights before any study is read
@@ -456,12 +486,29 @@ def open_model(model_dir: str | os.PathLike) -> ModelFolder:
     return ModelFolder(root, configs, detector, locator, prior, meta, classifiers)
 
 
+def model_entry(root: Path, rel: Any, manifest: Mapping[str, str], *, entry: str) -> Path:
+    """A file model.json names: relative, inside the folder (symbolic links too) and covered by the manifest.
+
+    Anything else refuses the folder (InputError naming model.json, the entry and the path): a model folder is
+    closed, no name in it decides where spinefrac reads.
+    """
+    path = inside(root, rel, source=f"{MODEL_JSON} entry {entry}", resolve=True)
+    key = path.relative_to(root).as_posix()
+    if key not in manifest:
+        raise InputError(root / MODEL_JSON, f"entry {entry} {rel!r} is not covered by the folder's manifest "
+                                            f"({MANIFEST_KEY}): it is not loaded (retrain, or copy the folder whole)")
+    if not path.is_file():
+        raise InputError(path, f"named by {MODEL_JSON} entry {entry} but missing from the model folder: training "
+                               "did not finish (rerun spinefrac train)")
+    return path
+
+
 @locks_output("out")
 def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.PathLike, out: str | os.PathLike,
                 test_csv: str | os.PathLike | None = None, labels: str | os.PathLike | None = None,
                 workers: int = 2, progress: bool = True, overwrite: bool = False,
                 device: str | None = None, shard: tuple[int, int] | None = None, ray: str | None = None,
-                ray_actors: int | None = None) -> Path:
+                ray_actors: int | None = None, follow_symlinks: bool = False) -> Path:
     """Detect, locate and aggregate over study folders: boxes, slices, predictions, submission, evidence, overlays.
 
     The model folder (manifest, safe weights, prior, aggregator) and `test_csv` are checked before any
@@ -471,7 +518,8 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     the training config's). shard (i, n): only the studies of shard i of n (spinefrac/shards.py), with the
     test.csv rows of those studies; `spinefrac merge` combines the shards' folders. ray: detect on the
     actors of a Ray cluster at this address ("local": a private instance; spinefrac/ray_runner.py), with
-    `ray_actors` actors (None: by the cluster's CPUs); the outputs are the same files.
+    `ray_actors` actors (None: by the cluster's CPUs); the outputs are the same files. Symbolic links leading
+    outside an input are not followed (the study fails naming the link) unless `follow_symlinks`.
     """
     from aggregation.model import StudyAggregator
     from aggregation.submission import read_test_csv
@@ -484,9 +532,11 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
 
         require_ray()         # a missing extra is named before any work
     model = open_model(model_dir)
+    if (model.root / MODEL_CARD).is_file():
+        log.info("model: %s (what it was trained on and its limits: %s)", model.root, model.root / MODEL_CARD)
     test = read_test_csv(test_csv) if test_csv is not None else None     # checked before any detection
     aggregator = StudyAggregator.load(model.root / "aggregator")  # refuse a bad aggregator before any detection
-    study_dirs = find_studies(studies)
+    study_dirs = find_studies(studies, follow_symlinks=follow_symlinks)
     if shard is not None:
         from spinefrac.shards import select_shard
 
@@ -508,7 +558,8 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
     else:
         info = _detect(study_dirs, model.detector_weights, model.locator_weights, out, model.configs,
                        workers=workers, progress=progress, labels=Path(labels) if labels else None, overlays=True,
-                       overwrite=overwrite, device=device, classifier=model.classifier_weights or None)
+                       overwrite=overwrite, device=device, classifier=model.classifier_weights or None,
+                       follow_symlinks=True)     # found above, their links checked against the inputs given
     return aggregate_detections(out, model=model, aggregator=aggregator, uids=uids, test=test, started=t0,
                                 extra={"detect": info})
 

@@ -414,9 +414,9 @@ def _record_failure(out: Path, study: Path, *, key: str, error: str) -> None:
     """Write a study's failure record as detect does (errors/<uid>.json; errors.csv lists it)."""
     from data_prep.artifacts import write_json_atomic
     from data_prep.registry import STUDY_COL
-    from detector.detect import ERRORS_DIR
+    from detector.detect import error_record
 
-    write_json_atomic(out / ERRORS_DIR / f"{study.name}.json", {STUDY_COL: study.name, "path": str(study),
+    write_json_atomic(error_record(out, study.name), {STUDY_COL: study.name, "path": str(study),
                                                                 "stage": RAY_STAGE, "error": error,
                                                                 "settings_key": key})
 

@@ -98,8 +98,10 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
                 continue
             for item in src.iterdir():
                 target = out / sub / item.name
-                if item.is_dir():
-                    shutil.copytree(item, target, dirs_exist_ok=True)
+                if item.is_symlink():          # a shard is an input: nothing it links to outside it is read
+                    log.warning("%s: a symbolic link in a shard; not copied", item)
+                elif item.is_dir():
+                    shutil.copytree(item, target, dirs_exist_ok=True, ignore=_links)
                 else:
                     shutil.copy2(item, target)
     rebuild_outputs(out, extra={"settings_key": key, "merged_from": [str(s) for s in shards]})
@@ -112,6 +114,14 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
     log.info("merged %d shards (%d studies) into %s", len(shards), len(uids), out)
     return aggregate_detections(out, model=model, aggregator=aggregator, uids=uids, test=test, started=t0,
                                 extra={"merged_from": [str(s) for s in shards], "settings_key": key})
+
+
+def _links(folder: str, names: list[str]) -> list[str]:
+    """copytree's ignore: the symbolic links of a shard's folder (logged, never followed)."""
+    links = [n for n in names if os.path.islink(os.path.join(folder, n))]
+    for name in links:
+        log.warning("%s: a symbolic link in a shard; not copied", os.path.join(folder, name))
+    return links
 
 
 def _common_settings_key(shards: Sequence[Path]) -> str | None:

@@ -39,7 +39,8 @@ def simulate_detections(n_studies: int, seed: int) -> tuple[pd.DataFrame, pd.Dat
     return pd.DataFrame(boxes), pd.DataFrame(slices), pd.DataFrame(labels)
 
 
-FAST = ["model.max_iter=10", "model.calibration_folds=2", "model.patient_oof_folds=2"]
+FAST = ["model.max_iter=10", "model.calibration_folds=2", "model.patient_oof_folds=2", "candidates.repeats=1",
+        "operating.heldout_folds=3"]
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +71,9 @@ def test_save_load_round_trip_gives_identical_probabilities(data, tmp_path):
     agg.save(tmp_path / "aggregator")
     meta = json.loads((tmp_path / "aggregator" / META_FILE).read_text())
     assert meta["targets"] == list(TARGETS)
-    assert meta["level_features"] == [c for c in feats.columns if c not in (STUDY_COL, "level")]
+    # a monotone model leaves out the one feature a rising score moves either way (the score-weighted box area)
+    assert meta["level_features"] == [c for c in feats.columns if c not in (STUDY_COL, "level", "box_area_px")]
+    assert meta["chosen"] == agg.chosen_ and (tmp_path / "aggregator" / "candidates.csv").is_file()
     assert "scikit-learn" in meta["versions"] and meta["config"]["model"]["max_iter"] == 10
     loaded = StudyAggregator.load(tmp_path / "aggregator")
     a = agg.predict_proba(feats)[list(TARGETS)].to_numpy()
@@ -115,7 +118,9 @@ def test_tiny_and_single_class_data_degrade_gracefully(data):
     p = pred[list(TARGETS)].to_numpy()
     assert np.isfinite(p).all() and ((p > 0) & (p < 1)).all()
     only_neg = feats[feats[STUDY_COL].isin(neg)]
-    const = StudyAggregator(cfg).fit(only_neg, labels).predict_proba(feats)
+    fitted = StudyAggregator(cfg).fit(only_neg, labels)
+    assert fitted.chosen_ == "prior" and "too few to compare" in fitted.comparison_note_   # nothing to compare with
+    const = fitted.predict_candidate(feats, "gbm")
     # a single class: a smoothed constant rate (0.5 pseudo-count each side), never exactly 0;
     # the shared level model saw 7 rows per study, the patient model one.
     assert np.allclose(const[list(LEVELS)].to_numpy(), 0.5 / (7 * len(neg) + 1))
@@ -156,9 +161,9 @@ def _record_fits(monkeypatch) -> list[tuple[np.ndarray, np.ndarray | None]]:
     calls: list[tuple[np.ndarray, np.ndarray | None]] = []
     real = model.fit_binary
 
-    def spy(X, y, *, categorical, config, sample_weight=None):
+    def spy(X, y, *, categorical, config, sample_weight=None, monotonic=None):
         calls.append((np.asarray(y).copy(), None if sample_weight is None else np.asarray(sample_weight).copy()))
-        return real(X, y, categorical=categorical, config=config, sample_weight=sample_weight)
+        return real(X, y, categorical=categorical, config=config, sample_weight=sample_weight, monotonic=monotonic)
 
     monkeypatch.setattr(model, "fit_binary", spy)
     return calls
@@ -169,7 +174,7 @@ def test_weights_the_model_passes_are_the_metrics(data, monkeypatch):
 
     feats, labels, cfg = data
     calls = _record_fits(monkeypatch)
-    StudyAggregator(cfg).fit(feats, labels)
+    StudyAggregator(cfg).fit(feats, labels, compare_candidates=False)
     # the shared level model on every row, one per out-of-fold level model (2 folds), then the patient model
     assert len(calls) == 1 + 2 + 1
     assert all(w is not None and w.shape == y.shape for y, w in calls)
@@ -197,7 +202,7 @@ def test_unweighted_option_passes_no_weights(data, monkeypatch):
     feats, labels, _ = data
     cfg = load_config("aggregation", overrides=[*FAST, "model.sample_weights=none", "model.level_mode=per_level"])
     calls = _record_fits(monkeypatch)
-    StudyAggregator(cfg).fit(feats, labels)
+    StudyAggregator(cfg).fit(feats, labels, compare_candidates=False)
     assert len(calls) == 7 + 2 * 7 + 1 and all(w is None for _, w in calls)
 
 
@@ -212,7 +217,7 @@ def test_metric_weights_change_the_fit(data, calibration):
     for weights in ("none", "metric"):
         cfg = load_config("aggregation", overrides=[*FAST, f"model.sample_weights={weights}",
                                                     f"model.calibration={calibration}", "model.patient_oof_folds=0"])
-        preds[weights] = StudyAggregator(cfg).fit(blank, labels).predict_proba(blank)
+        preds[weights] = StudyAggregator(cfg).fit(blank, labels, compare_candidates=False).predict_proba(blank)
     uids = list(pd.unique(feats[STUDY_COL]))
     y = labels.set_index(STUDY_COL).loc[uids]
     rate = float(y[list(LEVELS)].to_numpy().mean())

@@ -52,3 +52,13 @@ def test_input_errors_survive_a_process_pool():
     err = pickle.loads(pickle.dumps(DicomReadError("/data/1.dcm", "file is truncated")))
     assert isinstance(err, DicomReadError)
     assert str(err) == "/data/1.dcm: file is truncated" and err.reason == "file is truncated"
+
+
+def test_a_carriage_return_in_a_cell_keeps_its_row_whole(tmp_path):
+    """pandas leaves a cell holding '\\r' unquoted and reads it back as two rows; such a table is fully quoted."""
+    df = pd.DataFrame({"StudyInstanceUID": ["1.2.3", "in\rput"], "path": ["/a/b", "/x\r/y"], "n": [1, 2]})
+    write_csv_atomic(tmp_path / "t.csv", df)
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "t.csv", dtype={"StudyInstanceUID": str, "path": str}), df)
+    plain = pd.DataFrame({"StudyInstanceUID": ["1.2.3"], "n": [1]})
+    write_csv_atomic(tmp_path / "plain.csv", plain)
+    assert (tmp_path / "plain.csv").read_text() == "StudyInstanceUID,n\n1.2.3,1\n"      # other tables: unchanged

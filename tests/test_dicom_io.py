@@ -311,12 +311,11 @@ def test_gap_in_z_is_a_warning_with_where(tmp_path, volume, caplog):
     np.testing.assert_array_equal(read_volume(geom), volume[[0, 1, 2, 3, 4, 8, 9, 10, 11]])
 
 
-def test_non_ct_modality_warns_but_reads(tmp_path, volume, caplog):
+def test_non_ct_modality_fails_the_study_naming_the_file(tmp_path, volume):
+    # issue 23: an MR study in the Kaggle layout was read as CT; the study finder refuses it too
     study = _write(tmp_path, volume, modality="MR")
-    with caplog.at_level(logging.WARNING, logger="data_prep"):
-        geom = scan_study(study)
-    assert "not CT" in caplog.text and any("'MR'" in w for w in geom.warnings)
-    np.testing.assert_array_equal(read_volume(geom), volume)
+    with pytest.raises(dicom_io.NotCTError, match=r"1\.dcm: Modality is 'MR', not CT"):
+        scan_study(study)
 
 
 def test_ct_modality_is_fine(tmp_path, volume):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from types import SimpleNamespace
 
@@ -442,3 +443,83 @@ def test_a_folder_of_nested_folders_is_still_an_error(tmp_path, fake_model, capl
 def test_input_error_names_the_missing_table(tmp_path):
     with pytest.raises(InputError, match="train.csv"):
         read_table(tmp_path / "train.csv", "train")
+
+
+# ---------------------------------------------------------------- 7. held, but with a poor outcome (issue 23)
+def test_an_mr_study_in_the_kaggle_layout_fails_with_its_reason(tmp_path, fake_model):
+    images = tmp_path / "images"
+    for path in write_study(images, "1.2.3.60").iterdir():
+        edit_header(path, Modality="CT")
+    for path in write_study(images, "1.2.3.61").iterdir():
+        edit_header(path, Modality="MR")
+    write_study(images, "1.2.3.62")                      # no Modality, as the RSNA files: still read as CT
+    assert "Modality" not in pydicom.dcmread(images / "1.2.3.62" / "1.dcm")
+    out = tmp_path / "det"
+    assert detect_cli(images, out) == 0
+    errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})
+    assert errors[STUDY_COL].tolist() == ["1.2.3.61"]
+    assert "NotCTError" in errors["error"].iloc[0] and "Modality is 'MR', not CT" in errors["error"].iloc[0]
+    assert set(pd.read_csv(out / "slices.csv", dtype={STUDY_COL: str})[STUDY_COL]) == {"1.2.3.60", "1.2.3.62"}
+
+
+def test_a_one_slice_study_is_flagged_in_inspect_and_the_worklist(tmp_path, capsys):
+    from spinefrac.report.worklist import write_worklist
+
+    study = write_study(tmp_path / "images", "1.2.3.63", n=1)
+    assert main(["inspect", str(study), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "no problems found" not in out and "too short to hold C1-C7: 1 slice(s)" in out
+    pred = tmp_path / "pred"
+    pred.mkdir()
+    pd.DataFrame([{STUDY_COL: u, **dict.fromkeys(TARGETS, 0.2), "failed": 0} for u in ("1.2.3.63", "1.2.3.64")]
+                 ).to_csv(pred / "predictions.csv", index=False)
+    z = {"1.2.3.63": [100.0], "1.2.3.64": list(np.arange(0.0, 120.0, 2.0))}   # one slice; 120 mm
+    pd.DataFrame([{STUDY_COL: u, "slice_index": i, "z_mm": v} for u, zs in z.items() for i, v in enumerate(zs)]
+                 ).to_csv(pred / "slices.csv", index=False)
+    table, _ = write_worklist(pred, model_dir=tmp_path / "no_model")
+    warning = table.set_index(STUDY_COL)["warning"]
+    assert "too short to hold C1-C7" in warning["1.2.3.63"] and warning["1.2.3.64"] == ""
+    assert json.loads((pred / "worklist.csv.meta.json").read_text())["counts"]["warned"] == 1
+
+
+def test_an_unreadable_file_says_permission_denied(tmp_path, fake_model, monkeypatch):
+    import builtins
+    import errno
+
+    study = write_study(tmp_path / "images", "1.2.3.65")
+    victim = study / "4.dcm"
+    real_open = builtins.open
+
+    def denying(file, *args, **kwargs):             # as a file of another user, chmod 000 (tests may run as root)
+        if os.fspath(file) == os.fspath(victim):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", denying)
+    report = inspect_path(study, workers=1, progress=False)
+    (error,) = report.studies[0].errors
+    assert "4.dcm" in error and "permission denied" in error and "cut short" not in error
+    out = tmp_path / "det"
+    assert detect_cli(tmp_path / "images", out) == 0
+    errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})
+    assert "UnreadableFileError" in errors["error"].iloc[0] and "permission denied" in errors["error"].iloc[0]
+
+
+def test_a_test_csv_without_rows_is_refused(tmp_path, fake_model, monkeypatch, caplog):
+    from aggregation.submission import read_test_csv
+
+    path = tmp_path / "test.csv"
+    path.write_text("row_id,StudyInstanceUID,prediction_type\n")
+    with pytest.raises(InputError, match="test.csv: has a header but no data rows"):
+        read_test_csv(path)
+    images = tmp_path / "test_images"
+    write_study(images, "1.2.3.66")
+    model = SimpleNamespace(root=tmp_path / "model", configs={}, detector_weights=tmp_path / "w.pt",
+                            locator_weights=None, prior=dict.fromkeys(TARGETS, 0.1), meta={}, classifier_weights=[])
+    monkeypatch.setattr("spinefrac.pipeline.open_model", lambda model_dir: model)
+    out = tmp_path / "pred"
+    with caplog.at_level(logging.ERROR):
+        assert main(["predict", str(images), "--model", str(tmp_path / "model"), "--out", str(out),
+                     "--test-csv", str(path), "--no-progress"]) == 2
+    assert "test.csv: has a header but no data rows" in caplog.text
+    assert not (out / "boxes.csv").exists() and not (out / "submission.csv").exists()   # refused before any work

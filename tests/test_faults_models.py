@@ -260,3 +260,51 @@ def test_predict_loads_nothing_with_pickle(trained, model, tmp_path, monkeypatch
         shutil.rmtree(cache)
     assert predict(trained, model, tmp_path / "pred", "--device", "cpu") == 0
     assert calls and all(flag is True for flag in calls), calls
+
+
+# ---------------------------------------------------------------- names in a model folder (issue 23)
+@pytest.mark.parametrize("where", ["parent", "absolute", "unlisted"])
+def test_a_classifier_entry_outside_the_folder_or_manifest_is_refused(trained, model, tmp_path, caplog, where):
+    meta = json.loads((model / MODEL_JSON).read_text())
+    assert meta["classifier"], "the session model has classifiers"
+    outside = tmp_path / "x.pt"
+    shutil.copy(model / meta["classifier"][0], outside)          # valid weights: only where they lie is wrong
+    if where == "unlisted":                                       # inside the folder, but not in the manifest
+        shutil.copy(outside, model / "classifier" / "x.weights")
+        entry = "classifier/x.weights"
+    else:
+        entry = "../x.pt" if where == "parent" else str(outside)
+    meta["classifier"][0] = entry
+    (model / MODEL_JSON).write_text(json.dumps(meta))
+    assert_refused(trained, model, tmp_path, caplog, "classifier[0]", repr(entry))
+
+
+def test_a_poisoned_export_cache_is_rebuilt_with_a_warning(trained, model, tmp_path, caplog):
+    import yaml
+
+    from data_prep.artifacts import read_sidecar, write_sidecar
+    from data_prep.manifest import tree_sha256
+    from detector.backends import load_predictor
+    from detector.export import EXPORT_HASH_KEY, export_weights
+
+    weights = model / DET_WEIGHTS
+    export = export_weights(weights, fmt="openvino", imgsz=64)
+    meta_yaml = export / "metadata.yaml"                # Ultralytics' metadata of an OpenVINO export
+    data = yaml.safe_load(meta_yaml.read_text())
+    data["names"] = "__import__('os').system('touch PWNED')"
+    meta_yaml.write_text(yaml.safe_dump(data))
+    sidecar = read_sidecar(export)                      # resealed: the cache's own hash matches again
+    write_sidecar(export, kind=sidecar["kind"], inputs=sidecar["inputs"],
+                  extra={**sidecar["extra"], EXPORT_HASH_KEY: tree_sha256(export)})
+    with caplog.at_level("WARNING"):
+        predictor = load_predictor(weights, imgsz=64, backend="openvino", device="cpu", conf=0.1, iou=0.5,
+                                   max_det=10)
+    assert predictor.backend == "openvino" and predictor.names == {0: "fracture"}
+    assert str(export) in caplog.text and "not a literal" in caplog.text and "re-exporting" in caplog.text
+    assert yaml.safe_load(meta_yaml.read_text())["names"] == {0: "fracture"}        # rebuilt
+    meta_yaml.write_text(yaml.safe_dump({**data, "names": "{0: 'fracture'"}))        # malformed, given directly
+    from data_prep.errors import InputError
+
+    with pytest.raises(InputError, match=r"best_openvino_model: metadata names is .* not a literal"):
+        load_predictor(export, imgsz=64, backend="auto", device="cpu", conf=0.1, iou=0.5, max_det=10)
+    assert not (tmp_path / "PWNED").exists() and not pathlib.Path("PWNED").exists()

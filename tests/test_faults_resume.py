@@ -431,3 +431,49 @@ def test_predict_rerun_with_another_model_is_refused_then_overwrite_equals_a_cle
     assert predict(other, clean) == 0
     for name in ("boxes.csv", "slices.csv", "errors.csv", "predictions.csv", "submission.csv"):
         pd.testing.assert_frame_equal(pd.read_csv(out / name), pd.read_csv(clean / name), obj=name)
+
+
+# ---------------------------------------------------------------- leftovers of killed runs (issue 23)
+def test_a_killed_prepare_leaves_temporaries_that_the_next_run_removes(data_root, tmp_path, caplog):
+    out = tmp_path / "ds"
+    assert prepare(data_root, out, "--imgsz", "32") == 0
+    image = next((out / "images").rglob("*.png"))
+    # what a worker killed by SIGTERM inside cv2.imwrite / an atomic write leaves behind
+    leftovers = [image.with_name(f".{image.stem}.4242.tmp.png"),
+                 out / "labels" / image.parent.name / f".{image.stem}.txt.0123456789abcdef.tmp",
+                 out / ".index.csv.fedcba9876543210.tmp"]
+    for path in leftovers:
+        path.write_bytes(b"half")
+    keep = out / "images" / "notes.tmp.txt"            # not a spinefrac temporary: kept
+    keep.write_text("mine")
+    with caplog.at_level("INFO"):
+        assert prepare(data_root, out, "--imgsz", "32") == 0
+    assert [p for p in leftovers if p.exists()] == [] and keep.exists()
+    assert "temporary file(s) left by an interrupted run" in caplog.text
+
+
+def test_overlays_that_fail_to_write_leave_the_study_unfinished_and_a_rerun_draws_them(images, fake_detector,
+                                                                                        tmp_path, monkeypatch):
+    import errno
+
+    import detector.overlays
+
+    w = weights(tmp_path, "w.txt", 1.0)
+    out = tmp_path / "det"
+    real = detector.overlays.write_overlays
+
+    def disk_full(geometry, boxes, out_dir, **kw):
+        if out_dir.name == "4.2":
+            raise OSError(errno.ENOSPC, "No space left on device", str(out_dir / "01_slice3.png"))
+        return real(geometry, boxes, out_dir, **kw)
+
+    monkeypatch.setattr(detector.overlays, "write_overlays", disk_full)
+    assert detect(images, w, out) == 0
+    errors = pd.read_csv(out / "errors.csv", dtype={STUDY_COL: str})
+    assert errors[STUDY_COL].tolist() == ["4.2"] and errors["stage"].tolist() == ["overlays"]
+    assert "No space left on device" in errors["error"].iloc[0]
+    assert not (out / "done" / "4.2.json").exists() and (out / "done" / "4.1.json").exists()
+    monkeypatch.setattr(detector.overlays, "write_overlays", real)
+    assert detect(images, w, out) == 0                                 # the rerun redoes 4.2 only, with overlays
+    assert pd.read_csv(out / "errors.csv").empty
+    assert (out / "done" / "4.2.json").exists() and (out / "overlays" / "4.2" / "contact_sheet.png").is_file()

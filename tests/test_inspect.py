@@ -14,21 +14,26 @@ from spinefrac.cli import main
 N, SIZE = 10, 32
 
 
-def _study(root, name, *, order="head_first", ts=registry.TS_EXPLICIT_LE, lo=-1000, hi=1500):
+def _study(root, name, *, order="head_first", ts=registry.TS_EXPLICIT_LE, lo=-1000, hi=1500, thickness=0.625):
     volume = np.linspace(lo, hi, N * SIZE * SIZE).reshape(N, SIZE, SIZE).round().astype(np.float32)
-    write_series(root / name, volume, study_uid=name, pixel_spacing=(0.4, 0.4), slice_thickness=0.625,
+    write_series(root / name, volume, study_uid=name, pixel_spacing=(0.4, 0.4), slice_thickness=thickness,
                  z_top_mm=100.0, instance_order=order, transfer_syntax=ts)
     return root / name
 
 
+TALL = 10.0
+"""mm per slice: N slices then cover 100 mm, enough for C1-C7 (shorter studies are flagged)."""
+
+
 def test_good_study(tmp_path, capsys):
-    study = _study(tmp_path, "1.2.826.0.1.3680043.5", order="feet_first", ts=registry.TS_JPEG_LOSSLESS_SV1)
+    study = _study(tmp_path, "1.2.826.0.1.3680043.5", order="feet_first", ts=registry.TS_JPEG_LOSSLESS_SV1,
+                   thickness=TALL)
     assert main(["inspect", str(study), "--no-progress", "--strict"]) == 0
     out = capsys.readouterr().out
     row = next(line for line in out.splitlines() if line.startswith("1.2.826.0.1.3680043.5"))
     assert f"{N} x {SIZE}x{SIZE}" in row
-    assert "0.4 x 0.4" in row and "0.625" in row
-    assert "100.0..94.4" in row  # z of the top and bottom slice: 100 - 9 * 0.625
+    assert "0.4 x 0.4" in row and "10" in row
+    assert "100.0..10.0" in row  # z of the top and bottom slice: 100 - 9 * 10
     assert "reversed (feet first)" in row
     assert "JPEG-lossless" in row
     assert "-1000..1500" in row  # the HU we wrote
@@ -53,9 +58,9 @@ def test_broken_study_lists_every_problem(tmp_path, capsys):
 
 def test_folder_of_studies_reports_all(tmp_path, capsys):
     images = tmp_path / "train_images"
-    _study(images, "1.2.3.1")
-    _study(images, "1.2.3.2", order="feet_first", ts=registry.TS_RLE, lo=-2000, hi=3000)
-    bad = _study(images, "1.2.3.3")
+    _study(images, "1.2.3.1", thickness=TALL)
+    _study(images, "1.2.3.2", order="feet_first", ts=registry.TS_RLE, lo=-2000, hi=3000)   # 6 mm: too short
+    bad = _study(images, "1.2.3.3", thickness=TALL)
     ds = pydicom.dcmread(bad / "3.dcm")
     ds.Modality = "MR"
     ds.save_as(bad / "3.dcm")
@@ -64,10 +69,12 @@ def test_folder_of_studies_reports_all(tmp_path, capsys):
     assert [s.study_dir.name for s in report.studies] == ["1.2.3.1", "1.2.3.2", "1.2.3.3", "1.2.3.4"]
     assert report.studies[1].hu_range == (-2000, 3000)
     assert report.studies[1].instance_order_reversed and not report.studies[0].instance_order_reversed
-    assert report.has_errors and report.studies[3].errors and not report.studies[2].errors
-    assert any("not CT" in w for w in report.studies[2].warnings)
+    assert report.has_errors and report.studies[3].errors and not report.studies[0].errors
+    assert any("Modality is 'MR', not CT" in e for e in report.studies[2].errors)    # a failed study (issue 23)
+    assert any("too short to hold C1-C7" in w for w in report.studies[1].warnings)
+    assert not report.studies[0].warnings
     text = report.format()
-    assert "4 studies, 1 with errors, 1 with warnings only" in text
+    assert "4 studies, 2 with errors, 1 with warnings only" in text
     assert main(["inspect", str(images), "--no-progress"]) == 0
     assert "1.2.3.4" in capsys.readouterr().out
 

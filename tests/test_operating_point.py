@@ -1,4 +1,4 @@
-"""The worklist's operating point: held-out patient predictions, the threshold and what it achieves."""
+"""The worklist's operating point: the chosen candidate's out-of-fold patient predictions, the threshold, what it achieves."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ import pytest
 from test_aggregator import FAST, simulate_detections
 
 from aggregation.features import build_features
+from aggregation.model import StudyAggregator
 from aggregation.operating_point import (
     HELDOUT_FILE,
     OPERATING_FILE,
     achieved,
     choose_threshold,
-    heldout_patient_predictions,
     read_operating_point,
     write_operating_point,
 )
@@ -27,8 +27,12 @@ from data_prep.registry import PATIENT, STUDY_COL
 @pytest.fixture(scope="module")
 def data():
     boxes, slices, labels = simulate_detections(40, seed=9)
-    cfg = load_config("aggregation", overrides=[*FAST, "operating.heldout_folds=3"])
+    cfg = load_config("aggregation", overrides=[*FAST, "operating.heldout_folds=3", "candidates.repeats=2"])
     return build_features(boxes, slices, config=cfg), labels, cfg
+
+
+def _heldout(features, labels, cfg):
+    return StudyAggregator(cfg).fit(features, labels).heldout_patient()
 
 
 def test_threshold_is_the_largest_reaching_the_target():
@@ -43,18 +47,22 @@ def test_threshold_is_the_largest_reaching_the_target():
 
 def test_stored_sensitivity_is_reproduced_from_the_stored_heldout_predictions(data, tmp_path):
     features, labels, cfg = data
-    record = write_operating_point(tmp_path, features, labels, cfg)
+    heldout, reason = _heldout(features, labels, cfg)
+    assert reason is None
+    record = write_operating_point(tmp_path, heldout, reason, cfg)
     stored = json.loads((tmp_path / OPERATING_FILE).read_text())
-    assert stored == record and stored["heldout_folds"] == 3
+    assert stored == record and stored["heldout_folds"] == 3 and stored["heldout_repeats"] == 2
     heldout = pd.read_csv(tmp_path / HELDOUT_FILE, dtype={STUDY_COL: str})
-    assert sorted(heldout[STUDY_COL]) == sorted(features[STUDY_COL].unique())          # every study once
+    for _, part in heldout.groupby("repeat"):                          # every study once per repeat
+        assert sorted(part[STUDY_COL]) == sorted(features[STUDY_COL].unique())
+    assert stored["n_studies"] == features[STUDY_COL].nunique()
     truth = labels.set_index(STUDY_COL).loc[heldout[STUDY_COL], PATIENT].to_numpy()
     assert (heldout["label"].to_numpy() == truth).all()
     flagged = heldout["probability"] >= stored["threshold"]
     pos = heldout["label"] == 1
     assert flagged[pos].mean() == pytest.approx(stored["sensitivity"])
     assert (~flagged[~pos]).mean() == pytest.approx(stored["specificity"])
-    assert stored["sensitivity"] >= stored["target_sensitivity"]
+    assert stored["sensitivity"] >= stored["target_sensitivity"] and stored["specificity"] > 0
     # the largest such threshold: the next higher held-out probability misses the target
     higher = heldout["probability"][heldout["probability"] > stored["threshold"]]
     if len(higher):
@@ -63,23 +71,24 @@ def test_stored_sensitivity_is_reproduced_from_the_stored_heldout_predictions(da
 
 
 def test_heldout_predictions_come_from_models_that_never_saw_the_study(data, monkeypatch):
-    """Each fold's aggregator is fitted without that fold's studies (recorded at fit time)."""
-    from aggregation import model as model_module
-
+    """Each fold's candidates are fitted without that fold's studies (recorded at fit time)."""
     features, labels, cfg = data
     seen: list[set[str]] = []
-    fit = model_module.StudyAggregator.fit
+    fit = StudyAggregator._fit_members
 
-    def recording_fit(self, feats, labs):
+    def recording_fit(self, feats, y_wide):
         seen.append(set(feats[STUDY_COL].astype(str)))
-        return fit(self, feats, labs)
+        return fit(self, feats, y_wide)
 
-    monkeypatch.setattr(model_module.StudyAggregator, "fit", recording_fit)
-    heldout, reason = heldout_patient_predictions(features, labels, cfg)
-    assert reason is None and len(seen) == 3
-    for fold, trained_on in enumerate(seen):
-        scored = set(heldout.loc[heldout["fold"] == fold, STUDY_COL])
-        assert scored and scored.isdisjoint(trained_on)
+    monkeypatch.setattr(StudyAggregator, "_fit_members", recording_fit)
+    agg = StudyAggregator(cfg).fit(features, labels)
+    heldout, reason = agg.heldout_patient()
+    assert reason is None and len(seen) == 1 + 2 * 3            # every study, then 2 repeats x 3 folds
+    assert seen[0] == set(features[STUDY_COL])
+    for i, trained_on in enumerate(seen[1:]):
+        repeat, fold = divmod(i, 3)
+        scored = set(heldout.loc[(heldout["repeat"] == repeat) & (heldout["fold"] == fold), STUDY_COL])
+        assert scored and scored.isdisjoint(trained_on) and scored | trained_on == seen[0]
 
 
 def test_too_few_positives_writes_no_threshold_and_says_why(data, tmp_path):
@@ -87,10 +96,28 @@ def test_too_few_positives_writes_no_threshold_and_says_why(data, tmp_path):
     negatives = labels[labels[PATIENT] == 0][STUDY_COL]
     one_positive = labels[labels[PATIENT] == 1][STUDY_COL].iloc[:1]
     keep = set(negatives) | set(one_positive)
-    record = write_operating_point(tmp_path, features[features[STUDY_COL].isin(keep)], labels, cfg)
-    assert record["threshold"] is None and "1 positive" in record["reason"]
+    heldout, reason = _heldout(features[features[STUDY_COL].isin(keep)], labels, cfg)
+    record = write_operating_point(tmp_path, heldout, reason, cfg)
+    assert record["threshold"] is None and "1 positive" in record["reason"] and not record["unreachable"]
     point, why = read_operating_point(tmp_path)
     assert point is None and "no threshold" in why and "1 positive" in why
+
+
+def test_unreachable_target_is_stored_not_a_flag_on_everything(tmp_path):
+    """A constant patient probability (the prior) reaches 0.95 sensitivity only by flagging every study."""
+    cfg = load_config("aggregation")
+    n = 20
+    heldout = pd.DataFrame({STUDY_COL: [f"s{i}" for i in range(n)], "repeat": 0, "fold": np.arange(n) % 4,
+                            "label": np.arange(n) % 2, "probability": 0.3})
+    record = write_operating_point(tmp_path, heldout, None, cfg)
+    assert record["threshold"] is None and record["unreachable"] and record["specificity"] == 0.0
+    assert record["unreachable_threshold"] == pytest.approx(0.3)
+    assert "cannot reach sensitivity 0.95 on its training studies" in record["reason"]
+    point, why = read_operating_point(tmp_path)
+    assert point is None and why == record["reason"]
+    # one negative below every positive: reachable with specificity > 0, so a threshold is set
+    heldout.loc[0, "probability"] = 0.1
+    assert write_operating_point(tmp_path, heldout, None, cfg)["threshold"] == pytest.approx(0.3)
 
 
 def test_missing_or_bad_file(tmp_path):

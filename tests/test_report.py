@@ -20,8 +20,10 @@ import pytest
 
 from aggregation.operating_point import HELDOUT_FILE, OPERATING_FILE
 from data_prep.artifacts import write_sidecar
+from data_prep.config import load_config
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, PATIENT, STUDY_COL
+from detector.detect import overlay_dir
 from spinefrac.cli import main
 from spinefrac.report import write_report
 from spinefrac.report.build import CSP, REPORT_DIR, study_slug
@@ -73,7 +75,7 @@ def make_pred_dir(root: Path, *, model: Path | None) -> Path:
                           "y": 6.0, "width": 7.0, "height": 8.0, "score": 0.9 - 0.1 * b, "level": "C2"})
         if failed:
             continue
-        folder = pred / "overlays" / uid
+        folder = overlay_dir(pred, uid)      # overlays/<safe_name(uid)>/, as detect writes it
         for i in range(n_png):
             png(folder / f"{i + 1:02d}_slice{10 + i}.png", 40 * (k + 1))
         png(folder / "contact_sheet.png", 200)
@@ -148,9 +150,9 @@ def test_worklist_csv_ranks_flags_and_keeps_failed_studies(pred, caplog):
     assert failed["failed"] == 1 and failed["error"] == ERROR
     assert (worklist.loc[worklist["failed"] == 0, "error"] == "").all()
     meta = json.loads((pred / "worklist.csv.meta.json").read_text())
-    assert meta["counts"] == {"studies": 5, "failed": 1, "flagged": 2}
+    assert meta["counts"] == {"studies": 5, "failed": 1, "flagged": 2, "warned": 0}
     assert meta["extra"]["operating_point"]["threshold"] == THRESHOLD
-    assert "operating point: flag patient_overall >= 0.5000 (held-out sensitivity 0.960" in caplog.text
+    assert "operating point: flag patient_overall >= 0.5000 (out-of-fold sensitivity 0.960" in caplog.text
 
 
 def test_index_shows_rows_in_rank_order_with_escaped_uid_and_working_links(pred):
@@ -210,6 +212,25 @@ def test_old_model_folder_without_operating_point_gives_no_flag_and_says_why(tmp
     assert "worklist without a flag" in caplog.text and "trained before operating points existed" in caplog.text
     assert "No flag:" in (pred / REPORT_DIR / "index.html").read_text(encoding="utf-8")
     assert all(r["data-flagged"] == "" for r in parse(pred / REPORT_DIR / "index.html").rows)
+
+
+def test_unreachable_target_sensitivity_gives_no_flag_and_says_so(tmp_path, caplog):
+    """A model that cannot reach the target sensitivity with any specificity flags nothing, and says why."""
+    from aggregation.operating_point import write_operating_point
+
+    model = make_model_dir(tmp_path, threshold=None)
+    heldout = pd.DataFrame({STUDY_COL: [f"s{i}" for i in range(10)], "repeat": 0, "fold": np.arange(10) % 2,
+                            "label": np.arange(10) % 2, "probability": 0.4})     # a constant: ranks nothing
+    write_operating_point(model / "aggregator", heldout, None, load_config("aggregation"))
+    pred = make_pred_dir(tmp_path, model=model)
+    caplog.set_level(logging.WARNING, logger="spinefrac")
+    write_report(pred)
+    worklist = pd.read_csv(pred / "worklist.csv", dtype={STUDY_COL: str})
+    assert list(worklist[STUDY_COL]) == ORDER and worklist["flagged"].isna().all()      # not everything flagged
+    said = "the model cannot reach sensitivity 0.95 on its training studies"
+    assert said in caplog.text
+    assert said in (pred / REPORT_DIR / "index.html").read_text(encoding="utf-8")
+    assert said in json.loads((pred / "worklist.csv.meta.json").read_text())["extra"]["no_flag_reason"]
 
 
 def test_model_option_overrides_the_sidecar(tmp_path):
@@ -317,8 +338,10 @@ def test_trained_model_operating_point_is_reproduced_and_predict_writes_the_repo
     point = json.loads((aggregator / OPERATING_FILE).read_text())
     heldout = pd.read_csv(aggregator / HELDOUT_FILE, dtype={STUDY_COL: str})
     roles = json.loads((trained / "model" / "splits.json").read_text())["roles"]
-    assert sorted(heldout[STUDY_COL]) == sorted(u for u, r in roles.items() if r == "aggregator")
-    assert point["n_studies"] == len(heldout) and point["n_positive"] == int(heldout["label"].sum())
+    if len(heldout):                              # out-of-fold rows: every aggregator study once per repeat
+        first = heldout[heldout["repeat"] == 0]
+        assert sorted(first[STUDY_COL]) == sorted(u for u, r in roles.items() if r == "aggregator")
+        assert point["n_studies"] == len(first) and point["n_positive"] == int(first["label"].sum())
     if point["threshold"] is not None:          # a tiny split may hold too few positives for two folds
         again = achieved(heldout["label"].to_numpy(), heldout["probability"].to_numpy(), point["threshold"])
         assert again == pytest.approx({"sensitivity": point["sensitivity"], "specificity": point["specificity"]})

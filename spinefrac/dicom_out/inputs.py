@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from data_prep import registry
 from data_prep.errors import InputError
 from data_prep.tables import FINITE, INTEGRAL, NOT_BLANK, read_csv_table, validate_frame
-from detector.detect import BOXES_CSV, OVERLAYS_DIR, SERIES_CSV, SLICES_CSV, SOP_UID_COL
+from detector.detect import BOXES_CSV, SERIES_CSV, SLICES_CSV, SOP_UID_COL, overlay_dir
 from detector.overlays import SLICE_PNG_PATTERN
 from spinefrac.report.worklist import PREDICTIONS_CSV, PREDICTIONS_SCHEMA
 
@@ -221,7 +221,7 @@ def _study_boxes(folder: PredictionFolder, key: str, uid_of_index: dict[int, str
 
 def _overlays(pred_dir: Path, key: str, slices: pd.DataFrame) -> tuple[Overlay, ...]:
     """The study's top-slice PNGs in rank order (none when detect drew none)."""
-    folder = pred_dir / OVERLAYS_DIR / key
+    folder = overlay_dir(pred_dir, key)
     if not folder.is_dir():
         log.info("study %s: no %s folder: no secondary capture", key, folder)
         return ()

@@ -1,7 +1,7 @@
 """write_dicom_results: a prediction folder's finished studies as DICOM (an SR and an SC series per study).
 
-OUT/<slug>/SR.dcm, SC_01.dcm, SC_02.dcm, ... (slug as in the review report: the key's safe characters plus a
-hash). Each study is written into OUT/.<slug>.tmp-<pid>/ and renamed into place, so a rerun replaces the study's
+OUT/<slug>/SR.dcm, SC_01.dcm, SC_02.dcm, ... (slug = data_prep.safe_paths.safe_name of the key, as in the review
+report). Each study is written into OUT/.<slug>.tmp-<pid>/ and renamed into place, so a rerun replaces the study's
 folder whole and a failed write leaves the old one. Nothing is written anywhere else.
 """
 
@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError, SpinefracError
+from data_prep.safe_paths import inside, safe_name
 from spinefrac.dicom_out.identity import Identity, make_identity, reference_header
 from spinefrac.dicom_out.inputs import PredictionFolder, StudyInputs, read_prediction_folder, study_inputs
-from spinefrac.report.build import study_slug
 from spinefrac.report.worklist import model_dir_of, operating_point
 
 log = logging.getLogger("spinefrac")
@@ -49,8 +49,8 @@ def require_dicom_extra(modules: Sequence[str] = REQUIRED_MODULES, *, needs: str
 
 
 def study_folder(out_dir: str | os.PathLike, key: str) -> Path:
-    """The folder of a study's DICOM results under OUT."""
-    return Path(out_dir) / study_slug(key)
+    """The folder of a study's DICOM results under OUT: OUT/<safe_name(key)> (never outside OUT)."""
+    return inside(out_dir, safe_name(key), source=f"study {key!r}")
 
 
 def write_dicom_results(pred_dir: Path, out_dir: Path, *, studies: Sequence[str] | None = None,

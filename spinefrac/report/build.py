@@ -11,11 +11,9 @@ Every link is relative; a Content-Security-Policy meta tag forbids any request b
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Mapping
@@ -29,8 +27,9 @@ import pandas as pd
 from data_prep import registry
 from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError
+from data_prep.safe_paths import inside, safe_name
 from data_prep.tables import read_csv_table
-from detector.detect import BOXES_CSV, OVERLAYS_DIR
+from detector.detect import BOXES_CSV, overlay_dir
 from detector.overlays import CONTACT_SHEET, SCORE_PROFILE, SLICE_PNG_PATTERN
 from spinefrac.report.worklist import write_worklist
 
@@ -44,18 +43,14 @@ THUMB = "thumb.png"
 THUMB_WIDTH = 240                 # px: the worklist's contact-sheet thumbnail
 BAR_HEIGHT = 30                   # px: a level bar at probability 1
 TOP_BOXES = 12                    # boxes listed on a study page (highest scores)
-SLUG_CHARS = re.compile(r"[^A-Za-z0-9._-]+")
-SLUG_MAX = 60                     # characters of the UID kept in a page name (plus an 8-digit hash)
-SLUG_HASH = 8
 CSP = ("default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
        "base-uri 'none'; form-action 'none'")
 TEMPLATES = Path(__file__).with_name("templates")
 
 
 def study_slug(uid: str) -> str:
-    """A file-name-safe, unique page name for a study: its UID's safe characters plus a short hash."""
-    digest = hashlib.sha256(uid.encode("utf-8")).hexdigest()[:SLUG_HASH]
-    return f"{SLUG_CHARS.sub('_', uid)[:SLUG_MAX].lstrip('.')}-{digest}"
+    """A study's file and folder name in the report: `data_prep.safe_paths.safe_name` of its key."""
+    return safe_name(uid)
 
 
 def write_report(pred_dir: str | os.PathLike, *, model_dir: str | os.PathLike | None = None) -> Path:
@@ -132,12 +127,12 @@ def _row(rec: Mapping[str, Any], pred_dir: Path, tmp: Path) -> dict[str, Any]:
     row: dict[str, Any] = {
         "uid": uid, "rank": int(rec["rank"]), "patient": float(rec[registry.PATIENT]),
         "levels": {lv: float(rec[lv]) for lv in registry.LEVELS}, "failed": bool(rec["failed"]),
-        "error": str(rec["error"] or ""), "flagged": bool(flagged), "flagged_value": "" if flagged is None else
+        "error": str(rec["error"] or ""), "warning": str(rec.get("warning") or ""), "flagged": bool(flagged), "flagged_value": "" if flagged is None else
         str(int(flagged)), "page": f"{STUDIES_DIR}/{slug}.html", "thumb": None, "profile": None, "overlays": []}
-    source = pred_dir / OVERLAYS_DIR / uid
+    source = overlay_dir(pred_dir, uid)
     if not source.is_dir():
         return row
-    images = tmp / STUDIES_DIR / slug
+    images = inside(tmp / STUDIES_DIR, slug, source=f"study {uid!r}")
     images.mkdir()
     for png in sorted(p for p in source.iterdir() if SLICE_PNG_PATTERN.match(p.name)):
         _link(png, images / png.name)

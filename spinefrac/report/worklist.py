@@ -3,7 +3,8 @@
 Order: failed studies first (they have no model output and need a reader whatever their prior says), then by
 patient_overall, highest first (ties keep predictions.csv order). `flagged` is 1 when patient_overall >= the
 model folder's operating threshold (aggregator/operating_point.json), 0 below it and for failed studies, and empty
-when the model folder has none (a warning says why).
+when the model folder has none (a warning says why). `warning` names what makes a finished study's prediction
+unreliable: a study too short to hold C1-C7 (data_prep.dicom_io.short_coverage, from slices.csv).
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ log = logging.getLogger("spinefrac")
 
 PREDICTIONS_CSV = "predictions.csv"
 ERRORS_CSV = "errors.csv"
+SLICES_CSV = "slices.csv"
 WORKLIST_CSV = "worklist.csv"
 AGGREGATOR_DIR = "aggregator"
-WORKLIST_COLUMNS = ("rank", registry.STUDY_COL, registry.PATIENT, *registry.LEVELS, "flagged", "failed", "error")
+WORKLIST_COLUMNS = ("rank", registry.STUDY_COL, registry.PATIENT, *registry.LEVELS, "flagged", "failed", "error",
+                    "warning")
 _WARNED_NO_FLAG: set[str] = set()
 """Model folders whose missing operating point was already warned about in this process."""
 
@@ -72,6 +75,22 @@ def read_errors(pred_dir: str | os.PathLike) -> dict[str, str]:
     return dict(zip(df[registry.STUDY_COL], df["error"], strict=True))
 
 
+def read_warnings(pred_dir: str | os.PathLike) -> dict[str, str]:
+    """{study: why its prediction is unreliable} for finished studies of slices.csv too short to hold C1-C7."""
+    from data_prep.dicom_io import short_coverage
+
+    path = Path(pred_dir) / SLICES_CSV
+    if not path.is_file():
+        return {}
+    try:
+        df = read_csv_table(path, (), "detect slices", usecols=[registry.STUDY_COL, "z_mm"])
+    except InputError as exc:       # the warnings help review; without them the worklist still stands
+        log.warning("worklist without coverage warnings: %s", exc)
+        return {}
+    found = {str(u): short_coverage(g["z_mm"].to_numpy(dtype=float)) for u, g in df.groupby(registry.STUDY_COL)}
+    return {u: why for u, why in found.items() if why}
+
+
 def model_dir_of(pred_dir: str | os.PathLike) -> Path | None:
     """The model folder predictions.csv was made with (its sidecar's inputs.model), or None."""
     try:
@@ -92,7 +111,7 @@ def operating_point(model_dir: str | os.PathLike | None) -> OperatingPoint:
 
 
 def worklist_table(predictions: pd.DataFrame, errors: dict[str, str],
-                   threshold: float | None) -> pd.DataFrame:
+                   threshold: float | None, warnings: dict[str, str] | None = None) -> pd.DataFrame:
     """The ranked worklist (WORKLIST_COLUMNS): failed studies first, then by patient_overall, highest first."""
     df = predictions.reset_index(drop=True).assign(_order=lambda d: range(len(d)))
     df = df.sort_values(["failed", registry.PATIENT, "_order"], ascending=[False, False, True], kind="stable")
@@ -105,6 +124,8 @@ def worklist_table(predictions: pd.DataFrame, errors: dict[str, str],
         df["flagged"] = ((df[registry.PATIENT] >= threshold) & ~failed).astype("Int64")
     df["error"] = [errors.get(u, "failed (no error recorded)") if f else ""
                    for u, f in zip(df[registry.STUDY_COL], failed, strict=True)]
+    df["warning"] = ["" if f else (warnings or {}).get(str(u), "")
+                     for u, f in zip(df[registry.STUDY_COL], failed, strict=True)]
     return df[list(WORKLIST_COLUMNS)]
 
 
@@ -123,12 +144,13 @@ def write_worklist(pred_dir: str | os.PathLike, *, model_dir: str | os.PathLike 
     else:
         log.info("%s", describe(point.record))
     threshold = None if point.record is None else float(point.record["threshold"])
-    table = worklist_table(predictions, read_errors(pred_dir), threshold)
+    table = worklist_table(predictions, read_errors(pred_dir), threshold, read_warnings(pred_dir))
     path = pred_dir / WORKLIST_CSV
     write_csv_atomic(path, table)
     write_sidecar(path, kind="worklist", inputs={"predictions": str(pred_dir / PREDICTIONS_CSV),
                                                  "model": str(model_dir) if model_dir else None},
                   counts={"studies": len(table), "failed": int(table["failed"].sum()),
-                          "flagged": int(table["flagged"].fillna(0).sum())},
+                          "flagged": int(table["flagged"].fillna(0).sum()),
+                          "warned": int((table["warning"] != "").sum())},
                   extra={"operating_point": point.record, "no_flag_reason": point.reason or None})
     return table, point

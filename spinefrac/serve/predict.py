@@ -24,6 +24,7 @@ from typing import Any
 
 from data_prep.errors import AllStudiesFailedError, InputError
 from data_prep.resume import SettingsChangedError
+from data_prep.safe_paths import inside, safe_name
 
 log = logging.getLogger("spinefrac")
 
@@ -49,8 +50,12 @@ class StudyPredictor:
         self.model = open_model(model_dir)
         self.aggregator = StudyAggregator.load(self.model.root / "aggregator")
         self.runner = StudyRunner(self.out, **runner_kwargs(self.model, labels=None, workers=workers, device=device))
+        from data_prep.artifacts import remove_stale_temps
+        from detector.detect import STUDY_DIRS
+
         try:
             self.runner.markers.plan(self.studies(), overwrite=False)
+            remove_stale_temps(self.out, STUDY_DIRS)      # the node holds paths.out's lock
         except SettingsChangedError as exc:    # never mix two models' results in one output folder
             raise InputError(self.out, f"paths.out holds studies predicted with another model or other settings "
                                        f"({exc.reason.split('. Results')[0]}); choose a new paths.out") from None
@@ -98,6 +103,7 @@ class StudyPredictor:
             SERIES_SUFFIX,
             SLICES_SUFFIX,
             VERTEBRAE_SUFFIX,
+            overlay_dir,
             rebuild_outputs,
         )
         from spinefrac.pipeline import aggregate_detections
@@ -111,23 +117,23 @@ class StudyPredictor:
             if markers.part(uid, suffix).is_file():
                 _link(markers.part(uid, suffix), stage / PARTS_DIR / markers.part(uid, suffix).name)
         _link(markers.marker(uid), stage / DONE_DIR / markers.marker(uid).name)
-        overlays = self.out / OVERLAYS_DIR / uid
+        overlays = overlay_dir(self.out, uid)
         if overlays.is_dir():
-            (stage / OVERLAYS_DIR / uid).symlink_to(overlays.absolute(), target_is_directory=True)
+            overlay_dir(stage, uid).symlink_to(overlays.absolute(), target_is_directory=True)
         rebuild_outputs(stage, config=self.runner.config, extra=self.runner.describe())
         aggregate_detections(stage, model=self.model, aggregator=self.aggregator, uids=[uid], test=None,
                              started=time.perf_counter(), extra={"serve": {"staged": uid}}, report=False)
         return stage
 
     def _stage_dir(self, uid: str) -> Path:
-        return self.out / STAGE_DIR / uid
+        return inside(self.out / STAGE_DIR, safe_name(uid), source=f"study {uid!r}")
 
     def failure(self, uid: str) -> str:
         """The recorded reason a study failed in detect (errors/<uid>.json), or a placeholder."""
-        from detector.detect import ERRORS_DIR
+        from detector.detect import error_record
 
         try:
-            record = json.loads((self.out / ERRORS_DIR / f"{uid}.json").read_text(encoding="utf-8"))
+            record = json.loads(error_record(self.out, uid).read_text(encoding="utf-8"))
             return f"{record.get('stage')}: {record.get('error')}"
         except (OSError, ValueError):
             return "detect failed (no failure record)"
@@ -156,7 +162,7 @@ def choose_series(study_dir: Path) -> Any:
     original, bone kernel, thinnest complete stack), the others logged; the folder itself when it holds no study."""
     from data_prep.study_finder import search_dicom
 
-    found = [s for s in search_dicom(study_dir).studies if s.key == study_dir.name]
+    found = [s for s in search_dicom(study_dir).studies if safe_name(s.key) == study_dir.name]
     if len(found) != 1:
         return study_dir                # no DICOM study in it: detect records the failure naming the folder
     return found[0]

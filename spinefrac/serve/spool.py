@@ -28,10 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pydicom.uid import RE_VALID_UID
-
 from data_prep.artifacts import write_json_atomic
 from data_prep.errors import SpinefracError
+from data_prep.safe_paths import inside, safe_name, valid_uid
 
 log = logging.getLogger("spinefrac")
 
@@ -40,7 +39,6 @@ STUDY_STATES = (INCOMING, READY, DONE, FAILED)
 """The folders a study can be in, in the order it moves through them."""
 DICOM_SUFFIX = ".dcm"
 MB = 2 ** 20
-UID_MAX_CHARS = 64             # PS3.5 9.1: a UID has at most 64 characters
 
 
 class SpoolError(SpinefracError):
@@ -56,12 +54,6 @@ OUT_OF_RESOURCES = 0xA700
 """C-STORE failure: out of resources (disk full or nearly, the spool holds max_spool_studies, a write error)."""
 INVALID_UID = 0xC000
 """C-STORE failure (cannot understand): a UID that is not a valid DICOM UID, never used as a file name."""
-
-
-def valid_uid(value: Any) -> bool:
-    """Whether `value` is a valid DICOM UID (digits and dots, at most 64 characters): safe as a file name."""
-    text = str(value) if value is not None else ""
-    return 0 < len(text) <= UID_MAX_CHARS and RE_VALID_UID.match(text) is not None
 
 
 class Spool:
@@ -88,17 +80,17 @@ class Spool:
             if not valid_uid(uid):
                 raise SpoolError(INVALID_UID, f"{what} {str(uid)[:80]!r} is not a valid DICOM UID")
         self._check_room(study_uid)
-        tmp = self.root / TMP / f"{sop_uid}.{threading.get_ident()}.tmp"
+        tmp = inside(self.root / TMP, f"{safe_name(sop_uid)}.{threading.get_ident()}.tmp")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
                 fh.flush()
                 os.fsync(fh.fileno())
             with self.lock:
-                folder = self.root / INCOMING / study_uid
+                folder = self.folder(INCOMING, study_uid)
                 new = not folder.is_dir()
                 folder.mkdir(exist_ok=True)
-                target = folder / f"{sop_uid}{DICOM_SUFFIX}"
+                target = inside(folder, f"{safe_name(sop_uid)}{DICOM_SUFFIX}")
                 os.replace(tmp, target)
                 _fsync_dir(folder)
                 if new:
@@ -123,8 +115,8 @@ class Spool:
 
     # ------------------------------------------------------------ looking
     def folder(self, state: str, uid: str) -> Path:
-        """The folder of study `uid` in `state` (incoming, ready, done or failed)."""
-        return self.root / state / uid
+        """The folder of study `uid` in `state` (incoming, ready, done or failed): <state>/<safe_name(uid)>."""
+        return inside(self.root / state, safe_name(uid), source=f"study {uid!r}")
 
     def studies(self, state: str) -> list[str]:
         """The studies in `state`, oldest folder first."""
@@ -197,8 +189,8 @@ class Spool:
 
     # ------------------------------------------------------------ records
     def state_path(self, uid: str) -> Path:
-        """The study's state record (state/<uid>.json)."""
-        return self.root / STATE / f"{uid}.json"
+        """The study's state record (state/<safe_name(uid)>.json)."""
+        return inside(self.root / STATE, f"{safe_name(uid)}.json", source=f"study {uid!r}")
 
     def read_state(self, uid: str) -> dict[str, Any]:
         """The study's state record ({} when there is none or it is unreadable: the study is then predicted anew)."""

@@ -420,6 +420,7 @@ class DemoSection(Section):
     train_studies: Annotated[int, Field(ge=2)]
     test_studies: PosInt
     seed: Seed
+    world: Annotated[StrictStr, Field(min_length=1)]
     synth_set: StrList
     detector_set: StrList
     locator_set: StrList
@@ -469,6 +470,10 @@ class AnatomySection(Section):
     low_density_factor: PosRange
     vascular_channel_prob: Prob
     vascular_width_mm: PosRange
+    foramen_prob: Prob
+    foramen_width_mm: PosRange
+    foramen_depth_mm: PosRange
+    foramen_height_mm: PosRange
     osteophyte_prob: Prob
     osteophyte_mm: PosRange
     above_c1_mm: PosRange
@@ -502,6 +507,7 @@ class FractureSection(Section):
     shift_mm: PosRange
     min_gap_px: NonNeg
     min_shift_px: NonNeg
+    no_shift_prob: Prob
     extent_frac: ProbRange
     min_window_slices: NonNeg
     extra_line_prob: Prob
@@ -544,6 +550,20 @@ class SynthConfig(Section):
     fracture: FractureSection
     labels: LabelsSection
     files: FilesSection
+
+
+# ---------------------------------------------------------------- worlds.yaml
+class WorldSection(Section):
+    about: Annotated[StrictStr, Field(min_length=1)]
+    synth_set: StrList
+
+
+class WorldsConfig(Section):
+    """Every named world of configs/worlds.yaml (a new world is one more line here)."""
+
+    coarse: WorldSection
+    default: WorldSection
+    subtle: WorldSection
 
 
 # ---------------------------------------------------------------- serve.yaml
@@ -619,6 +639,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "aggregation": AggregationConfig,
     "pipeline": PipelineConfig,
     "synth": SynthConfig,
+    "worlds": WorldsConfig,
     "serve": ServeConfig,
 }
 """The schema of each stage's config, by stage name (configs/<stage>.yaml)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from data_prep import phantom, registry
 from data_prep.artifacts import atomic_path, write_csv_atomic, write_sidecar
-from data_prep.config import Config, load_config
+from data_prep.config import Config, ConfigError, _suggest, load_config
 from data_prep.dicom_write import write_series
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, PATIENT, STUDY_COL
@@ -47,6 +48,8 @@ FLOAT_DECIMALS = 5
 RNG_STUDY, RNG_PLAN = 1, 2
 MAX_RENDER_ATTEMPTS = 4
 """Fractures are re-drawn (and the study re-rendered) when a labelled level shows no break on any slice."""
+WORLDS_CONFIG = "worlds"
+"""configs/worlds.yaml: the named worlds (synth overrides that change only the fractures and their look-alikes)."""
 KINDS_KEY = {"C1": "kinds_c1", "C2": "kinds_c2"}
 SEG_DIR, TRUTH_DIR = "segmentations", "truth"
 
@@ -93,6 +96,26 @@ def study_uid(seed: int, split: str, index: int) -> str:
         raise ValueError(f"study index {index} outside 0..{MAX_STUDIES - 1}")
     number = UID_OFFSET + (seed * len(SPLITS) + SPLITS[split]) * MAX_STUDIES + index
     return f"{UID_ROOT}.{number}"
+
+
+def world_names() -> tuple[str, ...]:
+    """The worlds configs/worlds.yaml defines, in its order."""
+    return tuple(load_config(WORLDS_CONFIG))
+
+
+def world_overrides(world: str) -> list[str]:
+    """The configs/synth.yaml overrides of a named world (configs/worlds.yaml); ConfigError for an unknown name."""
+    worlds = load_config(WORLDS_CONFIG)
+    if world not in worlds:
+        raise ConfigError(f"unknown world {world!r}: configs/{WORLDS_CONFIG}.yaml defines "
+                          f"{', '.join(worlds)}{_suggest(world, worlds)}")
+    return list(worlds[world]["synth_set"])
+
+
+def synth_config(world: str | None = None, path: str | os.PathLike | None = None,
+                 overrides: Sequence[str] = ()) -> Config:
+    """The synth config of a world: defaults < the file at `path` < the world's overrides < `overrides`."""
+    return load_config("synth", path, [*(world_overrides(world) if world else []), *overrides])
 
 
 def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", config: Config | None = None,

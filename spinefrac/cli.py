@@ -77,12 +77,11 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help_: str, example:
 
 # ---------------------------------------------------------------- handlers
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.synth import synth_config, synthesize
 
     if args.export:
         return _synth_export(args)
-    cfg = load_config("synth", args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
+    cfg = synth_config(args.world, args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
     synthesize(args.out, n_studies=args.studies, seed=args.seed, split=args.split, config=cfg,
                progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers)
     return 0
@@ -311,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw))
 
     p = _sub(sub, "synth", "write synthetic CT studies in the RSNA Kaggle layout",
-             "spinefrac synth data/synth --studies 40 --seed 0 --size 256", _cmd_synth)
+             "spinefrac synth data/synth --studies 40 --seed 0 --size 256 --world subtle", _cmd_synth)
     p.add_argument("out", type=Path, help="dataset root to create")
     p.add_argument("--studies", type=int, default=20, help="number of studies")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
@@ -323,6 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "DICOMDIR set or a .zip at OUT): input for `data_prep.study_finder`")
     p.add_argument("--size", type=int, default=None, help="image rows=cols (config image.size)")
     p.add_argument("--slices", type=int, default=None, help="approximate slices per study (config volume.slices)")
+    p.add_argument("--world", default=None, metavar="NAME",
+                   help="a named world of configs/worlds.yaml (coarse, default, subtle: the fractures and their "
+                        "look-alikes, docs/ladder.md); its overrides apply after --config and before --set")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset root")
     p.add_argument("--workers", type=int, default=2, help="studies built in parallel processes")
     _add_config_args(p, "synth")

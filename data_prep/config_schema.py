@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
+from data_prep.durations import parse_duration
+
 # ---------------------------------------------------------------- choices
 RECIPES = ("2.5d", "windows")                                  # detector/render.py RECIPES
 NEGATIVE_SAMPLING = ("matched", "uniform")                     # detector/yolo_dataset.py NEGATIVE_SAMPLING
@@ -416,6 +418,21 @@ class ClassifierChoice(StageChoice):
     enabled: StrictBool
 
 
+def _duration(value: str | float | None) -> str | float | None:
+    if value is not None:
+        parse_duration(str(value))     # ValueError: the reason and examples (a bare number has no unit)
+    return value
+
+
+class BudgetSection(Section):
+    total: Annotated[StrictStr | int | float | None, AfterValidator(_duration)]   # a number is refused: no unit
+    reserve: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+    locator: NonNeg
+    detector: Pos
+    classifier: NonNeg
+    min_stage_s: Pos
+
+
 class DemoSection(Section):
     train_studies: Annotated[int, Field(ge=2)]
     test_studies: PosInt
@@ -435,6 +452,7 @@ class PipelineConfig(Section):
     levels: StageChoice
     aggregation: StageChoice
     classifier: ClassifierChoice
+    budget: BudgetSection
     demo: DemoSection
 
 

@@ -6,6 +6,7 @@ Heavy libraries (torch, ultralytics) are imported inside the handlers, so `spine
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -184,7 +185,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
     from spinefrac.pipeline import train_all
 
-    cfg = load_config("pipeline", args.config, args.overrides)
+    budget = [f"budget.total={json.dumps(args.budget)}"] if args.budget is not None else []
+    cfg = load_config("pipeline", args.config, [*args.overrides, *budget])
     train_all(args.data_root, args.out, config=cfg, workers=args.workers, progress=not args.no_progress,
               clean=args.clean)
     return 0
@@ -251,6 +253,16 @@ def _ray_arg(text: str) -> str:
         return parse_address(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _duration_arg(text: str) -> str:
+    from data_prep.durations import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _positive_int(text: str) -> int:
@@ -427,9 +439,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "locator")
 
     p = _sub(sub, "train", "run every training stage into one self-contained model folder",
-             "spinefrac train data/rsna --out models/m1", _cmd_train)
+             "spinefrac train data/rsna --out models/m1 --budget 60m", _cmd_train)
     p.add_argument("data_root", type=Path)
     p.add_argument("--out", type=Path, required=True, help="model folder")
+    p.add_argument("--budget", type=_duration_arg, default=None, metavar="TIME",
+                   help="wall-clock budget for the whole run, e.g. 90s, 12m, 1h, 1h30m (config budget.total): split "
+                        "over the locator, detector and classifier trainings by Ultralytics' time; prepare, detect and "
+                        "the aggregator count too (configs/pipeline.yaml budget:, docs/ladder.md)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--clean", action="store_true", help="recompute stages that are already done")
     _add_config_args(p, "pipeline")

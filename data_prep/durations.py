@@ -6,6 +6,8 @@ import re
 
 UNIT_SECONDS: dict[str, float] = {"h": 3600.0, "m": 60.0, "s": 1.0}
 """Seconds per unit: hours, minutes, seconds."""
+SECONDS_PER_HOUR = UNIT_SECONDS["h"]
+"""Ultralytics' `time` (train.time) is in hours."""
 _PART = re.compile(r"(\d+(?:\.\d+)?)([hms])")
 EXAMPLES = "e.g. 90s, 12m, 1h or 1h30m"
 

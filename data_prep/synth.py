@@ -119,11 +119,12 @@ def synth_config(world: str | None = None, path: str | os.PathLike | None = None
 
 
 def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", config: Config | None = None,
-               progress: bool = True, overwrite: bool = False, workers: int = 2) -> Path:
+               progress: bool = True, overwrite: bool = False, workers: int = 2, world: str | None = None) -> Path:
     """Write `n_studies` synthetic studies in the Kaggle layout under `out`; return `out`.
 
     Studies are built in `workers` processes; each is seeded by its own plan, so the output does not
-    depend on the worker count.
+    depend on the worker count. `world`: the name of the configs/worlds.yaml world `config` was made from,
+    recorded in the sidecar (the config itself is recorded in full either way).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -133,8 +134,9 @@ def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", co
     if not 1 <= n_studies <= MAX_STUDIES:
         raise ValueError(f"n_studies must be in 1..{MAX_STUDIES}, got {n_studies}")
     _prepare_root(out, overwrite)
+    named = {"world": world} if world is not None else {}
     write_sidecar(out / META_NAME, kind="synth", config=cfg.to_dict(),
-                  extra={"status": "incomplete", "seed": seed, "split": split, "n_studies": n_studies})
+                  extra={"status": "incomplete", "seed": seed, "split": split, "n_studies": n_studies, **named})
     plans = plan_studies(n_studies, seed=seed, split=split, config=cfg)
     images = out / ("train_images" if split == "train" else "test_images")
     results = _synthesize_all(plans, images, out, seed=seed, split=split, config=cfg, progress=progress,
@@ -146,7 +148,7 @@ def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", co
                   pixel_representations=_count(str(p.pixel_representation) for p in plans))
     write_sidecar(out / META_NAME, kind="synth", config=cfg.to_dict(), counts=counts,
                   runtime_s=time.perf_counter() - t0,
-                  extra={"status": "complete", "seed": seed, "split": split, "n_studies": n_studies,
+                  extra={"status": "complete", "seed": seed, "split": split, "n_studies": n_studies, **named,
                          "uids": [p.uid for p in plans]})
     log.info("wrote %d synthetic %s studies to %s in %.1f s", n_studies, split, out, time.perf_counter() - t0)
     return out

@@ -28,7 +28,6 @@ log = logging.getLogger("spinefrac")
 
 KINDS = ("locator", "detector", "classifier")
 """The kinds of training stage, each with its weight in configs/pipeline.yaml `budget:`."""
-SECONDS_PER_HOUR = 3600.0
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
         return _synth_export(args)
     cfg = synth_config(args.world, args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
     synthesize(args.out, n_studies=args.studies, seed=args.seed, split=args.split, config=cfg,
-               progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers)
+               progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers, world=args.world)
     return 0
 
 

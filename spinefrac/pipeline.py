@@ -38,6 +38,7 @@ from data_prep.artifacts import (
     write_sidecar,
 )
 from data_prep.config import Config, dump_config, load_config
+from data_prep.durations import SECONDS_PER_HOUR
 from data_prep.errors import AllStudiesFailedError, InputError
 from data_prep.locks import LOCK_FILES, clear_folder, locks_output
 from data_prep.manifest import build_manifest, verify_manifest
@@ -51,7 +52,7 @@ from data_prep.resume import (
     weights_id,
 )
 from data_prep.tables import read_table
-from spinefrac.budget import SECONDS_PER_HOUR, TrainingBudget
+from spinefrac.budget import TrainingBudget
 
 log = logging.getLogger("spinefrac")
 

@@ -103,6 +103,7 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_a_tiny_budgeted_train_records_the_split_and_a_new_budget_redoes_training(tiny_data, tmp_path, caplog,
                                                                                    yolo_home):
     """Detector only (no locator, no classifier): the budget goes to train-detector through Ultralytics' `time`."""

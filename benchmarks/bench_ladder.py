@@ -371,11 +371,12 @@ LABEL_CHARS = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 
 
 def run_cells(args: argparse.Namespace) -> pd.DataFrame:
-    """Run (or skip) every world x seed in order; rewrite cells.csv after each cell; return its rows."""
+    """Run (or skip) every world x seed, seed by seed (so a run cut short still has every world); rewrite cells.csv
+    after each cell; return its rows."""
     rows = []
     cells = pd.DataFrame()
-    for world in args.worlds:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for world in args.worlds:
             rows.append(run_cell(args.work, args.label, world, seed, args))
             cells = pd.DataFrame(rows).drop(columns=["key", "settings"], errors="ignore")
             write_csv_atomic(args.work / "runs" / args.label / CELLS_CSV, cells)

@@ -50,7 +50,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data_prep.artifacts import read_sidecar, write_csv_atomic, write_json_atomic, write_text_atomic
+from data_prep.artifacts import (
+    read_sidecar,
+    write_csv_atomic,
+    write_json_atomic,
+    write_sidecar,
+    write_text_atomic,
+)
 from data_prep.config import Config, dump_config
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, STUDY_COL
@@ -379,7 +385,10 @@ def run_cells(args: argparse.Namespace) -> pd.DataFrame:
         for world in args.worlds:
             rows.append(run_cell(args.work, args.label, world, seed, args))
             cells = pd.DataFrame(rows).drop(columns=["key", "settings"], errors="ignore")
-            write_csv_atomic(args.work / "runs" / args.label / CELLS_CSV, cells)
+            path = args.work / "runs" / args.label / CELLS_CSV
+            write_csv_atomic(path, cells)
+            write_sidecar(path, kind="ladder_cells", config={k: v for k, v in vars(args).items() if k != "work"},
+                          inputs={"work": str(args.work)}, counts={"cells": len(cells)})
     return cells
 
 

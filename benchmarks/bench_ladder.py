@@ -64,8 +64,6 @@ from data_prep.resume import changed_settings, describe_changes, plain, settings
 
 log = logging.getLogger("spinefrac")
 
-LADDER_SYNTH = ("volume.slices=100", "labels.box_fraction=1.0", "labels.segmentation_fraction=0.3")
-"""The studies' protocol besides the world: the demo's (configs/pipeline.yaml demo.synth_set)."""
 TRAIN_STUDIES = 100
 """Training studies per cell: 60 for the detector's side and 40 aggregator studies at the demo's split
 (splits.aggregator_fraction 0.4; the demo has 160). Fewer than the demo's keep synthesis and the prepare and
@@ -147,11 +145,13 @@ def ladder_config(seed: int, overrides: Sequence[str] = ()) -> Config:
 
 def synth_settings(world: str, seed: int, split: str, n_studies: int, extra: Sequence[str] = ()) -> dict[str, Any]:
     """What a cached study set must have been made with: the world, seed, split, count and resolved synth config
-    (the world's, then the ladder's protocol LADDER_SYNTH, then `extra`)."""
+    (the world's, then the demo's protocol, configs/pipeline.yaml demo.synth_set, then `extra`)."""
+    from data_prep.config import load_config
     from data_prep.synth import synth_config
 
+    protocol = list(load_config("pipeline").demo.synth_set)
     return {"world": world, "seed": seed, "split": split, "n_studies": n_studies,
-            "config": synth_config(world, None, [*LADDER_SYNTH, *extra]).to_dict()}
+            "config": synth_config(world, None, [*protocol, *extra]).to_dict()}
 
 
 # ---------------------------------------------------------------- study sets

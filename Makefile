@@ -27,7 +27,7 @@ test-fast: $(STAMP)  ## everything but the slow (training) tests
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)  ## every benchmark, full size (about 1.5 h on 2 cores; tables in bench_out/)
+bench: $(STAMP)  ## every benchmark, full size (about 1.5 h on 2 cores, plus about 2 h for the ladder; tables in bench_out/)
 	$(PY) -m benchmarks.run_all --out bench_out
 
 bench-quick: $(STAMP)  ## every benchmark, small versions (about 10 min)

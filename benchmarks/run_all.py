@@ -37,6 +37,12 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                       ["--model", "demo_out/model", "--studies", "20", "--work", "bench_out/predict_speed"],
                       ["--model", "demo_out/model", "--studies", "4", "--naive-studies", "1", "--rss-studies", "4",
                        "--work", "bench_out/predict_speed_quick"]),
+    "ladder": ("benchmarks.bench_ladder",
+               ["--worlds", "coarse", "default", "subtle", "--seeds", "0", "1", "2", "--work", "bench_out/ladder",
+                "--out", "bench_out/ladder.md"],
+               ["--worlds", "subtle", "--seeds", "0", "--budget", "90s", "--train-studies", "16", "--test-studies",
+                "6", "--synth-set", "image.size=128", "--synth-set", "volume.slices=48", "--work",
+                "bench_out/ladder_quick"]),
     "serve": ("benchmarks.bench_serve", ["--model", "demo_out/model", "--studies", "3", "--work", "bench_out/serve"],
               ["--model", "demo_out/model", "--studies", "2", "--work", "bench_out/serve_quick"]),
 }

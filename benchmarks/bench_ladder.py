@@ -23,7 +23,9 @@ For every world (configs/worlds.yaml) and seed S, one *cell*:
                         did not find scores 0; `cls_coverage` is the share that has a score)
        level accuracy   share of slices whose decoded C1-C7 presence equals the truth (truth/slice_levels.csv)
        times            synthesis (recorded when it was made, also for cached sets), train, predict, cell; the
-                        load average of the machine during the cell
+                        CPU seconds train and predict used and the share of the machine train got (a budget is
+                        wall-clock: on a shared machine the training gets what the other jobs leave), and the
+                        machine's 15-minute load average at the end of the cell (2 cores: 2 = busy)
 Outputs: DIR/runs/LABEL/W/seedS/ (pipeline.yaml, model/, pred/, train.log, predict.log, cell.json),
 DIR/runs/LABEL/cells.csv (one row per cell), and the table (mean +- SD over seeds per world, n = seeds) in
 DIR/runs/LABEL/table.md and --out. A rerun skips finished cells (cell.json with the same settings) and resumes
@@ -38,6 +40,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -111,6 +114,7 @@ METRICS: tuple[tuple[str, str, str], ...] = (
     ("detector_val_map50", "detector validation mAP50", ".3f"),
     ("train_min", "train minutes (budget + overrun)", ".1f"),
     ("cell_min", "cell minutes (synthesis + train + predict + scores)", ".1f"),
+    ("train_cpu_share", "share of the machine's CPU that train got (1 = every core)", ".2f"),
     ("load", "load average (15 min) at the end of the cell", ".1f"),
 )
 
@@ -292,20 +296,22 @@ def run_cell(work: Path, label: str, world: str, seed: int, args: argparse.Names
     dump_config(cfg, cell / "pipeline.yaml")
     env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait.upper()} if args.omp_wait != "default" else dict(os.environ)
     model, pred = cell / "model", cell / "pred"
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), _children_cpu()
     log.info("ladder %s %s seed %d: train --budget %s", label, world, seed, args.budget)
     _spinefrac(["train", str(data / "train"), "--out", str(model), "--config", str(cell / "pipeline.yaml"),
                 "--budget", args.budget, "--workers", str(args.workers), "--no-progress"], cell / "train.log", env)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), _children_cpu()
     log.info("ladder %s %s seed %d: predict", label, world, seed)
     _spinefrac(["predict", str(data / "test" / "test_images"), "--model", str(model), "--out", str(pred),
                 "--test-csv", str(data / "test" / "test.csv"), "--workers", str(args.workers), "--overwrite",
                 "--no-progress"], cell / "predict.log", env)
-    t3 = time.perf_counter()
+    t3, c3 = time.perf_counter(), _children_cpu()
     scores = score_cell(data / "test", model, pred)
     cell_s = synth_s + (time.perf_counter() - t1)
     result = {"label": label, "world": world, "seed": seed, **scores, "synth_s": round(synth_s, 1),
               "train_s": round(t2 - t1, 1), "predict_s": round(t3 - t2, 1), "cell_s": round(cell_s, 1),
+              "train_cpu_s": round(c2 - c1, 1), "predict_cpu_s": round(c3 - c2, 1),
+              "train_cpu_share": (c2 - c1) / max(t2 - t1, 1e-9) / (os.cpu_count() or 1),
               "train_min": (t2 - t1) / SECONDS_PER_MINUTE, "cell_min": cell_s / SECONDS_PER_MINUTE,
               "load": os.getloadavg()[2], "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
               "wall_s": round(time.perf_counter() - t0, 1)}
@@ -314,6 +320,12 @@ def run_cell(work: Path, label: str, world: str, seed: int, args: argparse.Names
              seed, result["loss_model"], result["loss_prior"], _fmt(result["auc_patient"], ".3f"),
              result["box_ap50"], result["cell_min"])
     return {**result, "key": key}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user + system) of this process's finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def synth_settings_key(settings: Mapping[str, Any]) -> dict[str, Any]:

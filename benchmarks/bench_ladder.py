@@ -26,6 +26,7 @@ For every world (configs/worlds.yaml) and seed S, one *cell*:
                         CPU seconds train and predict used and the share of the machine train got (a budget is
                         wall-clock: on a shared machine the training gets what the other jobs leave), and the
                         machine's 15-minute load average at the end of the cell (2 cores: 2 = busy)
+`--synth-only` makes the cached studies alone (every world x seed), e.g. ahead of a run on a quieter machine.
 Outputs: DIR/runs/LABEL/W/seedS/ (pipeline.yaml, model/, pred/, train.log, predict.log, cell.json),
 DIR/runs/LABEL/cells.csv (one row per cell), and the table (mean +- SD over seeds per world, n = seeds) in
 DIR/runs/LABEL/table.md and --out. A rerun skips finished cells (cell.json with the same settings) and resumes
@@ -388,6 +389,17 @@ LABEL_CHARS = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]*")
 """A --label names a folder: no separators, no leading dot."""
 
 
+def synth_all(args: argparse.Namespace) -> int:
+    """Make (or check) the cached train and test studies of every world x seed, seed by seed; print their times."""
+    for seed in args.seeds:
+        for world in args.worlds:
+            for split, n in (("train", args.train_studies), ("test", args.test_studies)):
+                root = args.work / "data" / world / f"seed{seed}" / split
+                seconds = ensure_studies(root, synth_settings(world, seed, split, n, args.synth_set), args.workers)
+                print(f"{root}: {n} studies, {seconds:.0f} s of synthesis", flush=True)
+    return 0
+
+
 def run_cells(args: argparse.Namespace) -> pd.DataFrame:
     """Run (or skip) every world x seed, seed by seed (so a run cut short still has every world); rewrite cells.csv
     after each cell; return its rows."""
@@ -426,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="OMP_WAIT_POLICY of train and predict (passive: for a machine shared with other jobs)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true", help="redo cells made with other settings")
+    p.add_argument("--synth-only", action="store_true",
+                   help="only make (or check) the cached studies of every world x seed, e.g. ahead of a run on a "
+                        "quieter machine; no training")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -442,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
             world_overrides(world)
         ladder_config(args.seeds[0], args.set)
         configure_ultralytics()
+        if args.synth_only:
+            return synth_all(args)
         cells = run_cells(args)
     except (SpinefracError, ValueError, RuntimeError) as exc:
         log.error("%s", exc)

@@ -12,6 +12,11 @@ For every world (configs/worlds.yaml) and seed S, one *cell*:
   2. `spinefrac train --budget B` with the demo's pipeline config (configs/pipeline.yaml `demo:`: detector 160 px
      on the spine ROI, locator 128 px, two fold classifiers at 64 px, depth-2 aggregator), every seed of the
      pipeline set to S (fold assignment, sampling, weights, splits, boosting), plus the run's --set overrides.
+     The vertebra locator (levels, the ROI's centre, the classifier's crops) learns anatomy, which the worlds
+     share: by default one locator per seed (20 epochs, trained once outside the budgets on the default world's
+     training studies; DIR/locators/) is reused by every world's cell (`locator.reuse`), so each cell's budget
+     goes to what learns fractures, and worlds differ in nothing else (`--locator cell`: each cell trains its own
+     within its budget).
   3. `spinefrac predict` on the test studies.
   4. Scores against the hidden truth:
        loss per study   the competition metric (per-study normalisation), beside the training prior and the
@@ -83,6 +88,12 @@ LADDER_SETS = ("budget.reserve=0.25",)
 """Pipeline overrides of the ladder besides the demo's: on 2 cores, detecting and scoring the 40 aggregator
 studies (two fold classifiers) and fitting the aggregator take about a quarter of a 9-minute budget."""
 STAGES = ("detector", "locator", "levels", "aggregation", "classifier")
+STAGE_SETS: dict[str, tuple[str, ...]] = {"locator": ("train.epochs=20",)}
+"""The ladder's own stage overrides besides the demo's: a 20-epoch locator (with the demo's 10 epochs the classifier
+had C7 crops in 8 of 40 test studies; with 20 it beat the prior alone: README, "What each step adds")."""
+LOCATOR_WORLD = "default"
+"""The shared locator of a seed learns the anatomy (which every world shares) from this world's training studies."""
+LOCATOR_MODES = ("shared", "cell")
 SEED_SETS: dict[str, tuple[str, ...]] = {
     "detector": ("prepare.seed={s}", "train.seed={s}"),
     "locator": ("prepare.seed={s}", "train.seed={s}"),
@@ -143,9 +154,40 @@ def ladder_config(seed: int, overrides: Sequence[str] = ()) -> Config:
     from spinefrac.demo import demo_config
 
     lists, rest = split_overrides(overrides)
-    sets = [f"{stage}.set={json.dumps([*(s.format(s=seed) for s in SEED_SETS.get(stage, ())), *lists[stage]])}"
-            for stage in STAGES]
+    sets = [f"{stage}.set=" + json.dumps([*STAGE_SETS.get(stage, ()), *(s.format(s=seed) for s in SEED_SETS.get(
+        stage, ())), *lists[stage]]) for stage in STAGES]
     return demo_config(None, [*LADDER_SETS, *rest, *sets])
+
+
+def ensure_locator(work: Path, seed: int, cfg: Config, args: argparse.Namespace, env: Mapping[str, str]
+                   ) -> tuple[Path, float]:
+    """The seed's shared locator run folder (trained once, with the cell config's locator settings, on the
+    LOCATOR_WORLD's training studies of the seed), and the seconds it took when it was made."""
+    from data_prep.resume import weights_id
+    from spinefrac.pipeline import WEIGHTS, stage_configs
+
+    loc_cfg = stage_configs(cfg)["locator"]
+    studies = synth_settings(LOCATOR_WORLD, seed, "train", args.train_studies, args.synth_set)
+    settings = {"seed": seed, "studies": synth_settings_key(studies), "locator": loc_cfg.to_dict()}
+    key = settings_key(plain(settings))
+    root = work / "locators" / f"seed{seed}-{key}"
+    record = root / "locator.json"
+    if record.is_file() and (root / "run" / WEIGHTS).is_file():
+        return root / "run", float(json.loads(record.read_text(encoding="utf-8"))["seconds"])
+    data = work / "data" / LOCATOR_WORLD / f"seed{seed}" / "train"
+    ensure_studies(data, studies, args.workers)
+    root.mkdir(parents=True, exist_ok=True)
+    dump_config(loc_cfg, root / "locator.yaml")
+    log.info("ladder: the shared locator of seed %d -> %s", seed, root)
+    t0, c0 = time.perf_counter(), _children_cpu()
+    _spinefrac(["prepare-locator", str(data), "--out", str(root / "dataset"), "--config", str(root / "locator.yaml"),
+                "--workers", str(args.workers), "--overwrite", "--no-progress"], root / "locator.log", env)
+    _spinefrac(["train-locator", str(root / "dataset" / "data.yaml"), "--out", str(root / "run"), "--config",
+                str(root / "locator.yaml"), "--overwrite", "--no-progress"], root / "locator.log", env)
+    seconds = time.perf_counter() - t0
+    write_json_atomic(record, {"key": key, "settings": plain(settings), "seconds": round(seconds, 1),
+                               "cpu_s": round(_children_cpu() - c0, 1), "weights_sha256": weights_id(root / "run" / WEIGHTS)})
+    return root / "run", seconds
 
 
 def synth_settings(world: str, seed: int, split: str, n_studies: int, extra: Sequence[str] = ()) -> dict[str, Any]:
@@ -269,11 +311,21 @@ def run_cell(work: Path, label: str, world: str, seed: int, args: argparse.Names
     cell = work / "runs" / label / world / f"seed{seed}"
     data = work / "data" / world / f"seed{seed}"
     cfg = ladder_config(seed, args.set)
+    env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait.upper()} if args.omp_wait != "default" else dict(os.environ)
+    locator_s = 0.0
+    if args.locator == "shared":
+        from data_prep.resume import weights_id
+        from spinefrac.pipeline import WEIGHTS
+
+        run, locator_s = ensure_locator(work, seed, cfg, args, env)
+        cfg = ladder_config(seed, [*args.set, f"locator.reuse={run}"])
     train_set = synth_settings(world, seed, "train", args.train_studies, args.synth_set)
     test_set = synth_settings(world, seed, "test", args.test_studies, args.synth_set)
     settings = {"label": label, "world": world, "seed": seed, "budget": args.budget, "omp_wait": args.omp_wait,
                 "train_studies": synth_settings_key(train_set), "test_studies": synth_settings_key(test_set),
-                "pipeline": cfg.to_dict()}
+                "pipeline": cfg.to_dict(), "locator": args.locator}
+    if args.locator == "shared":
+        settings["locator_weights_sha256"] = weights_id(run / WEIGHTS)
     key = settings_key(plain(settings))
     done, started = cell / CELL_JSON, cell / "cell.settings.json"
     old = json.loads((done if done.is_file() else started).read_text(encoding="utf-8")) \
@@ -295,7 +347,6 @@ def run_cell(work: Path, label: str, world: str, seed: int, args: argparse.Names
     synth_s = ensure_studies(data / "train", train_set, args.workers) + ensure_studies(data / "test", test_set,
                                                                                         args.workers)
     dump_config(cfg, cell / "pipeline.yaml")
-    env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait.upper()} if args.omp_wait != "default" else dict(os.environ)
     model, pred = cell / "model", cell / "pred"
     t1, c1 = time.perf_counter(), _children_cpu()
     log.info("ladder %s %s seed %d: train --budget %s", label, world, seed, args.budget)
@@ -311,6 +362,7 @@ def run_cell(work: Path, label: str, world: str, seed: int, args: argparse.Names
     cell_s = synth_s + (time.perf_counter() - t1)
     result = {"label": label, "world": world, "seed": seed, **scores, "synth_s": round(synth_s, 1),
               "train_s": round(t2 - t1, 1), "predict_s": round(t3 - t2, 1), "cell_s": round(cell_s, 1),
+              "locator_s": round(locator_s, 1),
               "train_cpu_s": round(c2 - c1, 1), "predict_cpu_s": round(c3 - c2, 1),
               "train_cpu_share": (c2 - c1) / max(t2 - t1, 1e-9) / (os.cpu_count() or 1),
               "train_min": (t2 - t1) / SECONDS_PER_MINUTE, "cell_min": cell_s / SECONDS_PER_MINUTE,
@@ -430,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="also write the table here (markdown)")
     p.add_argument("--train-studies", type=int, default=TRAIN_STUDIES)
     p.add_argument("--test-studies", type=int, default=TEST_STUDIES)
+    p.add_argument("--locator", choices=LOCATOR_MODES, default="shared",
+                   help="shared: one locator per seed (20 epochs, outside the cells' budgets, on the default world's "
+                        "training studies), which every world's cell reuses (locator.reuse), so the budget goes to the "
+                        "detector and the classifier and the worlds share their levels; cell: each cell's train "
+                        "trains its own inside the budget")
     p.add_argument("--synth-set", action="append", default=[], metavar="KEY=VALUE",
                    help="synth override after the ladder's protocol, for quick checks of the benchmark itself "
                         "(e.g. image.size=96); the ladder's figures use none. Cached studies are kept per setting "
@@ -469,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.test_studies} held-out studies per world and seed, seeds {' '.join(map(str, args.seeds))}; "
               f"mean ± {SPREAD} over seeds (n = seeds); overrides: {' '.join(args.set) or 'none'}; "
               f"synth overrides: {' '.join(args.synth_set) or 'none'}; "
-              f"OMP_WAIT_POLICY {args.omp_wait}.")
+              f"OMP_WAIT_POLICY {args.omp_wait}; locator: {args.locator}.")
     table = format_table(summary, header)
     write_text_atomic(runs / TABLE_MD, table + "\n")
     if args.out is not None:

@@ -99,7 +99,7 @@ def test_cached_studies_of_other_settings_are_refused_and_kept(tmp_path):
 
 def test_a_finished_cell_is_skipped_and_one_of_other_settings_refused(tmp_path):
     args = argparse.Namespace(set=[], synth_set=[], train_studies=4, test_studies=2, budget="1m", omp_wait="passive",
-                              workers=1, overwrite=False)
+                              workers=1, overwrite=False, locator="cell")
     cell = tmp_path / "runs" / "base" / "subtle" / "seed0"
     # a cell recorded as finished with these settings: returned without any work
     from benchmarks import bench_ladder

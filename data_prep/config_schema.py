@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
+from data_prep.durations import parse_duration
+
 # ---------------------------------------------------------------- choices
 RECIPES = ("2.5d", "windows")                                  # detector/render.py RECIPES
 NEGATIVE_SAMPLING = ("matched", "uniform")                     # detector/yolo_dataset.py NEGATIVE_SAMPLING
@@ -430,10 +432,26 @@ class ClassifierChoice(StageChoice):
     enabled: StrictBool
 
 
+def _duration(value: str | float | None) -> str | float | None:
+    if value is not None:
+        parse_duration(str(value))     # ValueError: the reason and examples (a bare number has no unit)
+    return value
+
+
+class BudgetSection(Section):
+    total: Annotated[StrictStr | int | float | None, AfterValidator(_duration)]   # a number is refused: no unit
+    reserve: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+    locator: NonNeg
+    detector: Pos
+    classifier: NonNeg
+    min_stage_s: Pos
+
+
 class DemoSection(Section):
     train_studies: Annotated[int, Field(ge=2)]
     test_studies: PosInt
     seed: Seed
+    world: Annotated[StrictStr, Field(min_length=1)]
     synth_set: StrList
     detector_set: StrList
     locator_set: StrList
@@ -448,6 +466,7 @@ class PipelineConfig(Section):
     levels: StageChoice
     aggregation: StageChoice
     classifier: ClassifierChoice
+    budget: BudgetSection
     demo: DemoSection
 
 
@@ -483,6 +502,10 @@ class AnatomySection(Section):
     low_density_factor: PosRange
     vascular_channel_prob: Prob
     vascular_width_mm: PosRange
+    foramen_prob: Prob
+    foramen_width_mm: PosRange
+    foramen_depth_mm: PosRange
+    foramen_height_mm: PosRange
     osteophyte_prob: Prob
     osteophyte_mm: PosRange
     above_c1_mm: PosRange
@@ -516,6 +539,7 @@ class FractureSection(Section):
     shift_mm: PosRange
     min_gap_px: NonNeg
     min_shift_px: NonNeg
+    no_shift_prob: Prob
     extent_frac: ProbRange
     min_window_slices: NonNeg
     extra_line_prob: Prob
@@ -558,6 +582,20 @@ class SynthConfig(Section):
     fracture: FractureSection
     labels: LabelsSection
     files: FilesSection
+
+
+# ---------------------------------------------------------------- worlds.yaml
+class WorldSection(Section):
+    about: Annotated[StrictStr, Field(min_length=1)]
+    synth_set: StrList
+
+
+class WorldsConfig(Section):
+    """Every named world of configs/worlds.yaml (a new world is one more line here)."""
+
+    coarse: WorldSection
+    default: WorldSection
+    subtle: WorldSection
 
 
 # ---------------------------------------------------------------- serve.yaml
@@ -633,6 +671,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "aggregation": AggregationConfig,
     "pipeline": PipelineConfig,
     "synth": SynthConfig,
+    "worlds": WorldsConfig,
     "serve": ServeConfig,
 }
 """The schema of each stage's config, by stage name (configs/<stage>.yaml)."""

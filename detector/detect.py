@@ -249,7 +249,7 @@ def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, 
     slice_levels = level_boxes = None
     if locator is not None:
         t = time.perf_counter()
-        slice_levels, level_boxes = _locate(loc_dets, loc_slices, locator, uid=uid, n_slices=n, numbers=numbers)
+        slice_levels, level_boxes = _locate(loc_dets, loc_slices, locator, uid=uid, geometry=geometry)
         timings["locate"] += time.perf_counter() - t
     source = _VolumeSource(volume) if volume is not None else None
     if roi_cfg is not None:
@@ -330,16 +330,16 @@ def _vertebrae(uid: str, geometry: Any, slices: pd.DataFrame, slice_levels: pd.D
                source_name: str) -> pd.DataFrame:
     """The study's vertebrae rows: each level's z-range, and with a classifier its crops' scores."""
     from detector.classifier import level_scores, vertebra_table
-    from detector.vertebra_crops import (
-        crop_plan,
-        level_slice_boxes_from_locator,
-        render_vertebra_crops,
-        vertebra_extents,
-    )
+    from detector.vertebra_crops import crop_plan, level_slice_boxes_from_locator, render_vertebra_crops
 
     threshold = float(classifier.config["crops"]["presence_threshold"]) if classifier is not None \
         else DEFAULT_PRESENCE_THRESHOLD
-    extents = _presence_extents(slices, threshold, source_name)
+    if slice_levels is not None:              # the locator's decoded levels: one z-range, source and confidence each
+        from detector.levels import level_summary
+
+        extents = level_summary(slice_levels, level_boxes)
+    else:
+        extents = _presence_extents(slices, threshold, source_name)
     if classifier is None or level_boxes is None or source is None:
         return vertebra_table(uid, extents, None)
     crops_cfg = classifier.config["crops"]
@@ -351,7 +351,7 @@ def _vertebrae(uid: str, geometry: Any, slices: pd.DataFrame, slice_levels: pd.D
     probs = classifier.predict(images)
     timings["classify_model"] += time.perf_counter() - t
     scores = level_scores(probs, plan["level"].tolist(), top_k=int(classifier.config["score"]["top_k"]))
-    return vertebra_table(uid, vertebra_extents(plan), scores)
+    return vertebra_table(uid, extents, scores)
 
 
 def _presence_extents(slices: pd.DataFrame, threshold: float, source_name: str) -> pd.DataFrame:
@@ -359,11 +359,12 @@ def _presence_extents(slices: pd.DataFrame, threshold: float, source_name: str) 
     rows = []
     for level in LEVELS:
         col = f"p_{level}"
-        on = np.flatnonzero(slices[col].to_numpy(dtype=float) > threshold) if col in slices.columns else []
+        p = slices[col].to_numpy(dtype=float) if col in slices.columns else np.zeros(0)
+        on = np.flatnonzero(p > threshold)
         if len(on):
             rows.append({"level": level, "first_slice": int(on[0]), "last_slice": int(on[-1]),
-                         "n_slices": int(len(on)), "source": source_name})
-    return pd.DataFrame(rows, columns=["level", "first_slice", "last_slice", "n_slices", "source"])
+                         "n_slices": int(len(on)), "source": source_name, "confidence": float(p[on].mean())})
+    return pd.DataFrame(rows, columns=["level", "first_slice", "last_slice", "n_slices", "source", "confidence"])
 
 
 def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locator: Locator | None,
@@ -423,8 +424,7 @@ def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu
             loc_dets += _locate_slices(locator, reader, chunk, geometry)
     if locator is None:
         return None, None, body
-    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=geometry.study_uid, n_slices=n,
-                                        numbers=np.asarray(geometry.instance_numbers))
+    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=geometry.study_uid, geometry=geometry)
     return slice_levels, level_boxes, body
 
 
@@ -474,9 +474,12 @@ def _body_centres(source: Any, indices: Sequence[int], body_hu: float) -> list[t
 def _rois_from(geometry: Any, roi_cfg: Mapping[str, Any], level_boxes: pd.DataFrame | None,
                body: Sequence[tuple[int, float, float]]) -> Any:
     """Build the study's SpineRois from located level boxes (None without a locator) and body centres."""
+    from detector.levels import SOURCE_EXTRAPOLATED
     from detector.render import slice_spacing
     from detector.roi import located_centres, spine_rois
 
+    if level_boxes is not None and len(level_boxes):   # held boxes of levels never detected add no position
+        level_boxes = level_boxes[level_boxes["source"] != SOURCE_EXTRAPOLATED]
     located = located_centres(level_boxes) if level_boxes is not None else None
     arr = np.array(body, dtype=float).reshape(-1, 3)
     return spine_rois(len(geometry.paths), geometry.shape, geometry.pixel_spacing, slice_spacing(geometry),
@@ -837,16 +840,18 @@ def _drop_other_errors(out: Path, key: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator, *, uid: str, n_slices: int,
-            numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator, *, uid: str,
+            geometry: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode levels from the locator's sampled detections: (slice_levels, level_boxes) of this study."""
     from detector.levels import locate_study
+    from detector.render import slice_spacing
 
     arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
     dets = pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
                          "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
-    return locate_study(dets, n_slices, np.asarray(loc_slices), config=locator.levels_config, study_uid=uid,
-                        slice_numbers=numbers)
+    return locate_study(dets, len(geometry.paths), np.asarray(loc_slices), config=locator.levels_config,
+                        study_uid=uid, slice_numbers=np.asarray(geometry.instance_numbers),
+                        spacing_mm=slice_spacing(geometry))
 
 
 def _assign_levels(boxes: pd.DataFrame, slices: pd.DataFrame, slice_levels: pd.DataFrame,

@@ -202,6 +202,7 @@ def learn_from_segmentations(data_root: Any, studies: Sequence[str], out: Any, *
     from tqdm.auto import tqdm
 
     from data_prep.artifacts import write_json_atomic, write_sidecar
+    from data_prep.resume import plain
 
     t0 = time.perf_counter()
     path = Path(out) / LEVEL_PRIOR_JSON
@@ -221,7 +222,7 @@ def learn_from_segmentations(data_root: Any, studies: Sequence[str], out: Any, *
     values, counts = learn_level_prior(data, config=config)
     record = {"format_version": FORMAT_VERSION, "prior": values, "studies": used, "counts": counts}
     write_json_atomic(path, record)
-    write_sidecar(path, kind="level_prior", config=config.get("prior"), counts={"studies": len(used)},
+    write_sidecar(path, kind="level_prior", config=plain(config["prior"]), counts={"studies": len(used)},
                   runtime_s=time.perf_counter() - t0,
                   inputs={"segmentations": str(Path(data_root) / "segmentations"), "studies": len(studies)})
     log.info("level prior learned from %d segmented studies: %s", len(used), path)

@@ -399,6 +399,34 @@ def locate_levels(study_dir: str | os.PathLike, *, locator: Locator, geometry: A
     return geometry, slice_levels, level_boxes
 
 
+def locator_detections(geometry: Any, *, locator: Locator, batch: int = DEFAULT_LOCATE_BATCH
+                       ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The locator's raw detections on a study's sampled slices (before any level decoding), and those slices.
+
+    Columns slice_index, x, y, width, height (original px), conf, cls; what `locate_levels` decodes (the level
+    benchmark decodes the same detections with two decoders).
+    """
+    from detector.render import context_slices
+
+    n = len(geometry.paths)
+    sampled = list(range(0, n, locator.every_k))
+    ctx = context_slices(geometry, locator.config["render"])
+    reader = LazySlices(geometry)
+    rows: list[np.ndarray] = []
+    for start in range(0, len(sampled), batch):
+        chunk = sampled[start:start + batch]
+        reader.forget_below(chunk[0] - ctx)
+        rows += _locate_slices(locator, reader, chunk, geometry)
+    return _detections_frame(rows), np.asarray(sampled)
+
+
+def _detections_frame(loc_dets: list[np.ndarray]) -> pd.DataFrame:
+    """Locator rows (slice_index, x, y, w, h, conf, cls) as a detections table."""
+    arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
+    return pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
+                         "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
+
+
 def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu: float | None, batch: int
                   ) -> tuple[pd.DataFrame | None, pd.DataFrame | None, list[tuple[int, float, float]]]:
     """Decode every k-th slice once: locate levels on it (with a locator) and find the body centre (with body_hu).
@@ -846,10 +874,7 @@ def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator,
     from detector.levels import locate_study
     from detector.render import slice_spacing
 
-    arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
-    dets = pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
-                         "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
-    return locate_study(dets, len(geometry.paths), np.asarray(loc_slices), config=locator.levels_config,
+    return locate_study(_detections_frame(loc_dets), len(geometry.paths), np.asarray(loc_slices), config=locator.levels_config,
                         study_uid=uid, slice_numbers=np.asarray(geometry.instance_numbers),
                         spacing_mm=slice_spacing(geometry))
 

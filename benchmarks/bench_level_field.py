@@ -49,21 +49,23 @@ DECODERS = ("runs (before)", "sizes, learned prior", "sizes, default prior")
 PERCENTILE = 90
 
 
-def synth_sets(work: Path, n_train: int, n_test: int, seed: int) -> tuple[Path, Path]:
-    """The training set (every study segmented) and the held-out test set, made once."""
+def synth_sets(work: Path, n_train: int, n_test: int, seed: int, extra: list[str]) -> tuple[Path, Path]:
+    """The training set (every study segmented) and the held-out test set, made once (`extra`: synth overrides)."""
     from data_prep.synth import synthesize
 
     train, test = work / "train", work / "test"
     if not (train / "train.csv").is_file():
         synthesize(train, n_studies=n_train, seed=seed + TRAIN_SEED_OFFSET, split="train",
-                   config=load_config("synth", overrides=["labels.segmentation_fraction=1.0"]), overwrite=True)
-    if not (test / "truth" / "slice_levels.csv").is_file():
-        synthesize(test, n_studies=n_test, seed=seed + TEST_SEED_OFFSET, split="test", config=load_config("synth"),
+                   config=load_config("synth", overrides=["labels.segmentation_fraction=1.0", *extra]),
                    overwrite=True)
+    if not (test / "truth" / "slice_levels.csv").is_file():
+        synthesize(test, n_studies=n_test, seed=seed + TEST_SEED_OFFSET, split="test",
+                   config=load_config("synth", overrides=extra), overwrite=True)
     return train, test
 
 
-def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int) -> tuple[Path, float]:
+def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
+                  imgsz: int | None = None) -> tuple[Path, float]:
     """prepare-locator once, then one locator run per (setting, seed); return (weights, CPU seconds of training)."""
     from detector.train import train_yolo
     from detector.yolo_dataset import prepare_locator_dataset
@@ -72,9 +74,11 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int)
     record = run / "bench_cpu.json"
     if (run / "weights" / "best.pt").is_file() and record.is_file():
         return run / "weights" / "best.pt", float(json.loads(record.read_text())["cpu_s"])
-    data_yaml = prepare_locator_dataset(train, work / "loc_ds", config=load_config("locator"), progress=False)
+    size = [f"render.imgsz={imgsz}"] if imgsz else []
+    data_yaml = prepare_locator_dataset(train, work / "loc_ds", config=load_config("locator", overrides=size),
+                                        progress=False)
     cfg = load_config("locator", overrides=[f"train.epochs={epochs}", f"train.seed={seed}", "train.device=cpu",
-                                            "train.patience=100"])
+                                            "train.patience=100", *size])
     cpu0, wall0 = time.process_time(), time.perf_counter()
     train_yolo(Path(data_yaml), run, config=cfg, overwrite=True)
     cpu = time.process_time() - cpu0
@@ -82,7 +86,7 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int)
     return run / "weights" / "best.pt", cpu
 
 
-def detections(work: Path, test: Path, weights: Path, tag: str) -> pd.DataFrame:
+def detections(work: Path, test: Path, weights: Path, tag: str, imgsz: int | None = None) -> pd.DataFrame:
     """Raw locator detections of every test study (one row per box; sampled slices listed with cls -1)."""
     from data_prep.dicom_io import scan_study
     from detector.detect import load_locator, locator_detections
@@ -90,7 +94,8 @@ def detections(work: Path, test: Path, weights: Path, tag: str) -> pd.DataFrame:
     path = work / f"dets_{tag}.csv"
     if path.is_file():
         return pd.read_csv(path, dtype={STUDY_COL: str})
-    locator = load_locator(weights, device="cpu")
+    config = load_config("locator", overrides=[f"render.imgsz={imgsz}"] if imgsz else [])
+    locator = load_locator(weights, config=config, device="cpu")
     frames = []
     for folder in sorted((test / "test_images").iterdir()):
         geometry = scan_study(folder)
@@ -209,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--test-studies", type=int, default=20)
     p.add_argument("--a-epochs", type=int, default=A_EPOCHS)
     p.add_argument("--b-epochs", type=int, default=B_EPOCHS)
+    p.add_argument("--size", type=int, default=None, help="synth image size (default: the synth default, 512)")
+    p.add_argument("--slices", type=int, default=None, help="synth slices per study (default: the synth default)")
+    p.add_argument("--imgsz", type=int, default=None, help="locator image size (default: configs/locator.yaml)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -216,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         p.error("setting (a) trains on at most 15 segmented studies")
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
-    train, test = synth_sets(work, args.train_studies, args.test_studies, args.data_seed)
+    extra = [*([f"image.size={args.size}"] if args.size else []), *([f"volume.slices={args.slices}"] if args.slices
+                                                                     else [])]
+    train, test = synth_sets(work, args.train_studies, args.test_studies, args.data_seed, extra)
     truth, geometry = truth_of(test)
     spacing = {u: s for u, (_, s) in geometry.items()}
     configs = {DECODERS[0]: load_config("levels", overrides=["decode.model=runs"]),
@@ -226,8 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     for setting in settings:
         epochs = args.a_epochs if setting == "a" else args.b_epochs
         for seed in args.seeds:
-            weights, cpu = train_locator(work, train, setting, seed, epochs)
-            dets = detections(work, test, weights, f"{setting}_s{seed}")
+            weights, cpu = train_locator(work, train, setting, seed, epochs, args.imgsz)
+            dets = detections(work, test, weights, f"{setting}_s{seed}", args.imgsz)
             decoded = decode_all(dets, geometry, configs)
             for name in configs:
                 secs = decoded[name].pop("__seconds__")

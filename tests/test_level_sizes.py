@@ -253,3 +253,18 @@ def test_extrapolated_levels_get_classifier_crops(worlds, learned):
     assert set(plan["level"]) == set(LEVELS)
     assert set(plan.loc[plan["level"].isin(["C4", "C5", "C6", "C7"]), "source"]) == {SOURCE_EXTRAPOLATED}
     assert set(plan.loc[plan["level"].isin(["C1", "C2", "C3"]), "source"]) == {"locator"}
+
+
+# ---------------------------------------------------------------- spinefrac train learns it into the model folder
+def test_train_learns_the_prior_into_the_model_folder(trained):
+    from spinefrac.pipeline import open_model
+
+    model = trained / "model"
+    meta = json.loads((model / "model.json").read_text())
+    assert "level_prior.json" in meta["files"] and "learn-level-prior" in meta["stages"]
+    learned_values = read_level_prior(model / "level_prior.json")
+    opened = open_model(model)
+    assert {k: list(v) for k, v in opened.configs["levels"].prior.segments.items()} == learned_values["segments"]
+    assert opened.configs["levels"].prior.scale_sd == learned_values["scale_sd"]
+    n_segmented = len(list((trained / "data" / "segmentations").glob("*.nii*")))
+    assert json.loads((model / "level_prior.json").read_text())["counts"]["studies"] == n_segmented

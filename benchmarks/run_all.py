@@ -24,7 +24,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
               ["--studies", "3", "--size", "512", "--slices", "60", "--repeats", "1"]),
     "levels": ("benchmarks.bench_levels", [], []),
     "level_field": ("benchmarks.bench_level_field", ["--work", "bench_out/level_field", "--setting", "both"],
-                    ["--work", "bench_out/level_field_quick", "--train-studies", "4", "--test-studies", "3",
+                    ["--work", "bench_out/level_field_quick", "--train-studies", "6", "--test-studies", "3",
                      "--size", "128", "--slices", "120", "--imgsz", "96", "--a-epochs", "1", "--setting", "a"]),
     "aggregation": ("benchmarks.bench_aggregation", ["--studies", "600"], ["--studies", "200"]),
     "backends": ("benchmarks.bench_backends", ["--imgsz", "384", "512"], ["--imgsz", "384", "--repeats", "3"]),

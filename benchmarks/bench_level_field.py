@@ -1,15 +1,15 @@
 """Level benchmark on held-out full-field synthetic studies: the size-aware decoder against the former one.
 
     python -m benchmarks.bench_level_field --work DIR                    # setting (a): 15 studies, 6 epochs
-    python -m benchmarks.bench_level_field --work DIR --setting b --b-epochs 4   # (b): configs/locator.yaml, capped
+    python -m benchmarks.bench_level_field --work DIR --setting b --b-epochs 2   # (b): configs/locator.yaml, capped
     python -m benchmarks.bench_level_field --work DIR --seeds 0 1 2      # three locator seeds (same data)
 
 What it does, every step resumable in DIR (a rerun reuses what is there):
 1. `spinefrac synth` a training set of `--train-studies` segmented studies and a held-out test set of
    `--test-studies` (split test), both at the synth defaults (512 px, about 300 slices over the whole neck);
 2. `prepare-locator` on the training set, then train one locator per setting and seed:
-   (a) configs/locator.yaml with `train.epochs` = `--a-epochs` (the issue's user: 6) -- at most 15 studies and, on
-   a quiet machine, at most 10 CPU minutes (the CPU seconds are measured and printed);
+   (a) configs/locator.yaml with `train.epochs` = `--a-epochs` (4) at `render.imgsz` = `--a-imgsz` (160): at most
+   15 studies and about 10 CPU minutes (the CPU seconds are measured and printed);
    (b) configs/locator.yaml as shipped except `train.epochs` capped at `--b-epochs` (stated in the table);
 3. runs each locator once per test study on its sampled slices (`detector.detect.locator_detections`) and keeps
    the raw detections (DIR/dets_<setting>_s<seed>.csv);
@@ -41,10 +41,11 @@ log = logging.getLogger("benchmarks")
 
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 11, 12
 """Synthetic sets' seeds: --data-seed + these (the locator seeds vary only the training)."""
-A_EPOCHS = 6
-"""Setting (a): epochs of the weak locator (the issue's user trained 6)."""
-B_EPOCHS = 4
-"""Setting (b): epoch cap of the default locator on this slow, shared CPU (configs/locator.yaml says 20)."""
+A_EPOCHS, A_IMGSZ = 4, 160
+"""Setting (a): the weak locator, 4 epochs at 160 px: about 10 CPU minutes for 15 studies on the 2-core machine
+(one epoch at configs/locator.yaml's 256 px took about 5 CPU minutes)."""
+B_EPOCHS = 2
+"""Setting (b): epoch cap of the default locator (configs/locator.yaml says 20) on the slow, shared CPU."""
 DECODERS = ("runs (before)", "sizes, learned prior", "sizes, default prior")
 PERCENTILE = 90
 
@@ -75,8 +76,8 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
     if (run / "weights" / "best.pt").is_file() and record.is_file():
         return run / "weights" / "best.pt", float(json.loads(record.read_text())["cpu_s"])
     size = [f"render.imgsz={imgsz}"] if imgsz else []
-    data_yaml = prepare_locator_dataset(train, work / "loc_ds", config=load_config("locator", overrides=size),
-                                        progress=False)
+    data_yaml = prepare_locator_dataset(train, work / (f"loc_ds_{imgsz}" if imgsz else "loc_ds"),
+                                        config=load_config("locator", overrides=size), progress=False)
     cfg = load_config("locator", overrides=[f"train.epochs={epochs}", f"train.seed={seed}", "train.device=cpu",
                                             "train.patience=100", *size])
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -213,10 +214,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-studies", type=int, default=15)
     p.add_argument("--test-studies", type=int, default=20)
     p.add_argument("--a-epochs", type=int, default=A_EPOCHS)
+    p.add_argument("--a-imgsz", type=int, default=A_IMGSZ, help="setting (a)'s locator image size")
     p.add_argument("--b-epochs", type=int, default=B_EPOCHS)
     p.add_argument("--size", type=int, default=None, help="synth image size (default: the synth default, 512)")
     p.add_argument("--slices", type=int, default=None, help="synth slices per study (default: the synth default)")
-    p.add_argument("--imgsz", type=int, default=None, help="locator image size (default: configs/locator.yaml)")
+    p.add_argument("--imgsz", type=int, default=None, help="locator image size of both settings (quick runs)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -235,13 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for setting in settings:
         epochs = args.a_epochs if setting == "a" else args.b_epochs
+        imgsz = args.imgsz or (args.a_imgsz if setting == "a" else None)
         for seed in args.seeds:
-            weights, cpu = train_locator(work, train, setting, seed, epochs, args.imgsz)
-            dets = detections(work, test, weights, f"{setting}_s{seed}", args.imgsz)
+            weights, cpu = train_locator(work, train, setting, seed, epochs, imgsz)
+            dets = detections(work, test, weights, f"{setting}_s{seed}", imgsz)
             decoded = decode_all(dets, geometry, configs)
             for name in configs:
                 secs = decoded[name].pop("__seconds__")
-                rows.append({"setting": f"({setting}) {epochs} epochs, {cpu / 60:.1f} CPU min", "seed": seed,
+                px = imgsz or int(load_config("locator").render.imgsz)
+                rows.append({"setting": f"({setting}) {epochs} ep {px} px, {cpu / 60:.1f} CPU min", "seed": seed,
                              "decoder": name, **score(decoded[name], truth, spacing),
                              "decode_ms": float(np.median(secs) * 1e3)})
     table = pd.DataFrame(rows)

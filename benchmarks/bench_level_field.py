@@ -108,6 +108,32 @@ def detections(work: Path, test: Path, weights: Path, tag: str, imgsz: int | Non
     return out
 
 
+ORACLE_SETTINGS = {"oracle: every level, 20% dropped, 10% swapped": (list(range(7)), 0.2, 0.1),
+                   "oracle: C1-C3 only (the issue's locator)": ([0, 1, 2], 0.0, 0.0)}
+"""--oracle: locator-free evidence from the truth on every 4th slice: (levels seen, share of detections dropped,
+share given a neighbouring level)."""
+ORACLE_CONF = 0.8
+ORACLE_EVERY_K = 4
+
+
+def oracle_detections(truth: dict[str, np.ndarray], seen: list[int], drop: float, swap: float,
+                      seed: int) -> pd.DataFrame:
+    """Truth presence on every ORACLE_EVERY_K-th slice as locator detections (dummy boxes), with noise."""
+    rng = np.random.default_rng(seed)
+    frames = []
+    for uid, t in truth.items():
+        sampled = np.arange(0, len(t), ORACLE_EVERY_K)
+        s_idx, lv = np.nonzero(t[sampled][:, seen])
+        lv = np.asarray(seen)[lv]
+        keep = rng.random(len(lv)) >= drop
+        moved = np.clip(lv + np.where(rng.random(len(lv)) < swap, rng.choice([-1, 1], len(lv)), 0), 0, 6)
+        d = pd.DataFrame({"slice_index": sampled[s_idx][keep], "cls": moved[keep], "conf": ORACLE_CONF,
+                          "x": 10.0, "y": 10.0, "width": 20.0, "height": 20.0})
+        marks = pd.DataFrame({"slice_index": sampled, "cls": -1})
+        frames.append(pd.concat([d, marks], ignore_index=True).assign(**{STUDY_COL: uid}))
+    return pd.concat(frames, ignore_index=True)
+
+
 def decode_all(dets: pd.DataFrame, geometry: dict[str, tuple[int, float]], configs: dict[str, object]
                ) -> dict[str, dict[str, np.ndarray]]:
     """Decode every study's detections with each config: {decoder: {uid: (n, 7) bool}}, and the time per decode."""
@@ -219,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None, help="synth image size (default: the synth default, 512)")
     p.add_argument("--slices", type=int, default=None, help="synth slices per study (default: the synth default)")
     p.add_argument("--imgsz", type=int, default=None, help="locator image size of both settings (quick runs)")
+    p.add_argument("--oracle", action="store_true",
+                   help="also decode locator-free evidence made from the truth (ORACLE_SETTINGS; no training)")
+    p.add_argument("--no-locator", action="store_true", help="only the oracle rows (no locator is trained)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -233,8 +262,16 @@ def main(argv: list[str] | None = None) -> int:
     spacing = {u: s for u, (_, s) in geometry.items()}
     configs = {DECODERS[0]: load_config("levels", overrides=["decode.model=runs"]),
                DECODERS[1]: learned_levels_config(work, train), DECODERS[2]: load_config("levels")}
-    settings = ["a", "b"] if args.setting == "both" else [args.setting]
+    settings = [] if args.no_locator else ["a", "b"] if args.setting == "both" else [args.setting]
     rows = []
+    if args.oracle or args.no_locator:
+        for label, (seen, drop, swap) in ORACLE_SETTINGS.items():
+            for seed in args.seeds:
+                decoded = decode_all(oracle_detections(truth, seen, drop, swap, seed), geometry, configs)
+                for name in configs:
+                    secs = decoded[name].pop("__seconds__")
+                    rows.append({"setting": label, "seed": seed, "decoder": name,
+                                 **score(decoded[name], truth, spacing), "decode_ms": float(np.median(secs) * 1e3)})
     for setting in settings:
         epochs = args.a_epochs if setting == "a" else args.b_epochs
         imgsz = args.imgsz or (args.a_imgsz if setting == "a" else None)

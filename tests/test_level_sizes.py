@@ -156,6 +156,18 @@ def test_nothing_located_gives_no_levels(learned):
     assert not present.any() and not prob.any()
 
 
+def test_the_prior_config_is_checked_when_loaded(tmp_path):
+    from data_prep.config import ConfigError
+
+    with pytest.raises(ConfigError, match="C2-C9"):
+        load_config("levels", overrides=['prior.segments={"C2-C9": [1.0, 0.1, 0.5]}'])
+    with pytest.raises(ConfigError, match="C4-C7"):                  # 4 levels a slice: every set of 4 needs a length
+        load_config("levels", overrides=["decode.max_levels_per_slice=4"])
+    with pytest.raises(ConfigError, match="segments"):
+        load_config("levels", overrides=["prior.segments.C3=[0.0, 0.5, 0.5]"])
+    assert load_config("levels", overrides=["decode.model=runs", "decode.max_levels_per_slice=4"])
+
+
 def test_sizes_needs_the_spacing(learned):
     with pytest.raises(ValueError, match="spacing"):
         decode_sampled(np.full((5, 7), FOUND), np.arange(5), 5, config=learned)

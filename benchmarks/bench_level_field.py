@@ -66,7 +66,7 @@ def synth_sets(work: Path, n_train: int, n_test: int, seed: int, extra: list[str
 
 
 def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
-                  imgsz: int | None = None) -> tuple[Path, float]:
+                  imgsz: int | None = None, omp_wait: str = "default") -> tuple[Path, float]:
     """prepare-locator once, then one locator run per (setting, seed); return (weights, CPU seconds of training)."""
     from detector.train import train_yolo
     from detector.yolo_dataset import prepare_locator_dataset
@@ -79,7 +79,7 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
     data_yaml = prepare_locator_dataset(train, work / (f"loc_ds_{imgsz}" if imgsz else "loc_ds"),
                                         config=load_config("locator", overrides=size), progress=False)
     cfg = load_config("locator", overrides=[f"train.epochs={epochs}", f"train.seed={seed}", "train.device=cpu",
-                                            "train.patience=100", *size])
+                                            "train.patience=100", f"train.omp_wait={omp_wait}", *size])
     cpu0, wall0 = time.process_time(), time.perf_counter()
     train_yolo(Path(data_yaml), run, config=cfg, overwrite=True)
     cpu = time.process_time() - cpu0
@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=None, help="synth image size (default: the synth default, 512)")
     p.add_argument("--slices", type=int, default=None, help="synth slices per study (default: the synth default)")
     p.add_argument("--imgsz", type=int, default=None, help="locator image size of both settings (quick runs)")
+    p.add_argument("--omp-wait", choices=("default", "passive"), default="default",
+                   help="locator training's train.omp_wait: passive on a machine shared with other jobs")
     p.add_argument("--oracle", action="store_true",
                    help="also decode locator-free evidence made from the truth (ORACLE_SETTINGS; no training)")
     p.add_argument("--no-locator", action="store_true", help="only the oracle rows (no locator is trained)")
@@ -276,7 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         epochs = args.a_epochs if setting == "a" else args.b_epochs
         imgsz = args.imgsz or (args.a_imgsz if setting == "a" else None)
         for seed in args.seeds:
-            weights, cpu = train_locator(work, train, setting, seed, epochs, imgsz)
+            weights, cpu = train_locator(work, train, setting, seed, epochs, imgsz, args.omp_wait)
             dets = detections(work, test, weights, f"{setting}_s{seed}", imgsz)
             decoded = decode_all(dets, geometry, configs)
             for name in configs:

@@ -1,7 +1,7 @@
 """Level benchmark on held-out full-field synthetic studies: the size-aware decoder against the former one.
 
     python -m benchmarks.bench_level_field --work DIR                    # setting (a): 15 studies, 6 epochs
-    python -m benchmarks.bench_level_field --work DIR --setting b --b-epochs 2   # (b): configs/locator.yaml, capped
+    python -m benchmarks.bench_level_field --work DIR --setting b                # (b): configs/locator.yaml, 6 epochs
     python -m benchmarks.bench_level_field --work DIR --seeds 0 1 2      # three locator seeds (same data)
 
 What it does, every step resumable in DIR (a rerun reuses what is there):
@@ -42,10 +42,10 @@ log = logging.getLogger("benchmarks")
 TRAIN_SEED_OFFSET, TEST_SEED_OFFSET = 11, 12
 """Synthetic sets' seeds: --data-seed + these (the locator seeds vary only the training)."""
 A_EPOCHS, A_IMGSZ = 4, 160
-"""Setting (a): the weak locator, 4 epochs at 160 px: about 10 CPU minutes for 15 studies on the 2-core machine
-(one epoch at configs/locator.yaml's 256 px took about 5 CPU minutes)."""
-B_EPOCHS = 2
-"""Setting (b): epoch cap of the default locator (configs/locator.yaml says 20) on the slow, shared CPU."""
+"""Setting (a): the weak locator, 4 epochs at 160 px on 15 studies: a few CPU minutes on the 2-core machine
+(about 80 s of wall time per epoch with --omp-wait passive beside other jobs)."""
+B_EPOCHS = 6
+"""Setting (b): epoch cap of the default locator (configs/locator.yaml says 20: hours on the slow, shared CPU)."""
 DECODERS = ("runs (before)", "sizes, learned prior", "sizes, default prior")
 PERCENTILE = 90
 

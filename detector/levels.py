@@ -116,9 +116,10 @@ def _decode(evidence: np.ndarray, config: Any, weight: float, spacing_mm: float 
 
         if spacing_mm is None:
             raise ValueError("decode.model 'sizes' needs the study's slice spacing (spacing_mm)")
-        if not (evidence > PRESENT).any():      # nothing located: nothing to place the column by
+        llr = evidence_log_odds(evidence, config, weight)
+        if not (llr > 0).any():                 # nothing located: nothing to place the column by
             return np.zeros(evidence.shape, dtype=bool), np.zeros(evidence.shape)
-        return decode_sizes(evidence_log_odds(evidence, config, weight), float(spacing_mm), size_prior(config))
+        return decode_sizes(llr, float(spacing_mm), size_prior(config))
     states = level_states(int(dec["max_levels_per_slice"]), bool(dec["allow_gaps"]))
     bits = _state_bits(states)
     trans = _log_transitions(states, float(dec["switch_penalty"]))
@@ -133,8 +134,9 @@ def evidence_log_odds(evidence: np.ndarray, config: Any, weight: float = 1.0) ->
     """(n, 7) presence scores -> what each adds to a path holding that level: weighted log-odds, negatives scaled.
 
     Scores are clipped to decode.evidence_clip, the log-odds scaled by decode.evidence_weight x weight, and the
-    negative ones (the locator found no such level there) further by decode.absent_weight; with
-    decode.ignore_unseen, a level never above 0.5 on any slice gets no evidence at all.
+    negative ones (the locator found no such level there) further by decode.absent_weight. With
+    decode.ignore_unseen, a level never above 0.5 on any slice counts only relative to its own floor: its least
+    log-odds in the study becomes 0 (not finding it is no evidence), its weak detections stay positive.
     """
     dec = config["decode"]
     clip = float(dec["evidence_clip"])
@@ -142,7 +144,8 @@ def evidence_log_odds(evidence: np.ndarray, config: Any, weight: float = 1.0) ->
     lo = logit(np.clip(evidence, clip, 1.0 - clip)) * float(dec["evidence_weight"]) * weight
     lo = np.where(lo < 0, lo * float(dec["absent_weight"]), lo)
     if bool(dec["ignore_unseen"]) and len(evidence):
-        lo[:, ~(evidence > PRESENT).any(axis=0)] = 0.0
+        unseen = ~(evidence > PRESENT).any(axis=0)
+        lo[:, unseen] -= lo[:, unseen].min(axis=0)
     return lo
 
 

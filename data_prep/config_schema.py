@@ -40,6 +40,7 @@ SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/spl
 ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
 CROP_SOURCES = ("auto", "locator")                             # detector/vertebra_crops.py CROP_SOURCES
 CROP_LABELS = ("study", "boxes_where_known")                   # detector/vertebra_crops.py LABEL_CHOICES
+DECODE_MODELS = ("sizes", "runs")                              # detector/levels.py DECODE_MODELS
 
 # ---------------------------------------------------------------- limits
 N_LEVELS = 7                 # C1..C7
@@ -308,12 +309,44 @@ class ClassifierConfig(Section):
 
 # ---------------------------------------------------------------- levels.yaml
 class DecodeSection(Section):
+    model: Literal[DECODE_MODELS]
     max_levels_per_slice: Annotated[int, Field(ge=1, le=N_LEVELS)]
     allow_gaps: StrictBool
     gap_penalty: NonNeg
     switch_penalty: NonNeg
     evidence_clip: Annotated[float, Field(gt=0.0, lt=0.5)]
     evidence_weight: NonNeg
+    absent_weight: NonNeg
+    ignore_unseen: StrictBool
+
+
+def _segment_names(table: dict[str, list[float]]) -> dict[str, list[float]]:
+    names = {f"C{a + 1}" if a == b else f"C{a + 1}-C{b + 1}" for a in range(N_LEVELS) for b in range(a, N_LEVELS)}
+    bad = sorted(set(table) - names)
+    if bad:
+        raise ValueError(f"unknown sets of levels {bad}: names are C<a> or C<a>-C<b> with a < b")
+    return table
+
+
+SegmentRow = Annotated[list[Real], Field(min_length=3, max_length=3)]
+
+
+def _segment_row(row: list[float]) -> list[float]:
+    if not (row[0] > 0 and row[1] > 0 and 0.0 <= row[2] <= 1.0):
+        raise ValueError(f"[median mm > 0, SD of log length > 0, probability in 0..1] expected, found {row}")
+    return row
+
+
+class LevelsPriorSection(Section):
+    learn: StrictBool
+    min_studies: PosInt
+    segments: Annotated[dict[str, Annotated[SegmentRow, AfterValidator(_segment_row)]],
+                        AfterValidator(_segment_names)]
+    scales: Annotated[list[Pos], Field(min_length=1)]
+    scale_sd: NonNeg
+    start_above: OpenProb
+    end_below: OpenProb
+    max_sd: Pos
 
 
 class LevelsLocateSection(Section):
@@ -340,9 +373,23 @@ class RelativeZSection(Section):
 
 class LevelsConfig(Section):
     decode: DecodeSection
+    prior: LevelsPriorSection
     locate: LevelsLocateSection
     assign: AssignSection
     relative_z: RelativeZSection
+
+    @model_validator(mode="after")
+    def _every_set_has_a_length(self) -> LevelsConfig:
+        if self.decode.model != "sizes":
+            return self
+        m = self.decode.max_levels_per_slice
+        need = [f"C{a + 1}" if a == b else f"C{a + 1}-C{b + 1}" for a in range(N_LEVELS)
+                for b in range(a, min(N_LEVELS, a + m))]
+        missing = [name for name in need if name not in self.prior.segments]
+        if missing:
+            raise ValueError(f"decode.model sizes with max_levels_per_slice {m} needs prior.segments for "
+                             f"{', '.join(missing)}")
+        return self
 
 
 # ---------------------------------------------------------------- aggregation.yaml

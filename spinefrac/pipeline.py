@@ -204,6 +204,10 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     from detector.detect import detect_settings
     from detector.yolo_dataset import prepare_settings, train_study_dir
 
+    # the level decode's size prior, from the segmentations: every stage that decodes levels uses it
+    cfgs["levels"] = _level_prior_stage(stage, data_root, out, segmented, cfgs["levels"], progress)
+    _save_configs(out, config, cfgs)      # the model folder's levels.yaml is what predict decodes with
+
     # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
     data = {"data_root": str(data_root.resolve())}
     if use_locator and reuse:
@@ -245,7 +249,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
               [cls_ds / "index.csv", *(cls_ds / f"fold{k}" / "train" for k in cls_train)],
               {**data, "folds": {str(k): sorted(v) for k, v in cls_train.items()},
                "crops": section(cfgs["classifier"], "crops"), "render": section(cfgs["classifier"], "render"),
-               "prepare": section(cfgs["classifier"], "prepare"), "upstream": locator_stage})
+               "prepare": section(cfgs["classifier"], "prepare"), "upstream": locator_stage,
+               "levels": plain(cfgs["levels"])})
         for k in cls_train:
             run = out / CLASSIFIER_DIR / f"fold{k}"
             classifier_runs[k] = run
@@ -303,6 +308,39 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
 
+
+def _level_prior_stage(stage: Callable[..., None], data_root: Path, out: Path, segmented: Sequence[str],
+                       levels: Config, progress: bool) -> Config:
+    """Learn the level decode's size prior from the segmentations (stage learn-level-prior); return the levels
+    config with it (the configured one when prior.learn is off, decode.model is not "sizes" or too few studies)."""
+    from detector.level_prior import LEVEL_PRIOR_JSON, prior_overrides, read_level_prior
+
+    path = out / LEVEL_PRIOR_JSON
+    learn = bool(levels.prior.learn) and levels.decode.model == "sizes"
+    if not learn or len(segmented) < int(levels.prior.min_studies):
+        if learn:
+            log.warning("level prior: %d segmented studies (< prior.min_studies %d): configs/levels.yaml's prior "
+                        "is used", len(segmented), int(levels.prior.min_studies))
+        path.unlink(missing_ok=True)
+        Path(f"{path}.meta.json").unlink(missing_ok=True)
+        return levels
+    seg_dir = data_root / SEGMENTATIONS
+    files = sorted(p for p in seg_dir.iterdir() if ".nii" in p.name)
+    stage("learn-level-prior", lambda redo: _learn_prior(data_root, segmented, out, levels, progress), [path],
+          {"data_root": str(data_root.resolve()), "segmentations": {p.name: weights_id(p) for p in files},
+           "prior": plain(section(levels, "prior")),
+           "max_levels_per_slice": int(levels.decode.max_levels_per_slice)})
+    if not path.is_file():       # too few usable segmentations: learn_from_segmentations wrote nothing
+        return levels
+    return load_config("levels", None, [*_flatten(levels), *prior_overrides(read_level_prior(path))])
+
+
+def _learn_prior(data_root: Path, studies: Sequence[str], out: Path, levels: Config, progress: bool
+                 ) -> dict[str, Any]:
+    from detector.level_prior import learn_from_segmentations
+
+    record = learn_from_segmentations(data_root, studies, out, config=levels, progress=progress)
+    return {"studies": len(record["studies"]) if record else 0}
 
 class _BudgetClock:
     """The run's elapsed time as the budget counts it (stages a rerun skips count with their recorded runtime)."""

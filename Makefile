@@ -30,7 +30,7 @@ lint: $(STAMP)
 docs: $(STAMP)  ## the documentation site into site/ (MkDocs, offline; `make test` builds it too)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
-bench: $(STAMP)  ## every benchmark, full size (about 1.5 h on 2 cores; tables in bench_out/)
+bench: $(STAMP)  ## every benchmark, full size (about 1.5 h on 2 cores, plus about 2 h for the ladder; tables in bench_out/)
 	$(PY) -m benchmarks.run_all --out bench_out
 
 bench-quick: $(STAMP)  ## every benchmark, small versions (about 10 min)

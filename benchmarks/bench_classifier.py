@@ -175,8 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     from detector.offline import configure_ultralytics
 
     configure_ultralytics()            # before anything imports Ultralytics (offline, settings in our cache)
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.synth import synth_config, synthesize
     from data_prep.tables import read_table
     from spinefrac.demo import demo_config
     from spinefrac.pipeline import predict_all, train_all
@@ -184,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_classifier_"))
     work.mkdir(parents=True, exist_ok=True)
     cfg = demo_config(None, args.set)
-    synth_cfg = load_config("synth", None, list(cfg.demo.synth_set))
+    synth_cfg = synth_config(cfg.demo.world, None, list(cfg.demo.synth_set))
     data, test = work / "data", args.test or work / "test"
     model = args.model or work / "model"
     timings = {}

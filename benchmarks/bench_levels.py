@@ -41,6 +41,9 @@ CLEAN_GAP = 2
 SEED = 0
 SYNTH_SLICES = 150
 """Slices per synthetic study of the oracle run (about 1.3 mm thick, real studies 0.5-1.25 mm)."""
+REAL_SPAN_MM = 144.4
+"""The real table has no slice spacing: each study's is taken as this C1-top..C7-bottom length (the synthetic
+phantom's mean, as configs/levels.yaml's default prior) over its span in slices (decode.model "sizes")."""
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,9 @@ def bench_real(seqs: dict[str, tuple[np.ndarray, np.ndarray]], cfg, scenarios=SC
             truth = seqs[u][1]
             sampled, ev = corrupt(truth, c, rng)
             t0 = time.perf_counter()
-            present, _ = decode_sampled(ev, sampled, len(truth), config=cfg)
+            rows_on = np.nonzero(truth.any(axis=1))[0]
+            spacing = REAL_SPAN_MM / max(int(rows_on[-1] - rows_on[0] + 1), 1) if len(rows_on) else 1.0
+            present, _ = decode_sampled(ev, sampled, len(truth), config=cfg, spacing_mm=spacing)
             times.append((time.perf_counter() - t0) * 1e3)
             dec_rows.append(compare(present, truth))
             raw_rows.append(compare(raw_threshold(sampled, ev, len(truth)), truth))
@@ -346,12 +351,21 @@ def bench_oracle(truth_root: Path, cfg, *, k: int, noise: float, drop: float, ji
     for uid, n in n_of.items():
         dets, sampled = oracle_detections(truth, str(uid), int(n), k=k, noise=noise, drop=drop,
                                           jitter_px=jitter_px, rng=rng)
-        s, b = locate_study(dets, int(n), sampled, config=cfg, study_uid=str(uid))
+        s, b = locate_study(dets, int(n), sampled, config=cfg, study_uid=str(uid),
+                            spacing_mm=_spacing(truth_root, str(uid)))
         slices.append(s)
         lboxes.append(b)
     label = f"oracle k={k} swap={noise} drop={drop} jitter={jitter_px}px"
     return score_predictions(truth, pd.concat(slices, ignore_index=True), pd.concat(lboxes, ignore_index=True),
                              cfg, label)
+
+
+def _spacing(root: Path, uid: str) -> float:
+    """Slice spacing (mm) of a synthetic study from its DICOM geometry."""
+    from data_prep.dicom_io import scan_study
+    from detector.render import slice_spacing
+
+    return slice_spacing(scan_study(next(root.glob(f"*_images/{uid}"))))
 
 
 def make_synthetic(root: Path, n_studies: int, seed: int) -> Path:

@@ -250,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, "-m", "benchmarks.bench_detect_speed", "--child", "naive", "--backend", "pytorch",
                "--weights", str(model.detector_weights), "--studies-dir", str(folder), "--out", str(work / "naive"),
                "--imgsz", str(det["render"]["imgsz"]), "--workers", str(args.workers), "--pydicom-decode"]
-        for key in ("recipe", "window_level", "window_width", "neighbour_mm", "windows"):
+        for key in ("recipe", "window_level", "window_width", "neighbour_mm", "windows", "crack_channel",
+                    "crack_width_mm", "crack_bone_hu", "crack_full_hu"):
             if key in det["render"]:
                 value = det["render"][key]
                 cmd += ["--render-set", f"render.{key}={json.dumps(value) if not isinstance(value, str) else value}"]

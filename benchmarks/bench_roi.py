@@ -39,8 +39,8 @@ import pandas as pd
 from benchmarks.bench_detect_quality import box_ap50, iou_xywh
 from data_prep.registry import STUDY_COL
 
-DEMO_LABELS = ["labels.box_fraction=1.0", "labels.segmentation_fraction=0.3", "fracture.gap_mm=[1.5, 2.5]",
-               "fracture.shift_mm=[1.5, 3.0]"]
+DEMO_LABELS = ["labels.box_fraction=1.0", "labels.segmentation_fraction=0.3"]
+DEMO_WORLD = "coarse"           # the demo's fractures (configs/worlds.yaml)
 SIZES_MM = (60.0, 80.0, 100.0, 120.0, 140.0)
 MINUTES_PER_HOUR = 60.0
 DEFAULT_ROI_MM = 100.0       # configs/detector.yaml roi.size_mm
@@ -183,13 +183,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a new temp folder)")
     args = p.parse_args(argv)
 
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.synth import synth_config, synthesize
     from data_prep.tables import read_table
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_roi_"))
     work.mkdir(parents=True, exist_ok=True)
-    synth_cfg = load_config("synth", None, [f"volume.slices={args.slices}", *DEMO_LABELS])
+    synth_cfg = synth_config(DEMO_WORLD, None, [f"volume.slices={args.slices}", *DEMO_LABELS])
     data, test = work / "data", work / "test"
     if not (data / "train.csv").is_file():
         synthesize(data, n_studies=args.train_studies, seed=args.seed, split="train", config=synth_cfg,

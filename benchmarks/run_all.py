@@ -23,6 +23,9 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "synth": ("benchmarks.bench_synth", ["--studies", "4", "--size", "512", "--slices", "100"],
               ["--studies", "3", "--size", "512", "--slices", "60", "--repeats", "1"]),
     "levels": ("benchmarks.bench_levels", [], []),
+    "level_field": ("benchmarks.bench_level_field", ["--work", "bench_out/level_field", "--setting", "both"],
+                    ["--work", "bench_out/level_field_quick", "--train-studies", "6", "--test-studies", "3",
+                     "--size", "128", "--slices", "120", "--imgsz", "96", "--a-epochs", "1", "--setting", "a"]),
     "aggregation": ("benchmarks.bench_aggregation", ["--studies", "600"], ["--studies", "200"]),
     "candidates": ("benchmarks.bench_candidates", ["--worlds", "weak,medium,scoreless,none", "--seeds", "0,1,2",
                                                    "--set", "model.max_depth=2", "--set", "model.max_iter=100"],
@@ -41,8 +44,16 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
                       ["--model", "demo_out/model", "--studies", "20", "--work", "bench_out/predict_speed"],
                       ["--model", "demo_out/model", "--studies", "4", "--naive-studies", "1", "--rss-studies", "4",
                        "--work", "bench_out/predict_speed_quick"]),
+    "ladder": ("benchmarks.bench_ladder",
+               ["--worlds", "coarse", "default", "subtle", "--seeds", "0", "1", "2", "--work", "bench_out/ladder",
+                "--out", "bench_out/ladder.md"],
+               ["--worlds", "subtle", "--seeds", "0", "--budget", "90s", "--train-studies", "16", "--test-studies",
+                "6", "--synth-set", "image.size=128", "--synth-set", "volume.slices=48", "--work",
+                "bench_out/ladder_quick"]),
     "serve": ("benchmarks.bench_serve", ["--model", "demo_out/model", "--studies", "3", "--work", "bench_out/serve"],
               ["--model", "demo_out/model", "--studies", "2", "--work", "bench_out/serve_quick"]),
+    "crack_signal": ("benchmarks.bench_crack_signal", ["--studies", "24", "--work", "bench_out/crack_signal"],
+                     ["--studies", "6", "--slices", "60", "--repeats", "2", "--work", "bench_out/crack_signal_quick"]),
 }
 NEEDS: dict[str, Path] = {"predict_speed": Path("demo_out/model"), "serve": Path("demo_out/model")}
 """Benchmarks that need a model folder: skipped, with the command that makes it, when it is missing."""

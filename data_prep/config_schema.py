@@ -21,6 +21,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
+from data_prep.durations import parse_duration
+
 # ---------------------------------------------------------------- choices
 RECIPES = ("2.5d", "windows")                                  # detector/render.py RECIPES
 NEGATIVE_SAMPLING = ("matched", "uniform")                     # detector/yolo_dataset.py NEGATIVE_SAMPLING
@@ -38,6 +40,7 @@ SPLIT_SCHEMES = ("auto", "boxed", "holdout", "oof")            # aggregation/spl
 ROI_FALLBACKS = ("body", "full")                               # detector/roi.py FALLBACKS
 CROP_SOURCES = ("auto", "locator")                             # detector/vertebra_crops.py CROP_SOURCES
 CROP_LABELS = ("study", "boxes_where_known")                   # detector/vertebra_crops.py LABEL_CHOICES
+DECODE_MODELS = ("sizes", "runs")                              # detector/levels.py DECODE_MODELS
 
 # ---------------------------------------------------------------- limits
 N_LEVELS = 7                 # C1..C7
@@ -106,6 +109,10 @@ class RenderSection(Section):
     window_level: Real
     window_width: Pos
     windows: Windows
+    crack_channel: Annotated[int, Field(ge=0, lt=N_CHANNELS)] | None   # detector/render.py crack_channel_index
+    crack_width_mm: Pos
+    crack_bone_hu: Real
+    crack_full_hu: Pos
 
 
 class DetectorPrepareSection(Section):
@@ -119,6 +126,7 @@ class DetectorPrepareSection(Section):
     matched_bins: PosInt
     matched_smooth_bins: Count
     matched_floor: Prob
+    hard_candidates: PosInt
     margin_slices: Count
     min_box_px: NonNeg
 
@@ -301,12 +309,44 @@ class ClassifierConfig(Section):
 
 # ---------------------------------------------------------------- levels.yaml
 class DecodeSection(Section):
+    model: Literal[DECODE_MODELS]
     max_levels_per_slice: Annotated[int, Field(ge=1, le=N_LEVELS)]
     allow_gaps: StrictBool
     gap_penalty: NonNeg
     switch_penalty: NonNeg
     evidence_clip: Annotated[float, Field(gt=0.0, lt=0.5)]
     evidence_weight: NonNeg
+    absent_weight: NonNeg
+    ignore_unseen: StrictBool
+
+
+def _segment_names(table: dict[str, list[float]]) -> dict[str, list[float]]:
+    names = {f"C{a + 1}" if a == b else f"C{a + 1}-C{b + 1}" for a in range(N_LEVELS) for b in range(a, N_LEVELS)}
+    bad = sorted(set(table) - names)
+    if bad:
+        raise ValueError(f"unknown sets of levels {bad}: names are C<a> or C<a>-C<b> with a < b")
+    return table
+
+
+SegmentRow = Annotated[list[Real], Field(min_length=3, max_length=3)]
+
+
+def _segment_row(row: list[float]) -> list[float]:
+    if not (row[0] > 0 and row[1] > 0 and 0.0 <= row[2] <= 1.0):
+        raise ValueError(f"[median mm > 0, SD of log length > 0, probability in 0..1] expected, found {row}")
+    return row
+
+
+class LevelsPriorSection(Section):
+    learn: StrictBool
+    min_studies: PosInt
+    segments: Annotated[dict[str, Annotated[SegmentRow, AfterValidator(_segment_row)]],
+                        AfterValidator(_segment_names)]
+    scales: Annotated[list[Pos], Field(min_length=1)]
+    scale_sd: NonNeg
+    start_above: OpenProb
+    end_below: OpenProb
+    max_sd: Pos
 
 
 class LevelsLocateSection(Section):
@@ -333,9 +373,23 @@ class RelativeZSection(Section):
 
 class LevelsConfig(Section):
     decode: DecodeSection
+    prior: LevelsPriorSection
     locate: LevelsLocateSection
     assign: AssignSection
     relative_z: RelativeZSection
+
+    @model_validator(mode="after")
+    def _every_set_has_a_length(self) -> LevelsConfig:
+        if self.decode.model != "sizes":
+            return self
+        m = self.decode.max_levels_per_slice
+        need = [f"C{a + 1}" if a == b else f"C{a + 1}-C{b + 1}" for a in range(N_LEVELS)
+                for b in range(a, min(N_LEVELS, a + m))]
+        missing = [name for name in need if name not in self.prior.segments]
+        if missing:
+            raise ValueError(f"decode.model sizes with max_levels_per_slice {m} needs prior.segments for "
+                             f"{', '.join(missing)}")
+        return self
 
 
 # ---------------------------------------------------------------- aggregation.yaml
@@ -425,10 +479,26 @@ class ClassifierChoice(StageChoice):
     enabled: StrictBool
 
 
+def _duration(value: str | float | None) -> str | float | None:
+    if value is not None:
+        parse_duration(str(value))     # ValueError: the reason and examples (a bare number has no unit)
+    return value
+
+
+class BudgetSection(Section):
+    total: Annotated[StrictStr | int | float | None, AfterValidator(_duration)]   # a number is refused: no unit
+    reserve: Annotated[float, Field(ge=0.0, lt=1.0, allow_inf_nan=False)]
+    locator: NonNeg
+    detector: Pos
+    classifier: NonNeg
+    min_stage_s: Pos
+
+
 class DemoSection(Section):
     train_studies: Annotated[int, Field(ge=2)]
     test_studies: PosInt
     seed: Seed
+    world: Annotated[StrictStr, Field(min_length=1)]
     synth_set: StrList
     detector_set: StrList
     locator_set: StrList
@@ -443,6 +513,7 @@ class PipelineConfig(Section):
     levels: StageChoice
     aggregation: StageChoice
     classifier: ClassifierChoice
+    budget: BudgetSection
     demo: DemoSection
 
 
@@ -478,6 +549,10 @@ class AnatomySection(Section):
     low_density_factor: PosRange
     vascular_channel_prob: Prob
     vascular_width_mm: PosRange
+    foramen_prob: Prob
+    foramen_width_mm: PosRange
+    foramen_depth_mm: PosRange
+    foramen_height_mm: PosRange
     osteophyte_prob: Prob
     osteophyte_mm: PosRange
     above_c1_mm: PosRange
@@ -511,6 +586,7 @@ class FractureSection(Section):
     shift_mm: PosRange
     min_gap_px: NonNeg
     min_shift_px: NonNeg
+    no_shift_prob: Prob
     extent_frac: ProbRange
     min_window_slices: NonNeg
     extra_line_prob: Prob
@@ -553,6 +629,20 @@ class SynthConfig(Section):
     fracture: FractureSection
     labels: LabelsSection
     files: FilesSection
+
+
+# ---------------------------------------------------------------- worlds.yaml
+class WorldSection(Section):
+    about: Annotated[StrictStr, Field(min_length=1)]
+    synth_set: StrList
+
+
+class WorldsConfig(Section):
+    """Every named world of configs/worlds.yaml (a new world is one more line here)."""
+
+    coarse: WorldSection
+    default: WorldSection
+    subtle: WorldSection
 
 
 # ---------------------------------------------------------------- serve.yaml
@@ -628,6 +718,7 @@ SCHEMAS: dict[str, type[Section]] = {
     "aggregation": AggregationConfig,
     "pipeline": PipelineConfig,
     "synth": SynthConfig,
+    "worlds": WorldsConfig,
     "serve": ServeConfig,
 }
 """The schema of each stage's config, by stage name (configs/<stage>.yaml)."""

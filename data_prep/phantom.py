@@ -6,9 +6,12 @@ local (u, v, w) = (patient left, posterior, superior along the spine axis) to pa
 evaluated only inside their own bounding box on the voxel grid, so a 512 x 512 x 300 study takes seconds.
 
 Fractures are planes through a vertebral element: a thin lucent gap where the plane cuts the bone, and the
-bone on one side shifted by a small vector over a window of the element's height. Distractors are not
-fractures: vascular channels (lucent lines inside the cancellous bone, cortex intact), osteophytes (bony
-bumps at body margins) and low bone density (darker cancellous bone).
+bone on one side shifted by a small vector over a window of the element's height. Lines narrower than a pixel
+are drawn with their exact pixel coverage (partial volume), so a 0.3 mm crack at 0.4 mm pixels darkens its
+pixels by three quarters instead of vanishing or widening to a pixel. Distractors are not fractures:
+vascular channels (lucent lines inside the cancellous bone, cortex intact), basivertebral foramina (a lucent
+channel through the posterior cortex of the body, in the midline, as wide as a hairline crack), osteophytes
+(bony bumps at body margins) and low bone density (darker cancellous bone).
 """
 
 from __future__ import annotations
@@ -82,6 +85,12 @@ HEAD_MARGIN = 8.0               # scalp outside the skull
 SHOULDER_WIDEN = (1.7, 1.15)    # neck outline growth below C7 (lateral, AP)
 AIRWAY_AXES = {"pharynx": (13.0, 7.0), "larynx": (8.0, 6.5), "trachea": (9.0, 8.0)}
 VASC_MARGIN_MM = 1.0            # vascular channels stay this far inside the cortex
+FORAMEN_OUTSIDE_MM = 1.0        # a basivertebral foramen starts this far behind the body's posterior surface (in the canal)
+FORAMEN_MIDLINE = 0.15          # its lateral offset from the midline, / body half width (uniform +-)
+FORAMEN_TILT = 0.3              # its in-plane angle from the sagittal plane, radians (uniform +-)
+SEEN_SHARE = 0.5
+"""A slice shows a break where the gap covers at least this share of its peak pixel coverage (1 for lines at
+least a pixel wide, width / spacing for thinner ones), or where the moved fragment changes the bone."""
 TAPER_MM = 1.5                  # fragment shift fades in over this distance at the window ends
 CV_SHIFT = 4                    # sub-pixel bits for cv2 drawing
 NOISE_POOL, NOISE_PAD = 8, 32   # noise images drawn per study, and their extra size for random crops
@@ -320,6 +329,21 @@ class Part:
     dims: dict[str, float] = field(default_factory=dict)
     vascular: list[tuple[np.ndarray, np.ndarray, float, tuple[float, float]]] = field(default_factory=list)
     """Vascular channels: (unit normal, point, width mm, (w_lo, w_hi)) in local coordinates."""
+    foramina: list[Foramen] = field(default_factory=list)
+    """Lucent channels through the cortex that are not fractures (basivertebral foramina)."""
+
+
+@dataclass(frozen=True)
+class Foramen:
+    """A lucent sheet of `width` mm (plane `normal` through `point`, local coordinates) that removes bone between
+    `reach` (mm along `inward` from `point`) and inside `window` (local w, mm): a channel through the cortex."""
+
+    normal: np.ndarray
+    point: np.ndarray
+    inward: np.ndarray
+    width: float
+    reach: tuple[float, float]
+    window: tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -552,6 +576,22 @@ def _add_distractors(rng: np.random.Generator, part: Part, cfg: Mapping[str, Any
             r = _u(rng, cfg["osteophyte_mm"])
             centre = (rng.uniform(-0.5, 0.5) * hw, -hd * rng.uniform(0.85, 1.0), end * (h / 2 - r * 0.3))
             part.shapes.append(Ellipsoid("osteophyte", centre=centre, radii=(r * 1.5, r, r * 0.8)))
+    # drawn only when enabled, so worlds without foramina keep their random stream (and their bytes)
+    if cfg["foramen_prob"] > 0 and rng.random() < cfg["foramen_prob"]:
+        part.foramina.append(basivertebral_foramen(rng, d, cfg))
+
+
+def basivertebral_foramen(rng: np.random.Generator, d: Mapping[str, float], cfg: Mapping[str, Any]) -> Foramen:
+    """A basivertebral foramen: a sagittal lucent sheet from the canal through the posterior cortex into the body."""
+    hw, hd, h = d["body_hw"], d["body_hd"], d["body_h"]
+    ang = rng.uniform(-FORAMEN_TILT, FORAMEN_TILT)
+    normal = np.array([math.cos(ang), math.sin(ang), 0.0])      # the sheet is near-sagittal
+    inward = np.array([math.sin(ang), -math.cos(ang), 0.0])     # in the sheet, pointing anteriorly
+    point = np.array([rng.uniform(-FORAMEN_MIDLINE, FORAMEN_MIDLINE) * hw, hd + FORAMEN_OUTSIDE_MM, 0.0])
+    half = _u(rng, cfg["foramen_height_mm"]) / 2
+    centre = rng.uniform(-0.25, 0.25) * h
+    return Foramen(normal, point, inward, _u(rng, cfg["foramen_width_mm"]),
+                   (0.0, FORAMEN_OUTSIDE_MM + _u(rng, cfg["foramen_depth_mm"])), (centre - half, centre + half))
 
 
 def _tissue_keypoints(rng: np.random.Generator, cfg: Mapping[str, Any], vertebrae: Mapping[str, Part],
@@ -601,6 +641,8 @@ def make_fracture(rng: np.random.Generator, part: Part, kind: str, cfg: Mapping[
     d, name = part.dims, part.name
     gap = max(_u(rng, cfg["gap_mm"]), cfg["min_gap_px"] * spacing)
     mag = max(_u(rng, cfg["shift_mm"]), cfg["min_shift_px"] * spacing)
+    if cfg["no_shift_prob"] > 0 and rng.random() < cfg["no_shift_prob"]:   # drawn only when enabled (same bytes)
+        mag = 0.0
     side = int(rng.choice([1, -1]))
     tag = "L" if side > 0 else "R"
     min_len = cfg["min_window_slices"] * thickness
@@ -783,6 +825,7 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
     bone = np.zeros(shape, dtype=np.float32)
     elem_masks: dict[int, np.ndarray] = {}
     gap_seen: dict[int, np.ndarray] = {}
+    fractures_by_id = dict(fractures)
     for sh, (slo, shi) in zip(part.shapes, bounds, strict=True):
         sbox = _part_box(part.frame, slo, shi, grid, pad)
         if sbox is None:
@@ -802,7 +845,7 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
             d = np.where(dist > 0, moved, d)
             own_moves[i] = (dist > 0) & ((moved <= 0) != intact)
             inside = (w >= lo_w) & (w <= hi_w)
-            own_gaps[i] = np.clip(0.5 - (np.abs(dist) - f.gap_mm / 2) / s, 0.0, 1.0) * inside
+            own_gaps[i] = line_coverage(dist, f.gap_mm, s) * inside
             gap = np.maximum(gap, own_gaps[i])
         f_shape = np.clip(0.5 - d / s, 0.0, 1.0)
         for i, g in own_gaps.items():
@@ -810,7 +853,7 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
             m = elem_masks.setdefault(i, np.zeros(shape, dtype=bool))
             m[rel] |= elem
             seen = gap_seen.setdefault(i, np.zeros(shape, dtype=bool))
-            seen[rel] |= (elem & (g >= 0.5)) | own_moves[i]
+            seen[rel] |= (elem & (g >= SEEN_SHARE * min(1.0, fractures_by_id[i].gap_mm / s))) | own_moves[i]
         np.minimum(sdf_all[rel], d, out=sdf_all[rel])
         # without a break on this shape the gap is 0 and f_shape * (1 - gap) is f_shape itself
         np.maximum(bone[rel], f_shape if gap is None else f_shape * (1.0 - gap), out=bone[rel])
@@ -821,17 +864,24 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
     sdf_in = sdf_all[where]
     interior = np.clip(0.5 + (sdf_in + cortex_mm) / s, 0.0, 1.0)  # 1 in the cortex, 0 deep inside
     bone_hu = part.cancellous_hu + (cortical - part.cancellous_hu) * interior
-    if part.vascular:
+    if part.vascular or part.foramina:
         x, y, z = grid.coords(box)
         px, py, pz = (np.broadcast_to(c, shape)[where] for c in (x, y, z))
         u, v, w = part.frame.to_local(px, py, pz)
+    if part.vascular:
         body = next(sh for sh in part.shapes if sh.element == "body")
         deep = (sdf_in < -(cortex_mm + VASC_MARGIN_MM)) & (body.sdf(u, v, w) < -(cortex_mm + VASC_MARGIN_MM))
         for normal, point, width, (w_lo, w_hi) in part.vascular:
             dist = (u - point[0]) * normal[0] + (v - point[1]) * normal[1] + (w - point[2]) * normal[2]
             width = max(width, cfg["min_channel_px"] * s)
-            gv = np.clip(0.5 - (np.abs(dist) - width / 2) / s, 0.0, 1.0) * deep * (w >= w_lo) * (w <= w_hi)
+            gv = line_coverage(dist, width, s) * deep * (w >= w_lo) * (w <= w_hi)
             bone_hu += (cfg["vascular"] - bone_hu) * gv
+    for fo in part.foramina:      # not a break: the bone is removed, the labels and the fracture truth stay
+        dist = (u - fo.point[0]) * fo.normal[0] + (v - fo.point[1]) * fo.normal[1] + (w - fo.point[2]) * fo.normal[2]
+        t = (u - fo.point[0]) * fo.inward[0] + (v - fo.point[1]) * fo.inward[1] + (w - fo.point[2]) * fo.inward[2]
+        ends = np.clip(0.5 + np.minimum(t - fo.reach[0], fo.reach[1] - t) / s, 0.0, 1.0)
+        width = max(fo.width, cfg["min_channel_px"] * s)
+        frac = frac * (1.0 - line_coverage(dist, width, s) * ends * (w >= fo.window[0]) * (w <= fo.window[1]))
     old = sub_hu[where]
     sub_hu[where] = old + (bone_hu - old) * frac
     if part.label:
@@ -850,6 +900,20 @@ def _render_part(hu: np.ndarray, labels: np.ndarray, part: Part, fractures: Sequ
             if old is not None:
                 bbox = (min(old[0], bbox[0]), max(old[1], bbox[1]), min(old[2], bbox[2]), max(old[3], bbox[3]))
             boxes[i][kk] = tuple(int(b) for b in bbox)
+
+
+def line_coverage(dist: np.ndarray, width: float, spacing: float) -> np.ndarray:
+    """Share of each pixel covered by a lucent line `width` mm wide whose midplane lies `dist` mm from its centre.
+
+    The exact coverage of a pixel `spacing` mm wide (a box filter across the line). For lines at least a pixel
+    wide this is the edge ramp clip(0.5 - (|dist| - width / 2) / spacing, 0, 1), computed as before so those
+    studies keep their bytes; a thinner line peaks at width / spacing instead of being widened to a pixel.
+    """
+    if width >= spacing:
+        return np.clip(0.5 - (np.abs(dist) - width / 2) / spacing, 0.0, 1.0)
+    a = np.abs(dist)
+    overlap = np.minimum(a + spacing / 2, width / 2) - np.maximum(a - spacing / 2, -width / 2)
+    return np.clip(overlap, 0.0, None) / spacing
 
 
 def _finish(hu: np.ndarray, grid: Grid, cfg: Mapping[str, Any], rng: np.random.Generator) -> None:

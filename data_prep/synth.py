@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from data_prep import phantom, registry
 from data_prep.artifacts import atomic_path, write_csv_atomic, write_sidecar
-from data_prep.config import Config, load_config
+from data_prep.config import Config, ConfigError, _suggest, load_config
 from data_prep.dicom_write import write_series
 from data_prep.errors import InputError
 from data_prep.registry import LEVELS, PATIENT, STUDY_COL
@@ -47,6 +48,8 @@ FLOAT_DECIMALS = 5
 RNG_STUDY, RNG_PLAN = 1, 2
 MAX_RENDER_ATTEMPTS = 4
 """Fractures are re-drawn (and the study re-rendered) when a labelled level shows no break on any slice."""
+WORLDS_CONFIG = "worlds"
+"""configs/worlds.yaml: the named worlds (synth overrides that change only the fractures and their look-alikes)."""
 KINDS_KEY = {"C1": "kinds_c1", "C2": "kinds_c2"}
 SEG_DIR, TRUTH_DIR = "segmentations", "truth"
 
@@ -95,12 +98,33 @@ def study_uid(seed: int, split: str, index: int) -> str:
     return f"{UID_ROOT}.{number}"
 
 
+def world_names() -> tuple[str, ...]:
+    """The worlds configs/worlds.yaml defines, in its order."""
+    return tuple(load_config(WORLDS_CONFIG))
+
+
+def world_overrides(world: str) -> list[str]:
+    """The configs/synth.yaml overrides of a named world (configs/worlds.yaml); ConfigError for an unknown name."""
+    worlds = load_config(WORLDS_CONFIG)
+    if world not in worlds:
+        raise ConfigError(f"unknown world {world!r}: configs/{WORLDS_CONFIG}.yaml defines "
+                          f"{', '.join(worlds)}{_suggest(world, worlds)}")
+    return list(worlds[world]["synth_set"])
+
+
+def synth_config(world: str | None = None, path: str | os.PathLike | None = None,
+                 overrides: Sequence[str] = ()) -> Config:
+    """The synth config of a world: defaults < the file at `path` < the world's overrides < `overrides`."""
+    return load_config("synth", path, [*(world_overrides(world) if world else []), *overrides])
+
+
 def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", config: Config | None = None,
-               progress: bool = True, overwrite: bool = False, workers: int = 2) -> Path:
+               progress: bool = True, overwrite: bool = False, workers: int = 2, world: str | None = None) -> Path:
     """Write `n_studies` synthetic studies in the Kaggle layout under `out`; return `out`.
 
     Studies are built in `workers` processes; each is seeded by its own plan, so the output does not
-    depend on the worker count.
+    depend on the worker count. `world`: the name of the configs/worlds.yaml world `config` was made from,
+    recorded in the sidecar (the config itself is recorded in full either way).
     """
     t0 = time.perf_counter()
     out = Path(out)
@@ -110,8 +134,9 @@ def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", co
     if not 1 <= n_studies <= MAX_STUDIES:
         raise ValueError(f"n_studies must be in 1..{MAX_STUDIES}, got {n_studies}")
     _prepare_root(out, overwrite)
+    named = {"world": world} if world is not None else {}
     write_sidecar(out / META_NAME, kind="synth", config=cfg.to_dict(),
-                  extra={"status": "incomplete", "seed": seed, "split": split, "n_studies": n_studies})
+                  extra={"status": "incomplete", "seed": seed, "split": split, "n_studies": n_studies, **named})
     plans = plan_studies(n_studies, seed=seed, split=split, config=cfg)
     images = out / ("train_images" if split == "train" else "test_images")
     results = _synthesize_all(plans, images, out, seed=seed, split=split, config=cfg, progress=progress,
@@ -123,7 +148,7 @@ def synthesize(out: Path, *, n_studies: int, seed: int, split: str = "train", co
                   pixel_representations=_count(str(p.pixel_representation) for p in plans))
     write_sidecar(out / META_NAME, kind="synth", config=cfg.to_dict(), counts=counts,
                   runtime_s=time.perf_counter() - t0,
-                  extra={"status": "complete", "seed": seed, "split": split, "n_studies": n_studies,
+                  extra={"status": "complete", "seed": seed, "split": split, "n_studies": n_studies, **named,
                          "uids": [p.uid for p in plans]})
     log.info("wrote %d synthetic %s studies to %s in %.1f s", n_studies, split, out, time.perf_counter() - t0)
     return out

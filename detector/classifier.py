@@ -29,7 +29,7 @@ POSITIVE_CLASS = "1"
 """The class folder name of a fractured vertebra's crops (prepare-classifier writes train/0 and train/1)."""
 SCORE_COLUMNS: tuple[str, ...] = ("n_crops", "cls_max", "cls_topk", "cls_mean")
 VERTEBRA_COLUMNS: tuple[str, ...] = (STUDY_COL, "level", "first_slice", "last_slice", "n_slices", "source",
-                                     *SCORE_COLUMNS)
+                                     "confidence", *SCORE_COLUMNS)
 """vertebrae.csv: one row per study x level (docs/contracts.md "Detection outputs")."""
 DETECT_CPU_THREADS = 1
 """Torch threads for the classifier at detect on the CPU: a study's few small crops gain nothing from a second
@@ -133,6 +133,8 @@ def vertebra_table(uid: str, extents: pd.DataFrame, scores: pd.DataFrame | None)
     for col in ("first_slice", "last_slice"):
         table[col] = table[col].fillna(-1).astype(int)
     table["source"] = table["source"].fillna("none")
+    table["confidence"] = (table["confidence"] if "confidence" in table.columns
+                           else pd.Series(np.nan, index=table.index)).astype(float).fillna(0.0)
     if scores is not None:
         table = table.merge(scores, on="level", how="left")
     for col in SCORE_COLUMNS:

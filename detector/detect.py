@@ -254,7 +254,7 @@ def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, 
     slice_levels = level_boxes = None
     if locator is not None:
         t = time.perf_counter()
-        slice_levels, level_boxes = _locate(loc_dets, loc_slices, locator, uid=uid, n_slices=n, numbers=numbers)
+        slice_levels, level_boxes = _locate(loc_dets, loc_slices, locator, uid=uid, geometry=geometry)
         timings["locate"] += time.perf_counter() - t
     source = _VolumeSource(volume) if volume is not None else None
     if roi_cfg is not None:
@@ -335,16 +335,16 @@ def _vertebrae(uid: str, geometry: Any, slices: pd.DataFrame, slice_levels: pd.D
                source_name: str) -> pd.DataFrame:
     """The study's vertebrae rows: each level's z-range, and with a classifier its crops' scores."""
     from detector.classifier import level_scores, vertebra_table
-    from detector.vertebra_crops import (
-        crop_plan,
-        level_slice_boxes_from_locator,
-        render_vertebra_crops,
-        vertebra_extents,
-    )
+    from detector.vertebra_crops import crop_plan, level_slice_boxes_from_locator, render_vertebra_crops
 
     threshold = float(classifier.config["crops"]["presence_threshold"]) if classifier is not None \
         else DEFAULT_PRESENCE_THRESHOLD
-    extents = _presence_extents(slices, threshold, source_name)
+    if slice_levels is not None:              # the locator's decoded levels: one z-range, source and confidence each
+        from detector.levels import level_summary
+
+        extents = level_summary(slice_levels, level_boxes)
+    else:
+        extents = _presence_extents(slices, threshold, source_name)
     if classifier is None or level_boxes is None or source is None:
         return vertebra_table(uid, extents, None)
     crops_cfg = classifier.config["crops"]
@@ -356,7 +356,7 @@ def _vertebrae(uid: str, geometry: Any, slices: pd.DataFrame, slice_levels: pd.D
     probs = classifier.predict(images)
     timings["classify_model"] += time.perf_counter() - t
     scores = level_scores(probs, plan["level"].tolist(), top_k=int(classifier.config["score"]["top_k"]))
-    return vertebra_table(uid, vertebra_extents(plan), scores)
+    return vertebra_table(uid, extents, scores)
 
 
 def _presence_extents(slices: pd.DataFrame, threshold: float, source_name: str) -> pd.DataFrame:
@@ -364,11 +364,12 @@ def _presence_extents(slices: pd.DataFrame, threshold: float, source_name: str) 
     rows = []
     for level in LEVELS:
         col = f"p_{level}"
-        on = np.flatnonzero(slices[col].to_numpy(dtype=float) > threshold) if col in slices.columns else []
+        p = slices[col].to_numpy(dtype=float) if col in slices.columns else np.zeros(0)
+        on = np.flatnonzero(p > threshold)
         if len(on):
             rows.append({"level": level, "first_slice": int(on[0]), "last_slice": int(on[-1]),
-                         "n_slices": int(len(on)), "source": source_name})
-    return pd.DataFrame(rows, columns=["level", "first_slice", "last_slice", "n_slices", "source"])
+                         "n_slices": int(len(on)), "source": source_name, "confidence": float(p[on].mean())})
+    return pd.DataFrame(rows, columns=["level", "first_slice", "last_slice", "n_slices", "source", "confidence"])
 
 
 def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locator: Locator | None,
@@ -403,6 +404,34 @@ def locate_levels(study_dir: str | os.PathLike, *, locator: Locator, geometry: A
     return geometry, slice_levels, level_boxes
 
 
+def locator_detections(geometry: Any, *, locator: Locator, batch: int = DEFAULT_LOCATE_BATCH
+                       ) -> tuple[pd.DataFrame, np.ndarray]:
+    """The locator's raw detections on a study's sampled slices (before any level decoding), and those slices.
+
+    Columns slice_index, x, y, width, height (original px), conf, cls; what `locate_levels` decodes (the level
+    benchmark decodes the same detections with two decoders).
+    """
+    from detector.render import context_slices
+
+    n = len(geometry.paths)
+    sampled = list(range(0, n, locator.every_k))
+    ctx = context_slices(geometry, locator.config["render"])
+    reader = LazySlices(geometry)
+    rows: list[np.ndarray] = []
+    for start in range(0, len(sampled), batch):
+        chunk = sampled[start:start + batch]
+        reader.forget_below(chunk[0] - ctx)
+        rows += _locate_slices(locator, reader, chunk, geometry)
+    return _detections_frame(rows), np.asarray(sampled)
+
+
+def _detections_frame(loc_dets: list[np.ndarray]) -> pd.DataFrame:
+    """Locator rows (slice_index, x, y, w, h, conf, cls) as a detections table."""
+    arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
+    return pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
+                         "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
+
+
 def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu: float | None, batch: int
                   ) -> tuple[pd.DataFrame | None, pd.DataFrame | None, list[tuple[int, float, float]]]:
     """Decode every k-th slice once: locate levels on it (with a locator) and find the body centre (with body_hu).
@@ -428,8 +457,7 @@ def _sampled_pass(geometry: Any, *, locator: Locator | None, every: int, body_hu
             loc_dets += _locate_slices(locator, reader, chunk, geometry)
     if locator is None:
         return None, None, body
-    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=geometry.study_uid, n_slices=n,
-                                        numbers=np.asarray(geometry.instance_numbers))
+    slice_levels, level_boxes = _locate(loc_dets, sampled, locator, uid=geometry.study_uid, geometry=geometry)
     return slice_levels, level_boxes, body
 
 
@@ -479,9 +507,12 @@ def _body_centres(source: Any, indices: Sequence[int], body_hu: float) -> list[t
 def _rois_from(geometry: Any, roi_cfg: Mapping[str, Any], level_boxes: pd.DataFrame | None,
                body: Sequence[tuple[int, float, float]]) -> Any:
     """Build the study's SpineRois from located level boxes (None without a locator) and body centres."""
+    from detector.levels import SOURCE_EXTRAPOLATED
     from detector.render import slice_spacing
     from detector.roi import located_centres, spine_rois
 
+    if level_boxes is not None and len(level_boxes):   # held boxes of levels never detected add no position
+        level_boxes = level_boxes[level_boxes["source"] != SOURCE_EXTRAPOLATED]
     located = located_centres(level_boxes) if level_boxes is not None else None
     arr = np.array(body, dtype=float).reshape(-1, 3)
     return spine_rois(len(geometry.paths), geometry.shape, geometry.pixel_spacing, slice_spacing(geometry),
@@ -863,16 +894,15 @@ def _drop_other_errors(out: Path, key: str) -> None:
             path.unlink(missing_ok=True)
 
 
-def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator, *, uid: str, n_slices: int,
-            numbers: np.ndarray) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _locate(loc_dets: list[np.ndarray], loc_slices: list[int], locator: Locator, *, uid: str,
+            geometry: Any) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Decode levels from the locator's sampled detections: (slice_levels, level_boxes) of this study."""
     from detector.levels import locate_study
+    from detector.render import slice_spacing
 
-    arr = np.concatenate(loc_dets) if loc_dets else np.zeros((0, 7))
-    dets = pd.DataFrame({"slice_index": arr[:, 0].astype(int), "x": arr[:, 1], "y": arr[:, 2], "width": arr[:, 3],
-                         "height": arr[:, 4], "conf": arr[:, 5], "cls": arr[:, 6].astype(int)})
-    return locate_study(dets, n_slices, np.asarray(loc_slices), config=locator.levels_config, study_uid=uid,
-                        slice_numbers=numbers)
+    return locate_study(_detections_frame(loc_dets), len(geometry.paths), np.asarray(loc_slices), config=locator.levels_config,
+                        study_uid=uid, slice_numbers=np.asarray(geometry.instance_numbers),
+                        spacing_mm=slice_spacing(geometry))
 
 
 def _assign_levels(boxes: pd.DataFrame, slices: pd.DataFrame, slice_levels: pd.DataFrame,

@@ -1,6 +1,10 @@
 """Vertebra levels along z from a locator's evidence, decoded with the anatomical-order prior; box assignment.
 
-The prior is a left-to-right model over slices (index 0 = most superior). Each slice is in one state:
+Two decoders (configs/levels.yaml `decode.model`): "sizes" (the default, detector/level_sizes.py) adds each run's
+physical length, so levels the locator misses are placed by extrapolation; "runs" (below) has no size model and is
+kept for the before/after benchmark (benchmarks/bench_level_field.py).
+
+The "runs" prior is a left-to-right model over slices (index 0 = most superior). Each slice is in one state:
 a run of consecutive levels [a..b] present on it (at most `max_levels_per_slice`), or no level at all
 (above C1, between two levels, below C7). Along z, both a and b never decrease and no level is
 skipped, so every level is one contiguous run, C1 above C2 ... above C7, neighbours may overlap, and
@@ -26,6 +30,12 @@ N_LEVELS = len(LEVELS)
 P_COLS: tuple[str, ...] = tuple(f"p_{name}" for name in LEVELS)
 W_COLS: tuple[str, ...] = tuple(f"w_{name}" for name in LEVELS)
 BOX_COLS: tuple[str, ...] = ("x", "y", "width", "height")
+PRESENT = 0.5
+"""A presence score above this says the level is there (the locator found it on that slice)."""
+DECODE_MODELS: tuple[str, ...] = ("sizes", "runs")
+"""decode.model values (data_prep/config_schema.py reads the same tuple)."""
+SOURCE_EXTRAPOLATED = "extrapolated"
+"""level_boxes `source` of a box held from another level's (its level was decoded, never detected)."""
 SOURCE_OVERLAP, SOURCE_SLICE, SOURCE_NEAREST, SOURCE_NONE = "overlap", "slice", "nearest", "none"
 """`level_source` of an assigned box: from box overlaps, the slice's levels, the nearest slice's, or none."""
 
@@ -95,11 +105,21 @@ def _posteriors(emis: np.ndarray, trans: np.ndarray) -> np.ndarray:
     return np.exp(post - logsumexp(post, axis=1, keepdims=True))
 
 
-def _decode(evidence: np.ndarray, config: Any, weight: float) -> tuple[np.ndarray, np.ndarray]:
+def _decode(evidence: np.ndarray, config: Any, weight: float, spacing_mm: float | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
     evidence = np.asarray(evidence, dtype=float)
     if evidence.ndim != 2 or evidence.shape[1] != N_LEVELS:
         raise ValueError(f"evidence must be (slices, {N_LEVELS}), got shape {evidence.shape}")
     dec = config["decode"]
+    if dec["model"] == "sizes":
+        from detector.level_sizes import decode_sizes, size_prior
+
+        if spacing_mm is None:
+            raise ValueError("decode.model 'sizes' needs the study's slice spacing (spacing_mm)")
+        llr = evidence_log_odds(evidence, config, weight)
+        if not (llr > 0).any():                 # nothing located: nothing to place the column by
+            return np.zeros(evidence.shape, dtype=bool), np.zeros(evidence.shape)
+        return decode_sizes(llr, float(spacing_mm), size_prior(config))
     states = level_states(int(dec["max_levels_per_slice"]), bool(dec["allow_gaps"]))
     bits = _state_bits(states)
     trans = _log_transitions(states, float(dec["switch_penalty"]))
@@ -110,18 +130,40 @@ def _decode(evidence: np.ndarray, config: Any, weight: float) -> tuple[np.ndarra
     return bits[path], np.clip(marg, 0.0, 1.0)
 
 
-def decode_levels(evidence: np.ndarray, *, config: Any, weight: float = 1.0) -> np.ndarray:
+def evidence_log_odds(evidence: np.ndarray, config: Any, weight: float = 1.0) -> np.ndarray:
+    """(n, 7) presence scores -> what each adds to a path holding that level: weighted log-odds, negatives scaled.
+
+    Scores are clipped to decode.evidence_clip, the log-odds scaled by decode.evidence_weight x weight, and the
+    negative ones (the locator found no such level there) further by decode.absent_weight. With
+    decode.ignore_unseen, a level never above 0.5 on any slice counts only relative to its own floor: its least
+    log-odds in the study becomes 0 (not finding it is no evidence), its weak detections stay positive.
+    """
+    dec = config["decode"]
+    clip = float(dec["evidence_clip"])
+    evidence = np.asarray(evidence, dtype=float)
+    lo = logit(np.clip(evidence, clip, 1.0 - clip)) * float(dec["evidence_weight"]) * weight
+    lo = np.where(lo < 0, lo * float(dec["absent_weight"]), lo)
+    if bool(dec["ignore_unseen"]) and len(evidence):
+        unseen = ~(evidence > PRESENT).any(axis=0)
+        lo[:, unseen] -= lo[:, unseen].min(axis=0)
+    return lo
+
+
+def decode_levels(evidence: np.ndarray, *, config: Any, weight: float = 1.0,
+                  spacing_mm: float | None = None) -> np.ndarray:
     """Return the most likely level presence (bool, same shape) under the anatomical-order prior.
 
     `evidence` is (slices, 7) presence scores in [0, 1] (0.5 = no information), slices in canonical
-    order; `weight` scales the evidence log-odds (e.g. sampled/total slices after interpolation).
+    order; `weight` scales the evidence log-odds (e.g. sampled/total slices after interpolation);
+    `spacing_mm` (the slice spacing) is needed by decode.model "sizes".
     """
-    return _decode(evidence, config, weight)[0]
+    return _decode(evidence, config, weight, spacing_mm)[0]
 
 
-def level_confidence(evidence: np.ndarray, *, config: Any, weight: float = 1.0) -> np.ndarray:
+def level_confidence(evidence: np.ndarray, *, config: Any, weight: float = 1.0,
+                     spacing_mm: float | None = None) -> np.ndarray:
     """Return each level's posterior presence probability per slice (forward-backward, same model)."""
-    return _decode(evidence, config, weight)[1]
+    return _decode(evidence, config, weight, spacing_mm)[1]
 
 
 def interpolate_evidence(sampled: np.ndarray, evidence: np.ndarray, n_slices: int) -> np.ndarray:
@@ -134,14 +176,14 @@ def interpolate_evidence(sampled: np.ndarray, evidence: np.ndarray, n_slices: in
 
 
 def decode_sampled(evidence: np.ndarray, sampled: np.ndarray, n_slices: int, *,
-                   config: Any) -> tuple[np.ndarray, np.ndarray]:
+                   config: Any, spacing_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode (m, 7) evidence on sampled slices into every slice: (presence bool (n, 7), confidence (n, 7)).
 
     The evidence is interpolated linearly to all slices, then decoded with its log-odds scaled by m / n,
     so the total weight of the evidence does not depend on the sampling step.
     """
     full = interpolate_evidence(sampled, evidence, n_slices)
-    return _decode(full, config, weight=len(sampled) / n_slices)
+    return _decode(full, config, len(sampled) / n_slices, spacing_mm)
 
 
 # ---------------------------------------------------------------- from locator detections
@@ -165,14 +207,16 @@ def detections_evidence(detections: pd.DataFrame, sampled: np.ndarray, *, config
 
 
 def locate_study(detections: pd.DataFrame, n_slices: int, sampled: np.ndarray, *, config: Any,
-                 study_uid: str | None = None,
-                 slice_numbers: Sequence[int] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+                 study_uid: str | None = None, slice_numbers: Sequence[int] | None = None,
+                 spacing_mm: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Turn locator detections on the sampled slices into (slice_levels, level_boxes) for every slice.
 
     detections: slice_index, level (C1..C7) or cls (0..6), conf, x, y, width, height.
     slice_levels: [StudyInstanceUID,] slice_index, [slice_number,] C1..C7 (0/1), p_C1..p_C7.
     level_boxes: [StudyInstanceUID,] slice_index, [slice_number,] level, x, y, width, height, conf, source
-    ('detected' on a sampled slice, 'interpolated' between/after detected slices of the decoded run).
+    ('detected' on a sampled slice, 'interpolated' between/after detected slices of the decoded run,
+    'extrapolated' on a decoded run without any detection: the nearest located box, held).
+    spacing_mm: the study's slice spacing (decode.model "sizes" needs it).
     """
     sampled = np.unique(np.asarray(sampled, dtype=int))
     if len(sampled) == 0:
@@ -180,7 +224,7 @@ def locate_study(detections: pd.DataFrame, n_slices: int, sampled: np.ndarray, *
     if sampled[0] < 0 or sampled[-1] >= n_slices:
         raise ValueError(f"sampled slice indices {sampled[0]}..{sampled[-1]} outside 0..{n_slices - 1}")
     evidence = detections_evidence(detections, sampled, config=config)
-    present, conf = decode_sampled(evidence, sampled, n_slices, config=config)
+    present, conf = decode_sampled(evidence, sampled, n_slices, config=config, spacing_mm=spacing_mm)
 
     slice_levels = pd.DataFrame({"slice_index": np.arange(n_slices)})
     if slice_numbers is not None:
@@ -216,13 +260,17 @@ def _with_level_index(detections: pd.DataFrame) -> pd.DataFrame:
 
 
 def _level_boxes(dets: pd.DataFrame, present: np.ndarray, conf: np.ndarray, *, config: Any) -> pd.DataFrame:
-    """Per slice and decoded level: the detected box, or corners interpolated along the level's run."""
+    """Per slice and decoded level: the detected box, or corners interpolated along the level's run; a decoded
+    level without any detection on its run holds the nearest located box of another level (`extrapolated`)."""
     dets = dets[dets["conf"] >= float(config["locate"]["min_conf"])]
     frames = []
+    missing = []
     for j, name in enumerate(LEVELS):
         run = np.nonzero(present[:, j])[0]
         d = dets[dets["_li"] == j]
         d = d[d["slice_index"].isin(run)]
+        if len(run) and not len(d):
+            missing.append((j, run))
         if len(run) == 0 or len(d) == 0:
             continue
         d = d.sort_values("conf", ascending=False).drop_duplicates("slice_index").sort_values("slice_index")
@@ -233,6 +281,8 @@ def _level_boxes(dets: pd.DataFrame, present: np.ndarray, conf: np.ndarray, *, c
         frames.append(pd.DataFrame({
             "slice_index": run, "level": name, "x": x0, "y": y0, "width": x1 - x0, "height": y1 - y0,
             "conf": conf[run, j], "source": np.where(np.isin(run, z.astype(int)), "detected", "interpolated")}))
+    if frames and missing:
+        frames += [_held_boxes(pd.concat(frames, ignore_index=True), j, run, conf) for j, run in missing]
     if not frames:
         return pd.DataFrame({"slice_index": pd.Series(dtype=int), "level": pd.Series(dtype=object),
                              **{c: pd.Series(dtype=float) for c in (*BOX_COLS, "conf")},
@@ -240,6 +290,47 @@ def _level_boxes(dets: pd.DataFrame, present: np.ndarray, conf: np.ndarray, *, c
     out = pd.concat(frames, ignore_index=True)
     out["_o"] = out["level"].map(LEVELS.index)
     return out.sort_values(["slice_index", "_o"]).drop(columns="_o").reset_index(drop=True)
+
+
+def _held_boxes(located: pd.DataFrame, j: int, run: np.ndarray, conf: np.ndarray) -> pd.DataFrame:
+    """Boxes for level j's decoded run without detections: on each slice, the nearest located slice's box of the
+    nearest located level (the column moves little between neighbouring vertebrae), source `extrapolated`."""
+    li = located["level"].map(LEVELS.index).to_numpy()
+    nearest_level = li[np.argmin(np.abs(li - j))]
+    ref = located[li == nearest_level].sort_values("slice_index")
+    z = ref["slice_index"].to_numpy()
+    pick = ref.iloc[np.abs(z[None, :] - run[:, None]).argmin(axis=1)]
+    return pd.DataFrame({"slice_index": run, "level": LEVELS[j], **{c: pick[c].to_numpy(float) for c in BOX_COLS},
+                         "conf": conf[run, j], "source": SOURCE_EXTRAPOLATED})
+
+
+# ---------------------------------------------------------------- per-level summary
+LEVEL_LOCATED, LEVEL_EXTRAPOLATED, LEVEL_NONE = "located", "extrapolated", "none"
+"""vertebrae.csv `source` with a locator: found by the locator on its decoded run, placed by the decoder from the
+other levels and the field without a detection, or outside the field."""
+SUMMARY_COLUMNS: tuple[str, ...] = ("level", "first_slice", "last_slice", "n_slices", "source", "confidence")
+
+
+def level_summary(slice_levels: pd.DataFrame, level_boxes: pd.DataFrame | None) -> pd.DataFrame:
+    """One row per level C1..C7 from locate_study's tables: its decoded z-range, source and confidence.
+
+    first_slice / last_slice / n_slices: the decoded run (-1, -1, 0 when absent); source: `located` (a detection
+    on the run), `extrapolated` (none) or `none`; confidence: the mean presence probability p_L over the run (how
+    sure the decoder is of the level on its slices; 0 when absent).
+    """
+    rows = []
+    for name in LEVELS:
+        run = np.flatnonzero(slice_levels[name].to_numpy() > 0) if name in slice_levels.columns else np.zeros(0, int)
+        if not len(run):
+            rows.append((name, -1, -1, 0, LEVEL_NONE, 0.0))
+            continue
+        located = level_boxes is not None and len(level_boxes) and (
+            (level_boxes["level"] == name) & (level_boxes["source"] != SOURCE_EXTRAPOLATED)).any()
+        index = slice_levels["slice_index"].to_numpy()
+        p = slice_levels[f"p_{name}"].to_numpy(dtype=float)
+        rows.append((name, int(index[run[0]]), int(index[run[-1]]), int(len(run)),
+                     LEVEL_LOCATED if located else LEVEL_EXTRAPOLATED, round(float(p[run].mean()), 4)))
+    return pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
 
 
 # ---------------------------------------------------------------- relative-z baseline

@@ -6,6 +6,12 @@ Recipes (config `render.recipe`):
   clamped at the study ends.
 - "windows": one slice in three windows (`render.windows`, (level, width) per channel).
 
+`render.crack_channel` (null, or 0..2) replaces that channel of either recipe with the crack response of the
+slice (detector.crack_filter: thin lucent lines crossing the cortex, computed on the slice's or crop's own pixels
+at the study's pixel spacing, then resized like the other channels); docs/crack_channel.md. Channel 2 is the
+recommended one: the inferior neighbour of "2.5d" (the superior one keeps the z context) or the widest window of
+"windows" (700/3200, nearly a rescaled copy of the 400/1800 bone window).
+
 Channel order is the order of the last axis of the array, which is what `cv2.imwrite` stores and
 `cv2.imread` returns, so an image written for training and the same array fed in memory at inference
 are identical.
@@ -67,6 +73,16 @@ def context_slices(geometry: Any, render: Mapping[str, Any]) -> int:
     return neighbour_offset(geometry, render["neighbour_mm"]) if render["recipe"] == "2.5d" else 0
 
 
+def crack_channel_index(render: Mapping[str, Any]) -> int | None:
+    """Return the channel the crack response replaces (`render.crack_channel`), or None without one."""
+    value = render.get("crack_channel")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < N_CHANNELS:
+        raise ConfigError(f"render.crack_channel must be null or a channel 0..{N_CHANNELS - 1}, found {value!r}")
+    return value
+
+
 def scale_for(shape: Sequence[int], imgsz: int) -> tuple[float, float]:
     """Return (scale_x, scale_y) = (imgsz / cols, imgsz / rows): original pixels -> image pixels."""
     rows, cols = int(shape[0]), int(shape[1])
@@ -108,40 +124,48 @@ def _render(chunk: SliceSource, indices: Sequence[int], geometry: Any, *, render
     from detector.roi import crop_padded
 
     _check_recipe(render)
+    crack = crack_channel_index(render)
     imgsz = int(render["imgsz"])
     n_slices = len(geometry.paths)
     indices = [int(i) for i in indices]
     images = np.empty((len(indices), imgsz, imgsz, N_CHANNELS), dtype=np.uint8)
+    window_channels = [c for c in range(N_CHANNELS) if c != crack]
 
-    def cut(j: int, k: int) -> np.ndarray:
-        """Slice j (clamped to the study), cut to image k's crop when there are crops, resized to imgsz."""
+    def native(j: int, k: int) -> np.ndarray:
+        """Slice j (clamped to the study), cut to image k's crop when there are crops, at its own pixels."""
         hu = _hu(chunk, min(max(j, 0), n_slices - 1))
-        return resize_to(hu if crops is None else crop_padded(hu, crops[k], pad_hu), imgsz)
+        return hu if crops is None else crop_padded(hu, crops[k], pad_hu)
 
     if render["recipe"] == "2.5d":
         off = neighbour_offset(geometry, render["neighbour_mm"])
         level, width = float(render["window_level"]), float(render["window_width"])
         slot: dict[tuple[int, tuple[int, ...] | None], int] = {}   # neighbours are shared between images
         sources: list[np.ndarray] = []
-        picks = np.empty((len(indices), N_CHANNELS), dtype=np.intp)
+        picks = np.empty((len(indices), len(window_channels)), dtype=np.intp)
         for k, i in enumerate(indices):
             crop = None if crops is None else tuple(int(v) for v in crops[k])
-            # superior neighbour (z + d), the slice, inferior neighbour (z - d)
-            for c, j in enumerate((i - off, i, i + off)):
+            # superior neighbour (z + d), the slice, inferior neighbour (z - d); the crack channel's is skipped
+            slices = (i - off, i, i + off)
+            for p, c in enumerate(window_channels):
+                j = slices[c]
                 key = (min(max(j, 0), n_slices - 1), crop)
                 if key not in slot:
                     slot[key] = len(sources)
-                    sources.append(cut(j, k))
-                picks[k, c] = slot[key]
+                    sources.append(resize_to(native(j, k), imgsz))
+                picks[k, p] = slot[key]
         if sources:
             windowed = apply_window(np.stack(sources), level, width)   # one vectorised pass per batch
-            images[:] = windowed[picks].transpose(0, 2, 3, 1)
-    else:
+            images[..., window_channels] = windowed[picks].transpose(0, 2, 3, 1)
+    elif indices:
         windows = _windows(render)
-        if indices:
-            resized = np.stack([cut(i, k) for k, i in enumerate(indices)])
-            for c, (level, width) in enumerate(windows):
-                images[..., c] = apply_window(resized, level, width)
+        resized = np.stack([resize_to(native(i, k), imgsz) for k, i in enumerate(indices)])
+        for c in window_channels:
+            images[..., c] = apply_window(resized, *windows[c])
+    if crack is not None:
+        from detector.crack_filter import crack_channel
+
+        for k, i in enumerate(indices):
+            images[k, :, :, crack] = crack_channel(native(i, k), geometry.pixel_spacing, render, imgsz)
     return images
 
 
@@ -186,9 +210,13 @@ def yolo_to_xywh(cxcywh: np.ndarray, shape: Sequence[int]) -> np.ndarray:
 
 def render_summary(render: Mapping[str, Any]) -> dict[str, Any]:
     """Return the render settings that define the images (written into data.yaml and run records)."""
+    from detector.crack_filter import CRACK_KEYS
+
     _check_recipe(render)
     keys = ("recipe", "imgsz", "neighbour_mm", "window_level", "window_width") if render["recipe"] == "2.5d" \
         else ("recipe", "imgsz", "windows")
+    if crack_channel_index(render) is not None:
+        keys += ("crack_channel", *CRACK_KEYS)
     return {k: (list(map(list, render[k])) if k == "windows" else render[k]) for k in keys}
 
 

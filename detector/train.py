@@ -21,6 +21,7 @@ import yaml
 
 from data_prep.artifacts import next_run_dir, write_sidecar, write_text_atomic
 from data_prep.config import Config, ConfigError, dump_config
+from data_prep.durations import SECONDS_PER_HOUR
 from data_prep.errors import InputError
 from data_prep.safe_paths import inside
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
@@ -88,9 +89,10 @@ def train_yolo(data_yaml: Path, out: Path, *, config: Config, model: str | Path 
     yolo.add_callback("on_fit_epoch_end", _log_epoch)
     for event, func in (callbacks or {}).items():
         yolo.add_callback(event, func)
-    log.info("training %s on %s: %d epochs at imgsz %d, device %s -> %s", model_spec, data_used,
-             args["epochs"], config.render.imgsz, train_cfg.device if train_cfg.device is not None else "auto",
-             run_dir)
+    length = (f"{args['time'] * SECONDS_PER_HOUR:.0f} s (train.time: Ultralytics fits the epochs to it)"
+              if args.get("time") else f"{args['epochs']} epochs")
+    log.info("training %s on %s: %s at imgsz %d, device %s -> %s", model_spec, data_used, length,
+             config.render.imgsz, train_cfg.device if train_cfg.device is not None else "auto", run_dir)
     yolo.train(data=str(data_used), imgsz=int(config.render.imgsz), device=train_cfg.device,
                project=str(run_dir.parent.resolve()), name=run_dir.name, exist_ok=True,
                pretrained=not from_scratch, verbose=verbose, **args)

@@ -26,6 +26,7 @@ CROP_SOURCES: tuple[str, ...] = ("auto", "locator")
 """crops.source values (data_prep/config_schema.py reads the same tuple)."""
 SOURCE_SEGMENTATION = "segmentation"   # level boxes from the study's segmentation
 SOURCE_LOCATOR = "locator"             # level boxes from the vertebra locator (decoded levels)
+SOURCE_EXTRAPOLATED = "extrapolated"   # level boxes of a level the locator never found (detector/levels.py)
 SOURCE_NONE = "none"                   # vertebra_extents: a level not found
 LEVEL_BOX_COLUMNS: tuple[str, ...] = ("slice_index", "level", "x", "y", "width", "height", "source")
 """The common per-slice, per-level box table (original px; x, y = upper-left corner; source of the boxes)."""
@@ -56,6 +57,8 @@ def level_slice_boxes_from_locator(level_boxes: pd.DataFrame | None, slice_level
     """Per-slice level boxes from the locator's decoded levels: level L's boxes on the slices where p_L > threshold.
 
     threshold = crops_cfg["presence_threshold"]; level_boxes / slice_levels: detector.levels.locate_study's tables.
+    A decoded level with no slice above the threshold keeps every box of its decoded run. `source` is `locator`,
+    or `extrapolated` for a level the locator never found (its boxes are held from the nearest located level).
     """
     presence_threshold = float(crops_cfg["presence_threshold"])
     if level_boxes is None or slice_levels is None or len(level_boxes) == 0:
@@ -66,7 +69,12 @@ def level_slice_boxes_from_locator(level_boxes: pd.DataFrame | None, slice_level
     keys = pd.MultiIndex.from_arrays([level_boxes["slice_index"].astype(int), level_boxes["level"].astype(str)])
     p_box = presence.reindex(keys).to_numpy(dtype=float)
     keep = np.nan_to_num(p_box, nan=0.0) > presence_threshold
-    return _common(level_boxes[keep], SOURCE_LOCATOR)
+    levels = level_boxes["level"].astype(str)
+    keep |= ~levels.isin(set(levels[keep])).to_numpy()        # a level without any confident slice: its whole run
+    extrapolated = (level_boxes["source"].astype(str) == SOURCE_EXTRAPOLATED).to_numpy() \
+        if "source" in level_boxes.columns else np.zeros(len(level_boxes), dtype=bool)
+    kept = level_boxes[keep]
+    return _common(kept, np.where(extrapolated[keep], SOURCE_EXTRAPOLATED, SOURCE_LOCATOR))
 
 
 def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping[str, Any], *,
@@ -88,14 +96,15 @@ def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping
     if source is None:
         if "source" not in level_slice_boxes.columns:
             raise ValueError("crop_plan: the level box table has no 'source' column and no source was given")
-        known = level_slice_boxes["source"].dropna().astype(str)
-        source = str(known.iloc[0]) if len(known) else SOURCE_NONE
-    boxes = _common(level_slice_boxes, source)
+        boxes = _common(level_slice_boxes, level_slice_boxes["source"].fillna(SOURCE_NONE).astype(str).to_numpy())
+    else:
+        boxes = _common(level_slice_boxes, source)
     frames = []
     for level in LEVELS:
         lb = boxes[boxes["level"] == level]
         if not len(lb):
             continue
+        level_source = str(lb["source"].iloc[0])
         lb = lb.assign(_x2=lb["x"] + lb["width"], _y2=lb["y"] + lb["height"])
         g = lb.groupby("slice_index", sort=True).agg(x1=("x", "min"), y1=("y", "min"), x2=("_x2", "max"),
                                                      y2=("_y2", "max"))   # one box per slice (union if several)
@@ -116,7 +125,7 @@ def crop_plan(level_slice_boxes: pd.DataFrame, geometry: Any, crops_cfg: Mapping
         frames.append(pd.DataFrame({
             "level": level, "slice_index": chosen, "crop_x": np.rint(cx - width / 2.0).astype(np.int64),
             "crop_y": np.rint(cy - height / 2.0).astype(np.int64), "crop_width": width, "crop_height": height,
-            "first_slice": first, "last_slice": last, "n_slices": last - first + 1, "source": source}))
+            "first_slice": first, "last_slice": last, "n_slices": last - first + 1, "source": level_source}))
     if not frames:
         return pd.DataFrame({c: pd.Series(dtype=object if c in ("level", "source") else np.int64)
                              for c in PLAN_COLUMNS})
@@ -170,8 +179,10 @@ def render_vertebra_crops(source: Any, geometry: Any, plan: pd.DataFrame, config
                         render=config["render"], pad_hu=float(config["crops"]["pad_hu"]))
 
 
-def _common(table: pd.DataFrame, source: str) -> pd.DataFrame:
-    """The LEVEL_BOX_COLUMNS of a table, typed (int slice_index, str level, float box), sorted by slice and level."""
+def _common(table: pd.DataFrame, source: Any) -> pd.DataFrame:
+    """The LEVEL_BOX_COLUMNS of a table, typed (int slice_index, str level, float box), sorted by slice and level.
+
+    source: one value for every row, or one per row."""
     out = pd.DataFrame({"slice_index": table["slice_index"].to_numpy(dtype=np.int64),
                         "level": table["level"].astype(str).to_numpy(),
                         **{c: table[c].to_numpy(dtype=float) for c in BOX_VALUES}, "source": source})

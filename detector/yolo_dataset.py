@@ -433,13 +433,14 @@ def _detector_study(task: StudyTask) -> StudyOutcome:
         candidates = np.flatnonzero(distance > margin)
         kind = KIND_FAR
     rng = np.random.default_rng([int(task.prepare["seed"]), _uid_hash(task.uid)])
-    n_bg = min(task.n_background, candidates.size if weights is None else int(np.count_nonzero(weights)))
-    background = sorted(rng.choice(candidates, size=n_bg, replace=False, p=weights).tolist()) if n_bg else []
+    available = candidates.size if weights is None else int(np.count_nonzero(weights))
+    n_bg = min(task.n_background, available)
+    # hard negatives: draw hard_candidates times as many, keep the n_bg with the strongest crack response
+    n_draw = min(n_bg * int(task.prepare["hard_candidates"]), available)
+    background = sorted(rng.choice(candidates, size=n_draw, replace=False, p=weights).tolist()) if n_draw else []
     kept = boxed[::int(task.prepare["boxed_every"])]   # the skipped boxed slices are neither boxes nor background
-    jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in kept]
-    jobs += [SliceLabel(int(i), kind) for i in background]
     rois = None
-    if task.roi is not None and jobs:
+    if task.roi is not None and (len(kept) or background):
         from detector.detect import study_rois
         from detector.roi import jitter_rois
 
@@ -447,8 +448,38 @@ def _detector_study(task: StudyTask) -> StudyOutcome:
                           locator=_worker_locator(task.locate), geometry=geometry)
         rois = jitter_rois(rois, geometry.shape, geometry.pixel_spacing, float(task.roi["jitter_mm"]),
                            np.random.default_rng([int(task.prepare["seed"]), _uid_hash(task.uid), ROI_JITTER_STREAM]))
+    if len(background) > n_bg:
+        background = hardest_slices(geometry, background, n_bg, render=task.render, rois=rois,
+                                    pad_hu=float(task.roi["pad_hu"]) if task.roi is not None else 0.0)
+    jobs = [SliceLabel(int(i), KIND_BOXED, tuple(per_slice[int(i)])) for i in kept]
+    jobs += [SliceLabel(int(i), kind) for i in background]
     _write_slices(task, geometry, jobs, outcome, rois=rois)
     return outcome
+
+
+def hardest_slices(geometry: Any, candidates: Sequence[int], n: int, *, render: Mapping[str, Any], rois: Any = None,
+                   pad_hu: float = 0.0) -> list[int]:
+    """Return the `n` candidate slices (sorted) whose image (ROI crop, else whole slice) looks most like a crack.
+
+    The score is detector.crack_filter.crack_score with the render section's crack keys (whether or not the crack
+    channel is rendered): vascular channels, foramina and bony corners rank high, so the detector sees the
+    look-alikes of a hairline fracture without a fracture. Ties keep the lower slice index. Real data has no truth
+    for those confounders; this needs none.
+    """
+    from detector.crack_filter import crack_score
+    from detector.detect import LazySlices
+    from detector.roi import crop_padded
+
+    order = sorted(int(i) for i in candidates)
+    reader = LazySlices(geometry)
+    scores = []
+    for i in order:
+        reader.forget_below(i)
+        hu = reader.get(i)
+        image = hu if rois is None else crop_padded(hu, rois.boxes([i])[0], pad_hu)
+        scores.append(crack_score(image, geometry.pixel_spacing, render))
+    best = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")[:n]
+    return sorted(order[j] for j in best)
 
 
 _LOCATORS: dict[Path, Any] = {}

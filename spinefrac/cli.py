@@ -6,6 +6,7 @@ Heavy libraries (torch, ultralytics) are imported inside the handlers, so `spine
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -86,14 +87,13 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help_: str, example:
 
 # ---------------------------------------------------------------- handlers
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.synth import synth_config, synthesize
 
     if args.export:
         return _synth_export(args)
-    cfg = load_config("synth", args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
+    cfg = synth_config(args.world, args.config, _overrides(args, {"size": "image.size", "slices": "volume.slices"}))
     synthesize(args.out, n_studies=args.studies, seed=args.seed, split=args.split, config=cfg,
-               progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers)
+               progress=not args.no_progress, overwrite=args.overwrite, workers=args.workers, world=args.world)
     return 0
 
 
@@ -198,7 +198,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from data_prep.config import load_config
     from spinefrac.pipeline import train_all
 
-    cfg = load_config("pipeline", args.config, args.overrides)
+    budget = [f"budget.total={json.dumps(args.budget)}"] if args.budget is not None else []
+    cfg = load_config("pipeline", args.config, [*args.overrides, *budget])
     train_all(args.data_root, args.out, config=cfg, workers=args.workers, progress=not args.no_progress,
               clean=args.clean, follow_symlinks=args.follow_symlinks)
     return 0
@@ -267,6 +268,16 @@ def _ray_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _duration_arg(text: str) -> str:
+    from data_prep.durations import parse_duration
+
+    try:
+        parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -324,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 parser_class=lambda **kw: argparse.ArgumentParser(parents=[common], **kw))
 
     p = _sub(sub, "synth", "write synthetic CT studies in the RSNA Kaggle layout",
-             "spinefrac synth data/synth --studies 40 --seed 0 --size 256", _cmd_synth)
+             "spinefrac synth data/synth --studies 40 --seed 0 --size 256 --world subtle", _cmd_synth)
     p.add_argument("out", type=Path, help="dataset root to create")
     p.add_argument("--studies", type=int, default=20, help="number of studies")
     p.add_argument("--seed", type=int, default=0, help="random seed (same seed, same files)")
@@ -336,6 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "DICOMDIR set or a .zip at OUT): input for `data_prep.study_finder`")
     p.add_argument("--size", type=int, default=None, help="image rows=cols (config image.size)")
     p.add_argument("--slices", type=int, default=None, help="approximate slices per study (config volume.slices)")
+    p.add_argument("--world", default=None, metavar="NAME",
+                   help="a named world of configs/worlds.yaml (coarse, default, subtle: the fractures and their "
+                        "look-alikes, docs/ladder.md); its overrides apply after --config and before --set")
     p.add_argument("--overwrite", action="store_true", help="replace an existing dataset root")
     p.add_argument("--workers", type=int, default=2, help="studies built in parallel processes")
     _add_config_args(p, "synth")
@@ -443,9 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p, "locator")
 
     p = _sub(sub, "train", "run every training stage into one self-contained model folder",
-             "spinefrac train data/rsna --out models/m1", _cmd_train)
+             "spinefrac train data/rsna --out models/m1 --budget 60m", _cmd_train)
     p.add_argument("data_root", type=Path)
     p.add_argument("--out", type=Path, required=True, help="model folder")
+    p.add_argument("--budget", type=_duration_arg, default=None, metavar="TIME",
+                   help="wall-clock budget for the whole run, e.g. 90s, 12m, 1h, 1h30m (config budget.total): split "
+                        "over the locator, detector and classifier trainings by Ultralytics' time; prepare, detect and "
+                        "the aggregator count too (configs/pipeline.yaml budget:, docs/ladder.md)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--clean", action="store_true", help="recompute stages that are already done")
     _add_follow_symlinks(p)

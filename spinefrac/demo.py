@@ -35,7 +35,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, config_path: str | os.PathL
              overrides: Sequence[str] = (), progress: bool = True, clean: bool = False) -> dict:
     """Run the whole pipeline on synthetic studies and print the metric, the baselines and where to look."""
     from aggregation.evaluate import evaluate_predictions
-    from data_prep.synth import synthesize
+    from data_prep.synth import synth_config, synthesize
     from spinefrac.pipeline import predict_all, train_all
 
     t0 = time.perf_counter()
@@ -44,7 +44,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, config_path: str | os.PathL
         shutil.rmtree(out)
     cfg = demo_config(config_path, overrides)
     demo = cfg.demo
-    synth_cfg = load_config("synth", None, list(demo.synth_set))
+    synth_cfg = synth_config(demo.world, None, list(demo.synth_set))
     timings: dict[str, float] = {}
 
     def timed(name: str, fn):

@@ -39,6 +39,7 @@ from data_prep.artifacts import (
     write_sidecar,
 )
 from data_prep.config import Config, dump_config, load_config
+from data_prep.durations import SECONDS_PER_HOUR
 from data_prep.errors import AllStudiesFailedError, InputError
 from data_prep.locks import LOCK_FILES, clear_folder, locks_output
 from data_prep.manifest import build_manifest, verify_manifest
@@ -53,6 +54,7 @@ from data_prep.resume import (
 )
 from data_prep.safe_paths import inside
 from data_prep.tables import read_table
+from spinefrac.budget import TrainingBudget
 from spinefrac.model_card import MODEL_CARD, write_model_card
 
 log = logging.getLogger("spinefrac")
@@ -142,6 +144,15 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     assert_no_leakage(splits, detector_train=fold_detector_studies if oof else det_studies,
                       aggregator_train=agg_studies)
     write_json_atomic(out / "prior.json", model_prior(labels))
+    segmented = _segmented_studies(data_root)
+    use_locator = bool(config.locator.enabled) and bool(segmented)
+    use_classifier = bool(config.classifier.enabled) and use_locator
+    cls_train = classifier_train_studies(splits) if use_classifier else {}
+    reuse = config.locator.get("reuse")
+    training = ([("train-locator", "locator")] if use_locator and not reuse else []) + [("train-detector", "detector")] \
+        + ([(f"train-detector-fold{k}", "detector") for k in fold_detector_studies] if oof else []) \
+        + [(f"train-classifier-fold{k}", "classifier") for k in cls_train]
+    clock = _BudgetClock(t0, TrainingBudget.from_config(config.budget, training))
 
     def stage(name: str, fn: Callable[[bool], dict[str, Any]], outputs: Sequence[Path],
               settings: Mapping[str, Any]) -> None:
@@ -151,6 +162,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         missing = [p for p in outputs if not p.exists()]
         if done and not missing and done.get("key") == key:
             log.info("stage %s: done already (%s), skipped", name, ", ".join(str(p) for p in outputs))
+            clock.skipped(name, float(done.get("runtime_s") or 0.0))
             return
         changed = bool(done) and done.get("key") != key
         if changed:
@@ -170,6 +182,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
             info = fn(True) or {}
         meta["stages"][name] = {"runtime_s": round(time.perf_counter() - s0, 1), **info, "key": key,
                                 "settings": plain(settings)}
+        clock.ran(name, meta["stages"][name]["runtime_s"])
         _write_meta(out, meta)
 
     def upstream(*names: str) -> dict[str, Any]:
@@ -181,12 +194,9 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     loc_ds = work / "locator_dataset" / "data.yaml"
     cls_ds = work / CLASSIFIER_DATASET
     agg_detect = work / "aggregator_detect"
-    segmented = _segmented_studies(data_root)
-    use_locator = bool(config.locator.enabled) and bool(segmented)
     if config.locator.enabled and not segmented:
         log.warning("%s: no segmentations; levels come from relative z position (no locator)",
                     data_root / SEGMENTATIONS)
-    use_classifier = bool(config.classifier.enabled) and use_locator
     if config.classifier.enabled and not use_locator:
         log.warning("the vertebra classifier needs the locator (its crops follow the located vertebrae): "
                     "trained without it")
@@ -194,8 +204,11 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     from detector.detect import detect_settings
     from detector.yolo_dataset import prepare_settings, train_study_dir
 
+    # the level decode's size prior, from the segmentations: every stage that decodes levels uses it
+    cfgs["levels"] = _level_prior_stage(stage, data_root, out, segmented, cfgs["levels"], progress)
+    _save_configs(out, config, cfgs)      # the model folder's levels.yaml is what predict decodes with
+
     # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
-    reuse = config.locator.get("reuse")
     data = {"data_root": str(data_root.resolve())}
     if use_locator and reuse:
         stage("copy-locator", lambda redo: _copy_locator(Path(reuse), out / "locator"), [out / "locator" / WEIGHTS],
@@ -205,8 +218,8 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
                                                        progress, kind="locator", overwrite=redo,
                                                        follow_symlinks=follow_symlinks), [loc_ds],
               {**data, "locator": prepare_settings(cfgs["locator"], kind="locator")})
-        stage("train-locator", lambda redo: _train(loc_ds, out / "locator", cfgs["locator"]),
-              [out / "locator" / WEIGHTS], _train_settings(cfgs["locator"], upstream("prepare-locator")))
+        stage("train-locator", lambda redo: _train(loc_ds, out / "locator", *clock.timed("train-locator", cfgs, "locator")),
+              [out / "locator" / WEIGHTS], _train_settings(cfgs["locator"], upstream("prepare-locator")) | clock.key())
     locator_weights = out / "locator" / WEIGHTS if use_locator else None
     locator_stage = upstream("copy-locator" if reuse else "train-locator") if use_locator else {}
     det_prepare = prepare_settings(cfgs["detector"], kind="detector", locator=locator_weights,
@@ -218,8 +231,9 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
             data_root, dataset.parent, cfgs["detector"], studies, workers, progress, kind="detector",
             locator=locator_weights, cfgs=cfgs, overwrite=redo, follow_symlinks=follow_symlinks), [dataset],
             {**data, "studies": sorted(studies), "detector": det_prepare})   # the locator's weights count
-        stage(f"train-detector{suffix}", lambda redo: _train(dataset, run, cfgs["detector"]), [run / WEIGHTS],
-              _train_settings(cfgs["detector"], upstream(f"prepare-detector{suffix}")))
+        stage(f"train-detector{suffix}", lambda redo: _train(
+            dataset, run, *clock.timed(f"train-detector{suffix}", cfgs, "detector")), [run / WEIGHTS],
+              _train_settings(cfgs["detector"], upstream(f"prepare-detector{suffix}")) | clock.key())
 
     detector_stages("", det_studies, det_ds, out / "detector")
     if oof:   # fold detectors only score the aggregator's studies of their fold: work files, not needed to predict
@@ -229,20 +243,20 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
     classifier_runs: dict[int, Path] = {}
     if use_classifier:
-        cls_train = classifier_train_studies(splits)
         stage("prepare-classifier", lambda redo: _prepare_classifier(
             data_root, cls_ds, cfgs, cls_train, locator_weights, workers, progress, overwrite=redo,
             follow_symlinks=follow_symlinks),
               [cls_ds / "index.csv", *(cls_ds / f"fold{k}" / "train" for k in cls_train)],
               {**data, "folds": {str(k): sorted(v) for k, v in cls_train.items()},
                "crops": section(cfgs["classifier"], "crops"), "render": section(cfgs["classifier"], "render"),
-               "prepare": section(cfgs["classifier"], "prepare"), "upstream": locator_stage})
+               "prepare": section(cfgs["classifier"], "prepare"), "upstream": locator_stage,
+               "levels": plain(cfgs["levels"])})
         for k in cls_train:
             run = out / CLASSIFIER_DIR / f"fold{k}"
             classifier_runs[k] = run
             stage(f"train-classifier-fold{k}", lambda redo, k=k, run=run: _train_classifier(
-                cls_ds / f"fold{k}", run, cfgs["classifier"]), [run / WEIGHTS],
-                  _train_settings(cfgs["classifier"], upstream("prepare-classifier")) | {"fold": k})
+                cls_ds / f"fold{k}", run, *clock.timed(f"train-classifier-fold{k}", cfgs, "classifier")), [run / WEIGHTS],
+                  _train_settings(cfgs["classifier"], upstream("prepare-classifier")) | {"fold": k} | clock.key())
 
     # the aggregator's studies: detected (and scored) by models that never trained on them
     by_fold = use_classifier or oof
@@ -282,12 +296,86 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     meta["locator"] = use_locator
     meta["classifier"] = [str((classifier_runs[k] / WEIGHTS).relative_to(out)) for k in sorted(classifier_runs)]
     meta["runtime_s"] = round(time.perf_counter() - t0, 1)
+    if clock.budget is not None:      # how the budget was spent (a run without one keeps no record)
+        meta["budget"] = clock.budget.summary(clock.elapsed())
+        clock.budget.log_summary(clock.elapsed())
+    else:
+        meta.pop("budget", None)
     _write_meta(out, meta)
     write_model_card(out, data_root=data_root, labels=labels, boxes=boxes, segmented=segmented)
     meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
     _write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
+
+
+def _level_prior_stage(stage: Callable[..., None], data_root: Path, out: Path, segmented: Sequence[str],
+                       levels: Config, progress: bool) -> Config:
+    """Learn the level decode's size prior from the segmentations (stage learn-level-prior); return the levels
+    config with it (the configured one when prior.learn is off, decode.model is not "sizes" or too few studies)."""
+    from detector.level_prior import LEVEL_PRIOR_JSON, prior_overrides, read_level_prior
+
+    path = out / LEVEL_PRIOR_JSON
+    learn = bool(levels.prior.learn) and levels.decode.model == "sizes"
+    if not learn or len(segmented) < int(levels.prior.min_studies):
+        if learn:
+            log.warning("level prior: %d segmented studies (< prior.min_studies %d): configs/levels.yaml's prior "
+                        "is used", len(segmented), int(levels.prior.min_studies))
+        path.unlink(missing_ok=True)
+        Path(f"{path}.meta.json").unlink(missing_ok=True)
+        return levels
+    seg_dir = data_root / SEGMENTATIONS
+    files = sorted(p for p in seg_dir.iterdir() if ".nii" in p.name)
+    stage("learn-level-prior", lambda redo: _learn_prior(data_root, segmented, out, levels, progress), [path],
+          {"data_root": str(data_root.resolve()), "segmentations": {p.name: weights_id(p) for p in files},
+           "prior": plain(section(levels, "prior")),
+           "max_levels_per_slice": int(levels.decode.max_levels_per_slice)})
+    if not path.is_file():       # too few usable segmentations: learn_from_segmentations wrote nothing
+        return levels
+    return load_config("levels", None, [*_flatten(levels), *prior_overrides(read_level_prior(path))])
+
+
+def _learn_prior(data_root: Path, studies: Sequence[str], out: Path, levels: Config, progress: bool
+                 ) -> dict[str, Any]:
+    from detector.level_prior import learn_from_segmentations
+
+    record = learn_from_segmentations(data_root, studies, out, config=levels, progress=progress)
+    return {"studies": len(record["studies"]) if record else 0}
+
+class _BudgetClock:
+    """The run's elapsed time as the budget counts it (stages a rerun skips count with their recorded runtime)."""
+
+    def __init__(self, started: float, budget: TrainingBudget | None) -> None:
+        self.started = started
+        self.budget = budget
+        self.carried = 0.0
+
+    def elapsed(self) -> float:
+        """Seconds of the budget spent: this run's wall time plus the recorded time of the stages it skipped."""
+        return time.perf_counter() - self.started + self.carried
+
+    def skipped(self, name: str, runtime_s: float) -> None:
+        """A stage done by an earlier run: its recorded runtime counts as spent."""
+        self.carried += runtime_s
+        self.ran(name, runtime_s)
+
+    def ran(self, name: str, runtime_s: float) -> None:
+        """Record a stage's wall time in the budget."""
+        if self.budget is not None:
+            self.budget.record(name, runtime_s)
+
+    def key(self) -> dict[str, Any]:
+        """A training stage's settings-key entry for the budget (none without one, so old keys stay)."""
+        return {"budget": self.budget.settings()} if self.budget is not None else {}
+
+    def timed(self, name: str, cfgs: Mapping[str, Config], stage: str) -> tuple[Config, dict[str, Any]]:
+        """Stage `stage`'s config with train.time set to the seconds the budget gives training stage `name` now,
+        and the stage record's `budget_s`; the config unchanged without a budget."""
+        if self.budget is None:
+            return cfgs[stage], {}
+        seconds = self.budget.give(name, self.elapsed())
+        cfg = load_config(stage, None, [*_flatten(cfgs[stage]), f"train.time={seconds / SECONDS_PER_HOUR}"])
+        return cfg, {"budget_s": round(seconds, 1)}
 
 
 def _final_detector_studies(splits: Mapping[str, Any]) -> list[str]:
@@ -310,14 +398,15 @@ def _prepare_classifier(data_root: Path, out: Path, cfgs: Mapping[str, Config], 
     return {"counts": read_sidecar(out / "index.csv").get("counts", {})}
 
 
-def _train_classifier(fold_dir: Path, run: Path, cfg: Config) -> dict[str, Any]:
+def _train_classifier(fold_dir: Path, run: Path, cfg: Config, extra: Mapping[str, Any] | None = None
+                      ) -> dict[str, Any]:
     from detector.classifier import train_classifier
 
     train_classifier(fold_dir, run, config=cfg)
     meta_path = run / "train.meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return {"epochs": meta.get("counts", {}).get("epochs_run"),
-            "metrics": meta.get("extra", {}).get("final_metrics", {})}
+            "metrics": meta.get("extra", {}).get("final_metrics", {}), **(extra or {})}
 
 
 def _classifier_fold_studies(dataset: Path, runs: Mapping[int, Path]) -> dict[int, set[str]]:
@@ -367,14 +456,14 @@ def _prepare(data_root: Path, out: Path, cfg: Config, studies: Sequence[str] | N
     return info
 
 
-def _train(data_yaml: Path, out: Path, cfg: Config) -> dict[str, Any]:
+def _train(data_yaml: Path, out: Path, cfg: Config, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     from detector.train import train_yolo
 
     run = train_yolo(data_yaml, out, config=cfg, overwrite=True)
     meta_path = run / "train.meta.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
     return {"epochs": meta.get("counts", {}).get("epochs_run"),
-            "metrics": meta.get("extra", {}).get("final_metrics", {})}
+            "metrics": meta.get("extra", {}).get("final_metrics", {}), **(extra or {})}
 
 
 def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: Path, cfgs: Mapping[str, Config], *,

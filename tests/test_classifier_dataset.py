@@ -116,10 +116,11 @@ def test_each_study_uses_its_segmentation_else_the_locator_exactly(prepared):
     seg = set(segmented_uids(root))
     assert set(index[STUDY_COL]) == {p.name for p in (root / "train_images").iterdir()}
     cols = ["level", "slice_index", "crop_x", "crop_y", "crop_width", "crop_height", "first_slice", "last_slice",
-            "n_slices", "source"]
+            "n_slices"]
     for uid, got in index.groupby(STUDY_COL):
         source = "segmentation" if uid in seg else "locator"
-        assert set(got["source"]) == {source}
+        # the size decode places the levels the fake locator never sees: their crops are marked extrapolated
+        assert set(got["source"]) <= ({source} if uid in seg else {source, "extrapolated"})
         want = expected_plan(root, uid, source)
         key = ["level", "slice_index"]
         pd.testing.assert_frame_equal(got[cols].sort_values(key).reset_index(drop=True),
@@ -128,10 +129,12 @@ def test_each_study_uses_its_segmentation_else_the_locator_exactly(prepared):
     seg_rows = index[index[STUDY_COL].isin(seg)]
     assert seg_rows.groupby(STUDY_COL)["level"].nunique().eq(len(LEVELS)).all()
     assert seg_rows.groupby([STUDY_COL, "level"]).size().le(3).all()
-    assert set(index.loc[~index[STUDY_COL].isin(seg), "level"]) == {"C3"}
+    located = index[~index[STUDY_COL].isin(seg)]
+    assert "C3" in set(located["level"]) and located["level"].nunique() > 1     # C3 found, the others placed
     meta = json.loads((out / "index.csv.meta.json").read_text())
     assert meta["counts"]["source_segmentation"] == len(seg)
-    assert meta["counts"]["source_locator"] == N_STUDIES - len(seg)
+    assert (meta["counts"].get("source_locator", 0) + meta["counts"].get("source_extrapolated", 0)
+            == N_STUDIES - len(seg))
     assert meta["counts"]["crops"] == len(index)
 
 

@@ -86,7 +86,9 @@ def test_demo_overrides_fold_into_every_stage_and_resolve():
     assert det.train.epochs == 3                          # the user's own detector.set wins over the demo's
     assert det.render.recipe == "windows" and det.prepare.boxed_every == 2
     assert stages["aggregation"].splits.aggregator_fraction == 0.4
-    synth = load_config("synth", None, list(cfg.demo.synth_set))
+    from data_prep.synth import synth_config
+
+    synth = synth_config(cfg.demo.world, None, list(cfg.demo.synth_set))
     # the demo's studies have the real geometry (512 px over the whole neck) and go through the spine ROI
     assert synth.image.size == 512 and det.roi.enabled
     assert det.roi.size_mm < min(synth.image.fov_mm)       # the crop is a part of the slice, not all of it

@@ -69,7 +69,7 @@ def test_every_required_schema_key_has_a_documented_default():
 
 def test_choices_agree_with_the_modules_that_use_them():
     from aggregation import candidates, features, model, splits
-    from detector import backends, render, train, yolo_dataset
+    from detector import backends, levels, render, train, yolo_dataset
 
     assert config_schema.RECIPES == render.RECIPES
     assert config_schema.NEGATIVE_SAMPLING == yolo_dataset.NEGATIVE_SAMPLING
@@ -81,6 +81,7 @@ def test_choices_agree_with_the_modules_that_use_them():
     assert set(config_schema.AREA_UNITS) == set(features.AREA_UNITS)
     assert set(config_schema.SPLIT_SCHEMES) == set(splits.SCHEMES)
     assert config_schema.CANDIDATE_CHOICES == candidates.CHOICES
+    assert config_schema.DECODE_MODELS == levels.DECODE_MODELS
 
 
 @pytest.mark.parametrize(("stage", "override", "allowed", "suggestion"), [

@@ -190,19 +190,37 @@ class WholeImageLocator:
 
 
 def test_locator_adds_levels_to_boxes_and_slices(studies, config):
-    locator = Locator(WholeImageLocator(), load_config("locator", None, ["render.imgsz=32"]), load_config("levels"))
+    # every slice sampled: in a 24 mm study the evidence of 3 sampled slices (every_k 4) is a few nats, less than
+    # what the size prior asks of a field that ends inside the column at both ends (real: 2 and 3 of 87 studies)
+    locator = Locator(WholeImageLocator(), load_config("locator", None, ["render.imgsz=32", "locate.every_k=1"]),
+                      load_config("levels"))
     found = detect_study(studies / "2.1", FakePredictor(), config=config, locator=locator, workers=1)
-    assert (found.boxes["level"] == "C3").all()
-    np.testing.assert_allclose(found.boxes["w_C3"], 1.0)
-    # the located vertebra boxes: C3 over the whole image, mapped back to original pixels
-    assert set(found.level_boxes["level"]) == {"C3"}
+    # decode.model sizes: a 24 mm field cannot be C3 alone (C3 by itself is about 5 mm long; it shares about
+    # 13 mm with C2 and with C4 each), and the locator never saw C2 or C4, so their absence is no evidence: C3 is
+    # on every slice, and boxes on the slices it shares with a neighbour get both levels' weights
+    assert (found.slices["p_C3"] > 0.5).all()
+    assert (found.boxes["w_C3"] > 0).all() and found.boxes["level"].isin(["C2", "C3", "C4"]).all()
+    # the located vertebra boxes: C3 over the whole image, mapped back to original pixels; a neighbour decoded
+    # without detections holds C3's box (source extrapolated)
+    located = found.level_boxes[found.level_boxes["source"] != "extrapolated"]
+    assert set(located["level"]) == {"C3"}
+    assert set(found.level_boxes["level"]) - {"C3"} <= {"C2", "C4"}
     np.testing.assert_allclose(found.level_boxes[["x", "y", "width", "height"]].to_numpy(dtype=float),
                                np.tile([0.0, 0.0, COLS, ROWS], (len(found.level_boxes), 1)), atol=1e-6)
     assert found.boxes[[f"w_{lv}" for lv in LEVELS]].sum(axis=1).round(9).eq(1.0).all()
     p = found.slices[[f"p_{lv}" for lv in LEVELS]].to_numpy()
     assert p.shape == (N, len(LEVELS)) and ((p >= 0) & (p <= 1)).all()
-    # the decoder's anatomical prior may hedge towards the ends; the evidence must win in the middle
-    assert p[N // 2].argmax() == LEVELS.index("C3") and p.mean(axis=0).argmax() == LEVELS.index("C3")
+    assert (p[:, LEVELS.index("C3")] >= p.max(axis=1) - 1e-9).all()     # the evidence wins on every slice
+    assert found.vertebrae.set_index("level").loc["C3", "source"] == "located"
+
+
+def test_the_former_decoder_stretches_the_one_level_seen(studies, config):
+    """decode.model runs (kept for the benchmark): no sizes, so C3 covers every slice alone."""
+    levels = load_config("levels", overrides=["decode.model=runs"])
+    locator = Locator(WholeImageLocator(), load_config("locator", None, ["render.imgsz=32"]), levels)
+    found = detect_study(studies / "2.1", FakePredictor(), config=config, locator=locator, workers=1)
+    assert (found.boxes["level"] == "C3").all()
+    np.testing.assert_allclose(found.boxes["w_C3"], 1.0)
 
 
 def test_without_locator_levels_come_from_relative_z(studies, config):

@@ -24,7 +24,7 @@ N = 100
 
 @pytest.fixture(scope="module")
 def cfg():
-    return load_config("levels")
+    return load_config("levels", overrides=["decode.model=runs"])   # the former decoder, kept for the benchmark
 
 
 def truth_bits(runs=RUNS, n=N) -> np.ndarray:
@@ -115,7 +115,7 @@ def test_a_level_without_evidence_is_placed_between_its_neighbours(cfg):
 
 def test_max_levels_per_slice_is_enforced(cfg):
     truth = truth_bits()
-    one = load_config("levels", overrides=["decode.max_levels_per_slice=1"])
+    one = load_config("levels", overrides=["decode.model=runs", "decode.max_levels_per_slice=1"])
     dec = decode_levels(soft(truth), config=one)
     assert dec.sum(axis=1).max() == 1
     assert_anatomical(dec)

@@ -183,3 +183,31 @@ def test_oof_scheme_trains_fold_detectors_and_the_aggregator_on_every_study(trai
     assert main(["predict", str(trained / "test" / "test_images"), "--model", str(model), "--out", str(out),
                  "--no-progress"]) == 0
     assert pd.read_csv(out / "predictions.csv")[list(TARGETS)].notna().all().all()
+
+
+@pytest.mark.slow
+def test_a_classifier_trained_with_the_crack_channel_predicts_with_it(trained, tmp_path):
+    """The session pipeline's classifiers render the crack channel (conftest.py): crops, model folder, predict."""
+    import cv2
+    import numpy as np
+
+    from data_prep.config import load_config
+    from detector.render import apply_window
+
+    model = trained / "model"
+    assert load_config("classifier", model / "classifier.yaml").render.crack_channel == 2
+    dataset = model / "work" / "classifier_dataset"
+    assert json.loads((dataset / "index.csv.meta.json").read_text())["extra"]["render"]["crack_channel"] == 2
+    # channel 2 of the crops is the crack channel: black over soft tissue, where the 2.5D neighbour is grey
+    soft = int(apply_window(np.array([45.0]), 400.0, 1800.0)[0])
+    crops = np.stack([cv2.imread(str(p)) for p in sorted((dataset / "images").rglob("*.png"))[:20]])
+    tissue = np.abs(crops[..., 1].astype(int) - soft) < 10
+    assert tissue.sum() > 100 and np.median(crops[..., 2][tissue]) == 0
+    # predict renders it too: every study's detect marker is keyed by settings that name it
+    out = tmp_path / "pred"
+    assert main(["predict", str(trained / "test" / "test_images"), "--model", str(model), "--out", str(out),
+                 "--no-progress"]) == 0
+    markers = sorted(out.rglob("done/*.json"))
+    assert markers
+    for marker in markers:
+        assert json.loads(marker.read_text())["settings"]["classifier"]["render"]["crack_channel"] == 2

@@ -147,3 +147,77 @@ def test_neighbour_offset_uses_slice_positions_over_thickness():
     assert neighbour_offset(geometry(10, 4, 4, 1.0, thickness=2.0), 3.0) == 3
     # a single slice has no positions to compare: the thickness is used
     assert neighbour_offset(geometry(1, 4, 4, 1.0, thickness=1.5), 3.0) == 2
+
+
+class CrackedSlices:
+    """Slice i: soft tissue (45 HU) with a bone block (cortex 1200 HU, 10 px thick) that a 2-pixel crack (45 HU)
+    crosses at column 20 + i, so every slice's crack channel differs."""
+
+    def __init__(self, n: int, rows: int, cols: int) -> None:
+        self.n, self.rows, self.cols = n, rows, cols
+        self.asked: list[int] = []
+
+    def get(self, index: int) -> np.ndarray:
+        self.asked.append(index)
+        hu = np.full((self.rows, self.cols), 45.0, dtype=np.float32)
+        hu[20:30, 5:-5] = 1200.0
+        hu[20:30, 20 + index:22 + index] = 45.0
+        return hu
+
+
+def crack_geometry(n: int, rows: int, cols: int, spacing: float = 1.0, pixel: float = 0.35):
+    geo = geometry(n, rows, cols, spacing)
+    geo.pixel_spacing = (pixel, pixel)
+    return geo
+
+
+@pytest.mark.parametrize("recipe", ["2.5d", "windows"])
+def test_crack_channel_replaces_channel_two_and_keeps_the_others(recipe):
+    from detector.crack_filter import crack_channel
+
+    n, rows, cols = 9, 48, 64
+    geo = crack_geometry(n, rows, cols)
+    plain = render_cfg(imgsz=32, recipe=recipe, neighbour_mm=2.0)
+    cracked = render_cfg(imgsz=32, recipe=recipe, neighbour_mm=2.0, crack_channel=2)
+    before, _ = render_slices(CrackedSlices(n, rows, cols), [4], geo, render=plain)
+    chunk = CrackedSlices(n, rows, cols)
+    after, _ = render_slices(chunk, [4], geo, render=cracked)
+    assert np.array_equal(after[..., :2], before[..., :2])
+    expected = crack_channel(chunk.get(4), (0.35, 0.35), cracked, 32)
+    assert np.array_equal(after[0, ..., 2], expected)
+    assert expected.max() == 255 and expected[:8].max() == 0     # the crack is white, soft tissue black
+    assert not np.array_equal(after[..., 2], before[..., 2])
+    if recipe == "2.5d":                                          # the inferior neighbour (4 + 2) is never read
+        assert 6 not in chunk.asked and 2 in chunk.asked
+
+
+def test_crack_channel_of_a_crop_is_computed_on_the_crop_pixels():
+    from detector.crack_filter import crack_channel
+    from detector.render import render_crops
+    from detector.roi import crop_padded
+
+    n, rows, cols = 3, 48, 64
+    geo = crack_geometry(n, rows, cols, pixel=0.5)
+    cfg = render_cfg(imgsz=16, recipe="2.5d", crack_channel=2)
+    box = np.array([[10, 8, 40, 40]])                              # x, y, w, h: 40 px shrunk to 16
+    images = render_crops(CrackedSlices(n, rows, cols), [1], geo, box, render=cfg, pad_hu=-1000.0)
+    hu = CrackedSlices(n, rows, cols).get(1)
+    expected = crack_channel(crop_padded(hu, box[0], -1000.0), (0.5, 0.5), cfg, 16)
+    assert np.array_equal(images[0, ..., 2], expected)
+    assert expected.max() == 255                                  # a 2-px crack survives a 2.5x shrink
+
+
+def test_render_summary_names_the_crack_keys_only_when_on():
+    from detector.render import render_summary
+
+    assert "crack_width_mm" not in render_summary(render_cfg())
+    summary = render_summary(render_cfg(crack_channel=2))
+    assert {k: summary[k] for k in ("crack_channel", "crack_width_mm", "crack_bone_hu", "crack_full_hu")} == {
+        "crack_channel": 2, "crack_width_mm": 2.0, "crack_bone_hu": 200.0, "crack_full_hu": 600.0}
+
+
+@pytest.mark.parametrize("bad", [3, -1, True, 1.0, "2"])
+def test_crack_channel_must_be_a_channel(bad):
+    cfg = {**render_cfg().to_dict(), "crack_channel": bad}      # load_config refuses it too; the renderer checks
+    with pytest.raises(ConfigError, match="crack_channel"):
+        render_slices(CrackedSlices(1, 8, 8), [0], crack_geometry(1, 8, 8), render=cfg)

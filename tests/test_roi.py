@@ -383,6 +383,12 @@ def test_detect_uses_each_slices_own_crop(tmp_path):
     check_marker_boxes(found, {"marker": marker}, "feet_first")
 
 
+STRONG_LEVELS = ["decode.evidence_weight=4"]
+"""levels.yaml overrides for these 24 mm studies: with every 4th slice sampled, a few nats of C3 evidence are less
+than what the size decode's prior asks of a field that ends inside the column at both ends (real: 2 and 3 of 87
+studies); weight 4 counts each sampled slice as if every slice had been."""
+
+
 class C3Locator:
     """A locator that sees C3 at the same box (in its own image pixels) on every sampled slice."""
 
@@ -401,12 +407,14 @@ def test_roi_is_centred_on_the_located_vertebra(tmp_path, roi_config):
     case = CASES["centre"]                                        # the body alone would give ROI (16, 32)
     study = write_marker_study(tmp_path, "5.1", shape=case["shape"], body=case["body"], marker=case["marker"])
     fake = C3Locator()
-    locator = Locator(fake, load_config("locator", None, ["render.imgsz=32"]), load_config("levels"))
+    locator = Locator(fake, load_config("locator", None, ["render.imgsz=32"]), load_config("levels", None,
+                                                                                          STRONG_LEVELS))
     found = detect_study(study, MarkerPredictor(), config=roi_config, locator=locator, workers=1)
     assert set(fake.sizes) == {32}
     # the locator sees the whole 192 x 96 slice at 32 px: x * 96 / 32, y * 192 / 32 -> box x 24..48, y 60..108,
-    # centre (36, 84) -> ROI corner (36 - 32, 84 - 64) = (4, 20)
-    lb = found.level_boxes
+    # centre (36, 84) -> ROI corner (36 - 32, 84 - 64) = (4, 20); neighbours decoded without a detection of their
+    # own hold C3's box (source extrapolated) and do not move the ROI
+    lb = found.level_boxes[found.level_boxes["source"] != "extrapolated"]
     assert len(lb) and set(lb["level"]) == {"C3"}
     np.testing.assert_allclose(lb[["x", "y", "width", "height"]].to_numpy(float),
                                np.tile([24.0, 60.0, 24.0, 48.0], (len(lb), 1)), atol=1e-6)
@@ -419,7 +427,8 @@ def test_roi_is_centred_on_the_located_vertebra(tmp_path, roi_config):
     assert (s.loc[~inside, "roi_source"] == "held").all()
     # and the marker still maps back exactly through the locator's crop (offsets 32 and 44: multiples of 2, 4)
     check_marker_boxes(found, case, "head_first")
-    assert set(found.boxes["level"]) == {"C3"}
+    # every box lies on C3; where C3 shares slices with a neighbour (decoded by its size) the box gets both
+    assert found.boxes["w_C3"].gt(0).all() and set(found.boxes["level"]) <= {"C2", "C3", "C4"}
 
 
 class BlindLocator(C3Locator):
@@ -440,7 +449,7 @@ def test_study_rois_for_training_equal_the_rois_detect_uses(tmp_path, with_locat
                                order="feet_first")
     fake = BlindLocator() if with_locator == "blind" else C3Locator()
     locator = Locator(fake, load_config("locator", None, ["render.imgsz=32"]),
-                      load_config("levels")) if with_locator else None
+                      load_config("levels", None, STRONG_LEVELS)) if with_locator else None
     found = detect_study(study, MarkerPredictor(), config=config, locator=locator, workers=1)
     rois = study_rois(study, config=config, locator=locator)
     pd.testing.assert_frame_equal(rois.table(), found.slices[list(ROI_COLUMNS)].reset_index(drop=True))

@@ -306,3 +306,66 @@ def test_round_trip_on_synthetic_studies(tmp_path):
         back = yolo_to_xywh(np.loadtxt(label, ndmin=2)[:, 1:], (128, 128))
         want = group[["x", "y", "width", "height"]].to_numpy(float)
         np.testing.assert_allclose(back[np.lexsort(back.T[::-1])], want[np.lexsort(want.T[::-1])], atol=1e-3)
+
+
+def write_cracked_negative(root, uid, cracked):
+    """A negative study: a bone block (cortex HU) on every slice, broken across by a 1-pixel lucent line on `cracked`."""
+    hu = np.stack([np.full((ROWS, COLS), 45.0, dtype=np.float32) for _ in range(N)])
+    hu[:, 12:36, 10:54] = 1200.0
+    for k in cracked:
+        hu[k, 12:36, 30 + k % 5] = 45.0
+    write_series(root / "train_images" / uid, hu, study_uid=uid, pixel_spacing=(0.5, 0.5), slice_thickness=1.0)
+
+
+def test_hard_candidates_keep_the_slices_that_look_cracked(tmp_path):
+    # one negative study whose slices 3, 8 and 17 hold a crack-like line; 3 negative slices are wanted (5 boxed
+    # slices x ratio 1.2 x share 0.5) among 8 x 3 = 24 candidates (every slice): exactly the cracked ones win
+    spec = {uid: s for uid, s in BASE_SPEC.items() if uid in ("1.2.3.1", "1.2.3.2")}
+    root, _ = make_root(tmp_path, spec)
+    cracked = {3, 8, 17}
+    write_cracked_negative(root, "1.2.3.9", cracked)
+    train = pd.read_csv(root / "train.csv", dtype={STUDY_COL: str})
+    train.loc[len(train)] = {STUDY_COL: "1.2.3.9", "patient_overall": 0, **dict.fromkeys(LEVELS, 0)}
+    train.to_csv(root / "train.csv", index=False)
+    sets = ("prepare.background_ratio=1.2", "prepare.negative_share=0.5", "prepare.negative_sampling=uniform")
+    hard = tmp_path / "hard"
+    prepare_detector_dataset(root, hard, config=cfg(*sets, "prepare.hard_candidates=8"), workers=1, progress=False)
+    negatives = read_index(hard).query("kind == 'negative'")
+    assert set(negatives["slice_index"]) == cracked
+    plain = tmp_path / "plain"                              # without: a plain draw, which misses some of them
+    prepare_detector_dataset(root, plain, config=cfg(*sets), workers=1, progress=False)
+    drawn = set(read_index(plain).query("kind == 'negative'")["slice_index"])
+    assert len(drawn) == 3 and drawn != cracked
+
+
+def test_crack_score_ranks_a_crack_above_intact_bone():
+    from detector.crack_filter import crack_score
+
+    render = load_config("detector").render
+    block = np.full((48, 64), 45.0, dtype=np.float32)
+    block[12:36, 10:54] = 1200.0
+    cracked = block.copy()
+    cracked[12:36, 31] = 45.0
+    assert crack_score(cracked, (0.5, 0.5), render) > 10 * max(crack_score(block, (0.5, 0.5), render), 1.0)
+
+
+def test_hardest_slices_look_inside_each_slices_roi(tmp_path):
+    # two bone blocks on every slice; slice 2 is cracked in the left block, slice 5 in the right one. Each slice's
+    # ROI holds only the left block, so slice 2 wins; on whole slices the two tie (the lower index wins)
+    from data_prep.dicom_io import scan_study
+    from detector.roi import SpineRois
+    from detector.yolo_dataset import hardest_slices
+
+    hu = np.full((8, ROWS, COLS), 45.0, dtype=np.float32)
+    hu[:, 12:36, 4:28] = 1200.0
+    hu[:, 12:36, 36:60] = 1200.0
+    hu[2, 12:36, 16] = 45.0
+    hu[5, 12:36, 48] = 45.0
+    write_series(tmp_path / "s", hu, study_uid="1.2.3.77", pixel_spacing=(0.5, 0.5), slice_thickness=1.0)
+    geometry = scan_study(tmp_path / "s")
+    render = load_config("detector").render
+    n = 8
+    left = SpineRois(np.zeros(n, int), np.zeros(n, int), np.full(n, 32), np.full(n, ROWS), np.array(["body"] * n))
+    assert hardest_slices(geometry, [5, 2, 0], 1, render=render, rois=left, pad_hu=-1000.0) == [2]
+    assert hardest_slices(geometry, [5, 0], 1, render=render, rois=left, pad_hu=-1000.0) == [0]   # a tie
+    assert hardest_slices(geometry, [5, 2, 0], 2, render=render) == [2, 5]

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from scipy.special import expit, logit
 
-from data_prep import registry
+from data_prep.runs import registry
 
 from .metric import per_study_weights
 from .monotone import fit_monotone_logistic

@@ -30,9 +30,9 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedKFold
 
-from data_prep import registry
-from data_prep.artifacts import write_csv_atomic, write_sidecar
 from data_prep.errors import InputError
+from data_prep.runs import registry
+from data_prep.runs.artifacts import write_csv_atomic, write_sidecar
 
 from .blend import fit_blend, predict_blend
 from .metric import competition_loss_arrays, global_loss_arrays
@@ -156,7 +156,7 @@ def write_table(directory: str | os.PathLike, table: pd.DataFrame, *, config: Ma
 
 def read_table(directory: str | os.PathLike) -> pd.DataFrame | None:
     """Return an aggregator folder's candidates table, or None when it has none (trained before candidates)."""
-    from data_prep.tables import read_csv_table
+    from data_prep.runs.tables import read_csv_table
 
     path = Path(directory) / CANDIDATES_FILE
     if not path.is_file():

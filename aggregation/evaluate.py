@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from data_prep import registry
-from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
-from data_prep.tables import read_csv_table, read_table
+from data_prep.runs import registry
+from data_prep.runs.artifacts import write_json_atomic
+from data_prep.runs.tables import read_csv_table, read_table
 
 from .features import LEVEL_COL, WEIGHT_COLS
 from .metric import competition_loss_arrays, global_loss_arrays
@@ -205,7 +205,7 @@ def evaluate_predictions(predictions: Path, *, labels: Path, out: Path | None = 
         out = Path(out)
         cfg = config
         if cfg is None:
-            from data_prep.config import load_config
+            from data_prep.runs.config import load_config
 
             cfg = load_config("aggregation")
         report.files = [out / METRICS_FILE, *plot_curves(y, probs, out, n_bins=int(cfg["evaluate"]["calibration_bins"]))]
@@ -238,7 +238,7 @@ def plot_curves(y: np.ndarray, probs: Mapping[str, np.ndarray], out: Path, *, n_
     from sklearn.calibration import CalibrationDisplay
     from sklearn.metrics import RocCurveDisplay
 
-    from data_prep.artifacts import atomic_path
+    from data_prep.runs.artifacts import atomic_path
 
     out.mkdir(parents=True, exist_ok=True)
     n = len(registry.TARGETS)

@@ -29,9 +29,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from data_prep import registry
 from data_prep.errors import InputError
-from data_prep.tables import check_columns, read_csv_table
+from data_prep.runs import registry
+from data_prep.runs.tables import check_columns, read_csv_table
 
 logger = logging.getLogger("aggregation")
 
@@ -173,7 +173,7 @@ LEVEL_PREDICTION_SIGN: dict[str, int | None] = dict.fromkeys(LEVEL_PREDICTION_FE
 def _section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
     """Return the `features` section from a whole aggregation config (or the section itself)."""
     if config is None:
-        from data_prep.config import load_config
+        from data_prep.runs.config import load_config
 
         config = load_config("aggregation")
     return config.get("features", config)
@@ -547,7 +547,7 @@ def build_patient_features(level_features: pd.DataFrame, *, config: Mapping[str,
 def write_features(features: pd.DataFrame, path: str | os.PathLike, *, config: Mapping[str, Any] | None = None,
                    inputs: Mapping[str, Any] | None = None) -> Path:
     """Write features.csv atomically with its `.meta.json` sidecar (config, inputs, counts, feature docs)."""
-    from data_prep.artifacts import write_csv_atomic, write_sidecar
+    from data_prep.runs.artifacts import write_csv_atomic, write_sidecar
 
     cfg = _section(config)
     out = write_csv_atomic(path, features)

@@ -1,6 +1,6 @@
 """The RSNA 2022 competition metric: weighted log loss over C1-C7 and patient_overall.
 
-Row weights come from `data_prep.registry` through `label_weights` (which the StudyAggregator also uses as
+Row weights come from `data_prep.runs.registry` through `label_weights` (which the StudyAggregator also uses as
 sample weights): a vertebra row weighs 1 when negative and 2 when positive, `patient_overall` 7 when
 negative and 14 when positive. Probabilities are clipped to
 [PROB_CLIP, 1 - PROB_CLIP]. Two normalisations are reported:
@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from data_prep import registry
 from data_prep.errors import InputError
+from data_prep.runs import registry
 
 
 def label_weights(y: np.ndarray, *, patient: bool = False) -> np.ndarray:

@@ -40,9 +40,9 @@ from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.model_selection import GroupKFold, StratifiedKFold
 from threadpoolctl import threadpool_limits
 
-from data_prep import registry
-from data_prep.artifacts import atomic_path, library_versions, write_json_atomic
 from data_prep.errors import InputError
+from data_prep.runs import registry
+from data_prep.runs.artifacts import atomic_path, library_versions, write_json_atomic
 
 from .blend import fit_blend, predict_blend
 from .candidates import (
@@ -189,7 +189,7 @@ class StudyAggregator:
 
     def __init__(self, config: Mapping[str, Any] | None = None) -> None:
         if config is None:
-            from data_prep.config import load_config
+            from data_prep.runs.config import load_config
 
             config = load_config("aggregation")
         self.config: dict[str, Any] = config.to_dict() if hasattr(config, "to_dict") else _plain(config)
@@ -201,7 +201,7 @@ class StudyAggregator:
             raise ValueError(f"model.sample_weights must be one of {', '.join(SAMPLE_WEIGHT_CHOICES)}, "
                              f"found {weights!r}")
         if "candidates" not in self.config:       # a config from before candidates: the booster, as it was
-            from data_prep.config import load_config
+            from data_prep.runs.config import load_config
 
             self.config["candidates"] = {**load_config("aggregation")["candidates"].to_dict(),
                                          **LEGACY_SETTINGS["candidates"]}
@@ -593,7 +593,7 @@ def _matrix(df: pd.DataFrame, cols: list[str]) -> np.ndarray:
 
 def _upgrade_config(saved: Mapping[str, Any]) -> dict[str, Any]:
     """Return a saved aggregator config with keys added since it was written (LEGACY_SETTINGS, else defaults)."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
 
     config = _plain(saved)
     defaults = load_config("aggregation").to_dict()

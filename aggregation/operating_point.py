@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_curve
 
-from data_prep.artifacts import write_csv_atomic, write_json_atomic
 from data_prep.errors import InputError
+from data_prep.runs.artifacts import write_csv_atomic, write_json_atomic
 
 from .candidates import HELDOUT_COLUMNS
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep import registry
+from data_prep.runs import registry
 
 from .features import LEVEL_COL, selected_groups
 from .metric import per_study_weights

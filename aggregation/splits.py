@@ -35,9 +35,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold, train_test_split
 
-from data_prep import registry
-from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError, SpinefracError
+from data_prep.runs import registry
+from data_prep.runs.artifacts import write_json_atomic
 
 logger = logging.getLogger("aggregation")
 
@@ -56,7 +56,7 @@ class LeakageError(SpinefracError):
 
 def _section(config: Mapping[str, Any] | None) -> Mapping[str, Any]:
     if config is None:
-        from data_prep.config import load_config
+        from data_prep.runs.config import load_config
 
         config = load_config("aggregation")
     return config.get("splits", config)

@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
-from data_prep import registry
-from data_prep.artifacts import write_csv_atomic
 from data_prep.errors import InputError
-from data_prep.tables import read_table
+from data_prep.runs import registry
+from data_prep.runs.artifacts import write_csv_atomic
+from data_prep.runs.tables import read_table
 
 logger = logging.getLogger("aggregation")
 

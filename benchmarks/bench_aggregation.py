@@ -29,9 +29,9 @@ from aggregation.evaluate import max_score_baseline, score_predictions
 from aggregation.features import build_features, load_detection_tables
 from aggregation.model import StudyAggregator
 from aggregation.submission import prior_predictions, training_prior
-from data_prep import registry
-from data_prep.config import load_config
-from data_prep.tables import read_csv_table
+from data_prep.runs import registry
+from data_prep.runs.config import load_config
+from data_prep.runs.tables import read_csv_table
 
 # Simulation settings (real train.csv: 961 of 2019 positive; level positives C1..C7 = 146,285,73,108,162,277,393).
 PATIENT_RATE = 0.476

@@ -21,9 +21,9 @@ from sklearn.model_selection import StratifiedKFold
 
 from aggregation.metric import competition_loss
 from aggregation.model import StudyAggregator
-from data_prep import registry
-from data_prep.config import load_config
-from data_prep.tables import read_csv_table
+from data_prep.runs import registry
+from data_prep.runs.config import load_config
+from data_prep.runs.tables import read_csv_table
 
 FEATURES = Path("work") / "aggregator_detect" / "features.csv"
 DEFAULT_VARIANTS = (

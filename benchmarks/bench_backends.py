@@ -60,7 +60,7 @@ def variants(weights: Path, imgsz: int, batch: int, threads: list[int]) -> list[
     """Export what is needed and list (backend, variant, model path, load_predictor kwargs) to time."""
     import importlib.util
 
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.export import export_weights
 
     options = load_config("detector").export.to_dict()
@@ -87,7 +87,7 @@ def time_variants(rows: list[tuple[str, str, Path, dict]], imgsz: int, batch: in
                   repeats: int) -> list[dict[str, float]]:
     """Median ms per image of each stage (and their sum) per variant; repeats run round-robin over variants,
     so load from other processes hits every variant alike."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.backends import load_predictor
 
     det = load_config("detector").detect

@@ -31,8 +31,8 @@ from aggregation.candidates import CANDIDATES
 from aggregation.evaluate import max_score_baseline, score_predictions
 from aggregation.features import build_features
 from aggregation.model import StudyAggregator
-from data_prep import registry
-from data_prep.config import load_config
+from data_prep.runs import registry
+from data_prep.runs.config import load_config
 
 CHOSEN = "chosen"
 RAW_RULE = "max box score (uncalibrated)"
@@ -75,8 +75,8 @@ def simulated_seed(world_name: str, seed: int, *, n_train: int, n_test: int, ove
 def model_folder_seed(model_dir: Path, pred_dir: Path, truth: Path, labels: Path, seed: int,
                       overrides: Sequence[str]) -> dict:
     """Refit the aggregator on a model folder's aggregator studies (seed) and score a prediction folder's studies."""
-    from data_prep.tables import read_table
-    from spinefrac.pipeline import read_detections
+    from data_prep.runs.tables import read_table
+    from spinefrac.results import read_detections
 
     cfg = load_config("aggregation", model_dir / "aggregation.yaml", [*overrides, f"model.random_state={seed}"])
     agg_dir = model_dir / "work" / "aggregator_detect"

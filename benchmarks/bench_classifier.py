@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 ROWS: tuple[tuple[str, list[str], str], ...] = (
     ("today (detector features, unweighted)", ["detector"], "none"),
@@ -57,9 +57,9 @@ def fit_rows(model_dir: Path, pred_dir: Path, labels_train: pd.DataFrame, labels
     from aggregation.evaluate import score_predictions
     from aggregation.features import build_features
     from aggregation.model import StudyAggregator
-    from data_prep.config import load_config
-    from data_prep.registry import TARGETS
-    from spinefrac.pipeline import read_detections
+    from data_prep.runs.config import load_config
+    from data_prep.runs.registry import TARGETS
+    from spinefrac.results import read_detections
 
     agg_dir = model_dir / "work" / "aggregator_detect"
     folders = sorted(p for p in agg_dir.glob("fold*") if (p / "slices.csv").is_file()) or [agg_dir]
@@ -101,11 +101,12 @@ def ensemble_check(model: Path, test: Path, work: Path, labels_train: pd.DataFra
     The aggregator is the same in all three (trained on the fold models' out-of-fold scores); only the test
     studies' classifier scores change. Retraining on all studies costs one more classifier training (timed).
     """
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.classifier import train_classifier
     from detector.classifier_dataset import read_classifier_index, write_fold_layout
     from detector.detect import detect_studies
-    from spinefrac.pipeline import CLASSIFIER_DATASET, WEIGHTS, open_model
+    from spinefrac.model_folder import WEIGHTS, open_model
+    from spinefrac.pipeline import CLASSIFIER_DATASET
 
     folder = open_model(model)
     ccfg = folder.configs["classifier"]
@@ -175,8 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     from detector.offline import configure_ultralytics
 
     configure_ultralytics()            # before anything imports Ultralytics (offline, settings in our cache)
-    from data_prep.synth import synth_config, synthesize
-    from data_prep.tables import read_table
+    from data_prep.runs.tables import read_table
+    from data_prep.synthetic.synth import synth_config, synthesize
     from spinefrac.demo import demo_config
     from spinefrac.pipeline import predict_all, train_all
 

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.registry import PATIENT, STUDY_COL
+from data_prep.runs.registry import PATIENT, STUDY_COL
 
 SUBTLE_SET = ["fracture.gap_mm=[0.3, 1.0]", "fracture.shift_mm=[0.0, 1.0]", "fracture.min_gap_px=0",
               "fracture.min_shift_px=0", "anatomy.vascular_channel_prob=0.6"]
@@ -116,7 +116,7 @@ def measure_signal(root: Path, render: dict, normals_per_fracture: float) -> tup
     from sklearn.metrics import roc_auc_score
     from tqdm import tqdm
 
-    from data_prep.dicom_io import read_slice_hu, scan_study
+    from data_prep.dicom.reader import read_slice_hu, scan_study
 
     table = samples(root, normals_per_fracture)
     images = root / "test_images" if (root / "test_images").is_dir() else root / "train_images"
@@ -151,7 +151,7 @@ def measure_cost(root: Path, render: dict, n_slices: int, repeats: int) -> pd.Da
     """ms per rendered image with and without the crack channel: ROI crops, whole slices, classifier crops."""
     import cv2
 
-    from data_prep.dicom_io import read_slice_hu, scan_study
+    from data_prep.dicom.reader import read_slice_hu, scan_study
     from detector.render import render_crops
 
     images = root / "test_images" if (root / "test_images").is_dir() else root / "train_images"
@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="synth processes")
     args = p.parse_args(argv)
 
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.synth import synthesize
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_crack_"))
     work.mkdir(parents=True, exist_ok=True)

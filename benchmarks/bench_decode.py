@@ -1,11 +1,11 @@
-"""Decode speed of the study reader vs plain pydicom, on series written by data_prep.dicom_write.
+"""Decode speed of the study reader vs plain pydicom, on series written by data_prep.dicom.writer.
 
     python -m benchmarks.bench_decode [--slices 64 --size 512 --repeats 3]
 
 For each transfer syntax it writes one temporary series of CT-like slices, then times (median of
 --repeats runs, after one warm-up run) reading the whole study into HU:
   pydicom loop      dcmread + pixel_array + apply_rescale per file, pydicom's default plugin
-  reader w=1        data_prep.dicom_io.read_volume(workers=1)
+  reader w=1        data_prep.dicom.reader.read_volume(workers=1)
   reader w=2 proc   read_volume(workers=2) with the process pool
   reader w=2 thread read_volume(workers=2) with threads
 Every method's volume is checked equal to the pydicom loop's before timing counts.
@@ -23,8 +23,9 @@ import numpy as np
 import pydicom
 from pydicom.pixels import apply_rescale
 
-from data_prep import dicom_io, registry
-from data_prep.dicom_write import write_series
+from data_prep.dicom import reader as dicom_io
+from data_prep.dicom.writer import write_series
+from data_prep.runs import registry
 
 SYNTAXES = {
     "uncompressed": registry.TS_EXPLICIT_LE,

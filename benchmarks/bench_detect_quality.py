@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.registry import STUDY_COL
+from data_prep.runs.registry import STUDY_COL
 
 IOU_MATCH = 0.5
 DEFAULT_THRESHOLDS = (0.25, 0.5)   # 0.25 is Ultralytics' default predict confidence
@@ -109,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="synth config override, e.g. labels.box_fraction=1.0 (repeatable)")
     args = p.parse_args(argv)
 
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.synth import synthesize
     from detector.detect import detect_studies
     from detector.train import train_yolo
     from detector.yolo_dataset import prepare_detector_dataset

@@ -32,7 +32,7 @@ DEFAULT_BACKENDS = ("pytorch", "onnx", "openvino")
 
 
 def _child_detect(args: argparse.Namespace) -> dict:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.detect import detect_studies
 
     config = load_config("detector", None, [f"render.imgsz={args.imgsz}", f"detect.backend={args.backend}",
@@ -55,8 +55,8 @@ def _child_detect(args: argparse.Namespace) -> dict:
 def _child_naive(args: argparse.Namespace) -> dict:
     import cv2
 
-    from data_prep.config import load_config
-    from data_prep.dicom_io import iter_chunks, scan_study
+    from data_prep.dicom.reader import iter_chunks, scan_study
+    from data_prep.runs.config import load_config
     from detector.detect import find_studies
     from detector.offline import configure_ultralytics
     from detector.render import context_slices, render_slices
@@ -65,8 +65,7 @@ def _child_naive(args: argparse.Namespace) -> dict:
     from detector.weights import yolo_from_weights
 
     if args.pydicom_decode:      # decoding as pydicom's own plugins do it (GDCM), not the project's fast path
-        from data_prep import dicom_io
-
+        from data_prep.dicom import reader as dicom_io
         dicom_io.FAST_JPEG_LOSSLESS = ()
 
     render = load_config("detector", None, [f"render.imgsz={args.imgsz}", *args.render_set]).render
@@ -126,8 +125,8 @@ def _run_child(kind: str, backend: str, args: argparse.Namespace, studies_dir: P
 
 
 def _train_tiny(work: Path, imgsz: int, size: int | None) -> Path:
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.synth import synthesize
     from detector.train import train_yolo
     from detector.yolo_dataset import prepare_detector_dataset
 
@@ -188,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.backends import installed_backends
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_detect_speed_"))
@@ -196,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     weights = args.weights or _train_tiny(work, args.imgsz, args.size)
     studies_dir = args.studies_dir
     if studies_dir is None:
-        from data_prep.synth import synthesize
+        from data_prep.synthetic.synth import synthesize
 
         root = work / "synth_test"
         synth_set = [f"image.size={args.size}"] if args.size else []

@@ -59,17 +59,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data_prep.artifacts import (
+from data_prep.errors import InputError
+from data_prep.runs.artifacts import (
     read_sidecar,
     write_csv_atomic,
     write_json_atomic,
     write_sidecar,
     write_text_atomic,
 )
-from data_prep.config import Config, dump_config
-from data_prep.errors import InputError
-from data_prep.registry import LEVELS, STUDY_COL
-from data_prep.resume import changed_settings, describe_changes, plain, settings_key
+from data_prep.runs.config import Config, dump_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
+from data_prep.runs.resume import changed_settings, describe_changes, plain, settings_key
 
 log = logging.getLogger("spinefrac")
 
@@ -163,8 +163,9 @@ def ensure_locator(work: Path, seed: int, cfg: Config, args: argparse.Namespace,
                    ) -> tuple[Path, float]:
     """The seed's shared locator run folder (trained once, with the cell config's locator settings, on the
     LOCATOR_WORLD's training studies of the seed), and the seconds it took when it was made."""
-    from data_prep.resume import weights_id
-    from spinefrac.pipeline import WEIGHTS, stage_configs
+    from data_prep.runs.resume import weights_id
+    from spinefrac.model_folder import WEIGHTS
+    from spinefrac.pipeline import stage_configs
 
     loc_cfg = stage_configs(cfg)["locator"]
     studies = synth_settings(LOCATOR_WORLD, seed, "train", args.train_studies, args.synth_set)
@@ -193,8 +194,8 @@ def ensure_locator(work: Path, seed: int, cfg: Config, args: argparse.Namespace,
 def synth_settings(world: str, seed: int, split: str, n_studies: int, extra: Sequence[str] = ()) -> dict[str, Any]:
     """What a cached study set must have been made with: the world, seed, split, count and resolved synth config
     (the world's, then the demo's protocol, configs/pipeline.yaml demo.synth_set, then `extra`)."""
-    from data_prep.config import load_config
-    from data_prep.synth import synth_config
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.synth import synth_config
 
     protocol = list(load_config("pipeline").demo.synth_set)
     return {"world": world, "seed": seed, "split": split, "n_studies": n_studies,
@@ -209,7 +210,7 @@ def ensure_studies(root: Path, settings: Mapping[str, Any], workers: int) -> flo
     A folder made with other settings is refused, never deleted; one left unfinished with these settings is
     made again.
     """
-    from data_prep.synth import META_NAME, synthesize
+    from data_prep.synthetic.synth import META_NAME, synthesize
 
     if (root / f"{META_NAME}.meta.json").is_file():
         meta = read_sidecar(root / META_NAME)
@@ -314,8 +315,8 @@ def run_cell(work: Path, label: str, world: str, seed: int, args: argparse.Names
     env = {**os.environ, "OMP_WAIT_POLICY": args.omp_wait.upper()} if args.omp_wait != "default" else dict(os.environ)
     locator_s = 0.0
     if args.locator == "shared":
-        from data_prep.resume import weights_id
-        from spinefrac.pipeline import WEIGHTS
+        from data_prep.runs.resume import weights_id
+        from spinefrac.model_folder import WEIGHTS
 
         run, locator_s = ensure_locator(work, seed, cfg, args, env)
         cfg = ladder_config(seed, [*args.set, f"locator.reuse={run}"])
@@ -501,9 +502,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from data_prep.durations import parse_duration
+    from configs.durations import parse_duration
     from data_prep.errors import SpinefracError
-    from data_prep.synth import world_overrides
+    from data_prep.synthetic.synth import world_overrides
     from detector.offline import configure_ultralytics
 
     if not LABEL_CHARS.fullmatch(args.label):

@@ -34,8 +34,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.config import load_config
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 log = logging.getLogger("benchmarks")
 
@@ -52,7 +52,7 @@ PERCENTILE = 90
 
 def synth_sets(work: Path, n_train: int, n_test: int, seed: int, extra: list[str]) -> tuple[Path, Path]:
     """The training set (every study segmented) and the held-out test set, made once (`extra`: synth overrides)."""
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
 
     train, test = work / "train", work / "test"
     if not (train / "train.csv").is_file():
@@ -89,7 +89,7 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
 
 def detections(work: Path, test: Path, weights: Path, tag: str, imgsz: int | None = None) -> pd.DataFrame:
     """Raw locator detections of every test study (one row per box; sampled slices listed with cls -1)."""
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
     from detector.detect import load_locator, locator_detections
 
     path = work / f"dets_{tag}.csv"
@@ -186,7 +186,7 @@ def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], spacing: di
 
 def truth_of(test: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float]]]:
     """Truth presence per test study and (slices, spacing mm) from its DICOM geometry."""
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
     from detector.render import slice_spacing
 
     table = pd.read_csv(test / "truth" / "slice_levels.csv", dtype={STUDY_COL: str})

@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from data_prep.config import load_config
 from data_prep.realdata import realdata_file
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.levels import assign_boxes, decode_sampled, locate_study, relative_z_levels
 
 PRESENT_SCORE = 0.8
@@ -362,7 +362,7 @@ def bench_oracle(truth_root: Path, cfg, *, k: int, noise: float, drop: float, ji
 
 def _spacing(root: Path, uid: str) -> float:
     """Slice spacing (mm) of a synthetic study from its DICOM geometry."""
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
     from detector.render import slice_spacing
 
     return slice_spacing(scan_study(next(root.glob(f"*_images/{uid}"))))
@@ -370,7 +370,7 @@ def _spacing(root: Path, uid: str) -> float:
 
 def make_synthetic(root: Path, n_studies: int, seed: int) -> Path:
     """Write a small held-out synthetic set (split test, so truth/ holds the hidden labels)."""
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
 
     synth_cfg = load_config("synth", overrides=["image.size=96", f"volume.slices={SYNTH_SLICES}",
                                                 "labels.box_fraction=1.0"])

@@ -52,7 +52,7 @@ STAGES = ("decode", "preprocess", "locate", "model", "postprocess", "classify", 
 
 # ---------------------------------------------------------------- children
 def _child_decode(args: argparse.Namespace) -> dict:
-    from data_prep.dicom_io import iter_chunks, scan_study
+    from data_prep.dicom.reader import iter_chunks, scan_study
     from detector.detect import find_studies
 
     per_study, slices = [], 0
@@ -70,10 +70,10 @@ def _child_models(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from data_prep.config import load_config
+    from data_prep.runs.config import with_overrides
     from detector.backends import to_model_input
     from detector.detect import StudyRunner
-    from spinefrac.pipeline import _flatten, open_model
+    from spinefrac.model_folder import open_model
 
     model = open_model(args.model)
     cfgs = model.configs
@@ -93,7 +93,7 @@ def _child_models(args: argparse.Namespace) -> dict:
         best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
 
     for threads in MODEL_THREADS:     # each model at its faster thread count: the limit is the best case
-        config = load_config("detector", None, [*_flatten(cfgs["detector"]), f"detect.inference_threads={threads}"])
+        config = with_overrides("detector", cfgs["detector"], [f"detect.inference_threads={threads}"])
         runner = StudyRunner(Path(args.out), weights=model.detector_weights, config=config,
                              locator=model.locator_weights, locator_config=cfgs["locator"],
                              levels_config=cfgs["levels"], classifier=model.classifier_weights or None,
@@ -186,8 +186,8 @@ def _link_farm(studies: list[Path], n: int, root: Path) -> Path:
 
 
 def _synthesize(work: Path, n: int) -> Path:
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.synth import synthesize
 
     root = work / "studies"
     if not (root / "test_images").is_dir():
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
 
     from detector.detect import find_studies
-    from spinefrac.pipeline import open_model
+    from spinefrac.model_folder import open_model
 
     os.environ.setdefault("CI", "true")    # no telemetry from OpenVINO in the children
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_predict_speed_"))

@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pydicom
 
-from data_prep.config import load_config
 from data_prep.realdata import realdata_file
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
-from data_prep.synth import plan_studies, synthesize
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.synthetic.synth import plan_studies, synthesize
 
 NOMINAL_SPACING_MM = 0.35
 """Assumed real pixel spacing (real studies: about 0.23-0.5 mm, mostly 0.3-0.4)."""

@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from benchmarks.bench_detect_quality import box_ap50, iou_xywh
-from data_prep.registry import STUDY_COL
+from data_prep.runs.registry import STUDY_COL
 
 DEMO_LABELS = ["labels.box_fraction=1.0", "labels.segmentation_fraction=0.3"]
 DEMO_WORLD = "coarse"           # the demo's fractures (configs/worlds.yaml)
@@ -128,7 +128,7 @@ def run_variant(name: str, data: Path, test: Path, work: Path, detector_set: lis
                 reuse: Path | None, workers: int) -> dict:
     """Train one model folder, predict the test studies, evaluate; return the figures."""
     from aggregation.evaluate import evaluate_predictions
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from spinefrac.demo import demo_config
     from spinefrac.pipeline import predict_all, train_all
 
@@ -183,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=None, help="keep everything here (default: a new temp folder)")
     args = p.parse_args(argv)
 
-    from data_prep.synth import synth_config, synthesize
-    from data_prep.tables import read_table
+    from data_prep.runs.tables import read_table
+    from data_prep.synthetic.synth import synth_config, synthesize
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_roi_"))
     work.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pandas as pd
 
 from benchmarks.bench_predict_speed import _synthesize
-from data_prep.config import load_config
+from data_prep.runs.config import load_config
 
 NODE_AE, SENDER_AE, DESTINATION_AE = "SPINEFRAC", "BENCHSCU", "BENCHPACS"
 SR_MODALITY = "SR"

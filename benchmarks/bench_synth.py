@@ -20,9 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from data_prep.artifacts import SIDECAR_SUFFIX
-from data_prep.config import load_config
-from data_prep.synth import META_NAME, synthesize
+from data_prep.runs.artifacts import SIDECAR_SUFFIX
+from data_prep.runs.config import load_config
+from data_prep.synthetic.synth import META_NAME, synthesize
 
 VOLATILE_KEYS = ("created", "runtime_s")
 """Sidecar keys that differ between identical runs."""

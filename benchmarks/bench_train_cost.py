@@ -63,8 +63,8 @@ PARTS = ("step", "loader", "epoch", "omp")
 # ---------------------------------------------------------------- dataset
 def build_dataset(work: Path, *, studies: int, slices: int, seed: int) -> Path:
     """Synthesise full-field studies and prepare an ROI detector dataset under `work`; return its data.yaml."""
-    from data_prep.config import load_config
-    from data_prep.synth import synthesize
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.synth import synthesize
     from detector.yolo_dataset import prepare_detector_dataset
 
     data_yaml = work / "yolo" / "data.yaml"
@@ -319,7 +319,7 @@ class EpochClock:
 
 def bench_epoch(data_yaml: Path, train: dict[str, Any], imgsizes: Sequence[int], repeats: int, work: Path) -> dict:
     """Whole-epoch cost through detector.train.train_yolo, per variant."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.train import train_yolo
 
     base = imgsizes[0]
@@ -448,7 +448,7 @@ def summarise_profile(raw: Path) -> str:
 
 def one_run(data_yaml: Path, work: Path, imgsz: int, epochs: int) -> None:
     """One default train_yolo run (for py-spy to record)."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.train import train_yolo
 
     config = load_config("detector", None, [f"render.imgsz={imgsz}", f"train.epochs={epochs}", "train.device=cpu",
@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     repeats = args.repeats or sizes["repeats"]
 
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.offline import configure_ultralytics, set_ultralytics_verbosity
     from detector.train import set_omp_wait
 

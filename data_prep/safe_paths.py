@@ -8,7 +8,7 @@ anything that would leave the folder. Keys users see in tables (predictions.csv,
 as it is; only names on disk use `safe_name` (docs/contracts.md, "Conventions used everywhere").
 
 `valid_uid` is the DICOM rule for UIDs (PS3.5 9.1: digits and dots, at most 64 characters); a study found by its
-StudyInstanceUID whose UID breaks it is keyed by `safe_name` of it, with a warning (data_prep.study_finder).
+StudyInstanceUID whose UID breaks it is keyed by `safe_name` of it, with a warning (data_prep.dicom.study_finder).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ NAME_HASH_CHARS = 8
 """Hex digits of the SHA-256 of the identifier appended to a name that had to change (as the review report did)."""
 HASHED = re.compile(rf"-[0-9a-f]{{{NAME_HASH_CHARS}}}$")
 """The ending of a name that was changed. A file whose name does not end like this belongs to the identifier of
-that name; one that does may belong to another identifier (its record says which: data_prep.resume.study_keys)."""
+that name; one that does may belong to another identifier (its record says which: data_prep.runs.resume.study_keys)."""
 MAX_VERBATIM_CHARS = 100
 """Longest identifier kept as it is; longer ones are cut and hashed (file names of at most 255 bytes must also
 hold suffixes such as '.level_boxes.csv' and a temporary name's '.<16 hex>.tmp')."""
@@ -57,7 +57,7 @@ def safe_name(identifier: Any) -> str:
     leading dots and dashes dropped, at most SLUG_CHARS), '-' and the first NAME_HASH_CHARS hex digits of the SHA-256
     of the identifier. A valid DICOM UID is always kept as it is, and so is a name made here (safe_name of a safe
     name is itself). Two identifiers share a name only if one was made to end in the other's hash (a detect run
-    refuses such inputs: data_prep.study_inputs).
+    refuses such inputs: data_prep.dicom.study_inputs).
     """
     text = str(identifier)
     if is_verbatim(text):

@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.config import ConfigError
 from data_prep.errors import InputError
+from data_prep.runs.config import ConfigError
 from detector.export import OPENVINO_SUFFIX, export_weights, fresh_export, metadata_problem
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
 from detector.weights import build_model, read_weights

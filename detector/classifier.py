@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.config import Config
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.config import Config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 log = logging.getLogger("detector")
 
@@ -85,7 +85,7 @@ class VertebraClassifier:
 def load_classifier(weights: Sequence[str | os.PathLike], *, config: Mapping[str, Any] | None = None,
                     device: Any = None, threads: int | None = None) -> VertebraClassifier:
     """Load fold classifiers (spinefrac weights files, read weights-only) with their configs/classifier.yaml."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.offline import configure_ultralytics
     from detector.weights import TASK_CLASSIFY, build_model
 

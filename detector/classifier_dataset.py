@@ -6,7 +6,7 @@ Layout (docs/contracts.md "Classifier dataset"):
     DIR/skipped.csv                                 studies left out (no level source, or failed) and why
     DIR/fold<k>/{train,val}/{0,1}/<uid>_<level>_<slice_index>.png   relative symlinks (Ultralytics classify layout)
     DIR/classifier_dataset.json                     folds with their train/val studies and image counts
-    DIR/.done/<uid>.json                            per-study resume markers (data_prep.resume)
+    DIR/.done/<uid>.json                            per-study resume markers (data_prep.runs.resume)
 A study's level boxes come from its segmentation (crops.source "auto" and a segmentations/<uid>.nii[.gz]), else
 from the vertebra locator; without either it is skipped. Each study is one job in a process pool; its crops are
 written atomically, then its marker last. A rerun with the same settings (`classifier_settings`) skips finished
@@ -31,15 +31,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
-from data_prep.config import ConfigError
 from data_prep.errors import InputError
-from data_prep.locks import locks_output
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
-from data_prep.resume import StudyMarkers, plain, section, settings_key, weights_id
+from data_prep.runs.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.runs.config import ConfigError
+from data_prep.runs.locks import locks_output
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.runs.resume import StudyMarkers, plain, section, settings_key, weights_id
+from data_prep.runs.tables import read_table
+from data_prep.runs.workers import dies_with_parent
 from data_prep.safe_paths import inside, safe_name
-from data_prep.tables import read_table
-from data_prep.workers import dies_with_parent
 from detector.vertebra_crops import SOURCE_LOCATOR, SOURCE_SEGMENTATION
 
 log = logging.getLogger("detector")
@@ -104,7 +104,7 @@ def classifier_settings(config: Mapping[str, Any], *, locator: str | os.PathLike
 
     `prepare` (seed, val_share) only shapes the fold folders, which are rebuilt on every run, so it is left out.
     """
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
 
     settings: dict[str, Any] = {"crops": section(config, "crops"), "render": section(config, "render"),
                                 "locator": None}
@@ -307,7 +307,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     """Find the study's level boxes, plan and render its crops, write them; return the index rows."""
     import cv2
 
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
     from detector.detect import LazySlices
     from detector.render import context_slices
     from detector.vertebra_crops import (
@@ -322,7 +322,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     outcome = ClassifierOutcome(task.uid)
     geometry = scan_study(task.study_dir)
     if task.segmentation is not None:
-        from data_prep.segmentation import load_axial_mask, slice_level_table
+        from data_prep.dicom.segmentation import load_axial_mask, slice_level_table
 
         mask = load_axial_mask(task.segmentation, geometry)
         boxes = level_slice_boxes_from_segmentation(slice_level_table(mask, geometry))

@@ -34,7 +34,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from data_prep.config import ConfigError
+from data_prep.runs.config import ConfigError
 
 CLIP_LOW_HU: float = -100.0
 """HU below this (fat, air, the ROI's padding) are raised to it: every non-bone darkness looks the same."""

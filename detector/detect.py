@@ -3,10 +3,10 @@
 Outputs in OUT (docs/contracts.md "Detection outputs"):
     boxes.csv, slices.csv, errors.csv (+ .meta.json sidecars), done/<uid>.json, overlays/<uid>/
 Per study, results go to parts/<uid>.boxes.csv and parts/<uid>.slices.csv first, then done/<uid>.json is
-written last (data_prep.resume). The combined CSVs are rebuilt (atomically) only from studies with a done
+written last (data_prep.runs.resume). The combined CSVs are rebuilt (atomically) only from studies with a done
 marker, so an interrupted run never leaves a half study in them. A rerun with the same settings
 (`detect_settings`: config and weights) skips finished studies; with other settings it refuses, unless
-`overwrite`. The output folder is locked while a run writes into it (data_prep.locks).
+`overwrite`. The output folder is locked while a run writes into it (data_prep.runs.locks).
 """
 
 from __future__ import annotations
@@ -26,14 +26,14 @@ from typing import Any, Protocol
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.dicom.study_inputs import SERIES_COLUMNS, Study, find_inputs, series_table
 from data_prep.errors import InputError
-from data_prep.locks import locks_output
-from data_prep.registry import LEVELS, STUDY_COL
-from data_prep.resume import StudyMarkers, plain, section, study_file, study_keys, weights_id
+from data_prep.runs.artifacts import remove_stale_temps, write_csv_atomic, write_json_atomic, write_sidecar
+from data_prep.runs.locks import locks_output
+from data_prep.runs.registry import LEVELS, STUDY_COL
+from data_prep.runs.resume import StudyMarkers, plain, section, study_file, study_keys, weights_id
+from data_prep.runs.tables import read_table
 from data_prep.safe_paths import inside, safe_name
-from data_prep.study_inputs import SERIES_COLUMNS, Study, find_inputs, series_table
-from data_prep.tables import read_table
 from detector.roi import ROI_COLUMNS
 
 log = logging.getLogger("detector")
@@ -154,12 +154,12 @@ class DetectResult:
 def find_studies(paths: Sequence[str | os.PathLike | Study] | str | os.PathLike, *,
                  extract_to: str | os.PathLike | None = None, progress: bool = False,
                  follow_symlinks: bool = False) -> list[Study]:
-    """Expand inputs into studies: Kaggle study folders (Paths) or found studies (data_prep.study_inputs).
+    """Expand inputs into studies: Kaggle study folders (Paths) or found studies (data_prep.dicom.study_inputs).
 
     A folder holding .dcm files is a study, else each sub-folder holding them is one; a folder without files
     and without sub-folders is an empty study (it fails in detect, is listed in errors.csv and gets the prior).
     Anything else (a tree of any depth, files of any name, a DICOMDIR, a .zip) is read by the study finder.
-    Symbolic links leading outside an input are not followed unless `follow_symlinks` (data_prep.study_inputs).
+    Symbolic links leading outside an input are not followed unless `follow_symlinks` (data_prep.dicom.study_inputs).
     """
     return find_inputs(paths, extract_to=extract_to, progress=progress, follow_symlinks=follow_symlinks)
 
@@ -168,7 +168,7 @@ def load_locator(weights: str | os.PathLike, *, config: Mapping[str, Any] | None
                  levels_config: Mapping[str, Any] | None = None, device: Any = None,
                  backend: str = "auto", threads: int | None = None) -> Locator:
     """Load the vertebra-locator weights with its configs (configs/locator.yaml, configs/levels.yaml by default)."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.backends import load_predictor
 
     cfg = config if config is not None else load_config("locator")
@@ -192,11 +192,11 @@ def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, 
     Levels come from `locator` when given; else, with `levels_config`, from relative z position alone
     (configs/levels.yaml `relative_z`); else the tables carry no level columns. With levels, `vertebrae`
     holds each level's z-range; with a `classifier` (detector.classifier.VertebraClassifier) and a locator,
-    also its crops' scores, from the same decoded volume. `stream` (data_prep.readahead.StudyStream): the
+    also its crops' scores, from the same decoded volume. `stream` (data_prep.dicom.readahead.StudyStream): the
     study as a read-ahead reader delivers it (geometry and chunks, read while the previous study was in the
     models); without it the study is scanned and decoded here.
     """
-    from data_prep.dicom_io import as_study, iter_chunks, scan_study
+    from data_prep.dicom.reader import as_study, iter_chunks, scan_study
     from detector.render import image_xyxy_to_original, render_crops, render_slices
     from detector.roi import crop_xyxy_to_original, full_rois, roi_enabled
 
@@ -379,7 +379,7 @@ def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locat
     Decodes only the sampled slices (and the locator's 2.5D neighbours): what prepare-detector needs to crop
     its training slices exactly as inference will.
     """
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
 
     geometry = geometry if geometry is not None else scan_study(study_dir)
     roi_cfg = config["roi"]
@@ -396,7 +396,7 @@ def locate_levels(study_dir: str | os.PathLike, *, locator: Locator, geometry: A
     slice_levels and level_boxes are detector.levels.locate_study's tables (p_C1..p_C7 per slice; per-slice level
     boxes in original px). Only the sampled slices and their 2.5D neighbours are decoded.
     """
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
 
     geometry = geometry if geometry is not None else scan_study(study_dir)
     slice_levels, level_boxes, _ = _sampled_pass(geometry, locator=locator, every=locator.every_k, body_hu=None,
@@ -528,7 +528,7 @@ class LazySlices:
 
     def get(self, index: int) -> np.ndarray:
         """Return the HU slice at canonical `index` (clamped), decoding it on first use."""
-        from data_prep.dicom_io import read_slice_hu
+        from data_prep.dicom.reader import read_slice_hu
 
         index = min(max(int(index), 0), len(self.paths) - 1)
         if index not in self.cache:
@@ -584,7 +584,7 @@ def detect_settings(config: Mapping[str, Any], *, weights: str | os.PathLike,
     and the levels config whenever levels are computed (locator or relative z); with classifiers their
     weights (in order) and the `crops`, `render` and `score` sections of their config.
     """
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.roi import roi_enabled
 
     settings: dict[str, Any] = {
@@ -763,9 +763,9 @@ class StudyRunner:
     def run(self, study: Study | str | os.PathLike, stream: Any = None) -> StudyOutcome:
         """Detect one study: its parts and done marker, or errors/<uid>.json when it fails (never raises for it).
 
-        stream: the study from `read_ahead` (data_prep.readahead), when a batch reads studies ahead.
+        stream: the study from `read_ahead` (data_prep.dicom.readahead), when a batch reads studies ahead.
         """
-        from data_prep.dicom_io import as_study
+        from data_prep.dicom.reader import as_study
 
         return _run_study(as_study(study), self.predictor, markers=self.markers, config=self.config,
                           locator=self.locator, levels_config=self.levels_config, labels=self.labels,
@@ -778,7 +778,7 @@ class StudyRunner:
         if depth <= 0:
             yield from (None for _ in studies)
             return
-        from data_prep.readahead import read_ahead
+        from data_prep.dicom.readahead import read_ahead
 
         yield from read_ahead(studies, chunk_size=int(det["batch"]), workers=self.workers, depth=depth,
                               context=lambda geometry: chunk_context(geometry, self.config, self.locator))

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from data_prep.artifacts import SIDECAR_SUFFIX, write_sidecar
-from data_prep.config import Config, ConfigError, load_config
 from data_prep.errors import InputError
-from data_prep.manifest import file_sha256, tree_sha256
+from data_prep.runs.artifacts import SIDECAR_SUFFIX, write_sidecar
+from data_prep.runs.config import Config, ConfigError, load_config
+from data_prep.runs.manifest import file_sha256, tree_sha256
 from detector.offline import configure_ultralytics, set_ultralytics_verbosity
 from detector.weights import yolo_from_weights
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.registry import LEVELS
+from data_prep.runs.registry import LEVELS
 from detector.level_sizes import segment_name, segment_sets, successors
 
 log = logging.getLogger("detector")
@@ -174,8 +174,8 @@ def segmentation_bits(data_root: Any, uid: str) -> tuple[np.ndarray, float]:
     """(n, 7) per-slice presence of one training study's segmentation and its slice spacing (mm)."""
     from pathlib import Path
 
-    from data_prep.dicom_io import scan_study
-    from data_prep.segmentation import load_axial_mask, slice_level_table, slice_presence
+    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.segmentation import load_axial_mask, slice_level_table, slice_presence
     from detector.render import slice_spacing
 
     root = Path(data_root)
@@ -201,8 +201,8 @@ def learn_from_segmentations(data_root: Any, studies: Sequence[str], out: Any, *
 
     from tqdm.auto import tqdm
 
-    from data_prep.artifacts import write_json_atomic, write_sidecar
-    from data_prep.resume import plain
+    from data_prep.runs.artifacts import write_json_atomic, write_sidecar
+    from data_prep.runs.resume import plain
 
     t0 = time.perf_counter()
     path = Path(out) / LEVEL_PRIOR_JSON

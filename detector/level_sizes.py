@@ -29,7 +29,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy.special import log_ndtr, logsumexp
 
-from data_prep.registry import LEVELS
+from data_prep.runs.registry import LEVELS
 
 N_LEVELS = len(LEVELS)
 NEG = -np.inf

@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from scipy.special import expit, logit, logsumexp
 
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 log = logging.getLogger("detector")
 
@@ -33,7 +33,7 @@ BOX_COLS: tuple[str, ...] = ("x", "y", "width", "height")
 PRESENT = 0.5
 """A presence score above this says the level is there (the locator found it on that slice)."""
 DECODE_MODELS: tuple[str, ...] = ("sizes", "runs")
-"""decode.model values (data_prep/config_schema.py reads the same tuple)."""
+"""decode.model values (configs/schema.py reads the same tuple)."""
 SOURCE_EXTRAPOLATED = "extrapolated"
 """level_boxes `source` of a box held from another level's (its level was decoded, never detected)."""
 SOURCE_OVERLAP, SOURCE_SLICE, SOURCE_NEAREST, SOURCE_NONE = "overlap", "slice", "nearest", "none"

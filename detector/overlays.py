@@ -27,8 +27,8 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from data_prep.artifacts import atomic_path
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.artifacts import atomic_path
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 log = logging.getLogger("detector")
 
@@ -152,7 +152,7 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
     With `vertebrae` (one row per level: level, first_slice, last_slice as slice_index, -1 when not found, and
     optionally n_slices, cls_max), the score profile shades each found level's z-range (`level_bands`).
     """
-    from data_prep.dicom_io import read_slice_hu, scan_study
+    from data_prep.dicom.reader import read_slice_hu, scan_study
     from detector.render import apply_window, resize_to
 
     cfg = config.get("overlays", config)   # the overlays section, or a whole detector config

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
-from data_prep.config import ConfigError
+from data_prep.runs.config import ConfigError
 
 RECIPES: tuple[str, ...] = ("2.5d", "windows")
 N_CHANNELS: int = 3

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.config import ConfigError
+from data_prep.runs.config import ConfigError
 
 SOURCE_LOCATOR = "locator"     # inside the located range: union of located boxes (interpolated between them)
 SOURCE_HELD = "held"           # above the first / below the last located slice: the nearest located centre

@@ -19,10 +19,10 @@ from typing import Any
 
 import yaml
 
-from data_prep.artifacts import next_run_dir, write_sidecar, write_text_atomic
-from data_prep.config import Config, ConfigError, dump_config
-from data_prep.durations import SECONDS_PER_HOUR
+from configs.durations import SECONDS_PER_HOUR
 from data_prep.errors import InputError
+from data_prep.runs.artifacts import next_run_dir, write_sidecar, write_text_atomic
+from data_prep.runs.config import Config, ConfigError, dump_config
 from data_prep.safe_paths import inside
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
 from detector.weights import convert_checkpoint, read_weights, yolo_from_weights

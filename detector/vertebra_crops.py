@@ -19,11 +19,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from data_prep.config import ConfigError
-from data_prep.registry import LEVELS
+from data_prep.runs.config import ConfigError
+from data_prep.runs.registry import LEVELS
 
 CROP_SOURCES: tuple[str, ...] = ("auto", "locator")
-"""crops.source values (data_prep/config_schema.py reads the same tuple)."""
+"""crops.source values (configs/schema.py reads the same tuple)."""
 SOURCE_SEGMENTATION = "segmentation"   # level boxes from the study's segmentation
 SOURCE_LOCATOR = "locator"             # level boxes from the vertebra locator (decoded levels)
 SOURCE_EXTRAPOLATED = "extrapolated"   # level boxes of a level the locator never found (detector/levels.py)
@@ -45,7 +45,7 @@ BOX_VALUES: tuple[str, ...] = ("x", "y", "width", "height")
 
 
 def level_slice_boxes_from_segmentation(table: pd.DataFrame) -> pd.DataFrame:
-    """Per-slice level boxes from data_prep.segmentation.slice_level_table (cervical levels only)."""
+    """Per-slice level boxes from data_prep.dicom.segmentation.slice_level_table (cervical levels only)."""
     missing = [c for c in ("slice_index", "level", *BOX_VALUES) if c not in table.columns]
     if missing:
         raise ValueError(f"segmentation level table lacks columns {missing}")

@@ -28,9 +28,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from data_prep.artifacts import atomic_path
 from data_prep.errors import InputError
-from data_prep.manifest import file_sha256
+from data_prep.runs.artifacts import atomic_path
+from data_prep.runs.manifest import file_sha256
 from detector.offline import configure_ultralytics, set_ultralytics_verbosity
 
 log = logging.getLogger("detector")

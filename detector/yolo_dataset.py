@@ -4,10 +4,10 @@ Layout (docs/contracts.md "YOLO datasets"):
     DIR/data.yaml, DIR/images/{train,val}/<uid>_<slice_number>.png, DIR/labels/{train,val}/<uid>_<n>.txt,
     DIR/index.csv, DIR/splits.json
 Each study is one job in a process pool. A study is finished when its marker DIR/.done/<uid>.json exists
-(data_prep.resume: written last, it lists the study's index rows and files and the settings key of the
+(data_prep.runs.resume: written last, it lists the study's index rows and files and the settings key of the
 run). A rerun with the same settings (`prepare_settings`) skips finished studies unless `overwrite`; with
 other settings it refuses, naming them. index.csv is rebuilt from the markers. Images and labels are
-written atomically; DIR is locked while a run writes into it (data_prep.locks).
+written atomically; DIR is locked while a run writes into it (data_prep.runs.locks).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from data_prep.artifacts import (
+from data_prep.errors import InputError
+from data_prep.runs.artifacts import (
     config_hash,
     remove_stale_temps,
     write_csv_atomic,
@@ -37,11 +38,12 @@ from data_prep.artifacts import (
     write_sidecar,
     write_text_atomic,
 )
-from data_prep.config import ConfigError
-from data_prep.errors import InputError
-from data_prep.locks import locks_output
-from data_prep.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
-from data_prep.resume import StudyMarkers, plain, section, settings_key, weights_id
+from data_prep.runs.config import ConfigError
+from data_prep.runs.locks import locks_output
+from data_prep.runs.registry import FRACTURE_NAMES, LEVELS, LOCATOR_NAMES, PATIENT, STUDY_COL
+from data_prep.runs.resume import StudyMarkers, plain, section, settings_key, weights_id
+from data_prep.runs.tables import read_table
+from data_prep.runs.workers import dies_with_parent
 from data_prep.safe_paths import (
     UnsafePathError,
     check_unique_names,
@@ -50,8 +52,6 @@ from data_prep.safe_paths import (
     leaving_links,
     safe_name,
 )
-from data_prep.tables import read_table
-from data_prep.workers import dies_with_parent
 
 log = logging.getLogger("detector")
 
@@ -152,7 +152,7 @@ def prepare_settings(config: Mapping[str, Any], *, kind: str, locator: str | os.
     ROI is on and a locator centres it, the locator's weights (SHA-256), its `render` and `locate`, and
     the levels config.
     """
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.roi import roi_enabled
 
     settings: dict[str, Any] = {name: section(config, name) for name in PREPARE_SECTIONS[kind]}
@@ -288,7 +288,7 @@ def prepare_detector_dataset(data_root: str | os.PathLike, out: str | os.PathLik
 def _locate_spec(weights: Path, locator_config: Mapping[str, Any] | None, levels_config: Mapping[str, Any] | None,
                  *, backend: str) -> LocateSpec:
     """Check the locator loads (exporting it once for a fast backend here, not in every worker) and describe it."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.detect import load_locator
 
     cfg = locator_config if locator_config is not None else load_config("locator")
@@ -392,7 +392,7 @@ def matched_weights(n_slices: int, density: Sequence[float], *, smooth_bins: int
 
 
 def _detector_study(task: StudyTask) -> StudyOutcome:
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
 
     outcome = StudyOutcome(task.uid)
     geometry = scan_study(task.study_dir)
@@ -498,8 +498,8 @@ def _worker_locator(spec: LocateSpec | None) -> Any:
 
 
 def _locator_study(task: StudyTask) -> StudyOutcome:
-    from data_prep.dicom_io import scan_study
-    from data_prep.segmentation import load_axial_mask, slice_level_table
+    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.segmentation import load_axial_mask, slice_level_table
 
     outcome = StudyOutcome(task.uid)
     geometry = scan_study(task.study_dir)

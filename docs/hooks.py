@@ -13,7 +13,7 @@ FEATURES_MARKER = "<!-- features-reference -->"
 def on_page_markdown(markdown: str, page: Any, **_: Any) -> str:
     """Fill the generated parts of a page."""
     if CONFIG_REFERENCE_MARKER in markdown:
-        from data_prep.config_reference import config_reference_markdown
+        from data_prep.runs.config_reference import config_reference_markdown
 
         markdown = markdown.replace(CONFIG_REFERENCE_MARKER, config_reference_markdown())
     if FEATURES_MARKER in markdown:

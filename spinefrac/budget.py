@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from data_prep.durations import format_duration, parse_duration
+from configs.durations import format_duration, parse_duration
 
 log = logging.getLogger("spinefrac")
 

@@ -87,7 +87,7 @@ def _sub(subparsers: argparse._SubParsersAction, name: str, help_: str, example:
 
 # ---------------------------------------------------------------- handlers
 def _cmd_synth(args: argparse.Namespace) -> int:
-    from data_prep.synth import synth_config, synthesize
+    from data_prep.synthetic.synth import synth_config, synthesize
 
     if args.export:
         return _synth_export(args)
@@ -98,9 +98,9 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 
 
 def _synth_export(args: argparse.Namespace) -> int:
-    """`synth --export VARIANT`: studies as a PACS exports them (data_prep/synth_export.py), for issue 16's reader."""
+    """`synth --export VARIANT`: studies as a PACS exports them (data_prep/synthetic/export.py), for issue 16's reader."""
     from data_prep.errors import InputError
-    from data_prep.synth_export import DEFAULT_SIZE, DEFAULT_SLICES, write_export
+    from data_prep.synthetic.export import DEFAULT_SIZE, DEFAULT_SLICES, write_export
 
     try:
         write_export(args.out, n_studies=args.studies, seed=args.seed, variant=args.export,
@@ -111,7 +111,7 @@ def _synth_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
-    from data_prep.inspect import inspect_path
+    from data_prep.dicom.inspect import inspect_path
 
     report = inspect_path(args.path, workers=args.workers, progress=not args.no_progress,
                           follow_symlinks=args.follow_symlinks)
@@ -120,7 +120,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_detector(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.yolo_dataset import prepare_detector_dataset
 
     cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
@@ -131,7 +131,7 @@ def _cmd_prepare_detector(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_classifier(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.classifier_dataset import prepare_classifier_dataset
 
     cfg = load_config("classifier", args.config, args.overrides)
@@ -142,7 +142,7 @@ def _cmd_prepare_classifier(args: argparse.Namespace) -> int:
 
 
 def _cmd_train_detector(args: argparse.Namespace, stage: str = "detector") -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.train import train_yolo
 
     cfg = load_config(stage, args.config, _overrides(args, {
@@ -161,7 +161,7 @@ def _cmd_train_classifier(args: argparse.Namespace) -> int:
 
 
 def _cmd_detect(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.detect import detect_studies
 
     cfg = load_config("detector", args.config, _overrides(args, {"conf": "detect.conf"}))
@@ -174,7 +174,7 @@ def _cmd_detect(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.export import export_model
 
     cfg = load_config("detector", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
@@ -184,7 +184,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_prepare_locator(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.yolo_dataset import prepare_locator_dataset
 
     cfg = load_config("locator", args.config, _overrides(args, {"imgsz": "render.imgsz"}))
@@ -195,7 +195,7 @@ def _cmd_prepare_locator(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from spinefrac.pipeline import train_all
 
     budget = [f"budget.total={json.dumps(args.budget)}"] if args.budget is not None else []
@@ -269,7 +269,7 @@ def _ray_arg(text: str) -> str:
 
 
 def _duration_arg(text: str) -> str:
-    from data_prep.durations import parse_duration
+    from configs.durations import parse_duration
 
     try:
         parse_duration(text)
@@ -305,7 +305,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from spinefrac.serve import serve
 
     serve(load_config("serve", args.config, args.overrides))
@@ -344,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--export", choices=("tree", "dicomdir", "zip"), default=None,
                    help="write the studies as a PACS exports them instead (nested PATIENT/STUDY/SERIES tree without "
                         "extensions, with a scout, a soft-tissue kernel, derived reformats and an SR; as a tree, a "
-                        "DICOMDIR set or a .zip at OUT): input for `data_prep.study_finder`")
+                        "DICOMDIR set or a .zip at OUT): input for `data_prep.dicom.study_finder`")
     p.add_argument("--size", type=int, default=None, help="image rows=cols (config image.size)")
     p.add_argument("--slices", type=int, default=None, help="approximate slices per study (config volume.slices)")
     p.add_argument("--world", default=None, metavar="NAME",

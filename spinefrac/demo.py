@@ -18,7 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from data_prep.config import Config, load_config
+from data_prep.runs.config import Config, load_config
 
 log = logging.getLogger("spinefrac")
 
@@ -35,7 +35,7 @@ def run_demo(out: str | os.PathLike = "demo_out", *, config_path: str | os.PathL
              overrides: Sequence[str] = (), progress: bool = True, clean: bool = False) -> dict:
     """Run the whole pipeline on synthetic studies and print the metric, the baselines and where to look."""
     from aggregation.evaluate import evaluate_predictions
-    from data_prep.synth import synth_config, synthesize
+    from data_prep.synthetic.synth import synth_config, synthesize
     from spinefrac.pipeline import predict_all, train_all
 
     t0 = time.perf_counter()

@@ -17,8 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from data_prep import registry
-from data_prep.artifacts import write_text_atomic
+from data_prep.runs import registry
+from data_prep.runs.artifacts import write_text_atomic
 
 log = logging.getLogger("spinefrac")
 

@@ -24,26 +24,23 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from data_prep import registry
-from data_prep.artifacts import (
-    library_versions,
+from configs.durations import SECONDS_PER_HOUR
+from data_prep.errors import InputError
+from data_prep.runs import registry
+from data_prep.runs.artifacts import (
     read_sidecar,
     write_csv_atomic,
     write_json_atomic,
-    write_sidecar,
 )
-from data_prep.config import Config, dump_config, load_config
-from data_prep.durations import SECONDS_PER_HOUR
-from data_prep.errors import AllStudiesFailedError, InputError
-from data_prep.locks import LOCK_FILES, clear_folder, locks_output
-from data_prep.manifest import build_manifest, verify_manifest
-from data_prep.resume import (
+from data_prep.runs.config import Config, dump_config, load_config, with_overrides
+from data_prep.runs.locks import clear_folder, locks_output
+from data_prep.runs.manifest import build_manifest
+from data_prep.runs.resume import (
     SettingsChangedError,
     changed_settings,
     describe_changes,
@@ -52,46 +49,31 @@ from data_prep.resume import (
     settings_key,
     weights_id,
 )
-from data_prep.safe_paths import inside
-from data_prep.tables import read_table
+from data_prep.runs.tables import read_table
 from spinefrac.budget import TrainingBudget
 from spinefrac.model_card import MODEL_CARD, write_model_card
+from spinefrac.model_folder import (
+    MANIFEST_EXCLUDE,
+    MANIFEST_KEY,
+    STAGE_CONFIGS,
+    WEIGHTS,
+    open_model,
+    read_meta,
+    write_meta,
+)
+from spinefrac.results import aggregate_detections, read_detections
 
 log = logging.getLogger("spinefrac")
 
-FORMAT_VERSION = 2
-"""2: weights-only YOLO weights, a skops aggregator and a file manifest (1 held pickles: refused)."""
-MODEL_JSON = "model.json"
-MANIFEST_KEY = "files"
-MANIFEST_EXCLUDE = (MODEL_JSON, "work/*", "*_openvino_model/*", "*_openvino_model.meta.json", "*.onnx",
-                    "*.onnx.meta.json", "*/.*.export.*", *LOCK_FILES)
-"""Never in the manifest: model.json itself, work files, and the export caches predict writes beside the weights
-(detector/export.py checks those against the weights' and their own SHA-256), and the folder's lock files."""
-STAGE_CONFIGS = ("detector", "locator", "levels", "aggregation", "classifier")
 CLASSIFIER_DIR = "classifier"
 CLASSIFIER_DATASET = "classifier_dataset"
 TRAIN_CSV, BOXES_CSV, TRAIN_IMAGES, SEGMENTATIONS = (
     "train.csv", "train_bounding_boxes.csv", "train_images", "segmentations")
-WEIGHTS = Path("weights") / "best.pt"
-EVIDENCE_TOP = 3  # boxes listed per level in evidence.csv
-EVIDENCE_VERTEBRA_COLUMNS = ("first_slice", "last_slice", "n_slices", "cls_max", "cls_topk", "cls_mean")
-"""vertebrae.csv columns copied into evidence.csv per study and level (the z-range and the classifier's scores)."""
 MAX_NAMED = 5     # studies named in one log line
 TRAIN_RUN_ONLY = ("plots", "workers")
 """train: keys that change how training reports or loads data, not the weights (left out of the stage key)."""
 
 
-@dataclass(frozen=True)
-class ModelFolder:
-    """A trained model folder opened for prediction."""
-
-    root: Path
-    configs: dict[str, Config]
-    detector_weights: Path
-    locator_weights: Path | None
-    prior: dict[str, float]
-    meta: dict[str, Any]
-    classifier_weights: list[Path] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- configs
@@ -132,7 +114,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         log.info("--clean: removing everything in %s", out)
         clear_folder(out)        # not the lock this run holds
     _save_configs(out, config, cfgs)
-    meta = _read_meta(out)
+    meta = read_meta(out)
 
     splits = load_or_create_splits(out / "splits.json", labels, set(boxes[registry.STUDY_COL]),
                                    config=cfgs["aggregation"])
@@ -171,7 +153,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
             why = f"redone: {missing[0]} is missing" if done else "..."
         log.info("stage %s %s", name, why)
         meta["stages"].pop(name, None)      # not done until it finishes again
-        _write_meta(out, meta)
+        write_meta(out, meta)
         s0 = time.perf_counter()
         try:
             info = fn(changed) or {}
@@ -183,7 +165,7 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         meta["stages"][name] = {"runtime_s": round(time.perf_counter() - s0, 1), **info, "key": key,
                                 "settings": plain(settings)}
         clock.ran(name, meta["stages"][name]["runtime_s"])
-        _write_meta(out, meta)
+        write_meta(out, meta)
 
     def upstream(*names: str) -> dict[str, Any]:
         """The settings keys of the upstream stages a stage consumes."""
@@ -301,10 +283,10 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
         clock.budget.log_summary(clock.elapsed())
     else:
         meta.pop("budget", None)
-    _write_meta(out, meta)
+    write_meta(out, meta)
     write_model_card(out, data_root=data_root, labels=labels, boxes=boxes, segmented=segmented)
     meta[MANIFEST_KEY] = build_manifest(out, MANIFEST_EXCLUDE)
-    _write_meta(out, meta)
+    write_meta(out, meta)
     log.info("model folder ready: %s (%.0f s)", out, meta["runtime_s"])
     return out
 
@@ -332,7 +314,7 @@ def _level_prior_stage(stage: Callable[..., None], data_root: Path, out: Path, s
            "max_levels_per_slice": int(levels.decode.max_levels_per_slice)})
     if not path.is_file():       # too few usable segmentations: learn_from_segmentations wrote nothing
         return levels
-    return load_config("levels", None, [*_flatten(levels), *prior_overrides(read_level_prior(path))])
+    return with_overrides("levels", levels, prior_overrides(read_level_prior(path)))
 
 
 def _learn_prior(data_root: Path, studies: Sequence[str], out: Path, levels: Config, progress: bool
@@ -374,7 +356,7 @@ class _BudgetClock:
         if self.budget is None:
             return cfgs[stage], {}
         seconds = self.budget.give(name, self.elapsed())
-        cfg = load_config(stage, None, [*_flatten(cfgs[stage]), f"train.time={seconds / SECONDS_PER_HOUR}"])
+        cfg = with_overrides(stage, cfgs[stage], [f"train.time={seconds / SECONDS_PER_HOUR}"])
         return cfg, {"budget_s": round(seconds, 1)}
 
 
@@ -474,7 +456,7 @@ def _detect(studies: Sequence[Path], weights: Path, locator: Path | None, out: P
 
     det_cfg = cfgs["detector"]
     if not overlays:
-        det_cfg = load_config("detector", None, [*_flatten(det_cfg), "detect.overlays=false"])
+        det_cfg = with_overrides("detector", det_cfg, ["detect.overlays=false"])
     result = detect_studies(studies, weights=weights, out=out, config=det_cfg, labels=labels, locator=locator,
                             locator_config=cfgs["locator"], levels_config=cfgs["levels"], workers=workers,
                             progress=progress, overwrite=overwrite, device=device, classifier=classifier,
@@ -519,77 +501,11 @@ def _fit_aggregator(detect_dirs: Sequence[Path], labels: pd.DataFrame, studies: 
             "operating_threshold": operating["threshold"]}
 
 
-def read_detections(detect_dirs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
-    """Read and stack boxes.csv, slices.csv and (where present) vertebrae.csv of detect folders (one per fold)."""
-    from aggregation.features import load_detection_tables, load_vertebrae_table
-    from detector.detect import VERTEBRAE_CSV
-
-    parts = [load_detection_tables(Path(d) / "boxes.csv", Path(d) / "slices.csv") for d in detect_dirs]
-    boxes = pd.concat([b for b, _ in parts if len(b)] or [parts[0][0]], ignore_index=True)
-    slices = pd.concat([s for _, s in parts], ignore_index=True)
-    found = [Path(d) / VERTEBRAE_CSV for d in detect_dirs if (Path(d) / VERTEBRAE_CSV).is_file()]
-    vertebrae = pd.concat([load_vertebrae_table(p) for p in found], ignore_index=True) if found else None
-    return boxes, slices, vertebrae
 
 
 # ---------------------------------------------------------------- predict
-def open_model(model_dir: str | os.PathLike) -> ModelFolder:
-    """Open a model folder written by `train_all`: check its file manifest, that its weights load weights-only, and its prior."""
-    from aggregation.submission import load_prior
-    from detector.weights import read_weights
-
-    root = Path(model_dir)
-    meta_path = root / MODEL_JSON
-    if not meta_path.is_file():
-        raise InputError(root, f"not a spinefrac model folder (no {MODEL_JSON}; make one with `spinefrac train`)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise InputError(meta_path, f"not valid JSON: {exc}") from None
-    if not isinstance(meta, dict) or meta.get("format_version") != FORMAT_VERSION:
-        version = meta.get("format_version") if isinstance(meta, dict) else None
-        raise InputError(meta_path, f"model format {version} is not {FORMAT_VERSION}: older model folders hold "
-                                    "pickled files that could run code when loaded; retrain with spinefrac train")
-    if MANIFEST_KEY not in meta:
-        raise InputError(meta_path, "has no file manifest: training did not finish (rerun spinefrac train)")
-    verify_manifest(root, meta[MANIFEST_KEY], MANIFEST_EXCLUDE)
-    configs = {stage: load_config(stage, root / f"{stage}.yaml" if (root / f"{stage}.yaml").is_file() else None)
-               for stage in STAGE_CONFIGS}   # a folder trained before a stage existed: its defaults (unused)
-    for needed in (root / "detector" / WEIGHTS, root / "locator" / WEIGHTS if meta.get("locator") else None,
-                   root / "aggregator" / "aggregator.json", root / "prior.json"):
-        if needed is not None and not needed.exists():
-            raise InputError(needed, "missing from the model folder: training did not finish (rerun spinefrac train)")
-    files = meta[MANIFEST_KEY]
-    detector = model_entry(root, (Path("detector") / WEIGHTS).as_posix(), files, entry="detector")
-    locator = model_entry(root, (Path("locator") / WEIGHTS).as_posix(), files, entry="locator") \
-        if meta.get("locator") else None
-    listed = meta.get("classifier") or []
-    if not isinstance(listed, list):
-        raise InputError(meta_path, f"entry 'classifier' must be a list of paths inside the folder, found "
-                                    f"{type(listed).__name__} {str(listed)[:80]!r}")
-    classifiers = [model_entry(root, rel, files, entry=f"classifier[{k}]") for k, rel in enumerate(listed)]
-    for weights in (detector, locator, *classifiers):
-        if weights is not None:
-            read_weights(weights)  # refuse pickled weights before any study is read
-    prior = load_prior(root / "prior.json")
-    return ModelFolder(root, configs, detector, locator, prior, meta, classifiers)
 
 
-def model_entry(root: Path, rel: Any, manifest: Mapping[str, str], *, entry: str) -> Path:
-    """A file model.json names: relative, inside the folder (symbolic links too) and covered by the manifest.
-
-    Anything else refuses the folder (InputError naming model.json, the entry and the path): a model folder is
-    closed, no name in it decides where spinefrac reads.
-    """
-    path = inside(root, rel, source=f"{MODEL_JSON} entry {entry}", resolve=True)
-    key = path.relative_to(root).as_posix()
-    if key not in manifest:
-        raise InputError(root / MODEL_JSON, f"entry {entry} {rel!r} is not covered by the folder's manifest "
-                                            f"({MANIFEST_KEY}): it is not loaded (retrain, or copy the folder whole)")
-    if not path.is_file():
-        raise InputError(path, f"named by {MODEL_JSON} entry {entry} but missing from the model folder: training "
-                               "did not finish (rerun spinefrac train)")
-    return path
 
 
 @locks_output("out")
@@ -653,106 +569,12 @@ def predict_all(studies: Sequence[str | os.PathLike], *, model_dir: str | os.Pat
                                 extra={"detect": info})
 
 
-def aggregate_detections(out: Path, *, model: ModelFolder, aggregator: Any, uids: Sequence[str],
-                         test: pd.DataFrame | None, started: float, extra: Mapping[str, Any], report: bool = True
-                         ) -> Path:
-    """From a detect folder's tables to predictions, submission and evidence (predict, and merge of shards).
-
-    report: also write worklist.csv and report/ (off for a node's one-study staging folder, which nobody reviews).
-    """
-    from aggregation.features import build_features
-    from aggregation.submission import (
-        complete_predictions,
-        make_submission,
-        write_predictions,
-        write_submission,
-    )
-
-    t0 = started
-    errors = pd.read_csv(out / "errors.csv", dtype={registry.STUDY_COL: str})
-    failed = set(errors[registry.STUDY_COL]) & set(uids)
-    boxes, slices = _detections(out, failed=failed, uids=uids)
-    vertebrae = _vertebrae_table(out, failed=failed, uids=uids)
-    finished = [u for u in uids if u not in failed and u in set(slices[registry.STUDY_COL].astype(str))]
-    if finished:
-        features = build_features(boxes, slices, config=model.configs["aggregation"], studies=finished,
-                                  vertebrae=vertebrae)
-        write_csv_atomic(out / "features.csv", features)
-        probs = aggregator.predict_proba(features)
-    else:
-        probs = pd.DataFrame(columns=[registry.STUDY_COL, *registry.TARGETS])
-    predictions = complete_predictions(probs, studies=uids, prior=model.prior, failed=failed)
-    write_predictions(predictions, out / "predictions.csv")
-    submission = make_submission(predictions, test_csv=test, prior=model.prior, failed=failed)
-    write_submission(submission, out / "submission.csv")
-    write_csv_atomic(out / "evidence.csv", evidence_table(boxes, predictions, vertebrae=vertebrae))
-    runtime = time.perf_counter() - t0
-    write_sidecar(out / "predictions.csv", kind="predictions", inputs={"model": str(model.root),
-                                                                      "studies": len(uids)},
-                  counts={"studies": len(uids), "failed": len(failed), "boxes": len(boxes)}, runtime_s=runtime,
-                  extra=dict(extra))
-    log.info("predicted %d studies (%d failed, given the prior) in %.0f s -> %s", len(uids), len(failed), runtime,
-             out / "predictions.csv")
-    if report:
-        from spinefrac.report import write_report
-
-        write_report(out, model_dir=model.root)   # worklist.csv and report/ (prints the operating point)
-    if uids and not finished:
-        first = errors[errors[registry.STUDY_COL].isin(failed)].head(1)
-        example = f" (first: {first[registry.STUDY_COL].iloc[0]}: {first['error'].iloc[0]})" if len(first) else ""
-        raise AllStudiesFailedError(
-            f"every one of the {len(uids)} studies failed{example}; see {out / 'errors.csv'}. "
-            f"{out / 'predictions.csv'} and {out / 'submission.csv'} hold the training prior for every row")
-    return out
 
 
-def _detections(out: Path, *, failed: set[str], uids: Sequence[str]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Read boxes.csv and slices.csv; empty tables when no study finished (their files then lack level columns)."""
-    from aggregation.features import BOX_REQUIRED, SLICE_REQUIRED, load_detection_tables
-
-    if set(uids) <= failed:
-        return pd.DataFrame(columns=list(BOX_REQUIRED)), pd.DataFrame(columns=list(SLICE_REQUIRED))
-    return load_detection_tables(out / "boxes.csv", out / "slices.csv")
 
 
-def _vertebrae_table(out: Path, *, failed: set[str], uids: Sequence[str]) -> pd.DataFrame | None:
-    """This run's vertebrae.csv rows (finished studies only), or None when detect wrote none."""
-    from aggregation.features import load_vertebrae_table
-    from detector.detect import VERTEBRAE_CSV
-
-    path = out / VERTEBRAE_CSV
-    if set(uids) <= failed or not path.is_file():
-        return None
-    table = load_vertebrae_table(path)
-    return table[table[registry.STUDY_COL].astype(str).isin(set(uids) - failed)].reset_index(drop=True)
 
 
-def evidence_table(boxes: pd.DataFrame, predictions: pd.DataFrame, top: int = EVIDENCE_TOP,
-                   vertebrae: pd.DataFrame | None = None) -> pd.DataFrame:
-    """Per study and level: the probability, the top boxes (slice_number:score) assigned to that level, and
-    (from vertebrae.csv) the level's z-range and the vertebra classifier's scores (NaN without them)."""
-    rows = []
-    by_uid = {str(u): g for u, g in boxes.groupby(registry.STUDY_COL)} if len(boxes) else {}
-    for rec in predictions.itertuples(index=False):
-        uid = str(getattr(rec, registry.STUDY_COL))
-        g = by_uid.get(uid)
-        for level in registry.LEVELS:
-            entry = {registry.STUDY_COL: uid, "level": level, "probability": float(getattr(rec, level)),
-                     "n_boxes": 0, "max_score": 0.0, "top_boxes": ""}
-            if g is not None and f"w_{level}" in g.columns:
-                on = g[g[f"w_{level}"] > 0].assign(weighted=lambda d, lv=level: d["score"] * d[f"w_{lv}"])
-                on = on.sort_values("weighted", ascending=False)
-                if len(on):
-                    entry.update(n_boxes=int(len(on)), max_score=float(on["score"].max()),
-                                 top_boxes=";".join(f"slice {int(r.slice_number)}: {r.score:.2f} x w {r.weighted / max(r.score, 1e-9):.2f}"
-                                                    for r in on.head(top).itertuples(index=False)))
-            rows.append(entry)
-    table = pd.DataFrame(rows, columns=[registry.STUDY_COL, "level", "probability", "n_boxes", "max_score",
-                                        "top_boxes"])
-    extra = pd.DataFrame(columns=[registry.STUDY_COL, "level", *EVIDENCE_VERTEBRA_COLUMNS])
-    if vertebrae is not None and len(vertebrae):
-        extra = vertebrae[[registry.STUDY_COL, "level", *EVIDENCE_VERTEBRA_COLUMNS]].astype({registry.STUDY_COL: str})
-    return table.merge(extra, on=[registry.STUDY_COL, "level"], how="left")
 
 
 # ---------------------------------------------------------------- helpers
@@ -769,29 +591,8 @@ def _save_configs(out: Path, config: Config, cfgs: Mapping[str, Config]) -> None
         dump_config(cfg, out / f"{stage}.yaml")
 
 
-def _read_meta(out: Path) -> dict[str, Any]:
-    path = out / MODEL_JSON
-    if path.is_file():
-        meta = json.loads(path.read_text(encoding="utf-8"))
-        if meta.get("format_version") == FORMAT_VERSION:
-            meta["versions"] = library_versions()
-            return meta
-    return {"format_version": FORMAT_VERSION, "versions": library_versions(), "stages": {}}
 
 
-def _write_meta(out: Path, meta: Mapping[str, Any]) -> None:
-    write_json_atomic(out / MODEL_JSON, meta)
-
-
-def _flatten(cfg: Config, prefix: str = "") -> list[str]:
-    """Return key=value overrides that reproduce a resolved config (to derive a variant of it)."""
-    items = []
-    for key, value in cfg.items():
-        if isinstance(value, Config):
-            items += _flatten(value, f"{prefix}{key}.")
-        else:
-            items.append(f"{prefix}{key}={json.dumps(value)}")
-    return items
 
 
 def _backend_name(detect_dir: Path) -> str | None:

@@ -134,7 +134,7 @@ def actor_config(config: Mapping[str, Any], cpus: float) -> Mapping[str, Any]:
     """The detector config an actor runs with: model threads (torch and OpenVINO) = the CPUs it reserved, unless
     `detect.inference_threads` is set (0, every core, would make each actor use all of its node's cores). A run
     setting, not a detect setting: the settings key is the same."""
-    from data_prep.config import Config
+    from data_prep.runs.config import Config
 
     if int((config.get("detect") or {}).get("inference_threads") or 0):
         return config
@@ -147,7 +147,7 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
                   actors: int | None = None, labels: Path | None = None, workers: int = 2, progress: bool = True,
                   overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
     """Detect every study on Ray actors into `out` and rebuild its tables; return predict's detect summary."""
-    from data_prep.study_inputs import absolute_study
+    from data_prep.dicom.study_inputs import absolute_study
     from detector.detect import detect_markers, detect_settings, plan_studies, rebuild_outputs
 
     ray = require_ray()
@@ -412,8 +412,8 @@ class _Pool:
 
 def _record_failure(out: Path, study: Path, *, key: str, error: str) -> None:
     """Write a study's failure record as detect does (errors/<uid>.json; errors.csv lists it)."""
-    from data_prep.artifacts import write_json_atomic
-    from data_prep.registry import STUDY_COL
+    from data_prep.runs.artifacts import write_json_atomic
+    from data_prep.runs.registry import STUDY_COL
     from detector.detect import error_record
 
     write_json_atomic(error_record(out, study.name), {STUDY_COL: study.name, "path": str(study),

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from data_prep.errors import InputError
-from data_prep.locks import locks_output
+from data_prep.runs.locks import locks_output
 from detector.detect import BOXES_CSV, DONE_DIR, ERRORS_DIR, OVERLAYS_DIR, PARTS_DIR
 
 COPIED_DIRS = (DONE_DIR, PARTS_DIR, ERRORS_DIR, OVERLAYS_DIR)
@@ -67,7 +67,8 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
     from aggregation.model import StudyAggregator
     from aggregation.submission import read_test_csv
     from detector.detect import detected_studies, rebuild_outputs
-    from spinefrac.pipeline import aggregate_detections, open_model
+    from spinefrac.model_folder import open_model
+    from spinefrac.results import aggregate_detections
 
     t0 = time.perf_counter()
     out = Path(out)

@@ -11,9 +11,9 @@ from sklearn.metrics import roc_auc_score
 
 from aggregation.features import build_features
 from aggregation.model import META_FILE, FeatureMismatchError, StudyAggregator
-from data_prep.config import load_config
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
 
 
 def simulate_detections(n_studies: int, seed: int) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from data_prep.artifacts import atomic_path, next_run_dir, write_csv_atomic, write_sidecar
+from data_prep.runs.artifacts import atomic_path, next_run_dir, write_csv_atomic, write_sidecar
 
 
 def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep.config import ConfigError, load_config
 from data_prep.errors import InputError
+from data_prep.runs.config import ConfigError, load_config
 
 IMGSZ = 64
 N_IMAGES = 6

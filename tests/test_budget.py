@@ -8,8 +8,8 @@ import logging
 import pytest
 import yaml
 
-from data_prep.config import ConfigError, load_config
-from data_prep.durations import parse_duration
+from configs.durations import parse_duration
+from data_prep.runs.config import ConfigError, load_config
 from spinefrac.budget import TrainingBudget, allot, planned_split, training_stages
 
 WEIGHTS = {"locator": 0.2, "detector": 0.5, "classifier": 0.3}
@@ -94,8 +94,8 @@ def test_budget_records_plan_given_and_used():
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
-    from data_prep.config import load_config as load
-    from data_prep.synth import synthesize
+    from data_prep.runs.config import load_config as load
+    from data_prep.synthetic.synth import synthesize
 
     root = tmp_path_factory.mktemp("budget") / "data"
     synthesize(root, n_studies=10, seed=5, progress=False,

@@ -17,8 +17,8 @@ from aggregation.candidates import CANDIDATES, CANDIDATES_FILE, TABLE_COLUMNS
 from aggregation.features import build_features
 from aggregation.metric import competition_loss_arrays
 from aggregation.model import META_FILE, MODEL_FILE, StudyAggregator, fit_binary
-from data_prep.config import load_config
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
 
 TOLERANCE = 1e-12
 """Raising a score may leave an output unchanged, never lower it (beyond float rounding)."""
@@ -136,7 +136,7 @@ def test_every_candidate_keeps_patient_at_least_the_largest_level(fitted):
 
 def test_train_stage_stores_and_logs_the_table(fitted, tmp_path, caplog):
     from aggregation.operating_point import OPERATING_FILE
-    from data_prep.artifacts import read_sidecar
+    from data_prep.runs.artifacts import read_sidecar
     from spinefrac.pipeline import _fit_aggregator
 
     boxes, slices, vertebrae, labels, cfg, _, _ = fitted

@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.config import load_config
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.classifier import VERTEBRA_COLUMNS, level_scores, load_classifier, vertebra_table
 
 IMGSZ = 32

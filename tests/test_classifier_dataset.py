@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 from helpers import TINY_SYNTH
 
-from data_prep.config import load_config
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
-from data_prep.resume import SettingsChangedError
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.runs.resume import SettingsChangedError
 from detector.classifier_dataset import (
     DATASET_JSON,
     INDEX_COLUMNS,
@@ -60,7 +60,7 @@ def use_fake_locator(monkeypatch, tmp_path):
 @pytest.fixture(scope="module")
 def root(tmp_path_factory):
     """Six tiny studies, some segmented; train.csv rewritten so the first segmented study is positive at C3 only."""
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
 
     out = tmp_path_factory.mktemp("cls") / "data"
     synthesize(out, n_studies=N_STUDIES, seed=5, config=load_config("synth", None, TINY_SYNTH), progress=False,
@@ -90,8 +90,8 @@ def segmented_uids(root):
 
 def expected_plan(root, uid, source):
     """The crop plan of one study computed directly from its level source (what the index must hold)."""
-    from data_prep.dicom_io import scan_study
-    from data_prep.segmentation import load_axial_mask, slice_level_table
+    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.segmentation import load_axial_mask, slice_level_table
     from detector.vertebra_crops import (
         crop_plan,
         level_slice_boxes_from_locator,
@@ -383,7 +383,7 @@ def test_box_labels_mark_only_the_crops_near_a_boxed_slice_of_a_fractured_level(
     index = read_classifier_index(out)
     train = pd.read_csv(root / "train.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)
     truth = pd.read_csv(root / "train_bounding_boxes.csv", dtype={STUDY_COL: str})
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
 
     boxed_any = False
     for uid, rows in index.groupby(STUDY_COL):

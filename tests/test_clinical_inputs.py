@@ -13,13 +13,13 @@ import pydicom
 import pytest
 from helpers import use_fixed_boxes
 
-from data_prep.config import load_config
+from data_prep.dicom.inspect import inspect_path
+from data_prep.dicom.study_finder import FoundStudy
+from data_prep.dicom.study_inputs import SERIES_COLUMNS, find_inputs
 from data_prep.errors import InputError
-from data_prep.inspect import inspect_path
-from data_prep.registry import STUDY_COL
-from data_prep.study_finder import FoundStudy
-from data_prep.study_inputs import SERIES_COLUMNS, find_inputs
-from data_prep.synth_export import write_export
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import STUDY_COL
+from data_prep.synthetic.export import write_export
 from detector.detect import detect_studies, find_studies
 
 IMGSZ = 32
@@ -111,7 +111,7 @@ def test_a_study_without_usable_ct_fails_with_the_reason_and_others_go_on(export
 
 
 def test_find_inputs_keeps_the_kaggle_layout_and_sends_the_rest_to_the_finder(exports, tmp_path):
-    from data_prep.dicom_write import write_series
+    from data_prep.dicom.writer import write_series
 
     images = tmp_path / "test_images"
     hu = np.zeros((4, 16, 16), dtype=np.float32)

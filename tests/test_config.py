@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from data_prep.config import ConfigError, load_config
+from data_prep.runs.config import ConfigError, load_config
 
 
 @pytest.fixture
@@ -15,7 +15,7 @@ def stage(tmp_path, monkeypatch):
                 "train": {"epochs": 30, "device": "cpu", "windows": [[1, 2]]}}
     path = tmp_path / "toy.yaml"
     path.write_text(yaml.safe_dump(defaults))
-    monkeypatch.setattr("data_prep.config.default_config_path", lambda name: path)
+    monkeypatch.setattr("data_prep.runs.config.default_config_path", lambda name: path)
     return "toy"
 
 
@@ -86,7 +86,7 @@ def test_demo_overrides_fold_into_every_stage_and_resolve():
     assert det.train.epochs == 3                          # the user's own detector.set wins over the demo's
     assert det.render.recipe == "windows" and det.prepare.boxed_every == 2
     assert stages["aggregation"].splits.aggregator_fraction == 0.4
-    from data_prep.synth import synth_config
+    from data_prep.synthetic.synth import synth_config
 
     synth = synth_config(cfg.demo.world, None, list(cfg.demo.synth_set))
     # the demo's studies have the real geometry (512 px over the whole neck) and go through the spine ROI

@@ -9,8 +9,8 @@ import pytest
 import yaml
 from pydantic import BaseModel
 
-from data_prep import config_schema
-from data_prep.config import ConfigError, load_config
+from configs import schema as config_schema
+from data_prep.runs.config import ConfigError, load_config
 
 
 def _yaml_keys(data: dict, prefix: str = "") -> list[str]:
@@ -40,14 +40,14 @@ def _packaged_configs() -> dict[str, Path]:
 
 
 def test_every_key_of_every_packaged_config_has_a_schema_entry():
-    """A new key in configs/*.yaml without a line in data_prep/config_schema.py fails here, naming it."""
+    """A new key in configs/*.yaml without a line in configs/schema.py fails here, naming it."""
     configs = _packaged_configs()
     assert set(configs) == set(config_schema.SCHEMAS), "every configs/*.yaml needs a schema (and vice versa)"
     missing = [f"{stage}: {key}" for stage, path in configs.items()
                for key in _yaml_keys(yaml.safe_load(path.read_text()))
                if not _schema_entry(config_schema.SCHEMAS[stage], key)]
     assert not missing, ("keys without a schema entry (add one line each to their section class in "
-                         f"data_prep/config_schema.py): {missing}")
+                         f"configs/schema.py): {missing}")
 
 
 def test_every_required_schema_key_has_a_documented_default():

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from data_prep.config import ConfigError
+from data_prep.runs.config import ConfigError
 from detector.crack_filter import (
     crack_response,
     direction_step_mm,
@@ -24,7 +24,7 @@ CORTEX_HU = 1200.0      # cortical shell
 CANCELLOUS_HU = 280.0   # cancellous interior
 VESSEL_HU = 60.0        # blood in a vascular channel
 CORTEX_MM = 1.2         # cortical shell thickness
-VESSEL_MARGIN_MM = 1.0  # a vascular channel stops this far inside the cortex (data_prep.phantom VASC_MARGIN_MM)
+VESSEL_MARGIN_MM = 1.0  # a vascular channel stops this far inside the cortex (data_prep.synthetic.phantom VASC_MARGIN_MM)
 NOISE_HU, BLUR_PX = 20.0, 0.6   # image noise (std) and in-plane blur, added like the phantom's
 SCENE_MM = 40.0
 WIDTH_MM, BONE_HU = 2.0, 200.0   # configs/detector.yaml render defaults
@@ -186,8 +186,8 @@ def test_bad_inputs_are_refused():
 
 def test_the_crack_channel_and_its_constants_change_every_settings_key(tmp_path):
     # a model trained with the crack channel must not reuse detections, datasets or crops made without it
-    from data_prep.config import load_config
-    from data_prep.resume import settings_key
+    from data_prep.runs.config import load_config
+    from data_prep.runs.resume import settings_key
     from detector.classifier_dataset import classifier_settings
     from detector.detect import detect_settings
     from detector.yolo_dataset import prepare_settings

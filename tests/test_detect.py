@@ -9,9 +9,9 @@ import pandas as pd
 import pydicom
 import pytest
 
-from data_prep.config import load_config
-from data_prep.dicom_write import write_series
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.dicom.writer import write_series
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.detect import Locator, detect_studies, detect_study, find_studies
 
 ROWS, COLS, N = 48, 64, 12

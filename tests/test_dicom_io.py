@@ -15,8 +15,8 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_rescale
 
-from data_prep import dicom_io, registry
-from data_prep.dicom_io import (
+from data_prep.dicom import reader as dicom_io
+from data_prep.dicom.reader import (
     DuplicatePositionError,
     EmptyStudyError,
     InconsistentSlicesError,
@@ -28,8 +28,9 @@ from data_prep.dicom_io import (
     read_volume,
     scan_study,
 )
-from data_prep.dicom_write import write_series
+from data_prep.dicom.writer import write_series
 from data_prep.errors import DicomReadError, InputError, MissingDecoderError
+from data_prep.runs import registry
 
 STUDY = "1.2.826.0.1.3680043.777"
 N, ROWS, COLS = 12, 32, 40
@@ -410,7 +411,7 @@ def test_a_too_long_derived_uid_is_still_deterministic():
     """Study UIDs too long for a dotted suffix get a hashed UID: the same inputs, the same UID, valid."""
     from pydicom.uid import UID
 
-    from data_prep.dicom_write import _derived_uid
+    from data_prep.dicom.writer import _derived_uid
 
     long_study = "1.2.826.0.1.3680043." + "1" * 44
     first, second = _derived_uid(long_study, "1"), _derived_uid(long_study, "1")

@@ -20,10 +20,10 @@ import pytest
 from helpers import use_fixed_boxes
 from pydicom import dcmread
 
-from data_prep import registry
-from data_prep.dicom_io import scan_study
-from data_prep.dicom_write import write_series
+from data_prep.dicom.reader import scan_study
+from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
+from data_prep.runs import registry
 
 hd = pytest.importorskip("highdicom", reason="the dicom extra (highdicom) is not installed")
 
@@ -589,8 +589,8 @@ def test_a_detect_folder_of_a_pacs_export_round_trips(variant, tmp_path, monkeyp
     """detect on a synthetic PACS export (six image series and a dose SR per study, files without extensions)
     writes series.csv, slices.csv and overlays; with a hand-made predictions.csv, every box of the SR references
     a file of the chosen (bone) series at the box's slice_index, and dciodvfy finds no error."""
-    from data_prep.config import load_config
-    from data_prep.synth_export import write_export
+    from data_prep.runs.config import load_config
+    from data_prep.synthetic.export import write_export
     from detector.detect import detect_studies
 
     use_fixed_boxes(monkeypatch, tmp_path / "home", EXPORT_BOXES)
@@ -679,7 +679,7 @@ def test_a_predict_folder_round_trips_as_dicom(trained, tmp_path):
 def test_the_real_rsna_slice_round_trips_as_dicom(realdata, tmp_path, monkeypatch):
     """The real slice (no Modality, as every RSNA file) through detect and DICOM results: the SR and SC carry its
     patient and study, reference its SOPInstanceUID, and dciodvfy finds no error."""
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.detect import detect_studies
 
     source = realdata("test1.dcm")

@@ -7,8 +7,8 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_rescale
 
-from data_prep import registry
-from data_prep.dicom_write import DicomWriteError, write_series
+from data_prep.dicom.writer import DicomWriteError, write_series
+from data_prep.runs import registry
 
 STUDY = "1.2.826.0.1.3680043.4242"
 N, ROWS, COLS = 6, 48, 40

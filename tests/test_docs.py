@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import load_config
-from data_prep.config_reference import config_reference_markdown, stage_keys
-from data_prep.config_schema import SCHEMAS
+from configs.schema import SCHEMAS
+from data_prep.runs.config import load_config
+from data_prep.runs.config_reference import config_reference_markdown, stage_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 MACHINE_PATHS = re.compile(r"(?:^|[\s`'\"(=])/(?:work|root|home/\w+)/|/tmp/fresh")

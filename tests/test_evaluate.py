@@ -12,7 +12,7 @@ from sklearn.metrics import log_loss
 from aggregation.evaluate import evaluate_predictions, max_score_baseline
 from aggregation.submission import submission_from_predictions
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
 
 
 @pytest.fixture(autouse=True)

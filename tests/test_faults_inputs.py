@@ -18,13 +18,14 @@ import pydicom
 import pytest
 from helpers import use_fixed_boxes
 
-from data_prep import dicom_io, registry
-from data_prep.config import load_config
-from data_prep.dicom_write import write_series
+from data_prep.dicom import reader as dicom_io
+from data_prep.dicom.inspect import inspect_path
+from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
-from data_prep.inspect import inspect_path
-from data_prep.registry import STUDY_COL, TARGETS
-from data_prep.tables import TableError, read_table
+from data_prep.runs import registry
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import STUDY_COL, TARGETS
+from data_prep.runs.tables import TableError, read_table
 from spinefrac.cli import main
 
 N, SIZE, THICKNESS, Z_TOP = 10, 32, 2.0, 100.0
@@ -200,7 +201,7 @@ def test_inspect_reports_every_study_whatever_fails(tmp_path, capsys, monkeypatc
             raise RuntimeError("disk hiccup")
         return real_check(study_dir, **kw)
 
-    monkeypatch.setattr("data_prep.inspect.check_study", exploding)
+    monkeypatch.setattr("data_prep.dicom.inspect.check_study", exploding)
     report = inspect_path(images, workers=1, progress=False)
     assert [s.study_dir.name for s in report.studies] == ["1.2.3.71", "1.2.3.72", "1.2.3.73", "1.2.3.74",
                                                          "1.2.3.75"]

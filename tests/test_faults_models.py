@@ -21,10 +21,10 @@ import pandas as pd
 import pytest
 import torch
 
-from data_prep.manifest import build_manifest, file_sha256
-from data_prep.registry import STUDY_COL, TARGETS
+from data_prep.runs.manifest import build_manifest, file_sha256
+from data_prep.runs.registry import STUDY_COL, TARGETS
 from spinefrac.cli import main
-from spinefrac.pipeline import MANIFEST_EXCLUDE, MODEL_JSON
+from spinefrac.model_folder import MANIFEST_EXCLUDE, MODEL_JSON
 
 pytestmark = pytest.mark.slow  # the session fixture trains a tiny model once
 
@@ -282,8 +282,8 @@ def test_a_classifier_entry_outside_the_folder_or_manifest_is_refused(trained, m
 def test_a_poisoned_export_cache_is_rebuilt_with_a_warning(trained, model, tmp_path, caplog):
     import yaml
 
-    from data_prep.artifacts import read_sidecar, write_sidecar
-    from data_prep.manifest import tree_sha256
+    from data_prep.runs.artifacts import read_sidecar, write_sidecar
+    from data_prep.runs.manifest import tree_sha256
     from detector.backends import load_predictor
     from detector.export import EXPORT_HASH_KEY, export_weights
 

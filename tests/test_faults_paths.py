@@ -23,12 +23,12 @@ import pydicom
 import pytest
 from helpers import use_fixed_boxes
 
-from data_prep.config import load_config
-from data_prep.dicom_write import write_series
-from data_prep.registry import STUDY_COL, TARGETS
+from data_prep.dicom.study_finder import search_dicom
+from data_prep.dicom.writer import write_series
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import STUDY_COL, TARGETS
 from data_prep.safe_paths import safe_name
-from data_prep.study_finder import search_dicom
-from data_prep.synth_export import write_export
+from data_prep.synthetic.export import write_export
 from spinefrac.cli import main
 
 N, SIZE, THICKNESS = 6, 32, 2.0
@@ -154,7 +154,7 @@ def test_dicomdir_records_leading_outside_are_refused_and_not_read(tmp_path, fak
         read.append(Path(fp).resolve() if isinstance(fp, (str, os.PathLike)) else None)
         return real(fp, *args, **kwargs)
 
-    monkeypatch.setattr("data_prep.study_finder.pydicom.dcmread", spy)
+    monkeypatch.setattr("data_prep.dicom.study_finder.pydicom.dcmread", spy)
     with caplog.at_level(logging.WARNING):
         search = search_dicom(fileset)
     assert not any(p is not None and (tmp_path / "outside") in p.parents for p in read)
@@ -217,7 +217,7 @@ def test_a_slice_linked_from_outside_is_not_read(tmp_path, fake_model, monkeypat
     (tree / "s" / "extra").symlink_to(secret)
     read = []
     real = pydicom.dcmread
-    monkeypatch.setattr("data_prep.study_finder.pydicom.dcmread",
+    monkeypatch.setattr("data_prep.dicom.study_finder.pydicom.dcmread",
                         lambda fp, *a, **k: (read.append(os.path.realpath(fp)), real(fp, *a, **k))[1])
     search = search_dicom(tree)
     assert str(secret) not in read and [r[0] for r in search.refused] == [str(tree / "s" / "extra")]

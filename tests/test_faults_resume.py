@@ -20,10 +20,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.dicom_write import write_series
-from data_prep.locks import HOLDER_NAME
-from data_prep.registry import LEVELS, STUDY_COL
-from data_prep.resume import file_sha256, settings_key
+from data_prep.dicom.writer import write_series
+from data_prep.runs.locks import HOLDER_NAME
+from data_prep.runs.registry import LEVELS, STUDY_COL
+from data_prep.runs.resume import file_sha256, settings_key
 from spinefrac.cli import main
 
 ROWS, COLS, N = 48, 64, 12
@@ -251,7 +251,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {str(REPO)!r})
-        from data_prep.locks import output_lock
+        from data_prep.runs.locks import output_lock
         with output_lock({str(folder)!r}, command="holder-test"):
             print("locked", flush=True)
             time.sleep({HOLD_SECONDS})
@@ -358,9 +358,9 @@ def train_cli(data: Path, model: Path, cfg: Path) -> str:
     return run.stderr
 
 
-# ---------------------------------------------------------------- the shared mechanism (data_prep/resume.py)
+# ---------------------------------------------------------------- the shared mechanism (data_prep/runs/resume.py)
 def test_settings_changes_are_named_key_by_key():
-    from data_prep.resume import changed_settings
+    from data_prep.runs.resume import changed_settings
 
     old = {"detect": {"conf": 0.01, "iou": 0.5}, "roi": {"enabled": False}}
     new = {"detect": {"conf": 0.2, "iou": 0.5}, "roi": {"enabled": True, "size_mm": 80.0}}
@@ -403,8 +403,8 @@ def test_predict_rerun_with_another_model_is_refused_then_overwrite_equals_a_cle
                                                                                       caplog):
     import yaml
 
-    from data_prep.manifest import build_manifest
-    from spinefrac.pipeline import MANIFEST_EXCLUDE, MODEL_JSON
+    from data_prep.runs.manifest import build_manifest
+    from spinefrac.model_folder import MANIFEST_EXCLUDE, MODEL_JSON
 
     other = tmp_path / "other_model"                        # the same weights, another detect.conf
     shutil.copytree(trained_pipeline / "model", other, ignore=shutil.ignore_patterns("work"))

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from helpers import TINY_SYNTH
 
-from data_prep import artifacts
 from data_prep.errors import MissingDecoderError
-from data_prep.registry import STUDY_COL, TARGETS
+from data_prep.runs import artifacts
+from data_prep.runs.registry import STUDY_COL, TARGETS
 from spinefrac.cli import main
 
 EXIT_ERROR, EXIT_ALL_FAILED = 2, 3
@@ -63,8 +63,8 @@ def model_copy(trained_pipeline, tmp_path):
 
 def _reseal(model: Path) -> None:
     """Recompute model.json's file manifest, as if the edited file had been written at training."""
-    from data_prep.manifest import build_manifest
-    from spinefrac.pipeline import MANIFEST_EXCLUDE, MODEL_JSON
+    from data_prep.runs.manifest import build_manifest
+    from spinefrac.model_folder import MANIFEST_EXCLUDE, MODEL_JSON
 
     meta = json.loads((model / MODEL_JSON).read_text())
     meta["files"] = build_manifest(model, MANIFEST_EXCLUDE)
@@ -116,8 +116,8 @@ def test_every_study_fails_still_gives_a_complete_prior_submission(trained_pipel
     def no_decoder(ts, path):
         raise MissingDecoderError(path, "no decoder for this syntax is installed; install pylibjpeg")
 
-    monkeypatch.setattr("data_prep.dicom_io._choose_plugin", no_decoder)
-    monkeypatch.setattr("data_prep.dicom_io.FAST_JPEG_LOSSLESS", ())     # no imagecodecs either
+    monkeypatch.setattr("data_prep.dicom.reader._choose_plugin", no_decoder)
+    monkeypatch.setattr("data_prep.dicom.reader.FAST_JPEG_LOSSLESS", ())     # no imagecodecs either
     out = tmp_path / "pred"
     rc = _predict(test_set / "test_images", trained_pipeline / "model", out, "--test-csv", str(test_set / "test.csv"))
     assert rc == EXIT_ALL_FAILED                         # documented in README "Failure handling"
@@ -321,7 +321,7 @@ def test_prediction_files_follow_the_umask(trained_pipeline, test_set, tmp_path)
 
 ORPHAN_SCRIPT = """
 import os, sys, time
-from data_prep.dicom_io import _pool
+from data_prep.dicom.reader import _pool
 pool = _pool(2, "process")
 futures = [pool.submit(time.sleep, 120) for _ in range(2)]
 time.sleep(1.0)

@@ -17,9 +17,9 @@ from aggregation.features import (
     longest_run,
     patient_feature_names,
 )
-from data_prep.config import load_config
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 # Study s1: 10 slices; C1 on slices 0-3, C2 on 3-6 (slice 3 holds both), C3 on 7-9.
 # Box           slice  score  w                    size

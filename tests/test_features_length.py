@@ -16,10 +16,10 @@ from aggregation.features import (
     load_vertebrae_table,
     patient_feature_names,
 )
-from data_prep import config_schema
-from data_prep.config import ConfigError, load_config
+from configs import schema as config_schema
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.config import ConfigError, load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 # Study "a": 12 slices (0-11). C1 is present on slice 0 only, C2 on slices 1-10 (10 slices: positions 0-9),
 # C3..C7 nowhere. Study "b": 5 slices, C5 on all of them, no box.

@@ -6,9 +6,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_prep import registry
-from data_prep.dicom_write import write_series
-from data_prep.inspect import inspect_path
+from data_prep.dicom.inspect import inspect_path
+from data_prep.dicom.writer import write_series
+from data_prep.runs import registry
 from spinefrac.cli import main
 
 N, SIZE = 10, 32

@@ -22,7 +22,7 @@ from benchmarks.bench_ladder import (
     synth_settings,
 )
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.runs.registry import LEVELS, STUDY_COL
 
 
 def _labels(rows):

@@ -1,6 +1,6 @@
 """Levels decoded with physical sizes (detector/level_sizes.py) and the prior learned from segmentations.
 
-The geometry comes from synthetic studies (the phantom's anatomy, `data_prep.synth`): their truth/slice_levels.csv
+The geometry comes from synthetic studies (the phantom's anatomy, `data_prep.synthetic.synth`): their truth/slice_levels.csv
 and spacing, never from the decoder under test.
 """
 
@@ -15,9 +15,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_prep.config import load_config
-from data_prep.dicom_io import scan_study
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.dicom.reader import scan_study
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.level_prior import (
     learn_from_segmentations,
     learn_level_prior,
@@ -55,7 +55,7 @@ divided out before pooling, which moves a median by at most a few percent; the t
 @pytest.fixture(scope="module")
 def worlds(tmp_path_factory):
     """(train root, test root): 8 segmented training studies and 4 held-out ones, with their truth."""
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
 
     cfg = load_config("synth", overrides=SYNTH)
     root = tmp_path_factory.mktemp("level_sizes")
@@ -157,7 +157,7 @@ def test_nothing_located_gives_no_levels(learned):
 
 
 def test_the_prior_config_is_checked_when_loaded(tmp_path):
-    from data_prep.config import ConfigError
+    from data_prep.runs.config import ConfigError
 
     with pytest.raises(ConfigError, match="C2-C9"):
         load_config("levels", overrides=['prior.segments={"C2-C9": [1.0, 0.1, 0.5]}'])
@@ -269,7 +269,7 @@ def test_extrapolated_levels_get_classifier_crops(worlds, learned):
 
 # ---------------------------------------------------------------- spinefrac train learns it into the model folder
 def test_train_learns_the_prior_into_the_model_folder(trained):
-    from spinefrac.pipeline import open_model
+    from spinefrac.model_folder import open_model
 
     model = trained / "model"
     meta = json.loads((model / "model.json").read_text())

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.config import load_config
-from data_prep.registry import LEVELS
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS
 from detector.levels import (
     assign_boxes,
     decode_levels,

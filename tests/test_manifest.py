@@ -1,4 +1,4 @@
-"""data_prep.manifest: what a manifest lists, and each way a folder can differ from it."""
+"""data_prep.runs.manifest: what a manifest lists, and each way a folder can differ from it."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from data_prep.manifest import ManifestError, build_manifest, file_sha256, tree_sha256, verify_manifest
+from data_prep.runs.manifest import ManifestError, build_manifest, file_sha256, tree_sha256, verify_manifest
 
 EXCLUDE = ("cache/*", "*.onnx")
 

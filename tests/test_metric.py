@@ -11,7 +11,7 @@ from sklearn.metrics import log_loss
 
 from aggregation.metric import competition_loss, global_loss
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
 
 
 def _table(rows: dict[str, list[float]]) -> pd.DataFrame:

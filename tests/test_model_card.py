@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
 from spinefrac.cli import main
 from spinefrac.model_card import MODEL_CARD
 

@@ -76,7 +76,7 @@ def step(self):
     return _step(self)
 
 BaseTrainer.optimizer_step = step
-from data_prep.config import load_config
+from data_prep.runs.config import load_config
 from detector.backends import load_predictor
 from detector.train import train_yolo
 

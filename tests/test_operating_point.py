@@ -19,9 +19,9 @@ from aggregation.operating_point import (
     read_operating_point,
     write_operating_point,
 )
-from data_prep.config import ConfigError, load_config
 from data_prep.errors import InputError
-from data_prep.registry import PATIENT, STUDY_COL
+from data_prep.runs.config import ConfigError, load_config
+from data_prep.runs.registry import PATIENT, STUDY_COL
 
 
 @pytest.fixture(scope="module")

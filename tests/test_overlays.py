@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.config import load_config
-from data_prep.dicom_io import scan_study
-from data_prep.dicom_write import write_series
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.dicom.reader import scan_study
+from data_prep.dicom.writer import write_series
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.overlays import (
     BAND_ALPHA,
     BAND_SHADES,

@@ -8,8 +8,8 @@ import shutil
 import pandas as pd
 import pytest
 
-from data_prep.manifest import file_sha256
-from data_prep.registry import STUDY_COL, TARGETS
+from data_prep.runs.manifest import file_sha256
+from data_prep.runs.registry import STUDY_COL, TARGETS
 from spinefrac.cli import main
 
 
@@ -191,7 +191,7 @@ def test_a_classifier_trained_with_the_crack_channel_predicts_with_it(trained, t
     import cv2
     import numpy as np
 
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.render import apply_window
 
     model = trained / "model"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_prep.registry import STUDY_COL
+from data_prep.runs.registry import STUDY_COL
 from spinefrac import ray_runner
 from spinefrac.cli import main
 from spinefrac.ray_runner import MAX_ATTEMPTS, RAY_STAGE, DetectActor, parse_address
@@ -78,7 +78,7 @@ def test_a_gpu_device_on_a_cluster_without_gpus_is_refused():
 
 
 def test_each_actor_uses_as_many_threads_as_cpus_it_reserved_with_the_same_settings_key():
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.detect import detect_settings
 
     every_core = load_config("detector", None, ["detect.inference_threads=0"])

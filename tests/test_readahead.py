@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
-from data_prep.dicom_io import EmptyStudyError, iter_chunks, scan_study
-from data_prep.dicom_write import write_series
-from data_prep.readahead import read_ahead
+from data_prep.dicom.readahead import read_ahead
+from data_prep.dicom.reader import EmptyStudyError, iter_chunks, scan_study
+from data_prep.dicom.writer import write_series
 
 N, ROWS, COLS, CHUNK = 20, 24, 28, 4
 SETTLE_S = 0.5   # time the reader gets to run ahead while the consumer waits

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_prep import registry
+from data_prep.runs import registry
 
 
 def test_targets_in_competition_order():

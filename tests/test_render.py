@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from data_prep.config import ConfigError, load_config
+from data_prep.runs.config import ConfigError, load_config
 from detector.render import (
     apply_window,
     clip_xywh,

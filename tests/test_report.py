@@ -19,10 +19,10 @@ import pandas as pd
 import pytest
 
 from aggregation.operating_point import HELDOUT_FILE, OPERATING_FILE
-from data_prep.artifacts import write_sidecar
-from data_prep.config import load_config
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.runs.artifacts import write_sidecar
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
 from detector.detect import overlay_dir
 from spinefrac.cli import main
 from spinefrac.report import write_report

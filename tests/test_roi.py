@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.config import ConfigError, load_config
-from data_prep.dicom_write import write_series
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.dicom.writer import write_series
+from data_prep.runs.config import ConfigError, load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.detect import Locator, detect_studies, detect_study, study_rois
 from detector.render import render_crops
 from detector.roi import (
@@ -505,7 +505,7 @@ def test_body_fallback_on_a_real_slice_centres_on_the_patient_not_the_table(real
     import cv2
     import pydicom
 
-    from data_prep.dicom_io import read_slice_hu
+    from data_prep.dicom.reader import read_slice_hu
 
     path = realdata("test1.dcm")
     hu = read_slice_hu(path)

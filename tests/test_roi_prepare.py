@@ -12,9 +12,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.config import load_config
-from data_prep.dicom_write import write_series
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.dicom.writer import write_series
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.detect import Locator, study_rois
 from detector.render import yolo_to_xywh
 from detector.roi import ROI_COLUMNS, SpineRois, jitter_rois

@@ -29,10 +29,10 @@ from helpers import FixedBoxes
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
-from data_prep.dicom_write import write_series
+from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
-from data_prep.registry import STUDY_COL, TARGETS
-from data_prep.resume import StudyMarkers
+from data_prep.runs.registry import STUDY_COL, TARGETS
+from data_prep.runs.resume import StudyMarkers
 from data_prep.safe_paths import (
     MAX_VERBATIM_CHARS,
     NAME_HASH_CHARS,
@@ -230,7 +230,7 @@ def test_the_spool_refuses_hostile_uids_and_writes_nothing(study_uid, sop_uid):
 @MEDIUM
 @given(hostile)
 def test_train_csv_keys_either_fail_the_schema_or_name_a_folder_inside_train_images(uid):
-    from data_prep.tables import TableError, read_table
+    from data_prep.runs.tables import TableError, read_table
     from detector.classifier_dataset import study_images
     from detector.yolo_dataset import train_study_dir
 
@@ -254,7 +254,7 @@ def test_train_csv_keys_either_fail_the_schema_or_name_a_folder_inside_train_ima
 @MEDIUM
 @given(st.lists(hostile, min_size=1, max_size=3))
 def test_model_json_entries_are_refused_unless_inside_and_listed(entries):
-    from spinefrac.pipeline import model_entry
+    from spinefrac.model_folder import model_entry
 
     with sandbox() as box:
         root = box / "in" / "model"
@@ -294,7 +294,7 @@ def write_study(folder: Path, uid: str, n: int = 4) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def fileset(tmp_path_factory):
-    from data_prep.synth_export import write_export
+    from data_prep.synthetic.export import write_export
 
     root = tmp_path_factory.mktemp("fileset") / "cd"
     write_export(root, variant="dicomdir", size=32, slices=6)
@@ -304,7 +304,7 @@ def fileset(tmp_path_factory):
 @MEDIUM
 @given(st.lists(hostile, min_size=1, max_size=4))
 def test_dicomdir_records_never_read_outside_the_fileset(fileset, components):
-    from data_prep.study_finder import search_dicom
+    from data_prep.dicom.study_finder import search_dicom
 
     with sandbox() as box:
         cd = box / "in" / "cd"
@@ -330,7 +330,7 @@ def test_dicomdir_records_never_read_outside_the_fileset(fileset, components):
 @MEDIUM
 @given(st.lists(hostile, min_size=1, max_size=4, unique=True))
 def test_zip_members_are_never_extracted_outside_the_cache(names):
-    from data_prep.study_finder import search_dicom
+    from data_prep.dicom.study_finder import search_dicom
 
     with sandbox() as box:
         dcm = write_study(box / "src", "1.2.3.5", n=1)[0]
@@ -347,7 +347,7 @@ def test_zip_members_are_never_extracted_outside_the_cache(names):
 
 
 def _detect(studies, out: Path, *, follow_symlinks: bool = False):
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
     from detector.detect import detect_studies
 
     cfg = load_config("detector", None, ["render.imgsz=32", "roi.enabled=false", "overlays.display_size=32",

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data_prep.dicom.segmentation import load_axial_mask, slice_level_table, slice_presence
 from data_prep.errors import GeometryError
-from data_prep.registry import LEVELS
-from data_prep.segmentation import load_axial_mask, slice_level_table, slice_presence
+from data_prep.runs.registry import LEVELS
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -179,8 +179,8 @@ def test_slice_level_table_boxes_and_presence(tmp_path):
 # ---------------------------------------------------------------- with the real reader on written series
 def write_study(tmp_path: Path, labels: np.ndarray, order: str, syntax: str):
     """Write a tiny DICOM series (HU = 100 * label) and return its scanned StudyGeometry."""
-    from data_prep.dicom_io import scan_study
-    from data_prep.dicom_write import INSTANCE_ORDERS, write_series
+    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.writer import INSTANCE_ORDERS, write_series
 
     folder = tmp_path / f"1.2.826.0.1.3680043.77{INSTANCE_ORDERS.index(order) + 1}"
     write_series(folder, labels.astype(np.float32) * 100, study_uid=folder.name, pixel_spacing=(0.8, 0.8),
@@ -200,7 +200,7 @@ def kaggle_convention(nii_path: Path, geometry) -> np.ndarray:
                                                ("feet_first", "1.2.840.10008.1.2.1"),
                                                ("feet_first", "1.2.840.10008.1.2.4.70")])
 def test_written_series_with_reader_and_kaggle_convention(tmp_path, order, syntax):
-    from data_prep.dicom_io import read_volume
+    from data_prep.dicom.reader import read_volume
 
     rng = np.random.default_rng(1)
     canon = np.zeros((10, 24, 20), np.uint8)
@@ -229,8 +229,8 @@ def test_written_series_with_reader_and_kaggle_convention(tmp_path, order, synta
 # ---------------------------------------------------------------- synthetic studies with known truth
 @pytest.fixture(scope="module")
 def synth_root(tmp_path_factory):
-    synth = pytest.importorskip("data_prep.synth", reason="data_prep.synth not written yet")
-    from data_prep.config import load_config
+    synth = pytest.importorskip("data_prep.synthetic.synth", reason="data_prep.synthetic.synth not written yet")
+    from data_prep.runs.config import load_config
 
     root = tmp_path_factory.mktemp("synth") / "data"
     cfg = load_config("synth", overrides=["image.size=64", "volume.slices=24", "labels.segmentation_fraction=1.0",
@@ -240,7 +240,7 @@ def synth_root(tmp_path_factory):
 
 
 def test_synthetic_masks_equal_the_truth(synth_root):
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
 
     truth_slices = pd.read_csv(synth_root / "truth" / "slice_levels.csv")
     truth_boxes = pd.read_csv(synth_root / "truth" / "level_boxes.csv")

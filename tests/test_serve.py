@@ -21,8 +21,8 @@ import pandas as pd
 import pydicom
 import pytest
 
-from data_prep.config import ConfigError, load_config
 from data_prep.errors import InputError
+from data_prep.runs.config import ConfigError, load_config
 from spinefrac.cli import main
 from spinefrac.dicom_out.identity import MANUFACTURER as RESULTS_MANUFACTURER
 from spinefrac.serve import ServeNode

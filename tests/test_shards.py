@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from data_prep.registry import STUDY_COL
+from data_prep.runs.registry import STUDY_COL
 from spinefrac.cli import main
 from spinefrac.shards import parse_shard, select_shard, shard_of
 

@@ -17,9 +17,9 @@ from aggregation.splits import (
     load_or_create_splits,
     split_studies,
 )
-from data_prep.config import load_config
 from data_prep.errors import InputError
-from data_prep.registry import PATIENT, STUDY_COL
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import PATIENT, STUDY_COL
 
 
 def _labels(n_pos: int, n_neg: int) -> pd.DataFrame:

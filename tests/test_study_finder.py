@@ -10,10 +10,10 @@ import numpy as np
 import pydicom
 import pytest
 
-from data_prep import study_finder
+from data_prep.dicom import study_finder
+from data_prep.dicom.study_finder import find_dicom_studies, kernel_class, search_dicom
 from data_prep.errors import InputError
-from data_prep.study_finder import find_dicom_studies, kernel_class, search_dicom
-from data_prep.synth_export import write_export
+from data_prep.synthetic.export import write_export
 
 REASONS = {"sr": "not an image", "scout": "scout/localizer", "sagittal": "not axial", "derived": "derived",
            "soft": "soft-tissue kernel", "thick": "thicker"}
@@ -103,7 +103,7 @@ def test_dicomdir_lists_a_missing_file_which_is_counted(tmp_path):
 
 
 def test_kaggle_layout_gives_the_keys_of_find_studies(tmp_path):
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
     from detector.detect import find_studies
 
     root = synthesize(tmp_path / "data", n_studies=3, seed=5, progress=False, workers=1,
@@ -128,7 +128,7 @@ def test_kaggle_layout_gives_the_keys_of_find_studies(tmp_path):
 def test_a_zipped_kaggle_study_is_keyed_by_its_folder_or_the_zip_name(tmp_path):
     import zipfile
 
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
 
     images = synthesize(tmp_path / "data", n_studies=2, seed=6, progress=False, workers=1,
                         config=_tiny_synth()) / "train_images"
@@ -161,7 +161,7 @@ def test_a_folder_that_cannot_be_listed_is_counted(export, tmp_path, monkeypatch
 
 
 def _tiny_synth():
-    from data_prep.config import load_config
+    from data_prep.runs.config import load_config
 
     return load_config("synth", overrides=["image.size=64", "volume.slices=12"])
 

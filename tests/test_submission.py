@@ -18,7 +18,7 @@ from aggregation.submission import (
     write_submission,
 )
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL, TARGETS
 
 PRIOR = {**{lv: 0.01 * (i + 1) for i, lv in enumerate(LEVELS)}, PATIENT: 0.5}
 

@@ -11,12 +11,13 @@ import pandas as pd
 import pydicom
 import pytest
 
-from data_prep import phantom, registry
-from data_prep.config import load_config
-from data_prep.dicom_io import read_volume, scan_study
+from data_prep.dicom.reader import read_volume, scan_study
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
-from data_prep.synth import build_study, plan_studies, synthesize
+from data_prep.runs import registry
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.synthetic import phantom
+from data_prep.synthetic.synth import build_study, plan_studies, synthesize
 
 N_STUDIES = 6
 SMALL = ["image.size=96", "volume.slices=40"]
@@ -158,7 +159,7 @@ def test_fracture_changes_pixels_only_inside_boxes():
     cfg = small_config("image.size=128", "volume.slices=48")
     grid_rng = np.random.default_rng(11)
     anatomy = phantom.build_anatomy(grid_rng, cfg["anatomy"])
-    from data_prep.synth import _sample_fractures, make_grid
+    from data_prep.synthetic.synth import _sample_fractures, make_grid
 
     grid = make_grid(grid_rng, anatomy, cfg)
     fractures = _sample_fractures(grid_rng, anatomy, ("C2", "C5", "C6"), grid, cfg["fracture"])
@@ -290,7 +291,7 @@ def test_fragment_that_leaves_a_slice_still_gets_a_box():
 
     Study 57 of the demo's training set (seed 0) crashed the renderer before the fix (IndexError).
     """
-    from data_prep.synth import study_tables
+    from data_prep.synthetic.synth import study_tables
 
     demo_set = ["image.size=256", "volume.slices=112", "labels.box_fraction=1.0", "fracture.gap_mm=[1.5, 2.5]",
                 "fracture.shift_mm=[1.5, 3.0]"]

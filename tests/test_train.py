@@ -10,8 +10,8 @@ import pytest
 import yaml
 from helpers import IMGSZ, N_FOLDS, N_TRAIN, N_VAL, make_yolo_dataset
 
-from data_prep.config import ConfigError, load_config
 from data_prep.errors import InputError
+from data_prep.runs.config import ConfigError, load_config
 
 FAST = [f"render.imgsz={IMGSZ}", "train.batch=4", "train.device=cpu", "train.plots=false"]
 

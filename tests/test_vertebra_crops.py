@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.config import load_config
+from data_prep.runs.config import load_config
 from detector.render import apply_window
 from detector.vertebra_crops import (
     NOT_FOUND,
@@ -122,7 +122,7 @@ def test_locator_boxes_are_kept_only_where_the_level_is_present():
 
 
 def test_bad_crops_config_is_refused_naming_the_keys():
-    from data_prep.config import ConfigError
+    from data_prep.runs.config import ConfigError
 
     with pytest.raises(ConfigError, match="slices_per_level"):
         crop_plan(boxes("C1", [1]), geometry(), {**CROPS, "slices_per_level": 0})
@@ -131,7 +131,7 @@ def test_bad_crops_config_is_refused_naming_the_keys():
 
 
 def test_crop_sources_match_the_config_schema():
-    from data_prep.config_schema import CROP_SOURCES as SCHEMA_SOURCES
+    from configs.schema import CROP_SOURCES as SCHEMA_SOURCES
     from detector.vertebra_crops import CROP_SOURCES
 
     assert CROP_SOURCES == SCHEMA_SOURCES

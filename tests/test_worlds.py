@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep import phantom
-from data_prep.config import ConfigError, load_config
-from data_prep.synth import _sample_fractures, make_grid, synth_config, world_names, world_overrides
+from data_prep.runs.config import ConfigError, load_config
+from data_prep.synthetic import phantom
+from data_prep.synthetic.synth import _sample_fractures, make_grid, synth_config, world_names, world_overrides
 
 # no noise, no blur, no pose: the rendered HU is the geometry itself
 CLEAN = ["image.size=128", "image.fov_mm=[50.0, 50.0]", "volume.slices=60", "hu.noise_sigma=[0.0, 0.0]",

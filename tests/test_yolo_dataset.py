@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from data_prep.config import load_config
-from data_prep.dicom_write import write_series
-from data_prep.registry import LEVELS, STUDY_COL
+from data_prep.dicom.writer import write_series
+from data_prep.runs.config import load_config
+from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.render import apply_window, yolo_to_xywh
 from detector.yolo_dataset import make_folds, prepare_detector_dataset, prepare_locator_dataset, read_index
 
@@ -252,8 +252,8 @@ def test_folds_are_stratified_and_disjoint():
 def test_locator_dataset_from_segmentation(tmp_path):
     import nibabel as nib
 
-    from data_prep.dicom_io import scan_study
-    from data_prep.segmentation import LPS_TO_RAS
+    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.segmentation import LPS_TO_RAS
 
     root, _ = make_root(tmp_path, {"7.1": {"patient_overall": 0}, "7.2": {"patient_overall": 0, "order": "feet_first"},
                                    "7.3": {"patient_overall": 0}})     # 7.3 has no segmentation
@@ -289,7 +289,7 @@ def test_locator_dataset_from_segmentation(tmp_path):
 
 def test_round_trip_on_synthetic_studies(tmp_path):
     """On `spinefrac synth` studies: every CSV box comes back from its YOLO label within 1e-3 px."""
-    from data_prep.synth import synthesize
+    from data_prep.synthetic.synth import synthesize
 
     root = tmp_path / "synth"
     synthesize(root, n_studies=6, seed=3, split="train",
@@ -352,7 +352,7 @@ def test_crack_score_ranks_a_crack_above_intact_bone():
 def test_hardest_slices_look_inside_each_slices_roi(tmp_path):
     # two bone blocks on every slice; slice 2 is cracked in the left block, slice 5 in the right one. Each slice's
     # ROI holds only the left block, so slice 2 wins; on whole slices the two tie (the lower index wins)
-    from data_prep.dicom_io import scan_study
+    from data_prep.dicom.reader import scan_study
     from detector.roi import SpineRois
     from detector.yolo_dataset import hardest_slices
 

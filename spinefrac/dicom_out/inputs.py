@@ -20,9 +20,9 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
-from data_prep import registry
 from data_prep.errors import InputError
-from data_prep.tables import FINITE, INTEGRAL, NOT_BLANK, read_csv_table, validate_frame
+from data_prep.runs import registry
+from data_prep.runs.tables import FINITE, INTEGRAL, NOT_BLANK, read_csv_table, validate_frame
 from detector.detect import BOXES_CSV, SERIES_CSV, SLICES_CSV, SOP_UID_COL, overlay_dir
 from detector.overlays import SLICE_PNG_PATTERN
 from spinefrac.report.worklist import PREDICTIONS_CSV, PREDICTIONS_SCHEMA

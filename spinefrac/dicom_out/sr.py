@@ -35,7 +35,7 @@ from highdicom.sr import (
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from data_prep import registry
+from data_prep.runs import registry
 from spinefrac.dicom_out import codes as sf_codes
 from spinefrac.dicom_out.identity import Identity
 from spinefrac.dicom_out.inputs import SOP_UID_COL, StudyInputs

@@ -20,8 +20,8 @@ from pydicom import dcmwrite
 from pydicom.dataset import Dataset
 from tqdm import tqdm
 
-from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError, SpinefracError
+from data_prep.runs.artifacts import replace_folder
 from data_prep.safe_paths import inside, safe_name
 from spinefrac.dicom_out.identity import Identity, make_identity, reference_header
 from spinefrac.dicom_out.inputs import PredictionFolder, StudyInputs, read_prediction_folder, study_inputs

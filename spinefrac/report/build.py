@@ -24,11 +24,11 @@ from urllib.parse import quote
 import cv2
 import pandas as pd
 
-from data_prep import registry
-from data_prep.artifacts import replace_folder
 from data_prep.errors import InputError
+from data_prep.runs import registry
+from data_prep.runs.artifacts import replace_folder
+from data_prep.runs.tables import read_csv_table
 from data_prep.safe_paths import inside, safe_name
-from data_prep.tables import read_csv_table
 from detector.detect import BOXES_CSV, overlay_dir
 from detector.overlays import CONTACT_SHEET, SCORE_PROFILE, SLICE_PNG_PATTERN
 from spinefrac.report.worklist import write_worklist

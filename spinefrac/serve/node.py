@@ -23,8 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from data_prep.config import Config
 from data_prep.errors import InputError
+from data_prep.runs.config import Config
 from spinefrac.serve.spool import DONE, FAILED, INCOMING, READY, Spool
 
 log = logging.getLogger("spinefrac")
@@ -69,7 +69,7 @@ class ServeNode:
     # ------------------------------------------------------------ life cycle
     def start(self) -> ServeNode:
         """Lock the spool and output folders, load the model, start the worker and listen; return self."""
-        from data_prep.locks import FolderLockedError, output_lock
+        from data_prep.runs.locks import FolderLockedError, output_lock
         from spinefrac.serve.predict import StudyPredictor, require_dicom_out
 
         require_dicom_out()              # a missing extra is named before any folder is touched
@@ -260,7 +260,7 @@ class ServeNode:
 
     def _write_log(self) -> None:
         """Rewrite OUT/serve_log.csv from the spool's state records."""
-        from data_prep.artifacts import write_csv_atomic
+        from data_prep.runs.artifacts import write_csv_atomic
 
         rows = []
         for rec in self.spool.states():

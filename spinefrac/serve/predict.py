@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.errors import AllStudiesFailedError, InputError
-from data_prep.resume import SettingsChangedError
+from data_prep.runs.resume import SettingsChangedError
 from data_prep.safe_paths import inside, safe_name
 
 log = logging.getLogger("spinefrac")
@@ -42,7 +42,7 @@ class StudyPredictor:
                  device: str | None = None) -> None:
         from aggregation.model import StudyAggregator
         from detector.detect import StudyRunner
-        from spinefrac.pipeline import open_model
+        from spinefrac.model_folder import open_model
         from spinefrac.ray_runner import runner_kwargs
 
         self.write_dicom = require_dicom_out()      # a missing extra is named before any model loads
@@ -50,7 +50,7 @@ class StudyPredictor:
         self.model = open_model(model_dir)
         self.aggregator = StudyAggregator.load(self.model.root / "aggregator")
         self.runner = StudyRunner(self.out, **runner_kwargs(self.model, labels=None, workers=workers, device=device))
-        from data_prep.artifacts import remove_stale_temps
+        from data_prep.runs.artifacts import remove_stale_temps
         from detector.detect import STUDY_DIRS
 
         try:
@@ -77,7 +77,7 @@ class StudyPredictor:
     def refresh(self) -> bool:
         """Rebuild OUT's tables, predictions and report over every study when a study came in since; True if so."""
         from detector.detect import rebuild_outputs
-        from spinefrac.pipeline import aggregate_detections
+        from spinefrac.results import aggregate_detections
 
         stale = self.out / STALE_MARKER
         if not stale.exists():
@@ -106,7 +106,7 @@ class StudyPredictor:
             overlay_dir,
             rebuild_outputs,
         )
-        from spinefrac.pipeline import aggregate_detections
+        from spinefrac.results import aggregate_detections
 
         stage = self._stage_dir(uid)
         shutil.rmtree(stage, ignore_errors=True)
@@ -160,7 +160,7 @@ def _link(source: Path, target: Path) -> None:
 def choose_series(study_dir: Path) -> Any:
     """The spool folder of one study as detect reads it: the series chosen by the study finder's rules (CT, axial,
     original, bone kernel, thinnest complete stack), the others logged; the folder itself when it holds no study."""
-    from data_prep.study_finder import search_dicom
+    from data_prep.dicom.study_finder import search_dicom
 
     found = [s for s in search_dicom(study_dir).studies if safe_name(s.key) == study_dir.name]
     if len(found) != 1:

@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from data_prep.artifacts import write_json_atomic
 from data_prep.errors import SpinefracError
+from data_prep.runs.artifacts import write_json_atomic
 from data_prep.safe_paths import inside, safe_name, valid_uid
 
 log = logging.getLogger("spinefrac")

@@ -1,6 +1,6 @@
 """Types, choices and ranges of every stage's config (configs/*.yaml), checked when a config is loaded.
 
-`data_prep.config.load_config` merges defaults < file < `--set`, then validates the result against
+`data_prep.runs.config.load_config` merges defaults < file < `--set`, then validates the result against
 SCHEMAS[stage], so a typo in a choice (`model.calibration=isotonc`) or an out-of-range value
 (`train.epochs=-1`) fails in the first second with the key, the value, the allowed values and the
 file it came from, not hours later in the last stage.
@@ -21,7 +21,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictStr, model_validator
 
-from data_prep.durations import parse_duration
+from configs.durations import parse_duration
 
 # ---------------------------------------------------------------- choices
 RECIPES = ("2.5d", "windows")                                  # detector/render.py RECIPES

@@ -4,7 +4,7 @@
 - the Kaggle layout, as before: a folder holding `.dcm` files is one study (its folder name is its key), a folder
   of such folders is one study each; an empty leaf folder is a study that fails (listed in errors.csv);
 - anything else (a folder tree of any depth, files with any name, a DICOMDIR, a .zip) goes to the study finder
-  (data_prep.study_finder), which groups files by StudyInstanceUID / SeriesInstanceUID and chooses one series per
+  (data_prep.dicom.study_finder), which groups files by StudyInstanceUID / SeriesInstanceUID and chooses one series per
   study (key: the folder name of a flat one-study folder, else the StudyInstanceUID).
 A Kaggle dataset root (its studies one level further down, in train_images/ or test_images/) stays an input error
 naming the folder to give instead: reading every header of 300 GB to guess is not what the user meant.
@@ -23,10 +23,10 @@ from typing import Any
 
 import pandas as pd
 
+from data_prep.dicom.study_finder import DICOMDIR_NAME, FoundStudy, is_zip, search_dicom
 from data_prep.errors import InputError
-from data_prep.registry import STUDY_COL
+from data_prep.runs.registry import STUDY_COL
 from data_prep.safe_paths import check_unique_names, describe_links, key_problem, leaving_links, safe_name
-from data_prep.study_finder import DICOMDIR_NAME, FoundStudy, is_zip, search_dicom
 
 log = logging.getLogger("data_prep")
 

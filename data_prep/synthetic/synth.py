@@ -1,8 +1,8 @@
 """`spinefrac synth`: synthetic CT studies written in the RSNA Kaggle layout, with the truth they know.
 
-The anatomy, fractures and distractors come from `data_prep.phantom`; this module decides which studies
+The anatomy, fractures and distractors come from `data_prep.synthetic.phantom`; this module decides which studies
 are positive, boxed and segmented, chooses the file variety (instance order, transfer syntax, pixel
-representation), writes the DICOM series (`data_prep.dicom_write`), the NIfTI segmentations, the Kaggle
+representation), writes the DICOM series (`data_prep.dicom.writer`), the NIfTI segmentations, the Kaggle
 CSVs and `truth/` (docs/contracts.md, "Kaggle layout").
 """
 
@@ -23,12 +23,13 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from data_prep import phantom, registry
-from data_prep.artifacts import atomic_path, write_csv_atomic, write_sidecar
-from data_prep.config import Config, ConfigError, _suggest, load_config
-from data_prep.dicom_write import write_series
+from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
-from data_prep.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.runs import registry
+from data_prep.runs.artifacts import atomic_path, write_csv_atomic, write_sidecar
+from data_prep.runs.config import Config, ConfigError, _suggest, load_config
+from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
+from data_prep.synthetic import phantom
 
 log = logging.getLogger("data_prep")
 
@@ -338,7 +339,7 @@ def _synthesize_all(plans: Sequence[StudyPlan], images: Path, root: Path, *, see
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from data_prep.workers import dies_with_parent
+    from data_prep.runs.workers import dies_with_parent
 
     ctx = multiprocessing.get_context("forkserver")
     with ProcessPoolExecutor(max_workers=min(workers, len(plans)), mp_context=ctx,

@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 from filelock import FileLock, Timeout
 
-from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
+from data_prep.runs.artifacts import write_json_atomic
 
 log = logging.getLogger("data_prep")
 

@@ -20,7 +20,7 @@ from nibabel.orientations import apply_orientation, io_orientation
 from scipy.ndimage import map_coordinates
 
 from data_prep.errors import GeometryError, InputError
-from data_prep.registry import LEVELS, SEG_LABELS, STUDY_COL
+from data_prep.runs.registry import LEVELS, SEG_LABELS, STUDY_COL
 
 log = logging.getLogger("data_prep")
 

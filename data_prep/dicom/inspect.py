@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep import registry
-from data_prep.dicom_io import check_study, decode_slices, short_coverage
+from data_prep.dicom.reader import check_study, decode_slices, short_coverage
+from data_prep.dicom.study_finder import FoundStudy
+from data_prep.dicom.study_inputs import DICOM_GLOB, Study, find_inputs, kaggle_study
 from data_prep.errors import InputError
-from data_prep.study_finder import FoundStudy
-from data_prep.study_inputs import DICOM_GLOB, Study, find_inputs, kaggle_study
+from data_prep.runs import registry
 
 log = logging.getLogger("data_prep")
 

@@ -116,7 +116,7 @@ def replace_folder(tmp: str | os.PathLike, final: str | os.PathLike) -> Path:
 def remove_stale_temps(root: str | os.PathLike, subdirs: Sequence[str] = ()) -> int:
     """Delete temporaries (TEMP_NAME) a killed run left at the top of `root` and anywhere under its `subdirs`.
 
-    Call it only while holding the folder's lock (data_prep.locks), before any worker starts: no live writer can own
+    Call it only while holding the folder's lock (data_prep.runs.locks), before any worker starts: no live writer can own
     them then. Returns how many were removed (logged).
     """
     root = Path(root)

@@ -1,6 +1,6 @@
 """Synthetic studies written as a PACS or scanner exports them, for the study finder's tests.
 
-Each study is one synthetic CT (`data_prep.synth.build_study`, written by `dicom_write.write_series`) in a
+Each study is one synthetic CT (`data_prep.synthetic.synth.build_study`, written by `dicom_write.write_series`) in a
 PATIENT/STUDY/SERIES tree of extension-less files, beside the series a real export carries: a scout, the
 same stack in a soft-tissue kernel, a thicker bone stack, an axial DERIVED reformat, a sagittal reformat
 and a dose report (an SR object without pixels). `VARIANTS`: the tree, a DICOMDIR file set, or a zip of
@@ -24,10 +24,11 @@ from pydicom.fileset import FileSet
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import XRayRadiationDoseSRStorage, generate_uid
 
-from data_prep import registry, synth
-from data_prep.artifacts import atomic_path
-from data_prep.config import load_config
-from data_prep.dicom_write import write_series
+from data_prep.dicom.writer import write_series
+from data_prep.runs import registry
+from data_prep.runs.artifacts import atomic_path
+from data_prep.runs.config import load_config
+from data_prep.synthetic import synth
 
 log = logging.getLogger("data_prep")
 
@@ -35,7 +36,7 @@ VARIANTS: tuple[str, ...] = ("tree", "dicomdir", "zip")
 ROLES: tuple[str, ...] = ("bone", "soft", "thick", "derived", "sagittal", "scout", "sr")
 """Series of every exported study; `bone` is the one the study finder must choose."""
 KERNELS = {"bone": "BONE", "soft": "STANDARD"}
-"""GE kernel names (data_prep.study_finder classifies them bone and soft)."""
+"""GE kernel names (data_prep.dicom.study_finder classifies them bone and soft)."""
 DESCRIPTIONS = {"bone": "C-SPINE BONE", "soft": "C-SPINE SOFT", "thick": "C-SPINE BONE THICK",
                 "derived": "C-SPINE AX MPR", "sagittal": "C-SPINE SAG MPR", "scout": "Topogram",
                 "sr": "Dose Report"}

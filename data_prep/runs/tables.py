@@ -17,8 +17,8 @@ import pandas as pd
 import pandera.pandas as pa
 from pandera.errors import SchemaError, SchemaErrors
 
-from data_prep import registry
 from data_prep.errors import InputError
+from data_prep.runs import registry
 from data_prep.safe_paths import name_problem
 
 TRAIN = "train"

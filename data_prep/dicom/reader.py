@@ -1,7 +1,7 @@
 """Reading one CT study into a canonical axial volume in HU (index 0 = most superior).
 
 A study is a folder (the Kaggle layout: its files, the largest series) or a study the finder chose a series of
-(data_prep.study_finder.FoundStudy: its `key` names the study, its `paths` are the chosen series' files).
+(data_prep.dicom.study_finder.FoundStudy: its `key` names the study, its `paths` are the chosen series' files).
 
 `scan_study` reads headers only and fixes the canonical order from ImagePositionPatient projected on
 the slice normal; `read_volume` and `iter_chunks` decode the pixels (optionally in parallel) and apply
@@ -31,9 +31,9 @@ from pydicom.encaps import generate_frames
 from pydicom.errors import BytesLengthException, InvalidDicomError
 from pydicom.uid import UID
 
-from data_prep import registry
 from data_prep.errors import DicomReadError, GeometryError, InputError, MissingDecoderError
-from data_prep.workers import dies_with_parent
+from data_prep.runs import registry
+from data_prep.runs.workers import dies_with_parent
 
 log = logging.getLogger("data_prep")
 
@@ -451,7 +451,7 @@ def check_claimed_size(ds: pydicom.Dataset, path: str | os.PathLike, *, max_byte
     if size > limit:
         raise OversizedImageError(path, f"header claims {rows}x{cols} pixels x {frames} frame(s) x {samples} "
                                         f"sample(s) x {bits} bits = {size / 2**20:,.0f} MiB decoded, above the "
-                                        f"limit of {limit / 2**20:,.0f} MiB (data_prep.dicom_io."
+                                        f"limit of {limit / 2**20:,.0f} MiB (data_prep.dicom.reader."
                                         "MAX_DECODED_BYTES); refused before decoding")
     return size
 
@@ -658,7 +658,7 @@ def _pool(workers: int, executor: str) -> Executor:
             _POOLS[key] = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="dicom-decode")
         else:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["data_prep.dicom_io"])
+            ctx.set_forkserver_preload(["data_prep.dicom.reader"])
             _POOLS[key] = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, **dies_with_parent())
     return _POOLS[key]
 

@@ -64,7 +64,7 @@ def load_config(stage: str, path: str | os.PathLike | None = None, overrides: Se
     """Load a stage's defaults, merge a user YAML over them, then `key.sub=value` overrides; validate the result.
 
     Keys and types are checked while merging (unknown keys get a suggestion); then the merged config
-    is validated against the stage's schema (data_prep/config_schema.py: choices, ranges), naming the
+    is validated against the stage's schema (configs/schema.py: choices, ranges), naming the
     key, the value, the allowed values and the file or override it came from.
     """
     default_path = default_config_path(stage)
@@ -75,6 +75,27 @@ def load_config(stage: str, path: str | os.PathLike | None = None, overrides: Se
     if path is not None:
         user = _read_yaml(Path(path))
         _merge(merged, user, defaults, source=str(path), prefix="", sources=sources, extras=extras)
+    _apply_overrides(merged, defaults, overrides, sources=sources, extras=extras)
+    validate_config(stage, merged, sources=sources, default_source=str(default_path))
+    return Config(merged, stage)
+
+
+def with_overrides(stage: str, config: Config, overrides: Sequence[str]) -> Config:
+    """Return a loaded config of `stage` with `key.sub=value` overrides applied, validated again (a variant of it).
+
+    Keys and types are checked as for --set; the config is not read again from YAML (no key=value round trip).
+    """
+    default_path = default_config_path(stage)
+    defaults = _read_yaml(default_path)
+    merged = config.to_dict()
+    sources: dict[str, str] = {}
+    _apply_overrides(merged, defaults, overrides, sources=sources, extras=_passthrough(stage))
+    validate_config(stage, merged, sources=sources, default_source=str(default_path))
+    return Config(merged, stage)
+
+
+def _apply_overrides(merged: dict[str, Any], defaults: Mapping[str, Any], overrides: Sequence[str], *,
+                     sources: dict[str, str], extras: Mapping[str, frozenset[str]]) -> None:
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
@@ -87,8 +108,6 @@ def load_config(stage: str, path: str | os.PathLike | None = None, overrides: Se
             cursor = cursor.setdefault(part, {})
         cursor[parts[-1]] = value
         _merge(merged, nested, defaults, source=f"--set {item}", prefix="", sources=sources, extras=extras)
-    validate_config(stage, merged, sources=sources, default_source=str(default_path))
-    return Config(merged, stage)
 
 
 def validate_config(stage: str, data: Mapping[str, Any], *, sources: Mapping[str, str] | None = None,
@@ -96,7 +115,7 @@ def validate_config(stage: str, data: Mapping[str, Any], *, sources: Mapping[str
     """Check a merged config against the stage's schema; raise ConfigError listing every bad key."""
     from pydantic import ValidationError
 
-    from data_prep.config_schema import SCHEMAS
+    from configs.schema import SCHEMAS
 
     schema = SCHEMAS.get(stage)
     if schema is None:
@@ -110,7 +129,7 @@ def validate_config(stage: str, data: Mapping[str, Any], *, sources: Mapping[str
 
 def dump_config(config: Config | Mapping[str, Any], path: str | os.PathLike) -> Path:
     """Write a resolved config as YAML (atomically) so a run folder records what made it."""
-    from data_prep.artifacts import write_text_atomic
+    from data_prep.runs.artifacts import write_text_atomic
 
     data = config.to_dict() if isinstance(config, Config) else dict(config)
     return write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
@@ -179,7 +198,7 @@ def _suggest(key: str, choices: Any) -> str:
 
 def _passthrough(stage: str) -> dict[str, frozenset[str]]:
     """Return, per section, the keys the stage's schema accepts without a default (Ultralytics pass-through)."""
-    from data_prep.config_schema import SCHEMAS, passthrough_keys
+    from configs.schema import SCHEMAS, passthrough_keys
 
     schema = SCHEMAS.get(stage)
     if schema is None:
@@ -200,9 +219,9 @@ def _describe(err: Mapping[str, Any], schema: type, sources: Mapping[str, str], 
     kind, value = err["type"], err.get("input")
     if kind == "extra_forbidden":
         return (f"{source}: key {dotted!r} has no schema entry: add one line for it to its section in "
-                "data_prep/config_schema.py")
+                "configs/schema.py")
     if kind == "missing":
-        return f"{source}: key {dotted!r} is missing (the schema in data_prep/config_schema.py expects it)"
+        return f"{source}: key {dotted!r} is missing (the schema in configs/schema.py expects it)"
     allowed = _literal_choices(schema, err["loc"])
     if allowed is not None:
         return (f"{source}: {dotted!r} = {value!r} is not allowed; choose one of "

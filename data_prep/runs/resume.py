@@ -24,9 +24,9 @@ from typing import Any
 
 import pandas as pd
 
-from data_prep.artifacts import write_json_atomic
 from data_prep.errors import InputError
-from data_prep.registry import STUDY_COL
+from data_prep.runs.artifacts import write_json_atomic
+from data_prep.runs.registry import STUDY_COL
 from data_prep.safe_paths import UnsafePathError, inside, names_itself, safe_name
 
 log = logging.getLogger("data_prep")

@@ -2,7 +2,7 @@
 
 Generated, so it cannot drift: the keys, defaults and meanings come from the packaged `configs/<stage>.yaml`
 (the comment on each key's line), and the types, choices and ranges from the schema that validates them
-(`data_prep.config_schema.SCHEMAS`). The documentation site calls `config_reference_markdown()` when it is built
+(`configs.schema.SCHEMAS`). The documentation site calls `config_reference_markdown()` when it is built
 (`docs/hooks.py`), and `tests/test_docs.py` checks that every key appears.
 """
 
@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from data_prep.config import default_config_path
-from data_prep.config_schema import SCHEMAS
+from configs.schema import SCHEMAS
+from data_prep.runs.config import default_config_path
 
 KEY_LINE = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_][A-Za-z0-9_]*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
 """A `key: value  # comment` line of a stage YAML (values in these files never hold a `#`)."""

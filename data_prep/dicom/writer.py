@@ -12,9 +12,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import UID, CTImageStorage, generate_uid
 
-from data_prep import registry
-from data_prep.artifacts import atomic_path
 from data_prep.errors import SpinefracError
+from data_prep.runs import registry
+from data_prep.runs.artifacts import atomic_path
 
 log = logging.getLogger("data_prep")
 

@@ -11,7 +11,7 @@ What it does, every step resumable in DIR (a rerun reuses what is there):
    (a) configs/locator.yaml with `train.epochs` = `--a-epochs` (4) at `render.imgsz` = `--a-imgsz` (160): at most
    15 studies and about 10 CPU minutes (the CPU seconds are measured and printed);
    (b) configs/locator.yaml as shipped except `train.epochs` capped at `--b-epochs` (stated in the table);
-3. runs each locator once per test study on its sampled slices (`detector.detect.locator_detections`) and keeps
+3. runs each locator once per test study on its sampled slices (`detector.locate.locator_detections`) and keeps
    the raw detections (DIR/dets_<setting>_s<seed>.csv);
 4. decodes the SAME detections with the former decoder (`decode.model=runs`), the new one with the prior that
    `spinefrac train` would learn from the training set's segmentations (`level_prior.json`), and the new one with
@@ -90,7 +90,7 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
 def detections(work: Path, test: Path, weights: Path, tag: str, imgsz: int | None = None) -> pd.DataFrame:
     """Raw locator detections of every test study (one row per box; sampled slices listed with cls -1)."""
     from data_prep.dicom.reader import scan_study
-    from detector.detect import load_locator, locator_detections
+    from detector.locate import load_locator, locator_detections
 
     path = work / f"dets_{tag}.csv"
     if path.is_file():

@@ -308,7 +308,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     import cv2
 
     from data_prep.dicom.reader import scan_study
-    from detector.detect import LazySlices
+    from detector.locate import LazySlices
     from detector.render import context_slices
     from detector.vertebra_crops import (
         boxed_level_slices,
@@ -329,7 +329,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
         del mask
         source = SOURCE_SEGMENTATION
     else:
-        from detector.detect import locate_levels
+        from detector.locate import locate_levels
         from detector.yolo_dataset import _worker_locator
 
         _, slice_levels, level_boxes = locate_levels(task.study_dir, locator=_worker_locator(task.locate),

@@ -289,7 +289,7 @@ def _locate_spec(weights: Path, locator_config: Mapping[str, Any] | None, levels
                  *, backend: str) -> LocateSpec:
     """Check the locator loads (exporting it once for a fast backend here, not in every worker) and describe it."""
     from data_prep.runs.config import load_config
-    from detector.detect import load_locator
+    from detector.locate import load_locator
 
     cfg = locator_config if locator_config is not None else load_config("locator")
     lcfg = levels_config if levels_config is not None else load_config("levels")
@@ -441,7 +441,7 @@ def _detector_study(task: StudyTask) -> StudyOutcome:
     kept = boxed[::int(task.prepare["boxed_every"])]   # the skipped boxed slices are neither boxes nor background
     rois = None
     if task.roi is not None and (len(kept) or background):
-        from detector.detect import study_rois
+        from detector.locate import study_rois
         from detector.roi import jitter_rois
 
         rois = study_rois(task.study_dir, config={"roi": task.roi, "detect": {"batch": task.batch}},
@@ -467,7 +467,7 @@ def hardest_slices(geometry: Any, candidates: Sequence[int], n: int, *, render: 
     for those confounders; this needs none.
     """
     from detector.crack_filter import crack_score
-    from detector.detect import LazySlices
+    from detector.locate import LazySlices
     from detector.roi import crop_padded
 
     order = sorted(int(i) for i in candidates)
@@ -490,7 +490,7 @@ def _worker_locator(spec: LocateSpec | None) -> Any:
     if spec is None:
         return None
     if spec.weights not in _LOCATORS:
-        from detector.detect import load_locator
+        from detector.locate import load_locator
 
         _LOCATORS[spec.weights] = load_locator(spec.weights, config=spec.config, levels_config=spec.levels_config,
                                                device="cpu", backend=spec.backend, threads=WORKER_THREADS)
@@ -531,7 +531,7 @@ def _write_slices(task: StudyTask, geometry: Any, jobs: Sequence[SliceLabel], ou
     """
     import cv2
 
-    from detector.detect import LazySlices
+    from detector.locate import LazySlices
     from detector.render import context_slices, render_crops, render_slices, xywh_to_yolo
     from detector.roi import SOURCE_FULL, boxes_to_crop
 

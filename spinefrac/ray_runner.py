@@ -148,7 +148,8 @@ def detect_on_ray(study_dirs: Sequence[Path], *, model: Any, out: Path, address:
                   overwrite: bool = False, device: str | None = None) -> dict[str, Any]:
     """Detect every study on Ray actors into `out` and rebuild its tables; return predict's detect summary."""
     from data_prep.dicom.study_inputs import absolute_study
-    from detector.detect import detect_markers, detect_settings, plan_studies, rebuild_outputs
+    from detector.detect import detect_settings
+    from detector.detect_outputs import detect_markers, plan_studies, rebuild_outputs
 
     ray = require_ray()
     t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def _stream(ray: Any, todo: Sequence[Path], *, out: Path, kwargs: Mapping[str, A
     from ray.exceptions import RayActorError
     from tqdm.auto import tqdm
 
-    from detector.detect import rebuild_outputs
+    from detector.detect_outputs import rebuild_outputs
 
     n, options = _actor_options(ray, actors, gpu)
     remote = ray.remote(DetectActor).options(max_restarts=0, max_task_retries=0, **options)
@@ -414,7 +415,7 @@ def _record_failure(out: Path, study: Path, *, key: str, error: str) -> None:
     """Write a study's failure record as detect does (errors/<uid>.json; errors.csv lists it)."""
     from data_prep.runs.artifacts import write_json_atomic
     from data_prep.runs.registry import STUDY_COL
-    from detector.detect import error_record
+    from detector.detect_outputs import error_record
 
     write_json_atomic(error_record(out, study.name), {STUDY_COL: study.name, "path": str(study),
                                                                 "stage": RAY_STAGE, "error": error,

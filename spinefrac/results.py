@@ -25,7 +25,7 @@ EVIDENCE_VERTEBRA_COLUMNS = ("first_slice", "last_slice", "n_slices", "cls_max",
 def read_detections(detect_dirs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame | None]:
     """Read and stack boxes.csv, slices.csv and (where present) vertebrae.csv of detect folders (one per fold)."""
     from aggregation.features import load_detection_tables, load_vertebrae_table
-    from detector.detect import VERTEBRAE_CSV
+    from detector.detect_outputs import VERTEBRAE_CSV
 
     parts = [load_detection_tables(Path(d) / "boxes.csv", Path(d) / "slices.csv") for d in detect_dirs]
     boxes = pd.concat([b for b, _ in parts if len(b)] or [parts[0][0]], ignore_index=True)
@@ -100,7 +100,7 @@ def _detections(out: Path, *, failed: set[str], uids: Sequence[str]) -> tuple[pd
 def _vertebrae_table(out: Path, *, failed: set[str], uids: Sequence[str]) -> pd.DataFrame | None:
     """This run's vertebrae.csv rows (finished studies only), or None when detect wrote none."""
     from aggregation.features import load_vertebrae_table
-    from detector.detect import VERTEBRAE_CSV
+    from detector.detect_outputs import VERTEBRAE_CSV
 
     path = out / VERTEBRAE_CSV
     if set(uids) <= failed or not path.is_file():

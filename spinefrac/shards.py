@@ -22,10 +22,10 @@ from pathlib import Path
 
 from data_prep.errors import InputError
 from data_prep.runs.locks import locks_output
-from detector.detect import BOXES_CSV, DONE_DIR, ERRORS_DIR, OVERLAYS_DIR, PARTS_DIR
+from detector.detect_outputs import BOXES_CSV, DONE_DIR, ERRORS_DIR, OVERLAYS_DIR, PARTS_DIR
 
 COPIED_DIRS = (DONE_DIR, PARTS_DIR, ERRORS_DIR, OVERLAYS_DIR)
-"""What a shard's prediction folder holds per study (detector/detect.py); merge copies these."""
+"""What a shard's prediction folder holds per study (detector/detect_outputs.py); merge copies these."""
 SETTINGS_META = f"{BOXES_CSV}.meta.json"
 
 log = logging.getLogger("spinefrac")
@@ -66,7 +66,7 @@ def merge_predictions(shard_dirs: Sequence[str | os.PathLike], *, model_dir: str
     """Combine the folders of `predict --shard` runs into one prediction folder, as one `predict` would write it."""
     from aggregation.model import StudyAggregator
     from aggregation.submission import read_test_csv
-    from detector.detect import detected_studies, rebuild_outputs
+    from detector.detect_outputs import detected_studies, rebuild_outputs
     from spinefrac.model_folder import open_model
     from spinefrac.results import aggregate_detections
 

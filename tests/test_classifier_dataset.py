@@ -27,7 +27,7 @@ from detector.classifier_dataset import (
     read_classifier_index,
     split_validation,
 )
-from detector.detect import Locator, locate_levels
+from detector.locate import Locator, locate_levels
 from detector.yolo_dataset import LocateSpec
 
 N_STUDIES = 6

@@ -12,7 +12,8 @@ import pytest
 from data_prep.dicom.writer import write_series
 from data_prep.runs.config import load_config
 from data_prep.runs.registry import LEVELS, STUDY_COL
-from detector.detect import Locator, detect_studies, detect_study, find_studies
+from detector.detect import detect_studies, detect_study, find_studies
+from detector.locate import Locator
 
 ROWS, COLS, N = 48, 64, 12
 IMGSZ = 32                       # x scale 0.5, y scale 2/3

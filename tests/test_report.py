@@ -23,7 +23,7 @@ from data_prep.errors import InputError
 from data_prep.runs.artifacts import write_sidecar
 from data_prep.runs.config import load_config
 from data_prep.runs.registry import LEVELS, PATIENT, STUDY_COL
-from detector.detect import overlay_dir
+from detector.detect_outputs import overlay_dir
 from spinefrac.cli import main
 from spinefrac.report import write_report
 from spinefrac.report.build import CSP, REPORT_DIR, study_slug

@@ -13,7 +13,8 @@ import pytest
 from data_prep.dicom.writer import write_series
 from data_prep.runs.config import ConfigError, load_config
 from data_prep.runs.registry import LEVELS, STUDY_COL
-from detector.detect import Locator, detect_studies, detect_study, study_rois
+from detector.detect import detect_studies, detect_study
+from detector.locate import Locator, study_rois
 from detector.render import render_crops
 from detector.roi import (
     ROI_COLUMNS,

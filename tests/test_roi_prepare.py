@@ -15,7 +15,7 @@ import pytest
 from data_prep.dicom.writer import write_series
 from data_prep.runs.config import load_config
 from data_prep.runs.registry import LEVELS, STUDY_COL
-from detector.detect import Locator, study_rois
+from detector.locate import Locator, study_rois
 from detector.render import yolo_to_xywh
 from detector.roi import ROI_COLUMNS, SpineRois, jitter_rois
 from detector.yolo_dataset import LABEL_DECIMALS, LocateSpec, prepare_detector_dataset, read_index

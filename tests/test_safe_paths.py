@@ -160,7 +160,7 @@ def test_done_markers_and_parts_stay_in_the_folder_and_give_back_the_key(uid):
 @MEDIUM
 @given(hostile)
 def test_failure_records_overlays_report_and_dicom_folders_stay_in_out(uid):
-    from detector.detect import error_record, failed_studies, overlay_dir
+    from detector.detect_outputs import error_record, failed_studies, overlay_dir
     from spinefrac.dicom_out import study_folder
     from spinefrac.report.build import study_slug
 
@@ -185,7 +185,7 @@ def test_failure_records_overlays_report_and_dicom_folders_stay_in_out(uid):
 @MEDIUM
 @given(hostile)
 def test_the_review_report_of_hostile_keys_stays_in_its_folder(uid):
-    from detector.detect import overlay_dir
+    from detector.detect_outputs import overlay_dir
     from spinefrac.report import write_report
 
     with sandbox() as box:

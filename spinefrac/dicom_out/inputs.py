@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 from data_prep.errors import InputError
 from data_prep.runs import registry
 from data_prep.runs.tables import FINITE, INTEGRAL, NOT_BLANK, read_csv_table, validate_frame
-from detector.detect import BOXES_CSV, SERIES_CSV, SLICES_CSV, SOP_UID_COL, overlay_dir
+from detector.detect_outputs import BOXES_CSV, SERIES_CSV, SLICES_CSV, SOP_UID_COL, overlay_dir
 from detector.overlays import SLICE_PNG_PATTERN
 from spinefrac.report.worklist import PREDICTIONS_CSV, PREDICTIONS_SCHEMA
 

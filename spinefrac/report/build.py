@@ -29,7 +29,7 @@ from data_prep.runs import registry
 from data_prep.runs.artifacts import replace_folder
 from data_prep.runs.tables import read_csv_table
 from data_prep.safe_paths import inside, safe_name
-from detector.detect import BOXES_CSV, overlay_dir
+from detector.detect_outputs import BOXES_CSV, overlay_dir
 from detector.overlays import CONTACT_SHEET, SCORE_PROFILE, SLICE_PNG_PATTERN
 from spinefrac.report.worklist import write_worklist
 

@@ -51,7 +51,7 @@ class StudyPredictor:
         self.aggregator = StudyAggregator.load(self.model.root / "aggregator")
         self.runner = StudyRunner(self.out, **runner_kwargs(self.model, labels=None, workers=workers, device=device))
         from data_prep.runs.artifacts import remove_stale_temps
-        from detector.detect import STUDY_DIRS
+        from detector.detect_outputs import STUDY_DIRS
 
         try:
             self.runner.markers.plan(self.studies(), overwrite=False)
@@ -62,7 +62,7 @@ class StudyPredictor:
 
     def studies(self) -> list[str]:
         """Every study predicted into the output folder: finished (done markers) or failed (failure records)."""
-        from detector.detect import detected_studies
+        from detector.detect_outputs import detected_studies
 
         return detected_studies(self.out)
 
@@ -76,7 +76,7 @@ class StudyPredictor:
 
     def refresh(self) -> bool:
         """Rebuild OUT's tables, predictions and report over every study when a study came in since; True if so."""
-        from detector.detect import rebuild_outputs
+        from detector.detect_outputs import rebuild_outputs
         from spinefrac.results import aggregate_detections
 
         stale = self.out / STALE_MARKER
@@ -94,7 +94,7 @@ class StudyPredictor:
 
     def _stage(self, uid: str) -> Path:
         """Aggregate one finished study alone in OUT/.serve-stage/<uid>/ (its parts and overlays linked in)."""
-        from detector.detect import (
+        from detector.detect_outputs import (
             BOXES_SUFFIX,
             DONE_DIR,
             LEVEL_BOXES_SUFFIX,
@@ -130,7 +130,7 @@ class StudyPredictor:
 
     def failure(self, uid: str) -> str:
         """The recorded reason a study failed in detect (errors/<uid>.json), or a placeholder."""
-        from detector.detect import error_record
+        from detector.detect_outputs import error_record
 
         try:
             record = json.loads(error_record(self.out, uid).read_text(encoding="utf-8"))

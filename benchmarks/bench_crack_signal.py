@@ -116,7 +116,8 @@ def measure_signal(root: Path, render: dict, normals_per_fracture: float) -> tup
     from sklearn.metrics import roc_auc_score
     from tqdm import tqdm
 
-    from data_prep.dicom.reader import read_slice_hu, scan_study
+    from data_prep.dicom.geometry import scan_study
+    from data_prep.dicom.slice_file import read_slice_hu
 
     table = samples(root, normals_per_fracture)
     images = root / "test_images" if (root / "test_images").is_dir() else root / "train_images"
@@ -151,7 +152,8 @@ def measure_cost(root: Path, render: dict, n_slices: int, repeats: int) -> pd.Da
     """ms per rendered image with and without the crack channel: ROI crops, whole slices, classifier crops."""
     import cv2
 
-    from data_prep.dicom.reader import read_slice_hu, scan_study
+    from data_prep.dicom.geometry import scan_study
+    from data_prep.dicom.slice_file import read_slice_hu
     from detector.render import render_crops
 
     images = root / "test_images" if (root / "test_images").is_dir() else root / "train_images"

@@ -5,7 +5,7 @@
 For each transfer syntax it writes one temporary series of CT-like slices, then times (median of
 --repeats runs, after one warm-up run) reading the whole study into HU:
   pydicom loop      dcmread + pixel_array + apply_rescale per file, pydicom's default plugin
-  reader w=1        data_prep.dicom.reader.read_volume(workers=1)
+  reader w=1        data_prep.dicom.geometry.read_volume(workers=1)
   reader w=2 proc   read_volume(workers=2) with the process pool
   reader w=2 thread read_volume(workers=2) with threads
 Every method's volume is checked equal to the pydicom loop's before timing counts.
@@ -23,7 +23,8 @@ import numpy as np
 import pydicom
 from pydicom.pixels import apply_rescale
 
-from data_prep.dicom import reader as dicom_io
+from data_prep.dicom import geometry
+from data_prep.dicom import volume as dicom_volume
 from data_prep.dicom.writer import write_series
 from data_prep.runs import registry
 
@@ -80,13 +81,13 @@ def main(argv: list[str] | None = None) -> None:
             study = Path(tmp) / label.replace(" ", "_")
             write_series(study, vol, study_uid="1.2.826.0.1.3680043.99999", pixel_spacing=(0.4, 0.4),
                          slice_thickness=0.625, transfer_syntax=SYNTAXES[label], instance_order="feet_first")
-            geom = dicom_io.scan_study(study)
-            t_scan, _ = timed(lambda g=study: dicom_io.scan_study(g), args.repeats)
+            geom = geometry.scan_study(study)
+            t_scan, _ = timed(lambda g=study: geometry.scan_study(g), args.repeats)
             methods = {
                 "pydicom loop": lambda g=geom: pydicom_loop(list(g.paths)),
-                "reader w=1": lambda g=geom: dicom_io.read_volume(g, workers=1),
-                "reader w=2 proc": lambda g=geom: dicom_io.read_volume(g, workers=2, executor="process"),
-                "reader w=2 thread": lambda g=geom: dicom_io.read_volume(g, workers=2, executor="thread"),
+                "reader w=1": lambda g=geom: dicom_volume.read_volume(g, workers=1),
+                "reader w=2 proc": lambda g=geom: dicom_volume.read_volume(g, workers=2, executor="process"),
+                "reader w=2 thread": lambda g=geom: dicom_volume.read_volume(g, workers=2, executor="thread"),
             }
             ref = None
             for name, fn in methods.items():
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> None:
                     raise SystemExit(f"{label} / {name}: volume differs from pydicom's")
                 rows.append((label, name, args.slices / sec, 1000 * sec / args.slices))
             rows.append((label, "scan_study (headers)", args.slices / t_scan, 1000 * t_scan / args.slices))
-    dicom_io.shutdown_pools()
+    dicom_volume.shutdown_pools()
     print(f"decode benchmark: {args.slices} slices of {args.size}x{args.size}, median of {args.repeats} runs "
           "after a warm-up; machine may be shared (noisy)")
     print(f"{'format':<20} {'method':<22} {'slices/s':>9} {'ms/slice':>9}")

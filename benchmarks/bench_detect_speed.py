@@ -55,7 +55,8 @@ def _child_detect(args: argparse.Namespace) -> dict:
 def _child_naive(args: argparse.Namespace) -> dict:
     import cv2
 
-    from data_prep.dicom.reader import iter_chunks, scan_study
+    from data_prep.dicom.geometry import scan_study
+    from data_prep.dicom.volume import iter_chunks
     from data_prep.runs.config import load_config
     from detector.detect import find_studies
     from detector.offline import configure_ultralytics
@@ -65,8 +66,8 @@ def _child_naive(args: argparse.Namespace) -> dict:
     from detector.weights import yolo_from_weights
 
     if args.pydicom_decode:      # decoding as pydicom's own plugins do it (GDCM), not the project's fast path
-        from data_prep.dicom import reader as dicom_io
-        dicom_io.FAST_JPEG_LOSSLESS = ()
+        from data_prep.dicom import geometry, slice_file
+        slice_file.FAST_JPEG_LOSSLESS = ()
 
     render = load_config("detector", None, [f"render.imgsz={args.imgsz}", *args.render_set]).render
     png_dir = Path(args.out) / "png"

@@ -89,7 +89,7 @@ def train_locator(work: Path, train: Path, setting: str, seed: int, epochs: int,
 
 def detections(work: Path, test: Path, weights: Path, tag: str, imgsz: int | None = None) -> pd.DataFrame:
     """Raw locator detections of every test study (one row per box; sampled slices listed with cls -1)."""
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from detector.locate import load_locator, locator_detections
 
     path = work / f"dets_{tag}.csv"
@@ -186,7 +186,7 @@ def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], spacing: di
 
 def truth_of(test: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float]]]:
     """Truth presence per test study and (slices, spacing mm) from its DICOM geometry."""
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from detector.render import slice_spacing
 
     table = pd.read_csv(test / "truth" / "slice_levels.csv", dtype={STUDY_COL: str})

@@ -362,7 +362,7 @@ def bench_oracle(truth_root: Path, cfg, *, k: int, noise: float, drop: float, ji
 
 def _spacing(root: Path, uid: str) -> float:
     """Slice spacing (mm) of a synthetic study from its DICOM geometry."""
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from detector.render import slice_spacing
 
     return slice_spacing(scan_study(next(root.glob(f"*_images/{uid}"))))

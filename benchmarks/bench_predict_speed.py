@@ -52,7 +52,8 @@ STAGES = ("decode", "preprocess", "locate", "model", "postprocess", "classify", 
 
 # ---------------------------------------------------------------- children
 def _child_decode(args: argparse.Namespace) -> dict:
-    from data_prep.dicom.reader import iter_chunks, scan_study
+    from data_prep.dicom.geometry import scan_study
+    from data_prep.dicom.volume import iter_chunks
     from detector.detect import find_studies
 
     per_study, slices = [], 0

@@ -307,7 +307,7 @@ def _classifier_study(task: ClassifierTask) -> ClassifierOutcome:
     """Find the study's level boxes, plan and render its crops, write them; return the index rows."""
     import cv2
 
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from detector.locate import LazySlices
     from detector.render import context_slices
     from detector.vertebra_crops import (

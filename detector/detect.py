@@ -152,7 +152,8 @@ def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, 
     study as a read-ahead reader delivers it (geometry and chunks, read while the previous study was in the
     models); without it the study is scanned and decoded here.
     """
-    from data_prep.dicom.reader import as_study, iter_chunks, scan_study
+    from data_prep.dicom.geometry import as_study, scan_study
+    from data_prep.dicom.volume import iter_chunks
     from detector.render import image_xyxy_to_original, render_crops, render_slices
     from detector.roi import crop_xyxy_to_original, full_rois, roi_enabled
 
@@ -453,7 +454,7 @@ class StudyRunner:
 
         stream: the study from `read_ahead` (data_prep.dicom.readahead), when a batch reads studies ahead.
         """
-        from data_prep.dicom.reader import as_study
+        from data_prep.dicom.geometry import as_study
 
         return _run_study(as_study(study), self.predictor, markers=self.markers, config=self.config,
                           locator=self.locator, levels_config=self.levels_config, labels=self.labels,

@@ -174,7 +174,7 @@ def segmentation_bits(data_root: Any, uid: str) -> tuple[np.ndarray, float]:
     """(n, 7) per-slice presence of one training study's segmentation and its slice spacing (mm)."""
     from pathlib import Path
 
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from data_prep.dicom.segmentation import load_axial_mask, slice_level_table, slice_presence
     from detector.render import slice_spacing
 

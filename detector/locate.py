@@ -128,7 +128,7 @@ def study_rois(study_dir: str | os.PathLike, *, config: Mapping[str, Any], locat
     Decodes only the sampled slices (and the locator's 2.5D neighbours): what prepare-detector needs to crop
     its training slices exactly as inference will.
     """
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
 
     geometry = geometry if geometry is not None else scan_study(study_dir)
     roi_cfg = config["roi"]
@@ -145,7 +145,7 @@ def locate_levels(study_dir: str | os.PathLike, *, locator: Locator, geometry: A
     slice_levels and level_boxes are detector.levels.locate_study's tables (p_C1..p_C7 per slice; per-slice level
     boxes in original px). Only the sampled slices and their 2.5D neighbours are decoded.
     """
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
 
     geometry = geometry if geometry is not None else scan_study(study_dir)
     slice_levels, level_boxes, _ = _sampled_pass(geometry, locator=locator, every=locator.every_k, body_hu=None,
@@ -277,7 +277,7 @@ class LazySlices:
 
     def get(self, index: int) -> np.ndarray:
         """Return the HU slice at canonical `index` (clamped), decoding it on first use."""
-        from data_prep.dicom.reader import read_slice_hu
+        from data_prep.dicom.slice_file import read_slice_hu
 
         index = min(max(int(index), 0), len(self.paths) - 1)
         if index not in self.cache:

@@ -152,7 +152,8 @@ def write_overlays(study: str | os.PathLike | Any, boxes: pd.DataFrame, out_dir:
     With `vertebrae` (one row per level: level, first_slice, last_slice as slice_index, -1 when not found, and
     optionally n_slices, cls_max), the score profile shades each found level's z-range (`level_bands`).
     """
-    from data_prep.dicom.reader import read_slice_hu, scan_study
+    from data_prep.dicom.geometry import scan_study
+    from data_prep.dicom.slice_file import read_slice_hu
     from detector.render import apply_window, resize_to
 
     cfg = config.get("overlays", config)   # the overlays section, or a whole detector config

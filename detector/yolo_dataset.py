@@ -392,7 +392,7 @@ def matched_weights(n_slices: int, density: Sequence[float], *, smooth_bins: int
 
 
 def _detector_study(task: StudyTask) -> StudyOutcome:
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
 
     outcome = StudyOutcome(task.uid)
     geometry = scan_study(task.study_dir)
@@ -498,7 +498,7 @@ def _worker_locator(spec: LocateSpec | None) -> Any:
 
 
 def _locator_study(task: StudyTask) -> StudyOutcome:
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from data_prep.dicom.segmentation import load_axial_mask, slice_level_table
 
     outcome = StudyOutcome(task.uid)

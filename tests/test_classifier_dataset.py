@@ -90,7 +90,7 @@ def segmented_uids(root):
 
 def expected_plan(root, uid, source):
     """The crop plan of one study computed directly from its level source (what the index must hold)."""
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from data_prep.dicom.segmentation import load_axial_mask, slice_level_table
     from detector.vertebra_crops import (
         crop_plan,
@@ -383,7 +383,7 @@ def test_box_labels_mark_only_the_crops_near_a_boxed_slice_of_a_fractured_level(
     index = read_classifier_index(out)
     train = pd.read_csv(root / "train.csv", dtype={STUDY_COL: str}).set_index(STUDY_COL)
     truth = pd.read_csv(root / "train_bounding_boxes.csv", dtype={STUDY_COL: str})
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
 
     boxed_any = False
     for uid, rows in index.groupby(STUDY_COL):

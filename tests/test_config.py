@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from data_prep.runs.config import ConfigError, load_config
+from data_prep.runs.config import ConfigError, load_config, with_overrides
 
 
 @pytest.fixture
@@ -92,3 +92,19 @@ def test_demo_overrides_fold_into_every_stage_and_resolve():
     # the demo's studies have the real geometry (512 px over the whole neck) and go through the spine ROI
     assert synth.image.size == 512 and det.roi.enabled
     assert det.roi.size_mm < min(synth.image.fov_mm)       # the crop is a part of the slice, not all of it
+
+
+def test_with_overrides_changes_a_loaded_config_without_losing_its_other_values(tmp_path):
+    """A variant of a resolved config keeps every value that differs from the defaults, and is checked again."""
+    user = tmp_path / "detector.yaml"
+    user.write_text("detect:\n  conf: 0.123\n")
+    loaded = load_config("detector", user)
+    variant = with_overrides("detector", loaded, ["detect.overlays=false"])
+    assert variant.detect.overlays is False and loaded.detect.overlays is True      # the original is untouched
+    assert variant.detect.conf == 0.123                                             # not reset to the default
+    assert {k: v for k, v in variant.to_dict().items() if k != "detect"} == \
+        {k: v for k, v in loaded.to_dict().items() if k != "detect"}
+    with pytest.raises(ConfigError, match="ovrelays"):
+        with_overrides("detector", loaded, ["detect.ovrelays=false"])
+    with pytest.raises(ConfigError, match="detect.conf"):
+        with_overrides("detector", loaded, ["detect.conf=7"])                     # out of range: validated again

@@ -15,19 +15,16 @@ import pydicom
 import pytest
 from pydicom.pixels import apply_rescale
 
-from data_prep.dicom import reader as dicom_io
-from data_prep.dicom.reader import (
+from data_prep.dicom import slice_file
+from data_prep.dicom import volume as dicom_volume
+from data_prep.dicom.geometry import (
     DuplicatePositionError,
     EmptyStudyError,
     InconsistentSlicesError,
-    NoPixelDataError,
-    NotDicomError,
-    TruncatedDicomError,
-    iter_chunks,
-    read_slice_hu,
-    read_volume,
     scan_study,
 )
+from data_prep.dicom.slice_file import NoPixelDataError, NotDicomError, TruncatedDicomError, read_slice_hu
+from data_prep.dicom.volume import iter_chunks, read_volume
 from data_prep.dicom.writer import write_series
 from data_prep.errors import DicomReadError, InputError, MissingDecoderError
 from data_prep.runs import registry
@@ -94,9 +91,9 @@ def test_real_jpeg_lossless_same_with_both_decoders(monkeypatch):
     assert pydicom.dcmread(src).file_meta.TransferSyntaxUID == registry.TS_JPEG_LOSSLESS_SV1
     ref = _pydicom_hu(src)
     for plugin in ("gdcm", "pylibjpeg"):
-        if plugin not in dicom_io._available_plugins(pydicom.uid.UID(registry.TS_JPEG_LOSSLESS_SV1)):
+        if plugin not in slice_file._available_plugins(pydicom.uid.UID(registry.TS_JPEG_LOSSLESS_SV1)):
             continue
-        monkeypatch.setitem(dicom_io.PREFERRED_PLUGINS, registry.TS_JPEG_LOSSLESS_SV1, (plugin,))
+        monkeypatch.setitem(slice_file.PREFERRED_PLUGINS, registry.TS_JPEG_LOSSLESS_SV1, (plugin,))
         np.testing.assert_array_equal(read_slice_hu(src), ref)
 
 
@@ -139,7 +136,7 @@ def test_round_trip_order_and_pixels(tmp_path, volume, ts, pixel_representation,
 def test_parallel_matches_serial(tmp_path, volume):
     study = _write(tmp_path, volume, transfer_syntax=registry.TS_JPEG_LOSSLESS_SV1, instance_order="feet_first")
     geom = scan_study(study)
-    for executor in dicom_io.EXECUTORS:
+    for executor in dicom_volume.EXECUTORS:
         np.testing.assert_array_equal(read_volume(geom, workers=2, executor=executor), volume)
 
 
@@ -199,8 +196,8 @@ def test_iter_chunks_covers_every_slice_with_context(tmp_path, volume, workers):
 def test_iter_chunks_decodes_each_slice_once(tmp_path, volume, monkeypatch):
     geom = scan_study(_write(tmp_path, volume))
     calls = []
-    real = dicom_io.read_slice_hu
-    monkeypatch.setattr(dicom_io, "read_slice_hu", lambda p: calls.append(p) or real(p))
+    real = slice_file.read_slice_hu
+    monkeypatch.setattr(dicom_volume, "read_slice_hu", lambda p: calls.append(p) or real(p))
     n_chunks = sum(1 for _ in iter_chunks(geom, chunk_size=3, context=2, workers=1))
     assert n_chunks == 4
     assert sorted(calls) == sorted(geom.paths)
@@ -315,7 +312,7 @@ def test_gap_in_z_is_a_warning_with_where(tmp_path, volume, caplog):
 def test_non_ct_modality_fails_the_study_naming_the_file(tmp_path, volume):
     # issue 23: an MR study in the Kaggle layout was read as CT; the study finder refuses it too
     study = _write(tmp_path, volume, modality="MR")
-    with pytest.raises(dicom_io.NotCTError, match=r"1\.dcm: Modality is 'MR', not CT"):
+    with pytest.raises(slice_file.NotCTError, match=r"1\.dcm: Modality is 'MR', not CT"):
         scan_study(study)
 
 
@@ -325,8 +322,8 @@ def test_ct_modality_is_fine(tmp_path, volume):
 
 def test_missing_decoder_names_the_packages(tmp_path, volume, monkeypatch):
     study = _write(tmp_path, volume, transfer_syntax=registry.TS_JPEG_LOSSLESS_SV1)
-    monkeypatch.setattr(dicom_io, "_available_plugins", lambda ts: ())
-    monkeypatch.setattr(dicom_io, "FAST_JPEG_LOSSLESS", ())     # as without imagecodecs
+    monkeypatch.setattr(slice_file, "_available_plugins", lambda ts: ())
+    monkeypatch.setattr(slice_file, "FAST_JPEG_LOSSLESS", ())     # as without imagecodecs
     geom = scan_study(study)
     with pytest.raises(MissingDecoderError) as info:
         read_volume(geom)
@@ -381,7 +378,7 @@ def test_fast_jpeg_lossless_path_is_bit_identical_to_gdcm(tmp_path, volume, pixe
     geom = scan_study(study)
     fast = read_volume(geom)
     assert len(calls) == N                                   # every slice went through the fast path
-    monkeypatch.setattr(dicom_io, "FAST_JPEG_LOSSLESS", ())   # pydicom's plugins (GDCM first)
+    monkeypatch.setattr(slice_file, "FAST_JPEG_LOSSLESS", ())   # pydicom's plugins (GDCM first)
     np.testing.assert_array_equal(fast, read_volume(geom))
     np.testing.assert_array_equal(fast, volume)
     assert fast.min() < 0                                     # negative HU survived the sign handling
@@ -395,7 +392,7 @@ def test_fast_jpeg_lossless_path_on_real_files(realdata, monkeypatch):
         sources.append(realdata("test1.dcm"))
     for src in sources:
         fast = read_slice_hu(src)
-        monkeypatch.setattr(dicom_io, "FAST_JPEG_LOSSLESS", ())
+        monkeypatch.setattr(slice_file, "FAST_JPEG_LOSSLESS", ())
         np.testing.assert_array_equal(fast, read_slice_hu(src))
         monkeypatch.undo()
 

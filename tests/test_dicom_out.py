@@ -20,7 +20,7 @@ import pytest
 from helpers import use_fixed_boxes
 from pydicom import dcmread
 
-from data_prep.dicom.reader import scan_study
+from data_prep.dicom.geometry import scan_study
 from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
 from data_prep.runs import registry

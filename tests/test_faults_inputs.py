@@ -18,7 +18,8 @@ import pydicom
 import pytest
 from helpers import use_fixed_boxes
 
-from data_prep.dicom import reader as dicom_io
+from data_prep.dicom import geometry, slice_file
+from data_prep.dicom import volume as dicom_volume
 from data_prep.dicom.inspect import inspect_path
 from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
@@ -89,11 +90,11 @@ def test_huge_claimed_size_never_reaches_the_decoder(tmp_path, monkeypatch, caps
     edit_header(victim, Rows=HUGE, Columns=HUGE)
     assert victim.stat().st_size < 40_000                   # a tiny file claiming 60000 x 60000
     no_huge_decoding(monkeypatch)
-    with pytest.raises(dicom_io.OversizedImageError) as err:
-        dicom_io.read_slice_hu(victim)
+    with pytest.raises(slice_file.OversizedImageError) as err:
+        slice_file.read_slice_hu(victim)
     assert "4.dcm" in str(err.value) and f"{HUGE}x{HUGE}" in str(err.value)
-    with pytest.raises(dicom_io.OversizedImageError, match="4.dcm"):
-        dicom_io.scan_study(study)
+    with pytest.raises(slice_file.OversizedImageError, match="4.dcm"):
+        geometry.scan_study(study)
     # inspect: the file is an error of its study; the other slices are still decoded and summarised
     assert main(["inspect", str(study), "--no-progress", "--strict", "--workers", "1"]) == 1
     out = capsys.readouterr().out
@@ -120,12 +121,12 @@ def test_huge_claimed_size_fails_only_its_study_in_detect(tmp_path, fake_model, 
 def test_size_limit_is_configurable_and_admits_real_ct(tmp_path):
     study = write_study(tmp_path, "1.2.3.43")
     path = study / "1.dcm"
-    assert dicom_io.read_slice_hu(path).shape == (SIZE, SIZE)           # default limit
-    with pytest.raises(dicom_io.OversizedImageError, match="1.dcm"):
-        dicom_io.read_slice_hu(path, max_bytes=SIZE * SIZE)              # 16-bit slice: 2 bytes a pixel
+    assert slice_file.read_slice_hu(path).shape == (SIZE, SIZE)           # default limit
+    with pytest.raises(slice_file.OversizedImageError, match="1.dcm"):
+        slice_file.read_slice_hu(path, max_bytes=SIZE * SIZE)              # 16-bit slice: 2 bytes a pixel
     edit_header(path, Rows=1024, Columns=1024, NumberOfFrames=4)         # large real CT: admitted by the header check
     ds = pydicom.dcmread(path, stop_before_pixels=True)
-    assert dicom_io.check_claimed_size(ds, path) == 1024 * 1024 * 4 * 2
+    assert slice_file.check_claimed_size(ds, path) == 1024 * 1024 * 4 * 2
 
 
 # ---------------------------------------------------------------- 2. foreign series
@@ -136,11 +137,11 @@ def test_foreign_series_slice_is_excluded_and_named(tmp_path, capsys):
     stray = study / "31.dcm"
     shutil.copy(other / "1.dcm", stray)
     edit_header(stray, InstanceNumber=31)
-    geom = dicom_io.scan_study(study)
+    geom = geometry.scan_study(study)
     assert len(geom) == N and stray not in geom.paths
     assert [p for p, _ in geom.excluded] == [stray] and "1.2.3.50.99" in geom.excluded[0][1]
     assert any("31.dcm" in w and "another series" in w for w in geom.warnings)
-    volume = dicom_io.read_volume(geom)
+    volume = dicom_volume.read_volume(geom)
     np.testing.assert_array_equal(volume[:, 0, 0], [slice_value(k) for k in range(N)])  # no foreign slice merged
     assert main(["inspect", str(study), "--no-progress"]) == 0
     out = capsys.readouterr().out
@@ -152,8 +153,8 @@ def test_two_series_of_equal_size_are_refused(tmp_path):
     write_study(tmp_path / "other", "1.2.3.51", series_uid="1.2.3.51.7", n=4, z_top=Z_TOP - 100)
     for k in range(1, 5):
         shutil.copy(tmp_path / "other" / "1.2.3.51" / f"{k}.dcm", study / f"{10 + k}.dcm")
-    with pytest.raises(dicom_io.AmbiguousSeriesError) as err:
-        dicom_io.scan_study(study)
+    with pytest.raises(geometry.AmbiguousSeriesError) as err:
+        geometry.scan_study(study)
     assert "1.2.3.51.7" in str(err.value) and "1.2.3.51" in str(err.value)
 
 
@@ -162,14 +163,14 @@ def test_slice_without_position_is_excluded_and_order_kept(tmp_path, capsys):
     study = write_study(tmp_path, "1.2.3.60", order="feet_first")       # InstanceNumber 1 = most inferior
     victim = study / "5.dcm"                                             # canonical index N - 5
     edit_header(victim, ImagePositionPatient=None)
-    geom = dicom_io.scan_study(study)
+    geom = geometry.scan_study(study)
     assert len(geom) == N - 1 and [p for p, _ in geom.excluded] == [victim]
     kept = [k for k in range(N) if k != N - 5]
     # head first, as written: InstanceNumber runs N..1 (feet first), z strictly decreasing
     assert geom.instance_numbers.tolist() == [N - k for k in kept]
     assert (np.diff(geom.z_mm) < 0).all()
     np.testing.assert_allclose(geom.z_mm, [Z_TOP - THICKNESS * k for k in kept])
-    np.testing.assert_array_equal(dicom_io.read_volume(geom)[:, 0, 0], [slice_value(k) for k in kept])
+    np.testing.assert_array_equal(dicom_volume.read_volume(geom)[:, 0, 0], [slice_value(k) for k in kept])
     assert any("5.dcm" in w and "ImagePositionPatient" in w for w in geom.warnings)
     assert main(["inspect", str(study), "--no-progress", "--strict"]) == 0   # a warning, not an error
     out = capsys.readouterr().out
@@ -180,8 +181,8 @@ def test_too_few_positions_fail_the_study_clearly(tmp_path):
     study = write_study(tmp_path, "1.2.3.61")
     for k in range(1, N):                                                # only 1.dcm keeps a position
         edit_header(study / f"{k + 1}.dcm", ImagePositionPatient=None)
-    with pytest.raises(dicom_io.UnorderableStudyError, match="ImagePositionPatient"):
-        dicom_io.scan_study(study)
+    with pytest.raises(geometry.UnorderableStudyError, match="ImagePositionPatient"):
+        geometry.scan_study(study)
 
 
 # ---------------------------------------------------------------- 4. inspect reports every study
@@ -194,7 +195,7 @@ def test_inspect_reports_every_study_whatever_fails(tmp_path, capsys, monkeypatc
     edit_header(dup / "4.dcm", ImagePositionPatient=[0.0, 0.0, Z_TOP])  # same position as 1.dcm
     write_study(images, "1.2.3.74")
     write_study(images, "1.2.3.75")
-    real_check = dicom_io.check_study
+    real_check = geometry.check_study
 
     def exploding(study_dir, **kw):
         if study_dir.name == "1.2.3.75":

@@ -116,8 +116,8 @@ def test_every_study_fails_still_gives_a_complete_prior_submission(trained_pipel
     def no_decoder(ts, path):
         raise MissingDecoderError(path, "no decoder for this syntax is installed; install pylibjpeg")
 
-    monkeypatch.setattr("data_prep.dicom.reader._choose_plugin", no_decoder)
-    monkeypatch.setattr("data_prep.dicom.reader.FAST_JPEG_LOSSLESS", ())     # no imagecodecs either
+    monkeypatch.setattr("data_prep.dicom.slice_file._choose_plugin", no_decoder)
+    monkeypatch.setattr("data_prep.dicom.slice_file.FAST_JPEG_LOSSLESS", ())     # no imagecodecs either
     out = tmp_path / "pred"
     rc = _predict(test_set / "test_images", trained_pipeline / "model", out, "--test-csv", str(test_set / "test.csv"))
     assert rc == EXIT_ALL_FAILED                         # documented in README "Failure handling"
@@ -321,7 +321,7 @@ def test_prediction_files_follow_the_umask(trained_pipeline, test_set, tmp_path)
 
 ORPHAN_SCRIPT = """
 import os, sys, time
-from data_prep.dicom.reader import _pool
+from data_prep.dicom.geometry import _pool
 pool = _pool(2, "process")
 futures = [pool.submit(time.sleep, 120) for _ in range(2)]
 time.sleep(1.0)

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from data_prep.dicom.reader import scan_study
+from data_prep.dicom.geometry import scan_study
 from data_prep.runs.config import load_config
 from data_prep.runs.registry import LEVELS, STUDY_COL
 from detector.level_prior import (

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data_prep.dicom.reader import scan_study
+from data_prep.dicom.geometry import scan_study
 from data_prep.dicom.writer import write_series
 from data_prep.runs.config import load_config
 from data_prep.runs.registry import LEVELS, STUDY_COL

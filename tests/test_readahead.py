@@ -7,8 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from data_prep.dicom.geometry import EmptyStudyError, scan_study
 from data_prep.dicom.readahead import read_ahead
-from data_prep.dicom.reader import EmptyStudyError, iter_chunks, scan_study
+from data_prep.dicom.volume import iter_chunks
 from data_prep.dicom.writer import write_series
 
 N, ROWS, COLS, CHUNK = 20, 24, 28, 4

@@ -506,7 +506,7 @@ def test_body_fallback_on_a_real_slice_centres_on_the_patient_not_the_table(real
     import cv2
     import pydicom
 
-    from data_prep.dicom.reader import read_slice_hu
+    from data_prep.dicom.slice_file import read_slice_hu
 
     path = realdata("test1.dcm")
     hu = read_slice_hu(path)

@@ -179,7 +179,7 @@ def test_slice_level_table_boxes_and_presence(tmp_path):
 # ---------------------------------------------------------------- with the real reader on written series
 def write_study(tmp_path: Path, labels: np.ndarray, order: str, syntax: str):
     """Write a tiny DICOM series (HU = 100 * label) and return its scanned StudyGeometry."""
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from data_prep.dicom.writer import INSTANCE_ORDERS, write_series
 
     folder = tmp_path / f"1.2.826.0.1.3680043.77{INSTANCE_ORDERS.index(order) + 1}"
@@ -200,7 +200,7 @@ def kaggle_convention(nii_path: Path, geometry) -> np.ndarray:
                                                ("feet_first", "1.2.840.10008.1.2.1"),
                                                ("feet_first", "1.2.840.10008.1.2.4.70")])
 def test_written_series_with_reader_and_kaggle_convention(tmp_path, order, syntax):
-    from data_prep.dicom.reader import read_volume
+    from data_prep.dicom.volume import read_volume
 
     rng = np.random.default_rng(1)
     canon = np.zeros((10, 24, 20), np.uint8)
@@ -240,7 +240,7 @@ def synth_root(tmp_path_factory):
 
 
 def test_synthetic_masks_equal_the_truth(synth_root):
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
 
     truth_slices = pd.read_csv(synth_root / "truth" / "slice_levels.csv")
     truth_boxes = pd.read_csv(synth_root / "truth" / "level_boxes.csv")

@@ -11,7 +11,8 @@ import pandas as pd
 import pydicom
 import pytest
 
-from data_prep.dicom.reader import read_volume, scan_study
+from data_prep.dicom.geometry import scan_study
+from data_prep.dicom.volume import read_volume
 from data_prep.errors import InputError
 from data_prep.runs import registry
 from data_prep.runs.config import load_config

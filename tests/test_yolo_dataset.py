@@ -252,7 +252,7 @@ def test_folds_are_stratified_and_disjoint():
 def test_locator_dataset_from_segmentation(tmp_path):
     import nibabel as nib
 
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from data_prep.dicom.segmentation import LPS_TO_RAS
 
     root, _ = make_root(tmp_path, {"7.1": {"patient_overall": 0}, "7.2": {"patient_overall": 0, "order": "feet_first"},
@@ -352,7 +352,7 @@ def test_crack_score_ranks_a_crack_above_intact_bone():
 def test_hardest_slices_look_inside_each_slices_roi(tmp_path):
     # two bone blocks on every slice; slice 2 is cracked in the left block, slice 5 in the right one. Each slice's
     # ROI holds only the left block, so slice 2 wins; on whole slices the two tie (the lower index wins)
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from detector.roi import SpineRois
     from detector.yolo_dataset import hardest_slices
 

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_prep.dicom.reader import check_study, decode_slices, short_coverage
+from data_prep.dicom.geometry import check_study, short_coverage
 from data_prep.dicom.study_finder import FoundStudy
 from data_prep.dicom.study_inputs import DICOM_GLOB, Study, find_inputs, kaggle_study
+from data_prep.dicom.volume import decode_slices
 from data_prep.errors import InputError
 from data_prep.runs import registry
 

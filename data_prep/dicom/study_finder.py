@@ -27,7 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID, CTImageStorage, EnhancedCTImageStorage, MediaStorageDirectoryStorage
 from tqdm import tqdm
 
-from data_prep.dicom.reader import (
+from data_prep.dicom.geometry import (
     GAP_FACTOR,
     POSITION_TOLERANCE_MM,
     SPACING_TOLERANCE_MM,

@@ -1,6 +1,6 @@
 """Synthetic studies written as a PACS or scanner exports them, for the study finder's tests.
 
-Each study is one synthetic CT (`data_prep.synthetic.synth.build_study`, written by `dicom_write.write_series`) in a
+Each study is one synthetic CT (`data_prep.synthetic.synth.build_study`, written by `data_prep.dicom.writer.write_series`) in a
 PATIENT/STUDY/SERIES tree of extension-less files, beside the series a real export carries: a scout, the
 same stack in a soft-tissue kernel, a thicker bone stack, an axial DERIVED reformat, a sagittal reformat
 and a dose report (an SR object without pixels). `VARIANTS`: the tree, a DICOMDIR file set, or a zip of

@@ -4,7 +4,7 @@ Order: failed studies first (they have no model output and need a reader whateve
 patient_overall, highest first (ties keep predictions.csv order). `flagged` is 1 when patient_overall >= the
 model folder's operating threshold (aggregator/operating_point.json), 0 below it and for failed studies, and empty
 when the model folder has none (a warning says why). `warning` names what makes a finished study's prediction
-unreliable: a study too short to hold C1-C7 (data_prep.dicom.reader.short_coverage, from slices.csv).
+unreliable: a study too short to hold C1-C7 (data_prep.dicom.geometry.short_coverage, from slices.csv).
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def read_errors(pred_dir: str | os.PathLike) -> dict[str, str]:
 
 def read_warnings(pred_dir: str | os.PathLike) -> dict[str, str]:
     """{study: why its prediction is unreliable} for finished studies of slices.csv too short to hold C1-C7."""
-    from data_prep.dicom.reader import short_coverage
+    from data_prep.dicom.geometry import short_coverage
 
     path = Path(pred_dir) / SLICES_CSV
     if not path.is_file():

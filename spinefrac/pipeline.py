@@ -186,8 +186,9 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
     from detector.detect import detect_settings
     from detector.yolo_dataset import prepare_settings, train_study_dir
 
-    # the level decode's size prior, from the segmentations: every stage that decodes levels uses it
-    cfgs["levels"] = _level_prior_stage(stage, data_root, out, segmented, cfgs["levels"], progress)
+    # the level decode's size prior, from the segmentations: every stage that decodes the locator's levels uses it
+    cfgs["levels"] = _level_prior_stage(stage, data_root, out, segmented, cfgs["levels"], progress,
+                                        locator=use_locator)
     _save_configs(out, config, cfgs)      # the model folder's levels.yaml is what predict decodes with
 
     # the locator first: with roi.enabled the detector's training crops come from it, as they will at inference
@@ -292,13 +293,14 @@ def train_all(data_root: str | os.PathLike, out: str | os.PathLike, *, config: C
 
 
 def _level_prior_stage(stage: Callable[..., None], data_root: Path, out: Path, segmented: Sequence[str],
-                       levels: Config, progress: bool) -> Config:
+                       levels: Config, progress: bool, *, locator: bool) -> Config:
     """Learn the level decode's size prior from the segmentations (stage learn-level-prior); return the levels
-    config with it (the configured one when prior.learn is off, decode.model is not "sizes" or too few studies)."""
+    config with it (the configured one when prior.learn is off, decode.model is not "sizes", there is no locator
+    whose detections it would decode, or too few studies)."""
     from detector.level_prior import LEVEL_PRIOR_JSON, prior_overrides, read_level_prior
 
     path = out / LEVEL_PRIOR_JSON
-    learn = bool(levels.prior.learn) and levels.decode.model == "sizes"
+    learn = bool(levels.prior.learn) and levels.decode.model == "sizes" and locator
     if not learn or len(segmented) < int(levels.prior.min_studies):
         if learn:
             log.warning("level prior: %d segmented studies (< prior.min_studies %d): configs/levels.yaml's prior "

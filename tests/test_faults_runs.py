@@ -321,7 +321,7 @@ def test_prediction_files_follow_the_umask(trained_pipeline, test_set, tmp_path)
 
 ORPHAN_SCRIPT = """
 import os, sys, time
-from data_prep.dicom.geometry import _pool
+from data_prep.dicom.volume import _pool
 pool = _pool(2, "process")
 futures = [pool.submit(time.sleep, 120) for _ in range(2)]
 time.sleep(1.0)

@@ -24,7 +24,8 @@ extent, and a level is absent only where the field does not reach it.
 
 Emissions are the locator's evidence as log-odds per slice and level: a run adds the log-odds of the levels it
 holds, plus the per-slice "column" log-odds (the locator found some vertebra there, whatever its name) in every
-run, since every run holds a level; slices above C1 and below C7 add 0. Viterbi gives the most likely
+run, since every run holds a level (its negative values, nothing found, only in runs holding one of the levels the
+locator finds somewhere in the study); slices above C1 and below C7 add 0. Viterbi gives the most likely
 segmentation; forward-backward gives each level's presence probability per slice. Vectorised over slices, scales
 and durations; a run's durations are bounded at `prior.max_sd` SDs above its mean.
 """

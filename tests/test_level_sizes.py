@@ -234,6 +234,28 @@ def test_misnamed_detections_still_pin_the_column(worlds, learned):
     assert (errors_off > MISNAMED_TOL_MM).any(), errors_off.round(1)
 
 
+def test_finding_nothing_counts_only_against_levels_the_locator_finds():
+    """The issue's locator (C1-C3 found, nothing below): its empty slices below C3 must not squeeze C4-C7 (the
+    column's negative evidence counts only against runs holding a level it finds); counted against every run, they
+    would (the flaw `column_levels` prevents)."""
+    n = 250
+    llr = np.zeros((n, len(LEVELS)))
+    llr[20:40, 0], llr[30:80, 1], llr[75:100, 2] = 1.0, 1.0, 1.0          # C1-C3 found, 1 mm slices
+    column = np.full(n, -0.5)
+    column[20:100] = 1.0                                                  # nothing found below C3
+    prior = size_prior(load_config("levels"))
+    seen = np.arange(len(LEVELS)) < 3
+
+    def ends(present: np.ndarray) -> np.ndarray:
+        return np.array([np.nonzero(present[:, j])[0][-1] for j in range(3, 7)])
+
+    free = ends(decode_sizes(llr, 1.0, prior)[0])                         # no column term at all
+    masked = ends(decode_sizes(llr, 1.0, prior, column, column_levels=seen)[0])
+    everywhere = ends(decode_sizes(llr, 1.0, prior, column)[0])
+    assert np.abs(masked - free).max() <= 3, (masked, free)
+    assert free[-1] - everywhere[-1] >= 15, (everywhere, free)            # C7 squeezed upwards by >= 15 mm
+
+
 def test_a_field_inside_one_vertebra_is_that_vertebra():
     """A field shorter than its run (both ends cut) is decoded as that run, with a high probability."""
     llr = np.full((4, len(LEVELS)), -1.0)

@@ -20,6 +20,11 @@ What it does, every step resumable in DIR (a rerun reuses what is there):
    recall per level (truth slices of L decoded with L), share of studies where each level is found, and each
    level's z-range error in mm (|first slice - truth| and |last slice - truth| x spacing; mean and 90th
    percentile), plus the decode time per study.
+6. with `--calibrated` (a probe of issue 22's step 3, not wired into train/predict): fits a confusion table on the
+   locator's own validation studies (the locator dataset's val fold, truth from the training set's truth table):
+   P(each level | the slice's top detection's class and confidence bin), and P(any level | that bin), smoothed
+   towards the base rates; decodes the test detections through it (log-odds against the base rate), once at full
+   weight and once with the names' log-odds scaled by CALIBRATED_NAME_WEIGHT.
 Aims (issue 22): >= 95% of slices right, recall >= 0.90 on every level, every level in >= 99% of studies.
 """
 
@@ -134,6 +139,99 @@ def oracle_detections(truth: dict[str, np.ndarray], seen: list[int], drop: float
     return pd.concat(frames, ignore_index=True)
 
 
+CALIBRATION_EDGES = np.array([0.05, 0.1, 0.2, 0.4])
+"""--calibrated: confidence bins of a slice's top detection (lower edges; below the first edge = the first bin)."""
+CALIBRATION_SMOOTHING = 5.0
+"""--calibrated: pseudo-count pulling each cell's rates towards the base rates (3 val studies, about 250 slices,
+29 cells)."""
+CALIBRATED_NAME_WEIGHT = 0.3
+"""--calibrated: scale of the names' calibrated log-odds in the second variant: the table treats every sampled
+slice as independent evidence, but a locator's errors are correlated along a study, so full weight over-counts.
+Set once, not tuned."""
+CALIBRATION_CLIP = 1e-3
+"""--calibrated: calibrated rates are clipped to [clip, 1 - clip] before taking log-odds."""
+CALIBRATED_OVERRIDES = ["decode.absent_weight=1.0", "decode.ignore_unseen=false", "decode.column_weight=1.0",
+                        "decode.column_absent_weight=1.0"]
+"""--calibrated: the calibrated log-odds are used as they are (no hand-set discounts)."""
+
+
+def calibration_cells(dets: pd.DataFrame, sampled: np.ndarray) -> np.ndarray:
+    """Per sampled slice of one study: class x CALIBRATION_EDGES bin of its top detection (last cell: none)."""
+    n_bins = len(CALIBRATION_EDGES)
+    found = dets[dets["cls"] >= 0].sort_values("conf").drop_duplicates("slice_index", keep="last")
+    top = found.set_index("slice_index")
+    out = np.full(len(sampled), len(LEVELS) * n_bins)
+    hit = np.isin(sampled, top.index)
+    rows = top.loc[sampled[hit]]
+    bins = np.clip(np.searchsorted(CALIBRATION_EDGES, rows["conf"].to_numpy(), side="right") - 1, 0, n_bins - 1)
+    out[hit] = rows["cls"].to_numpy(dtype=int) * n_bins + bins
+    return out
+
+
+def fit_calibration(dets: pd.DataFrame, truth: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(cells, 7) level log-odds and (cells,) column log-odds against the base rates, from detections of studies
+    with known truth (smoothed rates: module doc, step 6)."""
+    from scipy.special import logit
+
+    n_cells = len(LEVELS) * len(CALIBRATION_EDGES) + 1
+    n, k, kc = np.zeros(n_cells), np.zeros((n_cells, len(LEVELS))), np.zeros(n_cells)
+    for uid, g in dets.groupby(STUDY_COL):
+        sampled = np.unique(g["slice_index"].to_numpy(dtype=int))
+        cells, t = calibration_cells(g, sampled), truth[str(uid)][sampled]
+        np.add.at(n, cells, 1.0)
+        np.add.at(k, cells, t)
+        np.add.at(kc, cells, t.any(axis=1))
+    base, base_col = k.sum(axis=0) / n.sum(), kc.sum() / n.sum()
+    rate = (k + CALIBRATION_SMOOTHING * base) / (n[:, None] + CALIBRATION_SMOOTHING)
+    rate_col = (kc + CALIBRATION_SMOOTHING * base_col) / (n + CALIBRATION_SMOOTHING)
+
+    def lo(x: np.ndarray) -> np.ndarray:
+        return logit(np.clip(x, CALIBRATION_CLIP, 1.0 - CALIBRATION_CLIP))
+
+    return lo(rate) - lo(base), lo(rate_col) - lo(np.asarray(base_col))
+
+
+def validation_detections(work: Path, train: Path, weights: Path, tag: str, imgsz: int | None) -> pd.DataFrame:
+    """The locator's detections on its own validation studies (the locator dataset's val fold), kept in
+    DIR/valdets_<tag>.csv."""
+    from data_prep.dicom.reader import scan_study
+    from detector.detect import load_locator, locator_detections
+
+    path = work / f"valdets_{tag}.csv"
+    if path.is_file():
+        return pd.read_csv(path, dtype={STUDY_COL: str})
+    index = pd.read_csv(work / (f"loc_ds_{imgsz}" if imgsz else "loc_ds") / "index.csv", dtype={STUDY_COL: str})
+    config = load_config("locator", overrides=[f"render.imgsz={imgsz}"] if imgsz else [])
+    locator = load_locator(weights, config=config, device="cpu")
+    frames = []
+    for uid in sorted(index.loc[index["split"] == "val", STUDY_COL].unique()):
+        dets, sampled = locator_detections(scan_study(train / "train_images" / uid), locator=locator)
+        marks = pd.DataFrame({"slice_index": sampled, "cls": -1})
+        frames.append(pd.concat([dets, marks], ignore_index=True).assign(**{STUDY_COL: uid}))
+    out = pd.concat(frames, ignore_index=True)
+    out.to_csv(path, index=False)
+    return out
+
+
+def decode_calibrated(dets: pd.DataFrame, geometry: dict[str, tuple[int, float]], config: object,
+                      table: tuple[np.ndarray, np.ndarray], name_weight: float) -> dict[str, np.ndarray]:
+    """Decode every study's detections through a calibration table: {uid: (n, 7) bool}."""
+    from scipy.special import expit
+
+    from detector.levels import decode_sampled
+
+    level_lo, column_lo = table
+    out: dict[str, np.ndarray] = {}
+    for uid, g in dets.groupby(STUDY_COL):
+        n, spacing = geometry[str(uid)]
+        sampled = np.unique(g["slice_index"].to_numpy(dtype=int))
+        cells = calibration_cells(g, sampled)
+        present, _ = decode_sampled(expit(name_weight * level_lo[cells]), sampled, n, config=config,
+                                    spacing_mm=spacing, column=expit(column_lo[cells]))
+        out[str(uid)] = present
+    return out
+
+
 def decode_all(dets: pd.DataFrame, geometry: dict[str, tuple[int, float]], configs: dict[str, object]
                ) -> dict[str, dict[str, np.ndarray]]:
     """Decode every study's detections with each config: {decoder: {uid: (n, 7) bool}}, and the time per decode."""
@@ -184,8 +282,8 @@ def score(pred: dict[str, np.ndarray], truth: dict[str, np.ndarray], spacing: di
     return row
 
 
-def truth_of(test: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float]]]:
-    """Truth presence per test study and (slices, spacing mm) from its DICOM geometry."""
+def truth_of(test: Path, images: str = "test_images") -> tuple[dict[str, np.ndarray], dict[str, tuple[int, float]]]:
+    """Truth presence per study of a synthetic set and (slices, spacing mm) from its DICOM geometry."""
     from data_prep.dicom.geometry import scan_study
     from detector.render import slice_spacing
 
@@ -193,12 +291,12 @@ def truth_of(test: Path) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, fl
     truth, geometry = {}, {}
     for uid, g in table.groupby(STUDY_COL):
         truth[str(uid)] = g.sort_values("slice_index")[list(LEVELS)].to_numpy().astype(bool)
-        geo = scan_study(test / "test_images" / str(uid))
+        geo = scan_study(test / images / str(uid))
         geometry[str(uid)] = (len(geo.paths), slice_spacing(geo))
     return truth, geometry
 
 
-def learned_levels_config(work: Path, train: Path):
+def learned_levels_config(work: Path, train: Path, overrides: list[str] | None = None):
     """configs/levels.yaml with the prior `spinefrac train` learns from these segmentations (level_prior.json)."""
     from detector.level_prior import (
         LEVEL_PRIOR_JSON,
@@ -212,7 +310,7 @@ def learned_levels_config(work: Path, train: Path):
     if not path.is_file():
         uids = sorted(p.name.split(".nii")[0] for p in (train / "segmentations").iterdir() if ".nii" in p.name)
         learn_from_segmentations(train, uids, work, config=base, progress=False)
-    return load_config("levels", overrides=prior_overrides(read_level_prior(path)))
+    return load_config("levels", overrides=[*prior_overrides(read_level_prior(path)), *(overrides or [])])
 
 
 def summary_table(rows: list[dict]) -> pd.DataFrame:
@@ -250,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--oracle", action="store_true",
                    help="also decode locator-free evidence made from the truth (ORACLE_SETTINGS; no training)")
     p.add_argument("--no-locator", action="store_true", help="only the oracle rows (no locator is trained)")
+    p.add_argument("--calibrated", action="store_true",
+                   help="also decode through a confusion table fitted on the locator's validation studies (step 6)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -287,6 +387,18 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"setting": f"({setting}) {epochs} ep {px} px, {cpu / 60:.1f} CPU min", "seed": seed,
                              "decoder": name, **score(decoded[name], truth, spacing),
                              "decode_ms": float(np.median(secs) * 1e3)})
+            if args.calibrated:
+                train_truth, _ = truth_of(train, images="train_images")
+                table = fit_calibration(validation_detections(work, train, weights, f"{setting}_s{seed}", imgsz),
+                                        train_truth)
+                cfg = learned_levels_config(work, train, overrides=CALIBRATED_OVERRIDES)
+                for label, weight in (("sizes, calibrated names", 1.0),
+                                      (f"sizes, calibrated names x {CALIBRATED_NAME_WEIGHT}",
+                                       CALIBRATED_NAME_WEIGHT)):
+                    rows.append({"setting": f"({setting}) {epochs} ep {px} px, {cpu / 60:.1f} CPU min",
+                                 "seed": seed, "decoder": label,
+                                 **score(decode_calibrated(dets, geometry, cfg, table, weight), truth, spacing),
+                                 "decode_ms": float("nan")})
     table = pd.DataFrame(rows)
     table.to_csv(work / "level_bench.csv", index=False)
     pd.set_option("display.width", 250)

@@ -317,6 +317,8 @@ class DecodeSection(Section):
     evidence_clip: Annotated[float, Field(gt=0.0, lt=0.5)]
     evidence_weight: NonNeg
     absent_weight: NonNeg
+    column_weight: NonNeg
+    column_absent_weight: NonNeg
     ignore_unseen: StrictBool
 
 
@@ -346,12 +348,14 @@ class LevelsPriorSection(Section):
     scale_sd: NonNeg
     start_above: OpenProb
     end_below: OpenProb
+    cut_mm: Pos
     max_sd: Pos
 
 
 class LevelsLocateSection(Section):
     min_conf: Prob
     presence_threshold: OpenProb
+    column_threshold: OpenProb
 
 
 class AssignSection(Section):

@@ -8,15 +8,26 @@ and no level is skipped. Before C1 lie the slices above (skull), after C7 those 
 level. Each run's length in mm has a log-normal prior and each branching its probability (configs/levels.yaml
 `prior.segments`, learned from segmentations: detector/level_prior.py), turned into slices with the study's slice
 spacing; all lengths of a study are multiplied by one size factor from `prior.scales` (so heights co-vary). A run
-shorter than half a slice is skipped. The field of view may cut the sequence: it may start and end inside any
-run, and such a cut run is weighted by its survival function P(length >= what is seen). So a level the locator
-never sees is still placed, from the levels it does see, the skull base and the study's extent, and a level is
-absent only where the field does not reach it.
+shorter than half a slice is skipped.
+
+The field of view may cut the column: the field's top lies above C1 with P `prior.start_above`, else inside the
+column, m mm below its top, with m exponential of mean `prior.cut_mm` (geometric in slices); the same for the
+bottom (`prior.end_below`). The column missing beyond a cut end is the unseen rest of the cut run plus every run
+beyond it, so a start inside run j after d of its slices weighs
+    (1 - start_above) (1 - q) A_j sum_{D >= d} P_j(D) q^(D - d),   q = exp(-spacing / cut_mm),
+with A_j = the sum over the chains from C1 to j of their branchings times E[q^D] of each run before j (a field
+starting at C4 must explain the ~60 mm of C1-C3 it misses: e^(-60 / cut_mm)); the end likewise, and a field inside
+one run cuts it at both ends. A long field ending inside the neck is so far less likely than one covering it, while
+a short field (shorter than the column) has only cut explanations and is decoded by its evidence and the sizes.
+So a level the locator never sees is still placed, from the levels it does see, the skull base and the study's
+extent, and a level is absent only where the field does not reach it.
 
 Emissions are the locator's evidence as log-odds per slice and level: a run adds the log-odds of the levels it
-holds, slices without a level add 0. Viterbi gives the most likely segmentation; forward-backward gives each
-level's presence probability per slice. Vectorised over slices, scales and durations; a run's durations are
-bounded at `prior.max_sd` SDs above its mean.
+holds, plus the per-slice "column" log-odds (the locator found some vertebra there, whatever its name) in every
+run, since every run holds a level (its negative values, nothing found, only in runs holding one of the levels the
+locator finds somewhere in the study); slices above C1 and below C7 add 0. Viterbi gives the most likely
+segmentation; forward-backward gives each level's presence probability per slice. Vectorised over slices, scales
+and durations; a run's durations are bounded at `prior.max_sd` SDs above its mean.
 """
 
 from __future__ import annotations
@@ -70,6 +81,7 @@ class SizePrior:
     log_scale_w: np.ndarray       # (K,) log prior weight of each factor (sum 1)
     log_start_above: float        # log P(the field starts above C1)
     log_end_below: float          # log P(the field ends below C7)
+    cut_mm: float                 # mean length (mm) of the column missing beyond a cut end of the field
     max_sd: float
     max_levels: int
 
@@ -108,8 +120,8 @@ def size_prior(config: Mapping[str, Any]) -> SizePrior:
     if not np.isfinite(w).any():
         w = np.zeros(len(scales))
     return SizePrior(sets, np.log(rows[:, 0]), rows[:, 1], log_shrink, log_grow, log_scales, w - logsumexp(w),
-                     float(np.log(pr["start_above"])), float(np.log(pr["end_below"])), float(pr["max_sd"]),
-                     max_levels)
+                     float(np.log(pr["start_above"])), float(np.log(pr["end_below"])), float(pr["cut_mm"]),
+                     float(pr["max_sd"]), max_levels)
 
 
 def _duration_tables(prior: SizePrior, spacing_mm: float, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -186,12 +198,51 @@ def _windows_max(x: np.ndarray, log_p: np.ndarray) -> tuple[np.ndarray, np.ndarr
     return cand[np.arange(len(x)), best], best
 
 
-def decode_sizes(llr: np.ndarray, spacing_mm: float, prior: SizePrior) -> tuple[np.ndarray, np.ndarray]:
+def _cut_tables(durs: list[tuple[np.ndarray, np.ndarray]], log_q: float, n: int
+                ) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Per run, what a cut costs with q = P(one more slice missing) (log_q < 0), from the duration tables:
+
+    - (K, D + 1) log sum_{D' >= d} P(D') q^(D' - d): d of the run seen, the rest of it missing beyond the cut;
+    - (S, K) log E[q^D]: the run missing entirely (its skip, D = 0, included);
+    - (S, K) log sum_{D >= n} P(D) (D - n + 1) q^(D - n): the run holds all n slices, cut at both ends (the
+      missing D - n slices split between the two ends in D - n + 1 ways).
+    """
+    cut, whole, mgf = [], [], []
+    for log_p, _ in durs:
+        d = np.arange(log_p.shape[1], dtype=float)
+        x = log_p + d * log_q
+        cut.append(np.logaddexp.accumulate(x[:, ::-1], axis=1)[:, ::-1] - d * log_q)
+        mgf.append(logsumexp(x, axis=1))
+        if log_p.shape[1] > n:
+            tail = x[:, n:] - n * log_q + np.log(d[n:] - n + 1.0)
+            whole.append(logsumexp(tail, axis=1))
+        else:
+            whole.append(np.full(log_p.shape[0], NEG))
+    return cut, np.array(mgf), np.array(whole)
+
+
+def _chain_sums(n_sets: int, k: int, log_mgf: np.ndarray, links: list[list[tuple[int, float]]], root: int,
+                order: range) -> np.ndarray:
+    """(S, K) log sum over the chains from `root` to each run of their branchings x E[q^D] of the runs between
+    (root's included, the run's own excluded); `links[j]`: (neighbour towards root, log P(move)); `order`: root
+    first."""
+    out = np.full((n_sets, k), NEG)
+    out[root] = 0.0
+    for j in order:
+        for i, logp in links[j]:
+            out[j] = np.logaddexp(out[j], out[i] + log_mgf[i] + logp)
+    return out
+
+
+def decode_sizes(llr: np.ndarray, spacing_mm: float, prior: SizePrior, column: np.ndarray | None = None,
+                 column_levels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode (n, 7) per-slice evidence log-odds: (presence bool (n, 7) of the best path, P(present) (n, 7)).
 
     `llr[t, L]` is what the evidence adds to the log-likelihood of a path holding level L on slice t
-    (0 = no information); `spacing_mm` is the study's slice spacing. The hard decode is the best path at the
-    most probable size factor; the probabilities are summed over every path and factor.
+    (0 = no information); `column[t]` (optional, (n,)) what it adds to a path holding any level on slice t
+    (its negative values only where the path holds one of `column_levels`, (7,) bool, default all);
+    `spacing_mm` is the study's slice spacing. The hard decode is the best path at the most probable size
+    factor; the probabilities are summed over every path and factor.
     """
     llr = np.asarray(llr, dtype=float)
     if llr.ndim != 2 or llr.shape[1] != N_LEVELS or llr.shape[0] == 0:
@@ -202,7 +253,15 @@ def decode_sizes(llr: np.ndarray, spacing_mm: float, prior: SizePrior) -> tuple[
     bits = prior.bits
     n_sets = len(prior.sets)
     index = {s: i for i, s in enumerate(prior.sets)}
-    cum = np.vstack([np.zeros((1, n_sets)), np.cumsum(llr @ bits.T.astype(float), axis=0)])   # (n + 1, S)
+    per_slice = llr @ bits.T.astype(float)                                   # (n, S)
+    if column is not None:
+        column = np.asarray(column, dtype=float)
+        if column.shape != (n,):
+            raise ValueError(f"column evidence must be ({n},), got shape {column.shape}")
+        holds = np.ones(n_sets, dtype=bool) if column_levels is None else \
+            (bits.astype(int) @ np.asarray(column_levels, dtype=int)) > 0                 # (S,)
+        per_slice = per_slice + np.maximum(column, 0.0)[:, None] + np.minimum(column, 0.0)[:, None] * holds[None, :]
+    cum = np.vstack([np.zeros((1, n_sets)), np.cumsum(per_slice, axis=0)])   # (n + 1, S)
     durs = _duration_tables(prior, spacing_mm, n)
     preds: list[list[tuple[int, float]]] = [[] for _ in range(n_sets)]     # (predecessor, log P(move))
     succs: list[list[tuple[int, float]]] = [[] for _ in range(n_sets)]
@@ -213,28 +272,34 @@ def decode_sizes(llr: np.ndarray, spacing_mm: float, prior: SizePrior) -> tuple[
                 preds[index[nxt]].append((i, float(logp)))
                 succs[i].append((index[nxt], float(logp)))
     first, last = index[(0, 0)], index[(N_LEVELS - 1, N_LEVELS - 1)]
-    # the field starts (ends) inside a run with d slices of it seen: P ~ survival(d) / the column's mean length
-    mean_len = sum(float((np.exp(lp) * np.arange(lp.shape[1])).sum(axis=1).mean()) for lp, _ in durs) / 2.0
-    log_norm = np.log(max(mean_len, 1.0))
-    log_in_start = float(np.log1p(-np.exp(prior.log_start_above)) - log_norm)
-    log_in_end = float(np.log1p(-np.exp(prior.log_end_below)) - log_norm)
+    # the field's top (bottom) lies m slices inside the column with P (1 - start_above) (1 - q) q^m (module doc)
+    log_q = -spacing_mm / prior.cut_mm
+    log_1mq = float(np.log(-np.expm1(log_q)))
+    cut_d, log_mgf, log_whole = _cut_tables(durs, log_q, n)
+    above = _chain_sums(n_sets, k, log_mgf, preds, first, range(n_sets))          # (S, K) runs above j, missing
+    below = _chain_sums(n_sets, k, log_mgf, succs, last, range(n_sets - 1, -1, -1))
+    log_in_start = float(np.log1p(-np.exp(prior.log_start_above))) + log_1mq + above     # (S, K)
+    log_in_end = float(np.log1p(-np.exp(prior.log_end_below))) + log_1mq + below
+    whole = log_in_start + log_in_end + log_whole + prior.log_scale_w[None, :] + cum[n][:, None]  # (S, K): one
+    # run holds every slice, cut at both ends
     left = n - np.arange(n + 1)
     log_w = prior.log_scale_w[:, None]
 
     def cut_start_of(j: int, gain: np.ndarray) -> np.ndarray:
-        """(K, n + 1): run j covers [0, t), cut by the field's start: P(D >= t)."""
-        log_surv = durs[j][1]
+        """(K, n + 1): run j covers [0, t), cut by the field's start: t of it seen, the rest and the runs above
+        missing."""
         out = np.full((k, n + 1), NEG)
-        m = min(n, log_surv.shape[1] - 1)
-        out[:, 1:m + 1] = log_surv[:, 1:m + 1] + log_in_start + log_w + gain[None, 1:m + 1]
+        m = min(n, cut_d[j].shape[1] - 1)
+        out[:, 1:m + 1] = cut_d[j][:, 1:m + 1] + log_in_start[j][:, None] + log_w + gain[None, 1:m + 1]
         return out
 
     def cut_end_of(j: int, gain: np.ndarray) -> np.ndarray:
-        """(K, n + 1): run j begins at s and goes on past the last slice: P(D >= n - s) (without begin)."""
-        log_surv = durs[j][1]
-        ok = left < log_surv.shape[1]
+        """(K, n + 1): run j begins at s and goes on past the last slice: n - s of it seen (without begin)."""
+        ok = left < cut_d[j].shape[1]
+        if j == first:
+            ok[n] = False          # C1 beginning past the last slice: a field without any level (not decoded)
         out = np.full((k, n + 1), NEG)
-        out[:, ok] = log_surv[:, left[ok]] + log_in_end + gain[n] - gain[ok][None, :]
+        out[:, ok] = cut_d[j][:, left[ok]] + log_in_end[j][:, None] + gain[n] - gain[ok][None, :]
         return out
 
     # ---------------- forward: log P(evidence before t, run j begins / ends / is left at t)
@@ -252,12 +317,12 @@ def decode_sizes(llr: np.ndarray, spacing_mm: float, prior: SizePrior) -> tuple[
         leave[j] = np.logaddexp(end[j], begin[j] + durs[j][0][:, :1])
     terms = np.stack([leave[last] + prior.log_end_below,
                       *(begin[j] + cut_end_of(j, cum[:, j]) for j in range(n_sets))])
-    per_scale = logsumexp(terms, axis=(0, 2))
+    per_scale = np.logaddexp(logsumexp(terms, axis=(0, 2)), logsumexp(whole, axis=0))
     log_z = float(logsumexp(per_scale))
     if not np.isfinite(log_z):
         raise ValueError("no segmentation of the slices fits the size prior (check prior: and the spacing)")
     present = _viterbi(int(np.argmax(per_scale)), n, bits, cum, durs, preds, first, last, prior,
-                       cut_start, cut_end_of)
+                       cut_start, cut_end_of, whole)
 
     # ---------------- backward: log P(evidence from t on | run j left at t / begins non-empty at t)
     bleave, nonskip, bbegin = (np.full(shape, NEG) for _ in range(3))
@@ -276,13 +341,13 @@ def decode_sizes(llr: np.ndarray, spacing_mm: float, prior: SizePrior) -> tuple[
         p_begin = np.exp(begin[j] + nonskip[j] - log_z).sum(axis=0)
         p_begin[0] += float(np.exp(cut_start[j] + bleave[j] - log_z).sum())
         p_end = np.exp(end[j] + bleave[j] - log_z).sum(axis=0)
-        occ[:, j] = np.cumsum(p_begin)[:n] - np.cumsum(p_end)[:n]
+        occ[:, j] = np.cumsum(p_begin)[:n] - np.cumsum(p_end)[:n] + float(np.exp(whole[j] - log_z).sum())
     return present, np.clip(occ @ bits.astype(float), 0.0, 1.0)
 
 
 def _viterbi(kk: int, n: int, bits: np.ndarray, cum: np.ndarray, durs: list[tuple[np.ndarray, np.ndarray]],
              preds: list[list[tuple[int, float]]], first: int, last: int, prior: SizePrior,
-             cut_start: np.ndarray, cut_end_of: Any) -> np.ndarray:
+             cut_start: np.ndarray, cut_end_of: Any, whole: np.ndarray) -> np.ndarray:
     """The best path at size factor kk: its (n, 7) presence."""
     n_sets = len(prior.sets)
     vbegin, vend, vleave = (np.full((n_sets, n + 1), NEG) for _ in range(3))
@@ -310,6 +375,10 @@ def _viterbi(kk: int, n: int, bits: np.ndarray, cum: np.ndarray, durs: list[tupl
     best = max(range(len(vterms)), key=lambda i: float(vterms[i].max()))
     t = int(np.argmax(vterms[best]))
     present = np.zeros((n, bits.shape[1]), dtype=bool)
+    j_whole = int(np.argmax(whole[:, kk]))
+    if whole[j_whole, kk] > vterms[best][t]:       # one run holds the whole field
+        present[:] = bits[j_whole]
+        return present
     if best == 0:                                   # the last run is left at t ("below" after it)
         j, state = last, "leave"
     else:                                           # run best - 1 begins at t and goes on past the last slice

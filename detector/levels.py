@@ -105,8 +105,8 @@ def _posteriors(emis: np.ndarray, trans: np.ndarray) -> np.ndarray:
     return np.exp(post - logsumexp(post, axis=1, keepdims=True))
 
 
-def _decode(evidence: np.ndarray, config: Any, weight: float, spacing_mm: float | None = None
-            ) -> tuple[np.ndarray, np.ndarray]:
+def _decode(evidence: np.ndarray, config: Any, weight: float, spacing_mm: float | None = None,
+            column: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     evidence = np.asarray(evidence, dtype=float)
     if evidence.ndim != 2 or evidence.shape[1] != N_LEVELS:
         raise ValueError(f"evidence must be (slices, {N_LEVELS}), got shape {evidence.shape}")
@@ -117,9 +117,13 @@ def _decode(evidence: np.ndarray, config: Any, weight: float, spacing_mm: float 
         if spacing_mm is None:
             raise ValueError("decode.model 'sizes' needs the study's slice spacing (spacing_mm)")
         llr = evidence_log_odds(evidence, config, weight)
-        if not (llr > 0).any():                 # nothing located: nothing to place the column by
-            return np.zeros(evidence.shape, dtype=bool), np.zeros(evidence.shape)
-        return decode_sizes(llr, float(spacing_mm), size_prior(config))
+        col = None
+        if column is not None and float(dec["column_weight"]) > 0:
+            col = column_log_odds(column, config, weight)
+        if not (llr > 0).any() and not (col is not None and (col > 0).any()):
+            return np.zeros(evidence.shape, dtype=bool), np.zeros(evidence.shape)   # nothing to place the column by
+        seen = (evidence > PRESENT).any(axis=0) if bool(dec["ignore_unseen"]) else np.ones(N_LEVELS, dtype=bool)
+        return decode_sizes(llr, float(spacing_mm), size_prior(config), col, column_levels=seen)
     states = level_states(int(dec["max_levels_per_slice"]), bool(dec["allow_gaps"]))
     bits = _state_bits(states)
     trans = _log_transitions(states, float(dec["switch_penalty"]))
@@ -149,6 +153,22 @@ def evidence_log_odds(evidence: np.ndarray, config: Any, weight: float = 1.0) ->
     return lo
 
 
+def column_log_odds(column: np.ndarray, config: Any, weight: float = 1.0) -> np.ndarray:
+    """(n,) "some vertebra here" scores -> what each adds to a path holding any level there (decode.model sizes).
+
+    The same mapping as evidence_log_odds (clip, log-odds x decode.evidence_weight x weight), scaled by
+    decode.column_weight, the negative ones (nothing found on the slice) by decode.column_absent_weight instead.
+    With decode.ignore_unseen the negative ones count only against runs holding a level the locator finds
+    somewhere in the study (finding nothing where only unseen levels could be says nothing: the issue's C1-C3
+    locator finds nothing below C3).
+    """
+    dec = config["decode"]
+    clip = float(dec["evidence_clip"])
+    lo = logit(np.clip(np.asarray(column, dtype=float), clip, 1.0 - clip))
+    lo = lo * float(dec["evidence_weight"]) * float(dec["column_weight"]) * weight
+    return np.where(lo < 0, lo * float(dec["column_absent_weight"]), lo)
+
+
 def decode_levels(evidence: np.ndarray, *, config: Any, weight: float = 1.0,
                   spacing_mm: float | None = None) -> np.ndarray:
     """Return the most likely level presence (bool, same shape) under the anatomical-order prior.
@@ -176,14 +196,20 @@ def interpolate_evidence(sampled: np.ndarray, evidence: np.ndarray, n_slices: in
 
 
 def decode_sampled(evidence: np.ndarray, sampled: np.ndarray, n_slices: int, *,
-                   config: Any, spacing_mm: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   config: Any, spacing_mm: float | None = None, column: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """Decode (m, 7) evidence on sampled slices into every slice: (presence bool (n, 7), confidence (n, 7)).
 
-    The evidence is interpolated linearly to all slices, then decoded with its log-odds scaled by m / n,
-    so the total weight of the evidence does not depend on the sampling step.
+    The evidence (and the optional (m,) column evidence) is interpolated linearly to all slices, then decoded
+    with its log-odds scaled by m / n, so the total weight of the evidence does not depend on the sampling step.
     """
     full = interpolate_evidence(sampled, evidence, n_slices)
-    return _decode(full, config, len(sampled) / n_slices, spacing_mm)
+    col = None
+    if column is not None:
+        order = np.argsort(np.asarray(sampled, dtype=float))
+        col = np.interp(np.arange(n_slices, dtype=float), np.asarray(sampled, dtype=float)[order],
+                        np.asarray(column, dtype=float)[order])
+    return _decode(full, config, len(sampled) / n_slices, spacing_mm, col)
 
 
 # ---------------------------------------------------------------- from locator detections
@@ -206,6 +232,17 @@ def detections_evidence(detections: pd.DataFrame, sampled: np.ndarray, *, config
     return expit(logit(np.clip(best, clip, 1.0 - clip)) - shift)
 
 
+def column_evidence(evidence: np.ndarray, *, config: Any) -> np.ndarray:
+    """(m,) "some vertebra on this slice" presence from detections_evidence's (m, 7): the best over the levels,
+    its odds moved from locate.presence_threshold to locate.column_threshold."""
+    if not len(evidence):
+        return np.zeros(0)
+    loc = config["locate"]
+    clip = float(config["decode"]["evidence_clip"])
+    best = np.clip(np.asarray(evidence, dtype=float).max(axis=1), clip, 1.0 - clip)
+    return expit(logit(best) + logit(float(loc["presence_threshold"])) - logit(float(loc["column_threshold"])))
+
+
 def locate_study(detections: pd.DataFrame, n_slices: int, sampled: np.ndarray, *, config: Any,
                  study_uid: str | None = None, slice_numbers: Sequence[int] | None = None,
                  spacing_mm: float | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -224,7 +261,8 @@ def locate_study(detections: pd.DataFrame, n_slices: int, sampled: np.ndarray, *
     if sampled[0] < 0 or sampled[-1] >= n_slices:
         raise ValueError(f"sampled slice indices {sampled[0]}..{sampled[-1]} outside 0..{n_slices - 1}")
     evidence = detections_evidence(detections, sampled, config=config)
-    present, conf = decode_sampled(evidence, sampled, n_slices, config=config, spacing_mm=spacing_mm)
+    present, conf = decode_sampled(evidence, sampled, n_slices, config=config, spacing_mm=spacing_mm,
+                                   column=column_evidence(evidence, config=config))
 
     slice_levels = pd.DataFrame({"slice_index": np.arange(n_slices)})
     if slice_numbers is not None:

@@ -67,7 +67,8 @@ def trained_pipeline(tmp_path_factory):
         'locator:\n  set: ["train.epochs=2", "render.imgsz=64", "train.plots=false", "train.val=false"]\n'
         # a 2-epoch locator is barely trained: take its faint detections as vertebrae, so levels, crops and
         # the classifier's scores exist (the tests check the wiring, not the accuracy)
-        'levels:\n  set: ["locate.min_conf=0.0001", "locate.presence_threshold=0.0002"]\n'
+        'levels:\n  set: ["locate.min_conf=0.0001", "locate.presence_threshold=0.0002", '
+        '"locate.column_threshold=0.0002"]\n'
         # the classifier renders the crack channel: train and predict carry it (test_pipeline.py)
         'classifier:\n  set: ["train.epochs=1", "render.imgsz=32", "crops.slices_per_level=2",'
         ' "render.crack_channel=2"]\n'

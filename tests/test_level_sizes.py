@@ -27,6 +27,7 @@ from detector.level_prior import (
 from detector.level_sizes import decode_sizes, size_prior
 from detector.levels import (
     SOURCE_EXTRAPOLATED,
+    column_evidence,
     decode_sampled,
     level_summary,
     locate_study,
@@ -183,6 +184,95 @@ def test_any_evidence_decodes_into_anatomical_order(n, spacing, seed, scale):
     assert present.shape == prob.shape == (n, len(LEVELS))
     assert_anatomical(present, int(cfg.decode.max_levels_per_slice))
     assert np.isfinite(prob).all() and (prob >= 0).all() and (prob <= 1).all()
+
+
+# ---------------------------------------------------------------- column evidence and the field-cut model
+MISNAMED = 0.6
+"""Presence score of the one (randomly named) level a confused locator reports on a slice of the column."""
+MISNAMED_TOL_MM = 25.0
+"""A level placed from the column's extent, the order and the sizes only (its name is random on every slice):
+each end within this of the truth. C1-C7 span about 145 mm; the column's two ends are pinned to a sampled
+slice (4 slices, about 5 mm) and the seven lengths (5-10% SD each, co-varying through the size factor) share
+the rest, so 25 mm is about 2 SD of the error at the middle levels."""
+
+
+def misnamed(truth: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Evidence of a locator that finds the column on every EVERY_K-th slice but names a random level there."""
+    rng = np.random.default_rng(seed)
+    sampled = np.arange(0, len(truth), EVERY_K)
+    ev = np.full((len(sampled), len(LEVELS)), NOT_FOUND)
+    inside = truth[sampled].any(axis=1)
+    ev[np.nonzero(inside)[0], rng.integers(0, len(LEVELS), int(inside.sum()))] = MISNAMED
+    return sampled, ev
+
+
+def level_end_errors(present: np.ndarray, truth: np.ndarray, spacing: float) -> np.ndarray:
+    """(7,) the larger of |first - truth| and |last - truth| per level in mm (inf where a level is missing)."""
+    out = np.full(len(LEVELS), np.inf)
+    for j in range(len(LEVELS)):
+        got, want = np.nonzero(present[:, j])[0], np.nonzero(truth[:, j])[0]
+        if len(got):
+            out[j] = max(abs(got[0] - want[0]), abs(got[-1] - want[-1])) * spacing
+    return out
+
+
+def test_misnamed_detections_still_pin_the_column(worlds, learned):
+    """Names at random, the column found: the column term places every level from its extent and the sizes;
+    without it (decode.column_weight 0) the random names decide and levels are lost or misplaced."""
+    _, test = worlds
+    errors, errors_off = [], []
+    for i, (_, truth, spacing) in enumerate(truth_studies(test)):
+        sampled, ev = misnamed(truth, seed=i)
+        column = column_evidence(ev, config=learned)
+        present, _ = decode_sampled(ev, sampled, len(truth), config=learned, spacing_mm=spacing, column=column)
+        assert_anatomical(present)
+        errors.append(level_end_errors(present, truth, spacing))
+        present_off, _ = decode_sampled(ev, sampled, len(truth), config=learned, spacing_mm=spacing)
+        errors_off.append(level_end_errors(present_off, truth, spacing))
+    errors, errors_off = np.array(errors), np.array(errors_off)
+    assert (errors <= MISNAMED_TOL_MM).all(), errors.round(1)
+    assert (errors_off > MISNAMED_TOL_MM).any(), errors_off.round(1)
+
+
+def test_finding_nothing_counts_only_against_levels_the_locator_finds():
+    """The issue's locator (C1-C3 found, nothing below): its empty slices below C3 must not squeeze C4-C7 (the
+    column's negative evidence counts only against runs holding a level it finds); counted against every run, they
+    would (the flaw `column_levels` prevents)."""
+    n = 250
+    llr = np.zeros((n, len(LEVELS)))
+    llr[20:40, 0], llr[30:80, 1], llr[75:100, 2] = 1.0, 1.0, 1.0          # C1-C3 found, 1 mm slices
+    column = np.full(n, -0.5)
+    column[20:100] = 1.0                                                  # nothing found below C3
+    prior = size_prior(load_config("levels"))
+    seen = np.arange(len(LEVELS)) < 3
+
+    def ends(present: np.ndarray) -> np.ndarray:
+        return np.array([np.nonzero(present[:, j])[0][-1] for j in range(3, 7)])
+
+    free = ends(decode_sizes(llr, 1.0, prior)[0])                         # no column term at all
+    masked = ends(decode_sizes(llr, 1.0, prior, column, column_levels=seen)[0])
+    everywhere = ends(decode_sizes(llr, 1.0, prior, column)[0])
+    assert np.abs(masked - free).max() <= 3, (masked, free)
+    assert free[-1] - everywhere[-1] >= 15, (everywhere, free)            # C7 squeezed upwards by >= 15 mm
+
+
+def test_a_field_inside_one_vertebra_is_that_vertebra():
+    """A field shorter than its run (both ends cut) is decoded as that run, with a high probability."""
+    llr = np.full((4, len(LEVELS)), -1.0)
+    llr[:, 4] = 3.0
+    present, prob = decode_sizes(llr, 1.0, size_prior(load_config("levels")))
+    assert present[:, 4].all() and not np.delete(present, 4, axis=1).any()
+    assert (prob[:, 4] > 0.9).all()
+
+
+def test_a_cut_is_weighed_by_the_column_it_leaves_out():
+    """Without evidence, a 300 mm field starting (ending) inside the column: far likelier at C1 (C7), where
+    little is missing beyond the cut, than at C5 (C3), which leaves about 70 mm of column out (e^(-70 / cut_mm));
+    a cut probability independent of the missing length would make them about equally likely."""
+    cfg = load_config("levels")
+    _, prob = decode_sizes(np.zeros((300, len(LEVELS))), 1.0, size_prior(cfg))
+    assert prob[0, 0] > 10 * prob[0, 4] and prob[-1, 6] > 10 * prob[-1, 2], (prob[0], prob[-1])
+    assert prob[0].max() <= 1 - float(cfg.prior.start_above) and prob[-1].max() <= 1 - float(cfg.prior.end_below)
 
 
 # ---------------------------------------------------------------- the prior learned from segmentations

@@ -449,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = _sub(sub, "prepare-locator", "build the YOLO vertebra-locator dataset from segmentations/",
              "spinefrac prepare-locator data/synth --out work/loc_ds", _cmd_prepare_locator)
     p.add_argument("data_root", type=Path)
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True, help="YOLO dataset folder to write")
     p.add_argument("--imgsz", type=int, default=None)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--overwrite", action="store_true")
@@ -474,7 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
              _cmd_predict)
     p.add_argument("studies", type=Path, nargs="+", help=STUDIES_HELP)
     p.add_argument("--model", type=Path, required=True, help="model folder written by `spinefrac train`")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True,
+                   help="output folder (predictions.csv, submission.csv, boxes.csv, worklist.csv, report/, overlays/)")
     p.add_argument("--dicom-out", type=Path, default=None, metavar="DIR",
                    help="also write each study's results as DICOM into DIR/<study>/: a Comprehensive 3D SR (TID 1500) "
                         "and a Secondary Capture series of the overlays (needs spinefrac[dicom]; as `spinefrac "
@@ -545,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _sub(sub, "demo", "synthesise, train, predict and evaluate end to end on the CPU",
              "spinefrac demo --out demo_out", _cmd_demo)
-    p.add_argument("--out", type=Path, default=Path("demo_out"))
+    p.add_argument("--out", type=Path, default=Path("demo_out"),
+                   help="folder for the demo's studies, model, predictions and evaluation")
     p.add_argument("--clean", action="store_true", help="start from scratch")
     _add_config_args(p, "pipeline")
     return parser

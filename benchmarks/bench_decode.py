@@ -5,7 +5,7 @@
 For each transfer syntax it writes one temporary series of CT-like slices, then times (median of
 --repeats runs, after one warm-up run) reading the whole study into HU:
   pydicom loop      dcmread + pixel_array + apply_rescale per file, pydicom's default plugin
-  reader w=1        data_prep.dicom.geometry.read_volume(workers=1)
+  reader w=1        data_prep.dicom.volume.read_volume(workers=1)
   reader w=2 proc   read_volume(workers=2) with the process pool
   reader w=2 thread read_volume(workers=2) with threads
 Every method's volume is checked equal to the pydicom loop's before timing counts.

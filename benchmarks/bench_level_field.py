@@ -194,7 +194,7 @@ def fit_calibration(dets: pd.DataFrame, truth: dict[str, np.ndarray]) -> tuple[n
 def validation_detections(work: Path, train: Path, weights: Path, tag: str, imgsz: int | None) -> pd.DataFrame:
     """The locator's detections on its own validation studies (the locator dataset's val fold), kept in
     DIR/valdets_<tag>.csv."""
-    from data_prep.dicom.reader import scan_study
+    from data_prep.dicom.geometry import scan_study
     from detector.detect import load_locator, locator_detections
 
     path = work / f"valdets_{tag}.csv"

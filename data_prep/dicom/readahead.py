@@ -1,7 +1,7 @@
 """Read studies ahead: while one study is in the models, the next one is scanned and its first chunks decoded.
 
 A batch of studies is read by one background thread, in order: it scans a study's headers, then streams its
-chunks (data_prep.dicom.geometry.iter_chunks, decoded by the worker pool) into that study's bounded queue, then moves
+chunks (data_prep.dicom.volume.iter_chunks, decoded by the worker pool) into that study's bounded queue, then moves
 on to the next study as soon as the last chunk is queued. So the decoders never wait for the models to finish a
 study, and memory stays bounded: at most `depth` chunks are held ahead of the consumer, plus the chunk the
 reader is filling, whatever the number of studies.

@@ -195,7 +195,7 @@ def validation_detections(work: Path, train: Path, weights: Path, tag: str, imgs
     """The locator's detections on its own validation studies (the locator dataset's val fold), kept in
     DIR/valdets_<tag>.csv."""
     from data_prep.dicom.geometry import scan_study
-    from detector.detect import load_locator, locator_detections
+    from detector.locate import load_locator, locator_detections
 
     path = work / f"valdets_{tag}.csv"
     if path.is_file():

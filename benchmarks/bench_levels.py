@@ -32,12 +32,11 @@ import pandas as pd
 from data_prep.realdata import realdata_file
 from data_prep.runs.config import load_config
 from data_prep.runs.registry import LEVELS, STUDY_COL
+from detector.level_prior import CLEAN_GAP, clean_levels
 from detector.levels import assign_boxes, decode_sampled, locate_study, relative_z_levels
 
 PRESENT_SCORE = 0.8
 """Presence score given to a (corrupted) bit 1 of the real table; bit 0 gets 1 - PRESENT_SCORE."""
-CLEAN_GAP = 2
-"""Truth cleaning: gaps of at most this many slices inside a level's run are closed; the longest run is kept."""
 SEED = 0
 SYNTH_SLICES = 150
 """Slices per synthetic study of the oracle run (about 1.3 mm thick, real studies 0.5-1.25 mm)."""
@@ -72,19 +71,6 @@ SCENARIOS: tuple[Corruption, ...] = (
 
 
 # ---------------------------------------------------------------- truth and metrics
-def clean_runs(bits: np.ndarray, gap: int = CLEAN_GAP) -> np.ndarray:
-    """Keep each level's longest run (after closing gaps of <= gap slices): drops stray segmentation voxels."""
-    out = np.zeros_like(bits, dtype=bool)
-    for j in range(bits.shape[1]):
-        idx = np.nonzero(bits[:, j])[0]
-        if len(idx) == 0:
-            continue
-        segs = np.split(idx, np.nonzero(np.diff(idx) > gap + 1)[0] + 1)
-        best = max(segs, key=lambda s: s[-1] - s[0])
-        out[best[0]:best[-1] + 1, j] = True
-    return out
-
-
 def spans(bits: np.ndarray) -> list[tuple[int, int] | None]:
     """First and last slice of each level (None when absent)."""
     out: list[tuple[int, int] | None] = []
@@ -166,7 +152,7 @@ def real_sequences(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     out = {}
     for uid, g in df.groupby(STUDY_COL, sort=True):
         raw = g.sort_values("SliceNumber")[list(LEVELS)].to_numpy().astype(bool)
-        out[str(uid)] = (raw, clean_runs(raw))
+        out[str(uid)] = (raw, clean_levels(raw))
     return out
 
 

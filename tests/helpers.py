@@ -65,3 +65,32 @@ def use_fixed_boxes(monkeypatch, home: Path, boxes=(FIXED_BOX,)) -> None:
     """Make detector.backends.load_predictor return FixedBoxes(boxes); Ultralytics' settings go under `home`."""
     monkeypatch.setenv("SPINEFRAC_HOME", str(home))
     monkeypatch.setattr("detector.backends.load_predictor", lambda weights, **kw: FixedBoxes(boxes))
+
+
+def use_stand_in_model(monkeypatch, root: Path, imgsz: int) -> dict[str, float]:
+    """`spinefrac predict` with a stand-in model folder at root/model: the fixed-box detector weights root/w.pt,
+    default stage configs (detector at `imgsz`, one small overlay), no locator, every probability 0.5. Returns
+    the stand-in's training prior."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from data_prep.runs.config import load_config
+    from data_prep.runs.registry import STUDY_COL, TARGETS
+
+    prior = {t: 0.1 + 0.05 * i for i, t in enumerate(TARGETS)}
+    configs = {"detector": load_config("detector", None, [f"render.imgsz={imgsz}", "overlays.display_size=64",
+                                                          "overlays.top_n=1"]),
+               "locator": load_config("locator"), "levels": load_config("levels"),
+               "aggregation": load_config("aggregation"), "classifier": load_config("classifier")}
+    model = SimpleNamespace(root=root / "model", configs=configs, detector_weights=root / "w.pt",
+                            locator_weights=None, prior=prior, meta={}, classifier_weights=[])
+    monkeypatch.setattr("spinefrac.pipeline.open_model", lambda model_dir: model)
+
+    class HalfAggregator:
+        def predict_proba(self, features):
+            uids = sorted(set(features[STUDY_COL].astype(str)))
+            return pd.DataFrame({STUDY_COL: uids, **{t: 0.5 for t in TARGETS}})
+
+    monkeypatch.setattr("aggregation.model.StudyAggregator.load", classmethod(lambda cls, d: HalfAggregator()))
+    return prior

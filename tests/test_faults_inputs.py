@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from helpers import use_fixed_boxes
+from helpers import use_fixed_boxes, use_stand_in_model
 
 from data_prep.dicom import geometry, slice_file
 from data_prep.dicom import volume as dicom_volume
@@ -24,7 +24,6 @@ from data_prep.dicom.inspect import inspect_path
 from data_prep.dicom.writer import write_series
 from data_prep.errors import InputError
 from data_prep.runs import registry
-from data_prep.runs.config import load_config
 from data_prep.runs.registry import STUDY_COL, TARGETS
 from data_prep.runs.tables import TableError, read_table
 from spinefrac.cli import main
@@ -402,21 +401,7 @@ def test_empty_study_folder_in_predict_gets_the_prior(tmp_path, fake_model, monk
     images = tmp_path / "test_images"
     write_study(images, "1.2.3.95")
     (images / "1.2.3.96").mkdir()
-    prior = {t: 0.1 + 0.05 * i for i, t in enumerate(TARGETS)}
-    configs = {"detector": load_config("detector", None, [f"render.imgsz={IMGSZ}", "overlays.display_size=64",
-                                                          "overlays.top_n=1"]),
-               "locator": load_config("locator"), "levels": load_config("levels"),
-               "aggregation": load_config("aggregation"), "classifier": load_config("classifier")}
-    model = SimpleNamespace(root=tmp_path / "model", configs=configs, detector_weights=tmp_path / "w.pt",
-                            locator_weights=None, prior=prior, meta={}, classifier_weights=[])
-    monkeypatch.setattr("spinefrac.pipeline.open_model", lambda model_dir: model)
-
-    class HalfAggregator:
-        def predict_proba(self, features):
-            uids = sorted(set(features[STUDY_COL].astype(str)))
-            return pd.DataFrame({STUDY_COL: uids, **{t: 0.5 for t in TARGETS}})
-
-    monkeypatch.setattr("aggregation.model.StudyAggregator.load", classmethod(lambda cls, d: HalfAggregator()))
+    prior = use_stand_in_model(monkeypatch, tmp_path, IMGSZ)
     test_csv = tmp_path / "test.csv"
     rows = [registry.row_id(u, t) for u in ("1.2.3.95", "1.2.3.96") for t in TARGETS]
     pd.DataFrame({"row_id": rows}).to_csv(test_csv, index=False)

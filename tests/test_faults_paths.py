@@ -15,17 +15,15 @@ import logging
 import os
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
-from helpers import use_fixed_boxes
+from helpers import use_fixed_boxes, use_stand_in_model
 
 from data_prep.dicom.study_finder import search_dicom
 from data_prep.dicom.writer import write_series
-from data_prep.runs.config import load_config
 from data_prep.runs.registry import STUDY_COL, TARGETS
 from data_prep.safe_paths import safe_name
 from data_prep.synthetic.export import write_export
@@ -67,21 +65,7 @@ def detect_cli(studies, out, *extra):
 @pytest.fixture
 def fake_predict(monkeypatch, tmp_path, fake_model):
     """`spinefrac predict` with a stand-in model folder (fixed boxes, every probability 0.5)."""
-    prior = {t: 0.1 + 0.05 * i for i, t in enumerate(TARGETS)}
-    configs = {"detector": load_config("detector", None, [f"render.imgsz={IMGSZ}", "overlays.display_size=64",
-                                                          "overlays.top_n=1"]),
-               "locator": load_config("locator"), "levels": load_config("levels"),
-               "aggregation": load_config("aggregation"), "classifier": load_config("classifier")}
-    model = SimpleNamespace(root=tmp_path / "model", configs=configs, detector_weights=tmp_path / "w.pt",
-                            locator_weights=None, prior=prior, meta={}, classifier_weights=[])
-    monkeypatch.setattr("spinefrac.pipeline.open_model", lambda model_dir: model)
-
-    class HalfAggregator:
-        def predict_proba(self, features):
-            uids = sorted(set(features[STUDY_COL].astype(str)))
-            return pd.DataFrame({STUDY_COL: uids, **{t: 0.5 for t in TARGETS}})
-
-    monkeypatch.setattr("aggregation.model.StudyAggregator.load", classmethod(lambda cls, d: HalfAggregator()))
+    use_stand_in_model(monkeypatch, tmp_path, IMGSZ)
 
     def run(studies, out, *extra):
         return main(["predict", str(studies), "--model", str(tmp_path / "model"), "--out", str(out),

@@ -1,6 +1,6 @@
 """The difficulty ladder: where the pipeline stops seeing, per synthetic world, as mean and spread over seeds.
 
-    python -m benchmarks.bench_ladder --worlds coarse default subtle --seeds 0 1 2 --budget 9m --work DIR
+    python -m benchmarks.bench_ladder --worlds coarse default subtle --seeds 0 1 2 --budget 7m --work DIR
     python -m benchmarks.bench_ladder ... --label crack --set 'detector.set=["render.imgsz=288"]'   # an ablation
 
 For every world (configs/worlds.yaml) and seed S, one *cell*:
@@ -79,14 +79,16 @@ TRAIN_STUDIES = 100
 detect stages inside the budget short on 2 cores, where the budget, not the data, limits the detector."""
 TEST_STUDIES = 40
 """Held-out studies per cell, as the demo's (19 positive at the real 47.6% rate)."""
-BUDGET = "9m"
-"""`spinefrac train --budget` per cell: with synthesis (~2.5 min), training (~9.5 min with its overrun) and
-predict (~1.5 min), 3 worlds x 3 seeds take about 2 hours on 2 cores (docs/ladder.md: measured)."""
+BUDGET = "7m"
+"""`spinefrac train --budget` per cell: measured on a quiet 2-core machine, a cell took 8.9-9.2 min (synthesis
+1.3 min, train 6.5 min, predict 1.2 min) and each seed's shared locator 6 min, so 3 worlds x 3 seeds take about
+1.7 hours (docs/ladder.md, "Results")."""
 WORLDS = ("coarse", "default", "subtle")
 SEEDS = (0, 1, 2)
 LADDER_SETS = ("budget.reserve=0.25",)
 """Pipeline overrides of the ladder besides the demo's: on 2 cores, detecting and scoring the 40 aggregator
-studies (two fold classifiers) and fitting the aggregator take about a quarter of a 9-minute budget."""
+studies (two fold classifiers) and fitting the aggregator took about a quarter of a 9-minute budget on a shared
+machine, 65 s of a 7-minute one on a quiet machine (the rest of the reserve, ~40 s, went unused)."""
 STAGES = ("detector", "locator", "levels", "aggregation", "classifier")
 STAGE_SETS: dict[str, tuple[str, ...]] = {"locator": ("train.epochs=20",)}
 """The ladder's own stage overrides besides the demo's: a 20-epoch locator (with the demo's 10 epochs the classifier

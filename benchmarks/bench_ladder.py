@@ -80,9 +80,9 @@ detect stages inside the budget short on 2 cores, where the budget, not the data
 TEST_STUDIES = 40
 """Held-out studies per cell, as the demo's (19 positive at the real 47.6% rate)."""
 BUDGET = "7m"
-"""`spinefrac train --budget` per cell: measured on a quiet 2-core machine, a cell took 8.9-9.2 min (synthesis
-1.3 min, train 6.5 min, predict 1.2 min) and each seed's shared locator 6 min, so 3 worlds x 3 seeds take about
-1.7 hours (docs/ladder.md, "Results")."""
+"""`spinefrac train --budget` per cell: measured on a quiet 2-core machine, a cell took 8.9-9.5 min (synthesis
+1.3 min, train 6.5 min, predict 1.2 min) and each seed's shared locator 6.0-6.9 min, so 3 worlds x 3 seeds
+take about 1.7 hours (docs/ladder.md, "Results")."""
 WORLDS = ("coarse", "default", "subtle")
 SEEDS = (0, 1, 2)
 LADDER_SETS = ("budget.reserve=0.25",)

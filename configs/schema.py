@@ -29,6 +29,7 @@ NEGATIVE_SAMPLING = ("matched", "uniform")                     # detector/yolo_d
 CACHE = ("none", "ram", "disk")                                # detector/train.py CACHE_CHOICES
 OMP_WAITS = ("passive", "default")                             # detector/train.py OMP_WAIT_CHOICES
 BACKENDS = ("auto", "pytorch", "onnx", "openvino")             # detector/backends.py BACKEND_CHOICES
+CLASSIFIER_BACKENDS = ("auto", "pytorch", "openvino")          # detector/classifier.py load_classifier
 OPTIMIZERS = ("auto", "SGD", "MuSGD", "Adam", "Adamax", "AdamW", "NAdam", "RAdam", "RMSprop")  # Ultralytics names
 LEVEL_MODES = ("shared", "per_level")                          # aggregation/model.py LEVEL_MODES
 CALIBRATIONS = ("sigmoid", "isotonic", "none")                 # aggregation/model.py CALIBRATION_METHODS
@@ -297,6 +298,7 @@ class ClassifierPrepareSection(Section):
 class ScoreSection(Section):
     top_k: PosInt
     batch: PosInt
+    backend: Literal[CLASSIFIER_BACKENDS]  # type: ignore[valid-type]
 
 
 class ClassifierConfig(Section):

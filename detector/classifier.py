@@ -47,6 +47,13 @@ class VertebraClassifier:
     positive: list[int] = field(repr=False)
     threads: int | None = None
     device: Any = field(default=None, repr=False)
+    ensemble: Any = field(default=None, repr=False)
+    """The fold models as one compiled OpenVINO graph (detector/classifier_ensemble.py), or None: PyTorch."""
+
+    @property
+    def backend(self) -> str:
+        """"openvino" (every fold in one call) or "pytorch" (one fold model after the other)."""
+        return "pytorch" if self.ensemble is None else "openvino"
 
     @property
     def imgsz(self) -> int:
@@ -68,11 +75,15 @@ class VertebraClassifier:
         if len(images) == 0:
             return np.zeros(0)
         # BGR BHWC -> RGB BCHW in [0, 1]: what Ultralytics' classify dataset feeds the network from the PNGs
+        batch = int(self.config["score"]["batch"])
+        if self.ensemble is not None:
+            from detector.classifier_ensemble import predict_ensemble
+
+            return predict_ensemble(self.ensemble, to_model_input(images), batch)
         x = torch.from_numpy(to_model_input(images)).to(self.device)
         if self.device is None or getattr(self.device, "type", "cpu") == "cpu":
             restore_threads(self.threads)
         total = np.zeros(len(images))
-        batch = int(self.config["score"]["batch"])
         with torch.inference_mode():
             for model, pos in zip(self.models, self.positive, strict=True):
                 for start in range(0, len(x), batch):
@@ -84,7 +95,12 @@ class VertebraClassifier:
 
 def load_classifier(weights: Sequence[str | os.PathLike], *, config: Mapping[str, Any] | None = None,
                     device: Any = None, threads: int | None = None) -> VertebraClassifier:
-    """Load fold classifiers (spinefrac weights files, read weights-only) with their configs/classifier.yaml."""
+    """Load fold classifiers (spinefrac weights files, read weights-only) with their configs/classifier.yaml.
+
+    On the CPU, score.backend "auto" or "openvino" joins the fold models into one OpenVINO graph (converted once,
+    cached beside the first fold's weights: detector/classifier_ensemble.py); "auto" falls back to PyTorch with a
+    warning when that fails, "openvino" raises.
+    """
     from data_prep.runs.config import load_config
     from detector.offline import configure_ultralytics
     from detector.weights import TASK_CLASSIFY, build_model
@@ -108,7 +124,19 @@ def load_classifier(weights: Sequence[str | os.PathLike], *, config: Mapping[str
                                    "a vertebra classifier is trained on prepare-classifier's 0/1 folders")
         models.append(model.to(dev))
         positive.append(next(k for k, v in names.items() if v == POSITIVE_CLASS))
-    return VertebraClassifier(paths, cfg, models, positive, threads=threads, device=dev)
+    backend = str(cfg["score"]["backend"])
+    ensemble = None
+    if backend != "pytorch" and dev.type == "cpu":
+        from detector.classifier_ensemble import load_ensemble
+
+        try:
+            ensemble = load_ensemble(paths, models, positive, imgsz=int(cfg["render"]["imgsz"]), threads=threads)
+        except (ImportError, OSError, RuntimeError) as exc:
+            if backend == "openvino":
+                raise
+            log.warning("the %d fold classifiers run in PyTorch: no OpenVINO ensemble (%s: %s)", len(paths),
+                        type(exc).__name__, exc)
+    return VertebraClassifier(paths, cfg, models, positive, threads=threads, device=dev, ensemble=ensemble)
 
 
 def level_scores(probs: np.ndarray, levels: Sequence[str], *, top_k: int) -> pd.DataFrame:

@@ -18,6 +18,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -377,12 +378,21 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
     rebuild_every = max(1, int(det["rebuild_every"]))
     result.skipped, todo = plan_studies(study_dirs, runner.markers, overwrite=overwrite)
     streams = runner.read_ahead(todo)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detect-outputs")
+    pending = None          # the previous study's parts, overlays and marker, written while this one is detected
     try:
         for k, study in enumerate(tqdm(todo, desc="detect", unit="study", disable=not progress), start=1):
-            result.add(runner.run(study, stream=next(streams)))
+            detected = runner.detect(study, stream=next(streams))
+            if pending is not None:
+                result.add(pending.result())     # one study in the writer at a time: memory stays bounded
+            pending = writer.submit(runner.finish, study, detected)
             if k % rebuild_every == 0:
                 rebuild_outputs(out, config=config)
+        if pending is not None:
+            result.add(pending.result())
+            pending = None
     finally:
+        writer.shutdown(wait=True)     # an interrupted run still finishes (or records) the study being written
         streams.close()     # stops the reader thread (an interrupted run leaves no reader behind)
         rebuild_outputs(out, config=config, runtime_s=time.perf_counter() - t0,
                         extra={**runner.describe(),
@@ -460,6 +470,18 @@ class StudyRunner:
                           locator=self.locator, levels_config=self.levels_config, labels=self.labels,
                           workers=self.workers, classifier=self.classifier, stream=stream)
 
+    def detect(self, study: Study, stream: Any = None) -> Any:
+        """The models' part of `run`: the study's detections for `finish`, or its failed StudyOutcome."""
+        return _detect_one(study, self.predictor, markers=self.markers, config=self.config, locator=self.locator,
+                           levels_config=self.levels_config, workers=self.workers, classifier=self.classifier,
+                           stream=stream)
+
+    def finish(self, study: Study, detected: Any) -> StudyOutcome:
+        """The writing part of `run`: parts, overlays and done marker of what `detect` gave (may run in a thread)."""
+        if isinstance(detected, StudyOutcome):
+            return detected
+        return _finish_one(study, detected, markers=self.markers, config=self.config, labels=self.labels)
+
     def read_ahead(self, studies: Sequence[Study]) -> Iterator[Any]:
         """The studies' StudyStreams, read `detect.prefetch` chunks ahead across studies (None each when 0)."""
         det = self.config["detect"]
@@ -485,11 +507,27 @@ def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, con
                locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
                workers: int, classifier: Any = None, stream: Any = None) -> StudyOutcome:
     """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
+    found = _detect_one(study, predictor, markers=markers, config=config, locator=locator,
+                        levels_config=levels_config, workers=workers, classifier=classifier, stream=stream)
+    if isinstance(found, StudyOutcome):
+        return found
+    return _finish_one(study, found, markers=markers, config=config, labels=labels)
+
+
+@dataclass
+class _Detected:
+    """A study's detections on their way to the writer: the tables, and when detecting it began."""
+
+    found: StudyDetections
+    t0: float
+
+
+def _detect_one(study: Study, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
+                locator: Locator | None, levels_config: Mapping[str, Any] | None, workers: int,
+                classifier: Any = None, stream: Any = None) -> _Detected | StudyOutcome:
+    """The models' part of a study (nothing written but a failure record): its detections, or a failed outcome."""
     uid = study.name
-    out = markers.root
     markers.remove(uid)        # overwrite: the study (and its old parts) is not finished until it is redone
-    error_file = error_record(out, uid)
-    stage = "detect"
     t0 = time.perf_counter()
     try:
         try:
@@ -498,8 +536,32 @@ def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, con
         finally:
             if stream is not None:
                 stream.close()    # the reader moves on to the next study
-        stage = "write"
-        t_out = time.perf_counter()
+    except Exception as exc:   # noqa: BLE001 - one failed study must not stop the batch
+        return _failed(study, markers, "detect", exc)
+    return _Detected(found, t0)
+
+
+def _failed(study: Study, markers: StudyMarkers, stage: str, exc: BaseException) -> StudyOutcome:
+    """Record a failed study in errors/<uid>.json (stage and error) and return its outcome."""
+    uid = study.name
+    log.warning("study %s failed (%s): %s", uid, stage, exc)
+    log.debug("%s", traceback.format_exc())
+    write_json_atomic(error_record(markers.root, uid), {STUDY_COL: uid, "path": str(study), "stage": stage,
+                                                        "error": f"{type(exc).__name__}: {exc}",
+                                                        "settings_key": markers.key})
+    return StudyOutcome(uid, finished=False)
+
+
+def _finish_one(study: Study, detected: _Detected, *, markers: StudyMarkers, config: Mapping[str, Any],
+                labels: pd.DataFrame | None) -> StudyOutcome:
+    """Write a detected study's parts and overlays, then its done marker (safe to run beside the next study's
+    detection: it touches only this study's files)."""
+    uid = study.name
+    out = markers.root
+    found = detected.found
+    error_file = error_record(out, uid)
+    t_out = time.perf_counter()
+    try:
         parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes,
                  VERTEBRAE_SUFFIX: found.vertebrae, SERIES_SUFFIX: series_table(study, found.geometry)}
         files = []
@@ -508,11 +570,7 @@ def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, con
                 write_csv_atomic(markers.part(uid, suffix), table)
                 files.append(str(markers.part(uid, suffix).relative_to(out)))
     except Exception as exc:   # noqa: BLE001 - one failed study must not stop the batch
-        log.warning("study %s failed (%s): %s", uid, stage, exc)
-        log.debug("%s", traceback.format_exc())
-        write_json_atomic(error_file, {STUDY_COL: uid, "path": str(study), "stage": stage,
-                                       "error": f"{type(exc).__name__}: {exc}", "settings_key": markers.key})
-        return StudyOutcome(uid, finished=False)
+        return _failed(study, markers, "write", exc)
     if bool(config["detect"]["overlays"]):
         folder = overlay_dir(out, uid)
         try:
@@ -533,7 +591,7 @@ def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, con
     found.timings["outputs"] = time.perf_counter() - t_out
     error_file.unlink(missing_ok=True)
     markers.write(uid, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
-                        "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - t0, 3),
+                        "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - detected.t0, 3),
                         "timings_s": {k: round(v, 4) for k, v in found.timings.items()}}, files=files)
     return StudyOutcome(uid, finished=True, n_slices=found.n_slices, timings=dict(found.timings))
 

@@ -24,7 +24,7 @@ from detector.offline import configure_ultralytics, set_ultralytics_verbosity
 from detector.weights import yolo_from_weights
 
 __all__ = ["EXPORT_FORMATS", "OPENVINO_SUFFIX", "export_model", "export_weights", "exported_path", "file_sha256",
-           "fresh_export", "metadata_problem"]
+           "fresh_export", "metadata_problem", "replace_path"]
 
 log = logging.getLogger("detector")
 
@@ -72,7 +72,7 @@ def export_weights(weights: Path, *, fmt: str, imgsz: int, options: Mapping[str,
         produced = Path(produced)
         if not produced.exists():
             raise InputError(weights, f"Ultralytics reported export to {produced}, but nothing was written")
-        _replace(produced, target)
+        replace_path(produced, target)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     runtime = time.perf_counter() - start
@@ -185,7 +185,7 @@ def _read_metadata(export: Path) -> Any:
     return yaml.safe_load(sidecar.read_text(encoding="utf-8"))
 
 
-def _replace(source: Path, target: Path) -> None:
+def replace_path(source: Path, target: Path) -> None:
     """Move `source` (file or folder) to `target` with renames only; an older `target` is removed afterwards."""
     old = None
     if target.exists():

@@ -14,8 +14,11 @@ from detector.classifier import VERTEBRA_COLUMNS, level_scores, load_classifier,
 IMGSZ = 32
 
 
-def _classify_weights(path, seed: int, names=None):
-    """Save a randomly initialised yolov8n-cls network (2 classes "0", "1") as a spinefrac weights file."""
+def _classify_weights(path, seed: int, names=None, bias: float | None = None):
+    """Save a randomly initialised yolov8n-cls network (2 classes "0", "1") as a spinefrac weights file.
+
+    bias: the head's second logit is raised by this much (a random network's probabilities are all near 0.5).
+    """
     import torch
 
     from detector.offline import configure_ultralytics
@@ -27,11 +30,14 @@ def _classify_weights(path, seed: int, names=None):
     torch.manual_seed(seed)
     model = ClassificationModel("yolov8n-cls.yaml", ch=3, nc=2, verbose=False)
     model.names = names or {0: "0", 1: "1"}
+    if bias is not None:
+        with torch.no_grad():
+            model.model[-1].linear.bias[1] += bias
     return save_weights(model.eval(), path, source={"file": "test", "imgsz": IMGSZ})
 
 
-def _config():
-    return load_config("classifier", None, [f"render.imgsz={IMGSZ}", "score.batch=3"])
+def _config(backend: str = "pytorch"):
+    return load_config("classifier", None, [f"render.imgsz={IMGSZ}", "score.batch=3", f"score.backend={backend}"])
 
 
 def test_classify_weights_round_trip_and_fold_models_are_averaged(tmp_path, yolo_home):
@@ -46,6 +52,56 @@ def test_classify_weights_round_trip_and_fold_models_are_averaged(tmp_path, yolo
     assert single[0].shape == (5,) and np.all((single[0] >= 0) & (single[0] <= 1))
     assert not np.allclose(single[0], single[1])            # two different networks
     np.testing.assert_allclose(both, (single[0] + single[1]) / 2, rtol=1e-5)
+
+
+OV_TOLERANCE = 0.02
+"""OpenVINO may run bf16 on CPUs that have it (as the detector does): probabilities within ~0.01 of PyTorch."""
+
+
+def test_the_fold_models_run_as_one_openvino_graph_cached_and_checked(tmp_path, yolo_home, monkeypatch):
+    from detector import classifier_ensemble
+
+    paths = [_classify_weights(tmp_path / "fold0.pt", seed=0, bias=1.5),                    # p ~ 0.82
+             _classify_weights(tmp_path / "fold1.pt", seed=1, bias=0.5, names={0: "1", 1: "0"})]  # positive: 0, ~0.38
+    images = np.random.default_rng(2).integers(0, 256, (7, IMGSZ, IMGSZ, 3), dtype=np.uint8)
+    torch_p = load_classifier(paths, config=_config("pytorch"), device="cpu").predict(images)
+    assert torch_p == pytest.approx(np.full(7, 0.6), abs=0.03)            # the folds' mean, by hand
+    clf = load_classifier(paths, config=_config("openvino"), device="cpu")
+    assert clf.backend == "openvino"
+    np.testing.assert_allclose(clf.predict(images), torch_p, atol=OV_TOLERANCE)   # 7 crops, score.batch 3
+    cache = tmp_path / "ensemble2_openvino_model"
+    assert (cache / "ensemble.xml").is_file()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("converted again")
+
+    with monkeypatch.context() as m:        # the same weights: the cache is used as it is
+        m.setattr(classifier_ensemble, "_convert", no_conversion)
+        np.testing.assert_allclose(load_classifier(paths, config=_config("auto"), device="cpu").predict(images),
+                                   torch_p, atol=OV_TOLERANCE)
+    blob = next(cache.glob("*.bin"))
+    blob.write_bytes(b"\0" * blob.stat().st_size)               # tampered with: converted again, not used
+    np.testing.assert_allclose(load_classifier(paths, config=_config("openvino"), device="cpu").predict(images),
+                               torch_p, atol=OV_TOLERANCE)
+    other = [paths[0], _classify_weights(tmp_path / "other.pt", seed=5, bias=-2.0)]   # other folds: not this cache
+    expected = load_classifier(other, config=_config("pytorch"), device="cpu").predict(images)
+    np.testing.assert_allclose(load_classifier(other, config=_config("openvino"), device="cpu").predict(images),
+                               expected, atol=OV_TOLERANCE)
+    assert expected == pytest.approx(np.full(7, 0.47), abs=0.03)          # (0.82 + 0.12) / 2
+
+
+def test_auto_falls_back_to_pytorch_when_the_ensemble_cannot_be_written(tmp_path, yolo_home, monkeypatch):
+    from detector import classifier_ensemble
+
+    path = _classify_weights(tmp_path / "fold0.pt", seed=0)
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(classifier_ensemble, "_convert", read_only)
+    assert load_classifier([path], config=_config("auto"), device="cpu").backend == "pytorch"
+    with pytest.raises(PermissionError):
+        load_classifier([path], config=_config("openvino"), device="cpu")
 
 
 def test_the_positive_class_is_found_by_name_not_position(tmp_path, yolo_home):

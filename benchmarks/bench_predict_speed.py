@@ -1,7 +1,13 @@
 """Whole-study speed of `spinefrac predict` on full-size studies, beside its limit and the naive path, in one run.
 
-    python -m benchmarks.bench_predict_speed --model MODEL_DIR [--studies-dir DIR | --studies 20]
-                                             [--naive-studies 3] [--rss-studies 10 100] [--work DIR]
+    python -m benchmarks.bench_predict_speed (--model MODEL_DIR | --default-model) [--studies-dir DIR | --studies 20]
+                                             [--naive-studies 3] [--rss-studies 20 100] [--work DIR]
+
+--default-model measures a model folder of the default configuration (detector 288 px, locator 256 px, five fold
+classifiers at 96 px), trained by the benchmark itself into WORK/default_model when it is not there yet: 48
+synthetic studies (120 slices, every one segmented) and `spinefrac train` with the defaults but few epochs
+(DEFAULT_TRAIN_SET: the locator 14 epochs, so that it finds the vertebrae and the classifier gets its crops; the
+detector 3 and the classifiers 2, as speed does not depend on how well they learnt); about 35 min on 2 cores.
 
 Every measurement runs in its own child process, one after the other (never two at once):
   predict      `spinefrac predict` over the studies (overlays and all outputs, as a user runs it). Steady state
@@ -44,10 +50,25 @@ SYNTH_SLICES = 300
 SYNTH_SEED = 21
 RSS_POLL_S = 0.1
 MB = 1024.0 * 1024.0
+DEFAULT_TRAIN_STUDIES = 48
+DEFAULT_TRAIN_SLICES = 120
+DEFAULT_TRAIN_SEED = 6
+DEFAULT_SYNTH_SET = ("labels.segmentation_fraction=1.0",)
+DEFAULT_TRAIN_SET = ('locator.set=["train.epochs=14","train.patience=100"]', 'detector.set=["train.epochs=3"]',
+                     'classifier.set=["train.epochs=2"]')
+"""The default-config model folder's training (--default-model): the defaults, with fewer epochs."""
+REFERENCE_IMGSZ, REFERENCE_BATCH, REFERENCE_REPEATS = 384, 16, 3
+"""`python -m benchmarks.bench_backends --imgsz 384 --repeats 3`'s OpenVINO dynamic row, run by this benchmark too."""
+REFERENCE_MS = 10.0
+"""The issue's reference machine: OpenVINO runs yolov8n at 384 px in about this many ms per image."""
 MODEL_THREADS = (1, 0)
 """Thread counts the models-alone measurement tries (0 = every core); each model's faster one counts."""
-STAGES = ("decode", "preprocess", "locate", "model", "postprocess", "classify", "outputs")
-"""done-marker timers shown as stage shares (`model` is the detector; `locate` holds the locator's calls)."""
+STAGES = ("decode", "preprocess", "locate", "model", "postprocess", "classify")
+"""done-marker timers of the main thread, shown as shares of the steady time per study (`model` is the detector;
+`locate` holds the locator's calls; `decode` and `preprocess` include waiting for the reader and the renderer)."""
+BACKGROUND = ("render", "outputs")
+"""done-marker timers of work in threads beside the main one (the detector's crops rendered ahead; the parts,
+overlays and marker written while the next study is detected)."""
 
 
 # ---------------------------------------------------------------- children
@@ -83,9 +104,9 @@ def _child_models(args: argparse.Namespace) -> dict:
     best: dict[str, float] = {}
     backend = None
 
-    def forward(name: str, run, imgsz: int, n: int, batch: int) -> None:
+    def forward(name: str, run, imgsz: int, n: int, batch: int, raw: bool = False) -> None:
         images = rng.integers(0, 255, (batch, imgsz, imgsz, 3), dtype=np.uint8)
-        x = torch.from_numpy(to_model_input(images))
+        x = images if raw else torch.from_numpy(to_model_input(images))
         run(x[:1])                                           # warm-up
         run(x[:min(batch, n)])
         t = time.perf_counter()
@@ -106,16 +127,28 @@ def _child_models(args: argparse.Namespace) -> dict:
             loc = runner.locator.predictor
             forward("locator", loc._run, loc.imgsz, counts["locator"], batch)
         if runner.classifier is not None and counts["classifier"]:
-            clf = runner.classifier
-
-            def run_classifier(x: torch.Tensor, clf=clf, threads=threads) -> None:
-                torch.set_num_threads(threads or os.cpu_count() or 1)
-                with torch.inference_mode():
-                    for net in clf.models:
-                        net(x)
-            forward("classifier", run_classifier, clf.imgsz, counts["classifier"],
-                    int(cfgs["classifier"]["score"]["batch"]))
+            clf = runner.classifier      # its own predict: one OpenVINO call for every fold, or the PyTorch loop
+            forward("classifier", clf.predict, clf.imgsz, counts["classifier"],
+                    int(cfgs["classifier"]["score"]["batch"]), raw=True)
+            backend = f"{backend}, classifier {clf.backend} x{len(clf.weights)}"
     return {"seconds": best, "backend": backend}
+
+
+def _child_reference(args: argparse.Namespace) -> dict:
+    """The machine's speed as the issue and the README quote it: bench_backends' OpenVINO dynamic yolov8n row."""
+    from benchmarks.bench_backends import build_model, time_variants
+    from data_prep.runs.config import load_config
+    from detector.export import export_weights
+    from detector.offline import configure_ultralytics
+
+    configure_ultralytics()
+    with tempfile.TemporaryDirectory(prefix="bench_predict_speed_ref.") as tmp:
+        weights = build_model(Path(tmp))
+        options = {**load_config("detector").export.to_dict(), "dynamic": True}
+        path = export_weights(weights, fmt="openvino", imgsz=REFERENCE_IMGSZ, options=options)
+        result = time_variants([("openvino", "dynamic", path, {})], REFERENCE_IMGSZ, REFERENCE_BATCH,
+                               REFERENCE_REPEATS)
+    return {"ms_per_image": result[0]["total"]}
 
 
 # ---------------------------------------------------------------- driver
@@ -163,13 +196,14 @@ def _predict_figures(out: Path, run: dict) -> dict:
     n = len(markers)
     steady = (markers[-1]["mtime"] - markers[0]["mtime"]) / (n - 1) if n > 1 else float("nan")
     stages = {k: sum(m["timings_s"].get(k, 0.0) for m in markers) / n for k in STAGES}
-    study_s = sum(m["seconds"] for m in markers) / n
-    stages["other"] = study_s - sum(stages.values())
+    stages["other"] = steady - sum(stages.values())
+    background = {k: sum(m["timings_s"].get(k, 0.0) for m in markers) / n for k in BACKGROUND}
     detect_s = json.loads((out / "boxes.csv.meta.json").read_text()).get("runtime_s") or float("nan")
     predict_meta = json.loads((out / "predictions.csv.meta.json").read_text())
     aggregate_s = (predict_meta.get("runtime_s") or float("nan")) - detect_s
     return {"studies": n, "slices_mean": sum(m["n_slices"] for m in markers) / n, "steady_s": steady,
             "study_median_s": statistics.median(m["seconds"] for m in markers), "stages_s": stages,
+            "background_s": background,
             "aggregate_s_per_study": aggregate_s / n, "wall_s": run["wall_s"], "peak_tree_mb": run["peak_tree_mb"],
             "peak_main_mb": run["peak_main_mb"]}
 
@@ -184,6 +218,27 @@ def _link_farm(studies: list[Path], n: int, root: Path) -> Path:
         if not link.exists():
             link.symlink_to(src.resolve(), target_is_directory=True)
     return folder
+
+
+def _default_model(work: Path) -> Path:
+    """The default-config model folder in WORK/default_model, trained here when missing (DEFAULT_TRAIN_SET)."""
+    model = work / "default_model"
+    if (model / "model.json").is_file():
+        return model
+    data = work / "default_train"
+    if not (data / "train.csv").is_file():
+        cmd = [sys.executable, "-m", "spinefrac", "synth", str(data), "--studies", str(DEFAULT_TRAIN_STUDIES),
+               "--seed", str(DEFAULT_TRAIN_SEED), "--slices", str(DEFAULT_TRAIN_SLICES), "--no-progress",
+               "--overwrite"]
+        for item in DEFAULT_SYNTH_SET:
+            cmd += ["--set", item]
+        _run(cmd)
+    cmd = [sys.executable, "-m", "spinefrac", "train", str(data), "--out", str(model), "--no-progress"]
+    for item in DEFAULT_TRAIN_SET:
+        cmd += ["--set", item]
+    print(f"training a default-config model folder into {model} (about 35 min on 2 cores)", flush=True)
+    _run(cmd)
+    return model
 
 
 def _synthesize(work: Path, n: int) -> Path:
@@ -201,20 +256,24 @@ def _synthesize(work: Path, n: int) -> Path:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark (or one child measurement) and print its table."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", type=Path, required=True, help="a model folder (spinefrac train / demo)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", type=Path, help="a model folder (spinefrac train / demo)")
+    which.add_argument("--default-model", action="store_true",
+                       help="a default-config model folder, trained into WORK/default_model when missing")
     p.add_argument("--studies-dir", type=Path, default=None, help="folder of study folders (default: synthetic)")
     p.add_argument("--studies", type=int, default=20, help="synthetic studies when no --studies-dir")
     p.add_argument("--naive-studies", type=int, default=3, help="studies the naive path runs on (0: skip it)")
-    p.add_argument("--rss-studies", type=int, nargs="*", default=[10, 100], help="study counts for peak RSS")
+    p.add_argument("--rss-studies", type=int, nargs="*", default=[20, 100], help="study counts for peak RSS")
     p.add_argument("--workers", type=int, default=2, help="decode workers (as predict --workers)")
     p.add_argument("--work", type=Path, default=None)
-    p.add_argument("--child", choices=("decode", "models"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=("decode", "models", "reference"), default=None, help=argparse.SUPPRESS)
     p.add_argument("--batch", type=int, default=16, help=argparse.SUPPRESS)
     p.add_argument("--counts", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
-        print(json.dumps(_child_decode(args) if args.child == "decode" else _child_models(args)))
+        child = {"decode": _child_decode, "models": _child_models, "reference": _child_reference}[args.child]
+        print(json.dumps(child(args)))
         return 0
 
     import pandas as pd
@@ -225,11 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("CI", "true")    # no telemetry from OpenVINO in the children
     work = args.work or Path(tempfile.mkdtemp(prefix="bench_predict_speed_"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.default_model:
+        args.model = _default_model(work)
     args.studies_dir = args.studies_dir or _synthesize(work, args.studies)
     studies = find_studies(args.studies_dir)
     model = open_model(args.model)
     load = os.getloadavg()[0]
     t0 = time.perf_counter()
+    reference_ms = _child("reference", args)["ms_per_image"]
     _predict(_link_farm(studies, 1, work), args.model, work / "warm", args.workers)   # exports, caches, imports
     pred = _predict_figures(work / "predict", _predict(args.studies_dir, args.model, work / "predict", args.workers))
     n_slices = pred["slices_mean"]
@@ -264,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
         rss[n] = {"tree_mb": run["peak_tree_mb"], "main_mb": run["peak_main_mb"], "wall_s": run["wall_s"]}
     results = {"studies": pred["studies"], "slices_mean": n_slices, "predict": pred, "decode_s": decode_s,
                "models_s": models["seconds"], "backend": models["backend"], "limit_s": limit, "naive_s": naive,
-               "rss": rss, "counts": counts, "load_before": load, "load_after": os.getloadavg()[0],
+               "rss": rss, "counts": counts, "reference_ms": reference_ms, "load_before": load, "load_after": os.getloadavg()[0],
                "bench_s": time.perf_counter() - t0}
     (work / "results.json").write_text(json.dumps(results, indent=1))
     _print(results)
@@ -277,8 +339,13 @@ def _print(r: dict) -> None:
     steady = pred["steady_s"]
     print(f"\nspinefrac predict, {r['studies']} studies, {r['slices_mean']:.0f} slices each on average "
           f"(backend {r['backend']}; load average {r['load_before']:.1f} before, {r['load_after']:.1f} after)")
-    rows = [("predict, steady state (s/study)", f"{steady:.2f}"),
-            ("  per study, median of done markers", f"{pred['study_median_s']:.2f}"),
+    scale = REFERENCE_MS / r["reference_ms"]
+    rows = [(f"reference: OpenVINO dynamic yolov8n {REFERENCE_IMGSZ} px (ms/image)", f"{r['reference_ms']:.1f}"),
+            ("predict, steady state (s/study)", f"{steady:.2f}"),
+            (f"  scaled to a {REFERENCE_MS:.0f} ms machine, per 300 slices (x {scale:.2f} x 300 / slices)",
+             f"{steady * scale * SYNTH_SLICES / r['slices_mean']:.2f}"),
+            ("  end to end: the whole command's wall time / studies (loading, report included)",
+             f"{pred['wall_s'] / pred['studies']:.2f}"),
             ("decode alone (s/study)", f"{r['decode_s']:.2f}"),
             ("models alone (s/study): " + ", ".join(f"{k} {v:.2f}" for k, v in r["models_s"].items()),
              f"{sum(r['models_s'].values()):.2f}"),
@@ -293,10 +360,14 @@ def _print(r: dict) -> None:
     for a, b in rows:
         print(f"  {a.ljust(width)}  {b}")
     stages = pred["stages_s"]
-    total = sum(stages.values()) + pred["aggregate_s_per_study"]
-    print("\n  stage shares of a study's time (done-marker timers; decode = waiting for slices):")
-    for k, v in [*stages.items(), ("aggregate + tables", pred["aggregate_s_per_study"])]:
-        print(f"    {k:<20} {v:6.3f} s  {100 * v / total:5.1f} %")
+    print(f"\n  where the steady {steady:.2f} s per study go on the main thread (done-marker timers):")
+    for k, v in stages.items():
+        print(f"    {k:<20} {v:6.3f} s  {100 * v / steady:5.1f} %")
+    print("  in threads beside it (overlapping the above):")
+    for k, v in pred.get("background_s", {}).items():
+        print(f"    {k:<20} {v:6.3f} s")
+    print(f"  once per run, after the studies: aggregation, tables, report {pred['aggregate_s_per_study']:.3f} s per "
+          "study")
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def _convert(target: Path, weights: Sequence[Path], hashes: list[str], models: S
     start = time.perf_counter()
     ensemble = FoldEnsemble([m.cpu().eval() for m in models], positive).eval()
     example = torch.zeros(1, CHANNELS, imgsz, imgsz)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.export.", dir=target.parent))   # MANIFEST_EXCLUDE
     try:
         with torch.inference_mode():
             graph = ov.convert_model(ensemble, example_input=example,

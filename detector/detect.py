@@ -74,9 +74,13 @@ log = logging.getLogger("detector")
 HU_INT16_MIN, HU_INT16_MAX = -32768, 32767
 """A study held in memory for the ROI pass is stored as int16 HU (CT values are whole HU)."""
 TIMING_KEYS: tuple[str, ...] = ("decode", "preprocess", "model", "postprocess", "locate", "classify",
-                                 "classify_model", "outputs")
-"""Per-study timers (s); `decode` is the wait for decoded slices, `classify` covers the vertebra crops and scores,
-`classify_model` the network inside it, `outputs` the study's parts and overlays."""
+                                 "classify_model", "render", "outputs")
+"""Per-study timers (s); `decode` is the wait for decoded slices, `preprocess` the main thread's own rendering and
+its wait for the detector's crops, `classify` covers the vertebra crops and scores, `classify_model` the network
+inside it. Two run in threads beside the models: `render`, the detector's crops rendered ahead, and `outputs`,
+the study's parts and overlays (written while the next study is detected)."""
+RENDER_AHEAD = 2
+"""Batches of detector crops rendered ahead of the model (each batch: detect.batch x imgsz^2 x 3 bytes)."""
 MODEL_STAGES: tuple[str, ...] = ("preprocess", "model", "postprocess")
 """Stage timers a predictor may keep itself; reported per study as model_<stage> (inside `model`)."""
 DETECT_RUN_ONLY: tuple[str, ...] = ("overlays", "rebuild_every", "prefetch", "batch", "inference_threads")
@@ -223,12 +227,19 @@ def detect_study(study_dir: Study | str | os.PathLike, predictor: Predictor, *, 
         crops = rois.boxes()
         timings["preprocess"] += time.perf_counter() - t
         step = int(det["batch"])
-        for start in range(0, n, step):
-            indices = list(range(start, min(start + step, n)))
-            t = time.perf_counter()
-            images = render_crops(source, indices, geometry, crops[indices], render=render,
-                                  pad_hu=float(roi_cfg["pad_hu"]))
-            timings["preprocess"] += time.perf_counter() - t
+
+        def rendered(source: _VolumeSource) -> Iterator[tuple[list[int], np.ndarray]]:
+            """The detector's crops, a batch at a time (in a thread: the next batch renders while one is in
+            the model; `render` times it, `preprocess` the main thread's wait for it)."""
+            for start in range(0, n, step):
+                indices = list(range(start, min(start + step, n)))
+                t = time.perf_counter()
+                images = render_crops(source, indices, geometry, crops[indices], render=render,
+                                      pad_hu=float(roi_cfg["pad_hu"]))
+                timings["render"] += time.perf_counter() - t
+                yield indices, images
+
+        for indices, images in _timed(prefetch(rendered(source), depth=RENDER_AHEAD), timings, "preprocess"):
             box_parts += _predict_boxes(predictor, images, indices, lambda p, k, batch=crops[indices]:
                                         crop_xyxy_to_original(p[:, :4], batch[k], int(render["imgsz"]), shape),
                                         conf, timings)   # k counts within the batch

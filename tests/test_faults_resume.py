@@ -477,3 +477,40 @@ def test_overlays_that_fail_to_write_leave_the_study_unfinished_and_a_rerun_draw
     assert detect(images, w, out) == 0                                 # the rerun redoes 4.2 only, with overlays
     assert pd.read_csv(out / "errors.csv").empty
     assert (out / "done" / "4.2.json").exists() and (out / "overlays" / "4.2" / "contact_sheet.png").is_file()
+
+
+def test_a_study_is_written_in_the_writer_thread_while_the_next_one_is_detected(images, fake_detector, tmp_path,
+                                                                               monkeypatch):
+    import threading
+
+    import detector.overlays
+
+    w = weights(tmp_path, "w.txt", 1.0)
+    out = tmp_path / "det"
+    real = detector.overlays.write_overlays
+    events: list[tuple[str, str]] = []
+    next_detected = threading.Event()
+
+    def watched(geometry, boxes, out_dir, **kw):
+        events.append((out_dir.name, threading.current_thread().name))
+        if out_dir.name == "4.1":   # the first study's overlays wait until the second study has been detected
+            assert next_detected.wait(timeout=60), "the next study was not detected while 4.1 was being written"
+        return real(geometry, boxes, out_dir, **kw)
+
+    import detector.detect as detect_module
+
+    real_detect = detect_module.detect_study
+
+    def detect_study(study, *args, **kwargs):
+        found = real_detect(study, *args, **kwargs)
+        if found.uid == "4.2":
+            next_detected.set()
+        return found
+
+    monkeypatch.setattr(detector.overlays, "write_overlays", watched)
+    monkeypatch.setattr(detect_module, "detect_study", detect_study)
+    assert detect(images, w, out) == 0
+    assert [uid for uid, _ in events] == ["4.1", "4.2", "4.3"]
+    assert all(name.startswith("detect-outputs") for _, name in events)
+    assert all((out / "done" / f"{uid}.json").is_file() for uid in ("4.1", "4.2", "4.3"))
+    assert pd.read_csv(out / "errors.csv").empty

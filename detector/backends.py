@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from data_prep.errors import InputError
-from data_prep.runs.config import ConfigError
+from data_prep.runs.config import ConfigError, load_config
 from detector.export import OPENVINO_SUFFIX, export_weights, fresh_export, metadata_problem
 from detector.offline import configure_ultralytics, restore_threads, set_ultralytics_verbosity
 from detector.weights import build_model, read_weights
@@ -271,7 +271,8 @@ def _resolve_backend(weights: Path, kind: str, backend: str, device_type: str, i
         return "pytorch", weights
     candidates = [backend] if backend != "auto" else [b for b in installed_backends() if b != "pytorch"]
     for fmt in candidates:
-        found = fresh_export(weights, fmt, imgsz)
+        found = fresh_export(weights, fmt, imgsz, export_options if export_options is not None
+                             else load_config("detector").export)
         if found is not None:
             return fmt, found
         try:

@@ -94,8 +94,9 @@ def exported_path(weights: Path, fmt: str) -> Path:
     raise ConfigError(f"export format {fmt!r} is not one of {', '.join(EXPORT_FORMATS)}")
 
 
-def fresh_export(weights: Path, fmt: str, imgsz: int) -> Path | None:
-    """Return the sibling export of `weights` if its sidecar says it was made from these weights at a usable size."""
+def fresh_export(weights: Path, fmt: str, imgsz: int, options: Mapping[str, Any] | None = None) -> Path | None:
+    """Return the sibling export of `weights` if its sidecar says it was made from these weights at a usable size
+    (and, with `options`, the export config's shape: `dynamic`, and `batch` when static)."""
     target = exported_path(weights, fmt)
     sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
     if not target.exists() or not sidecar.is_file():
@@ -118,6 +119,12 @@ def fresh_export(weights: Path, fmt: str, imgsz: int) -> Path | None:
         return None
     if not extra.get("dynamic") and int(extra.get("imgsz", -1)) != imgsz:
         log.info("%s has a fixed size %s, not %d: re-exporting", target.name, extra.get("imgsz"), imgsz)
+        return None
+    if options is not None and (bool(extra.get("dynamic")) != bool(options["dynamic"]) or not options["dynamic"]
+                                and int(extra.get("batch", -1)) != int(options["batch"])):
+        log.info("%s was exported with dynamic=%s batch=%s, the export config asks for dynamic=%s batch=%s: "
+                 "re-exporting", target.name, extra.get("dynamic"), extra.get("batch"), options["dynamic"],
+                 options["batch"])
         return None
     problem = metadata_problem(target)
     if problem is not None:      # a cache is data: a malformed or poisoned one is rebuilt, never handed to Ultralytics

@@ -241,6 +241,22 @@ def test_tampered_export_cache_is_not_trusted(trained, model, tmp_path):
     assert fresh_export(weights, "onnx", 64) is None  # a changed cache is re-exported, not used
 
 
+def test_an_export_of_another_shape_than_the_config_asks_is_not_reused(trained, model, tmp_path):
+    from data_prep.runs.config import load_config
+    from detector.export import export_weights, fresh_export
+
+    weights = model / DET_WEIGHTS
+    dynamic = load_config("detector").export.to_dict() | {"dynamic": True}
+    static = dynamic | {"dynamic": False, "batch": 4}
+    onnx = export_weights(weights, fmt="onnx", imgsz=64, options=dynamic)
+    assert fresh_export(weights, "onnx", 64, dynamic) == onnx
+    assert fresh_export(weights, "onnx", 64, static) is None          # the config now asks for a static batch 4
+    export_weights(weights, fmt="onnx", imgsz=64, options=static)
+    assert fresh_export(weights, "onnx", 64, static) == onnx
+    assert fresh_export(weights, "onnx", 64, static | {"batch": 8}) is None
+    assert fresh_export(weights, "onnx", 64, dynamic) is None
+
+
 def test_predict_loads_nothing_with_pickle(trained, model, tmp_path, monkeypatch):
     """Every torch.load of a whole predict (weights and export) is weights-only; joblib/pickle file loads never run."""
     calls = []

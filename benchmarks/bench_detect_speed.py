@@ -76,7 +76,7 @@ def _child_naive(args: argparse.Namespace) -> dict:
     n = 0
     per_study = []
     model = yolo_from_weights(args.weights)  # spinefrac weights-only file, rebuilt without unpickling
-    for study in find_studies(args.studies_dir):
+    for study in find_studies(args.studies_dir, follow_symlinks=True):   # bench_predict_speed passes its own links
         t0 = time.perf_counter()
         folder = png_dir / study.name
         folder.mkdir(parents=True, exist_ok=True)

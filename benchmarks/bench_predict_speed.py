@@ -186,7 +186,7 @@ def _child(kind: str, args: argparse.Namespace, **extra: str) -> dict:
 
 def _predict(studies: Path, model: Path, out: Path, workers: int) -> dict:
     cmd = [sys.executable, "-m", "spinefrac", "predict", "-q", str(studies), "--model", str(model), "--out", str(out),
-           "--no-progress", "--workers", str(workers), "--overwrite"]
+           "--no-progress", "--workers", str(workers), "--overwrite", "--follow-symlinks"]   # the links are ours
     return _run(cmd, poll=True)
 
 

@@ -270,14 +270,14 @@ def _resolve_backend(weights: Path, kind: str, backend: str, device_type: str, i
     if backend == "pytorch" or (backend == "auto" and device_type != "cpu"):
         return "pytorch", weights
     candidates = [backend] if backend != "auto" else [b for b in installed_backends() if b != "pytorch"]
+    options = export_options if export_options is not None else load_config("detector").export
     for fmt in candidates:
-        found = fresh_export(weights, fmt, imgsz, export_options if export_options is not None
-                             else load_config("detector").export)
+        found = fresh_export(weights, fmt, imgsz, options)
         if found is not None:
             return fmt, found
         try:
             log.info("exporting %s to %s once (cached beside the weights)", weights.name, fmt)
-            return fmt, export_weights(weights, fmt=fmt, imgsz=imgsz, options=export_options)
+            return fmt, export_weights(weights, fmt=fmt, imgsz=imgsz, options=options)
         except (OSError, ImportError, RuntimeError) as exc:
             if backend != "auto":
                 raise

@@ -10,7 +10,6 @@ converted again, never used. The IR is data (an XML graph and a weights blob): l
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -22,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from data_prep.runs.artifacts import SIDECAR_SUFFIX, write_sidecar
+from data_prep.runs.artifacts import write_sidecar
 from data_prep.runs.manifest import file_sha256, tree_sha256
-from detector.export import replace_path
+from detector.export import EXPORT_HASH_KEY, replace_path, verified_cache
 
 log = logging.getLogger("detector")
 
@@ -32,7 +31,6 @@ ENSEMBLE_DIR = "ensemble{folds}_openvino_model"
 """The cache folder beside the first fold's weights file, by fold count (train scores with one fold, predict all)."""
 ENSEMBLE_XML = "ensemble.xml"
 ENSEMBLE_KIND = "export-classifier-ensemble"
-ENSEMBLE_HASH_KEY = "export_sha256"
 CHANNELS = 3
 OV_CONFIG = {"PERFORMANCE_HINT": "LATENCY"}
 """Compiled as the detector's OpenVINO models are: synchronous latency mode (no request queue)."""
@@ -86,20 +84,11 @@ def predict_ensemble(compiled: Any, x: np.ndarray, batch: int) -> np.ndarray:
 
 def _fresh(target: Path, hashes: list[str], positive: Sequence[int], imgsz: int) -> bool:
     """True when the cache at `target` was made from these weights and classes and is unchanged since."""
-    sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
-    if not (target / ENSEMBLE_XML).is_file() or not sidecar.is_file():
+    extra = verified_cache(target, hashes, again="converting again")
+    if extra is None or not (target / ENSEMBLE_XML).is_file():
         return False
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        made_from, extra = meta["inputs"]["weights_sha256"], meta["extra"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    if made_from != hashes or extra.get("positive") != [int(k) for k in positive] or extra.get("imgsz") != imgsz:
-        log.info("%s was made from other classifier weights: converting again", target)
-        return False
-    if extra.get(ENSEMBLE_HASH_KEY) != tree_sha256(target):
-        log.warning("%s differs from what was converted (SHA-256 in %s): not trusted, converting again", target,
-                    sidecar.name)
+    if extra.get("positive") != [int(k) for k in positive] or extra.get("imgsz") != imgsz:
+        log.info("%s was made for other classes or another size: converting again", target)
         return False
     return True
 
@@ -125,5 +114,5 @@ def _convert(target: Path, weights: Sequence[Path], hashes: list[str], models: S
     write_sidecar(target, kind=ENSEMBLE_KIND,
                   inputs={"weights": [str(Path(w).resolve()) for w in weights], "weights_sha256": hashes},
                   extra={"imgsz": imgsz, "positive": [int(k) for k in positive], "folds": len(weights),
-                         ENSEMBLE_HASH_KEY: tree_sha256(target)}, runtime_s=runtime)
+                         EXPORT_HASH_KEY: tree_sha256(target)}, runtime_s=runtime)
     log.info("converted %d fold classifiers into one OpenVINO model at %s in %.1f s", len(weights), target, runtime)

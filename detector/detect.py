@@ -401,7 +401,6 @@ def detect_studies(studies: Sequence[str | os.PathLike] | str | os.PathLike, *, 
                 rebuild_outputs(out, config=config)
         if pending is not None:
             result.add(pending.result())
-            pending = None
     finally:
         writer.shutdown(wait=True)     # an interrupted run still finishes (or records) the study being written
         streams.close()     # stops the reader thread (an interrupted run leaves no reader behind)
@@ -477,9 +476,8 @@ class StudyRunner:
         """
         from data_prep.dicom.geometry import as_study
 
-        return _run_study(as_study(study), self.predictor, markers=self.markers, config=self.config,
-                          locator=self.locator, levels_config=self.levels_config, labels=self.labels,
-                          workers=self.workers, classifier=self.classifier, stream=stream)
+        study = as_study(study)
+        return self.finish(study, self.detect(study, stream=stream))
 
     def detect(self, study: Study, stream: Any = None) -> Any:
         """The models' part of `run`: the study's detections for `finish`, or its failed StudyOutcome."""
@@ -514,17 +512,6 @@ class StudyRunner:
 
 
 # ---------------------------------------------------------------- internals
-def _run_study(study: Study, predictor: Predictor, *, markers: StudyMarkers, config: Mapping[str, Any],
-               locator: Locator | None, levels_config: Mapping[str, Any] | None, labels: pd.DataFrame | None,
-               workers: int, classifier: Any = None, stream: Any = None) -> StudyOutcome:
-    """Detect one study and write its parts and done marker; a failure goes to errors/<uid>.json instead."""
-    found = _detect_one(study, predictor, markers=markers, config=config, locator=locator,
-                        levels_config=levels_config, workers=workers, classifier=classifier, stream=stream)
-    if isinstance(found, StudyOutcome):
-        return found
-    return _finish_one(study, found, markers=markers, config=config, labels=labels)
-
-
 @dataclass
 class _Detected:
     """A study's detections on their way to the writer: the tables, and when detecting it began."""
@@ -553,10 +540,15 @@ def _detect_one(study: Study, predictor: Predictor, *, markers: StudyMarkers, co
 
 
 def _failed(study: Study, markers: StudyMarkers, stage: str, exc: BaseException) -> StudyOutcome:
-    """Record a failed study in errors/<uid>.json (stage and error) and return its outcome."""
-    uid = study.name
-    log.warning("study %s failed (%s): %s", uid, stage, exc)
+    """Log a failed study, record it in errors/<uid>.json and return its outcome."""
+    log.warning("study %s failed (%s): %s", study.name, stage, exc)
     log.debug("%s", traceback.format_exc())
+    return _record_failure(study, markers, stage, exc)
+
+
+def _record_failure(study: Study, markers: StudyMarkers, stage: str, exc: BaseException) -> StudyOutcome:
+    """Write errors/<uid>.json (stage, error, settings key) and return the study's unfinished outcome."""
+    uid = study.name
     write_json_atomic(error_record(markers.root, uid), {STUDY_COL: uid, "path": str(study), "stage": stage,
                                                         "error": f"{type(exc).__name__}: {exc}",
                                                         "settings_key": markers.key})
@@ -570,7 +562,6 @@ def _finish_one(study: Study, detected: _Detected, *, markers: StudyMarkers, con
     uid = study.name
     out = markers.root
     found = detected.found
-    error_file = error_record(out, uid)
     t_out = time.perf_counter()
     try:
         parts = {BOXES_SUFFIX: found.boxes, SLICES_SUFFIX: found.slices, LEVEL_BOXES_SUFFIX: found.level_boxes,
@@ -594,13 +585,11 @@ def _finish_one(study: Study, detected: _Detected, *, markers: StudyMarkers, con
         except OSError as exc:     # disk full, permissions: the study is not done, so a rerun draws them
             log.warning("study %s: overlays could not be written (%s); the study is not marked done and a rerun "
                         "redoes it", uid, exc)
-            write_json_atomic(error_file, {STUDY_COL: uid, "path": str(study), "stage": "overlays",
-                                           "error": f"{type(exc).__name__}: {exc}", "settings_key": markers.key})
-            return StudyOutcome(uid, finished=False)
+            return _record_failure(study, markers, "overlays", exc)
         except Exception as exc:   # noqa: BLE001 - a drawing problem, not the disk: the detections stand
             log.warning("study %s: overlays failed: %s", uid, exc)
     found.timings["outputs"] = time.perf_counter() - t_out
-    error_file.unlink(missing_ok=True)
+    error_record(out, uid).unlink(missing_ok=True)
     markers.write(uid, {STUDY_COL: uid, "path": str(study), "n_slices": found.n_slices,
                         "n_boxes": len(found.boxes), "seconds": round(time.perf_counter() - detected.t0, 3),
                         "timings_s": {k: round(v, 4) for k, v in found.timings.items()}}, files=files)

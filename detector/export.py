@@ -24,7 +24,7 @@ from detector.offline import configure_ultralytics, set_ultralytics_verbosity
 from detector.weights import yolo_from_weights
 
 __all__ = ["EXPORT_FORMATS", "OPENVINO_SUFFIX", "export_model", "export_weights", "exported_path", "file_sha256",
-           "fresh_export", "metadata_problem", "replace_path"]
+           "fresh_export", "metadata_problem", "replace_path", "verified_cache", "EXPORT_HASH_KEY"]
 
 log = logging.getLogger("detector")
 
@@ -98,24 +98,8 @@ def fresh_export(weights: Path, fmt: str, imgsz: int, options: Mapping[str, Any]
     """Return the sibling export of `weights` if its sidecar says it was made from these weights at a usable size
     (and, with `options`, the export config's shape: `dynamic`, and `batch` when static)."""
     target = exported_path(weights, fmt)
-    sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
-    if not target.exists() or not sidecar.is_file():
-        return None
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-        made_from = meta["inputs"]["weights_sha256"]
-        extra = meta["extra"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if made_from != file_sha256(weights):
-        log.info("%s was exported from other weights than %s: re-exporting", target.name, weights.name)
-        return None
-    if EXPORT_HASH_KEY not in extra:
-        log.info("%s has no %s in %s (an older export): re-exporting", target.name, EXPORT_HASH_KEY, sidecar.name)
-        return None
-    if extra[EXPORT_HASH_KEY] != tree_sha256(target):
-        log.warning("%s differs from what was exported (SHA-256 in %s): not trusted, re-exporting", target,
-                    sidecar.name)
+    extra = verified_cache(target, file_sha256(weights), again="re-exporting")
+    if extra is None:
         return None
     if not extra.get("dynamic") and int(extra.get("imgsz", -1)) != imgsz:
         log.info("%s has a fixed size %s, not %d: re-exporting", target.name, extra.get("imgsz"), imgsz)
@@ -131,6 +115,31 @@ def fresh_export(weights: Path, fmt: str, imgsz: int, options: Mapping[str, Any]
         log.warning("%s: %s; not used, re-exporting from %s", target, problem, weights.name)
         return None
     return target
+
+
+def verified_cache(target: Path, made_from: Any, *, again: str) -> dict[str, Any] | None:
+    """The sidecar `extra` of a cache at `target` (an export folder or file) when its sidecar says it was made from
+    `made_from` (the `inputs.weights_sha256` written with it) and the cache is unchanged since (its `export_sha256`);
+    None otherwise, logged with `again` (what the caller does instead, e.g. "re-exporting")."""
+    sidecar = target.with_name(target.name + SIDECAR_SUFFIX)
+    if not target.exists() or not sidecar.is_file():
+        return None
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+        recorded = meta["inputs"]["weights_sha256"]
+        extra = dict(meta["extra"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if recorded != made_from:
+        log.info("%s was made from other weights: %s", target.name, again)
+        return None
+    if EXPORT_HASH_KEY not in extra:
+        log.info("%s has no %s in %s (an older export): %s", target.name, EXPORT_HASH_KEY, sidecar.name, again)
+        return None
+    if extra[EXPORT_HASH_KEY] != tree_sha256(target):
+        log.warning("%s differs from what was exported (SHA-256 in %s): not trusted, %s", target, sidecar.name, again)
+        return None
+    return extra
 
 
 def metadata_problem(export: Path) -> str | None:
